@@ -1,0 +1,278 @@
+"""Graph schema and run configuration.
+
+A run is described by one ``ml_collections.ConfigDict`` built by a Python file
+in ``configs/`` (``get_config(variant)``), overridable from the command line
+(``--config.train.lr=0.05``). :func:`validate` is the single place that checks
+it; every error is a ``ValueError`` that names the offending field.
+
+Layout of a config (every field is read somewhere; see the field comments)::
+
+  entities:   {name: {num_partitions, dim}}           entity types
+  relations:  [{name, source, target, operator, weight}]
+  data:       where the edges come from (see :data:`FILE_SPEC_FIELDS`)
+  model:      dim, comparator, init_scale
+  train:      epochs, batch_size, lr, relation_lr, loss, margin, seed,
+              bucket_order, checkpoint_every_buckets, eval_every_epochs
+  negatives:  chunk_size (C: batch negatives), num_uniform (U)
+  eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
+  storage:    zarr_format, prefetch
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+COMPARATORS = ("dot", "cos", "l2")
+LOSSES = ("logistic", "softmax", "ranking")
+BUCKET_ORDERS = ("random", "inside_out", "outside_in", "affinity", "sequential")
+FILE_FORMATS = ("tsv", "csv", "parquet")
+SPLITS = ("train", "valid", "test")
+ON_ERROR = ("raise", "skip")
+
+#: Keys of one entry of ``config.data.files``. An entry reads one file (plain,
+#: ``.gz`` or Parquet) and maps its columns to edges:
+#:   path            file path; ``$TWHIN_DATA_DIR`` and ``~`` are expanded.
+#:   format          "tsv" | "csv" | "parquet" (default: from the suffix).
+#:   header          the first line is a header to skip (text formats).
+#:   split           "train" | "valid" | "test": which edge set it feeds.
+#:   source, target  column index (int) or name (Parquet) of the endpoints.
+#:   relation        column index/name holding the relation name, or None when
+#:                   the file holds one relation named by ``relation_name``.
+#:   relation_name   fixed relation for every row; with ``relation`` set it is
+#:                   a format string applied to the column value ("rated_{}").
+#:   weight          column index/name of an edge weight, or None.
+FILE_SPEC_FIELDS = ("path", "format", "header", "split", "source", "target",
+                    "relation", "relation_name", "weight")
+
+
+def file_spec(path: str, *, split: str = "train", source: int | str = 0,
+              target: int | str = 2, relation: int | str | None = 1,
+              relation_name: str | None = None, weight: int | str | None = None,
+              header: bool = False, format: str | None = None) -> dict:
+  """One entry of ``config.data.files`` (see :data:`FILE_SPEC_FIELDS`)."""
+  return dict(path=path, format=format, header=header, split=split,
+              source=source, target=target, relation=relation,
+              relation_name=relation_name, weight=weight)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment config."""
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  # Entity types: name -> {num_partitions, dim}. dim=0 means model.dim.
+  c.entities = ml_collections.ConfigDict()
+  # Relations: list of dicts {name, source, target, operator, weight}.
+  c.relations = []
+
+  c.data = ml_collections.ConfigDict()
+  c.data.files = []  # list of file_spec(...) dicts
+  # Generated graphs (the demo) instead of files: name of a generator in
+  # twhin_jax.generate and its keyword arguments.
+  c.data.generator = ""
+  c.data.generator_args = ml_collections.ConfigDict()
+  c.data.delimiter = ""  # "" -> by format: tab for tsv, comma for csv
+  # Entity names shared by all types (knowledge graphs): a name seen under two
+  # types is an error. False for datasets whose ids are per type (users and
+  # artists both numbered from 1).
+  c.data.names_global = True
+  c.data.on_error = "raise"  # "skip" drops and counts bad lines instead
+  # Edges drawn from the train files into valid/test when the dataset has no
+  # split of its own (fractions, seeded by train.seed).
+  c.data.valid_fraction = 0.0
+  c.data.test_fraction = 0.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dim = 100
+  c.model.comparator = "dot"
+  c.model.init_scale = 1e-3  # entity rows ~ N(0, init_scale^2)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 10
+  c.train.batch_size = 1000  # edges per jitted step (a whole number of chunks)
+  c.train.lr = 0.1  # row-wise Adagrad for entity rows
+  c.train.relation_lr = 0.1  # Adagrad for relation parameters
+  c.train.loss = "logistic"
+  c.train.margin = 0.1  # ranking loss only
+  c.train.seed = 0
+  c.train.bucket_order = "inside_out"
+  c.train.checkpoint_every_buckets = 1  # 0: only at the end of each epoch
+  c.train.eval_every_epochs = 1  # validation MRR per epoch; 0 disables
+
+  c.negatives = ml_collections.ConfigDict()
+  c.negatives.chunk_size = 50  # C: edges sharing negatives (batch negatives)
+  c.negatives.num_uniform = 50  # U: uniform negatives per chunk and side
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256  # queries ranked per device call
+  c.eval.filtered = True
+  # 0: rank against every entity of the type; N > 0: sampled ranking against
+  # N uniform + N degree-proportional negatives (graphs too large to rank).
+  c.eval.num_sampled_negatives = 0
+  c.eval.max_triples = 0  # 0: all; else a seeded subsample (validation speed)
+
+  c.storage = ml_collections.ConfigDict()
+  c.storage.zarr_format = 3
+  c.storage.prefetch = True  # load the next bucket's partitions in background
+  return c
+
+
+def entity_dim(config, entity_type: str) -> int:
+  dim = int(config.entities[entity_type].get("dim", 0) or 0)
+  return dim if dim > 0 else int(config.model.dim)
+
+
+def num_partitions(config) -> int:
+  """The partition count P shared by all partitioned types (others have 1)."""
+  counts = {int(e.num_partitions) for e in config.entities.values()}
+  return max(counts) if counts else 1
+
+
+def resolve_path(path: str) -> str:
+  """Expands ``$TWHIN_DATA_DIR`` (and other variables) and ``~`` in a path."""
+  expanded = os.path.expanduser(os.path.expandvars(path))
+  if "$TWHIN_DATA_DIR" in path and "TWHIN_DATA_DIR" not in os.environ:
+    raise FileNotFoundError(
+        f"{path}: TWHIN_DATA_DIR is not set; point it at the datasets folder "
+        "(for example ../shared/data)")
+  return expanded
+
+
+def data_dir() -> str | None:
+  return os.environ.get("TWHIN_DATA_DIR")
+
+
+def _fail(field: str, message: str):
+  raise ValueError(f"config.{field}: {message}")
+
+
+def validate(config) -> None:
+  """Checks a config once, at start-up; raises ValueError naming the field."""
+  if not config.entities:
+    _fail("entities", "no entity types declared")
+  partition_counts = set()
+  for name, entity in config.entities.items():
+    parts = entity.get("num_partitions", None)
+    if not isinstance(parts, int) or parts < 1:
+      _fail(f"entities.{name}.num_partitions", f"must be an int >= 1, got {parts!r}")
+    if parts > 1:
+      partition_counts.add(parts)
+    dim = entity.get("dim", 0)
+    if not isinstance(dim, int) or dim < 0:
+      _fail(f"entities.{name}.dim", f"must be an int >= 0, got {dim!r}")
+  if len(partition_counts) > 1:
+    _fail("entities", "all partitioned types must share one partition count, "
+          f"got {sorted(partition_counts)}")
+  if not config.relations:
+    _fail("relations", "no relations declared")
+  seen = set()
+  for i, rel in enumerate(config.relations):
+    field = f"relations[{i}]"
+    for key in ("name", "source", "target", "operator"):
+      if key not in rel:
+        _fail(field, f"missing key {key!r}")
+    if rel["name"] in seen:
+      _fail(f"{field}.name", f"duplicate relation name {rel['name']!r}")
+    seen.add(rel["name"])
+    for side in ("source", "target"):
+      if rel[side] not in config.entities:
+        _fail(f"{field}.{side}", f"unknown entity type {rel[side]!r} "
+              f"(declared: {sorted(config.entities.keys())})")
+    if rel["operator"] not in OPERATORS:
+      _fail(f"{field}.operator", f"{rel['operator']!r} not in {OPERATORS}")
+    weight = rel.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or not weight > 0:
+      _fail(f"{field}.weight", f"must be a positive number, got {weight!r}")
+    src_dim = entity_dim(config, rel["source"])
+    dst_dim = entity_dim(config, rel["target"])
+    if src_dim != dst_dim:
+      _fail(f"{field}", f"source and target dims differ ({src_dim} vs {dst_dim})")
+    if rel["operator"] == "complex_diagonal" and src_dim % 2:
+      _fail(f"{field}.operator", f"complex_diagonal needs an even dim, got {src_dim}")
+
+  if bool(config.data.files) == bool(config.data.generator):
+    _fail("data", "set exactly one of data.files and data.generator")
+  for i, spec in enumerate(config.data.files):
+    field = f"data.files[{i}]"
+    unknown = set(spec) - set(FILE_SPEC_FIELDS)
+    if unknown:
+      _fail(field, f"unknown keys {sorted(unknown)}")
+    if not spec.get("path"):
+      _fail(f"{field}.path", "missing")
+    if spec.get("format") not in (None,) + FILE_FORMATS:
+      _fail(f"{field}.format", f"{spec.get('format')!r} not in {FILE_FORMATS}")
+    if spec.get("split", "train") not in SPLITS:
+      _fail(f"{field}.split", f"{spec.get('split')!r} not in {SPLITS}")
+    if spec.get("relation") is None and not spec.get("relation_name"):
+      _fail(field, "needs a relation column or a relation_name")
+    fixed = spec.get("relation_name")
+    if spec.get("relation") is None and fixed not in seen:
+      _fail(f"{field}.relation_name", f"unknown relation {fixed!r}")
+  if config.data.on_error not in ON_ERROR:
+    _fail("data.on_error", f"{config.data.on_error!r} not in {ON_ERROR}")
+  for key in ("valid_fraction", "test_fraction"):
+    value = config.data[key]
+    if not 0.0 <= value < 0.5:
+      _fail(f"data.{key}", f"must be in [0, 0.5), got {value}")
+
+  if config.model.dim < 1:
+    _fail("model.dim", f"must be >= 1, got {config.model.dim}")
+  if config.model.comparator not in COMPARATORS:
+    _fail("model.comparator", f"{config.model.comparator!r} not in {COMPARATORS}")
+  if not config.model.init_scale > 0:
+    _fail("model.init_scale", "must be > 0")
+
+  t = config.train
+  if t.epochs < 1:
+    _fail("train.epochs", f"must be >= 1, got {t.epochs}")
+  if t.loss not in LOSSES:
+    _fail("train.loss", f"{t.loss!r} not in {LOSSES}")
+  if t.bucket_order not in BUCKET_ORDERS:
+    _fail("train.bucket_order", f"{t.bucket_order!r} not in {BUCKET_ORDERS}")
+  for key in ("lr", "relation_lr"):
+    if not t[key] > 0:
+      _fail(f"train.{key}", f"must be > 0, got {t[key]}")
+  if t.checkpoint_every_buckets < 0:
+    _fail("train.checkpoint_every_buckets", "must be >= 0")
+  if t.eval_every_epochs < 0:
+    _fail("train.eval_every_epochs", "must be >= 0")
+  n = config.negatives
+  if n.chunk_size < 1:
+    _fail("negatives.chunk_size", f"must be >= 1, got {n.chunk_size}")
+  if n.num_uniform < 0:
+    _fail("negatives.num_uniform", f"must be >= 0, got {n.num_uniform}")
+  if n.chunk_size == 1 and n.num_uniform == 0:
+    _fail("negatives", "chunk_size 1 with num_uniform 0 leaves no negatives")
+  if t.batch_size < n.chunk_size or t.batch_size % n.chunk_size:
+    _fail("train.batch_size", f"must be a positive multiple of negatives.chunk_size "
+          f"({n.chunk_size}), got {t.batch_size}")
+  if config.eval.batch_size < 1:
+    _fail("eval.batch_size", "must be >= 1")
+  if config.eval.num_sampled_negatives < 0:
+    _fail("eval.num_sampled_negatives", "must be >= 0")
+  if config.eval.max_triples < 0:
+    _fail("eval.max_triples", "must be >= 0")
+  if config.storage.zarr_format not in (2, 3):
+    _fail("storage.zarr_format", f"must be 2 or 3, got {config.storage.zarr_format}")
+
+
+def relation_names(config) -> list[str]:
+  return [rel["name"] for rel in config.relations]
+
+
+def to_json_dict(config) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def config_hash(config) -> str:
+  text = json.dumps(to_json_dict(config), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def from_json_dict(data: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(data)
