@@ -1,0 +1,87 @@
+"""Checkpoints: Orbax for the small state, slot maps for the big tables.
+
+A checkpoint (``<workdir>/checkpoints/<n>/``, written atomically by Orbax's
+CheckpointManager: a temporary directory renamed on success) holds
+
+  state   relation parameters and their Adagrad state (a pytree)
+  meta    JSON: format version, bucket cursor, optimizer step count, seed,
+          the slot map naming the committed TensorStore slot of every entity
+          partition (see storage.py), the full config, lineage (version id,
+          parent id, graph manifest hash, config hash, creation time) and the
+          metrics so far.
+
+The entity tables themselves stay in TensorStore; the slot map makes the
+checkpoint a consistent snapshot of them without copying. Only the latest
+checkpoint's slots are guaranteed untouched, so we keep a single one plus the
+one being written.
+
+The resume order matters: first restore the meta (cursor, slots), then open
+the tables on those slots, then rebuild the relation state from the config
+and restore into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_root(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+
+
+class Checkpointer:
+  """Save/restore of (state pytree, meta JSON) under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str):
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(checkpoint_root(workdir), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: dict) -> None:
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self.manager.wait_until_finished()
+
+  def restore_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{self.manager.directory}: no checkpoint")
+    return read_meta(os.path.join(str(self.manager.directory), str(step)))
+
+  def restore_state(self, abstract_state, step: int | None = None):
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def read_meta(checkpoint_dir: str) -> dict:
+  """The meta JSON of one checkpoint directory, without building any model."""
+  path = os.path.join(checkpoint_dir, "meta", "metadata")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{checkpoint_dir}: not a complete twhin checkpoint (no meta)")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{checkpoint_dir}: checkpoint format {meta.get('format_version')}, "
+                     f"this code reads {FORMAT_VERSION}")
+  return meta
+
+
+def to_numpy_tree(tree):
+  import jax
+  return jax.tree_util.tree_map(np.asarray, tree)

@@ -1,0 +1,137 @@
+"""The jitted training step: chunks of one relation with shared negatives.
+
+One *step* takes a batch of S chunks of C edges (S * C = train.batch_size).
+Every chunk holds edges of a single relation, so its source rows and target
+rows are entities of one type each and can serve as negatives for each other:
+
+  target side: op(theta_s) for the C sources against the C targets of the
+               chunk (batch negatives) and U targets drawn uniformly from the
+               target type's loaded partition             -> scores [C, C+U]
+  source side: the C targets against op(.) of the C sources of the chunk and
+               U uniformly drawn sources                  -> scores [C, C+U]
+
+The edge's own positive (the diagonal of the batch block) and padded edges are
+masked out. Gradients are taken with respect to the gathered rows only, and
+the row-wise Adagrad update is sparse (see optim.py). A call runs T steps
+under ``lax.scan`` so Python dispatch is paid once per T steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from twhin_jax import losses as losses_lib
+from twhin_jax import model
+from twhin_jax import optim
+
+
+class StepBatch(NamedTuple):
+  """T steps of S chunks of C edges, as rows of the working table.
+
+  src, dst:        [T, S, C] int32 working-table rows of sources / targets
+  rel:             [T, S]    int32 relation row inside the parameter group
+  weight:          [T, S, C] float32 edge weight (0 marks a padded edge)
+  src_lo, src_n:   [T, S]    int32 first row and row count of the range
+                             uniform source negatives are drawn from
+  dst_lo, dst_n:   [T, S]    int32 the same for target negatives
+  step_index:      [T]       int32 global step number (PRNG fold-in)
+  """
+  src: jax.Array
+  dst: jax.Array
+  rel: jax.Array
+  weight: jax.Array
+  src_lo: jax.Array
+  src_n: jax.Array
+  dst_lo: jax.Array
+  dst_n: jax.Array
+  step_index: jax.Array
+
+
+class GroupState(NamedTuple):
+  """Trainable state one step updates: a working table and one relation group."""
+  table: jax.Array  # [R, d]
+  row_state: optim.RowAdagradState  # acc [R]
+  rel_params: jax.Array  # [R_g, ...]
+  rel_opt: optax.OptState
+
+
+@functools.lru_cache(maxsize=None)
+def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
+                     lr: float, relation_lr: float, num_uniform: int):
+  """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count)."""
+  loss_fn = losses_lib.LOSSES[loss]
+  rel_tx = optim.relation_adagrad(relation_lr)
+
+  def chunk_scores(rows, params, weight):
+    """rows [2C+2U, d] (src, dst, uniform src, uniform dst) -> per-chunk loss."""
+    c = weight.shape[0]
+    lhs, rhs = rows[:c], rows[c:2 * c]  # [C, d] each
+    neg_src, neg_dst = rows[2 * c:2 * c + num_uniform], rows[2 * c + num_uniform:]  # [U, d]
+    lhs_op = model.apply_operator(operator, params, lhs)  # [C, d]
+    pos = model.compare_pairs(comparator, lhs_op, rhs)  # [C]
+    valid = (weight > 0).astype(jnp.float32)  # [C]
+    # Negative mask over [C, C+U]: batch negatives that are real edges, minus
+    # each edge's own positive on the diagonal; uniform negatives all count.
+    batch_mask = valid[None, :] * (1.0 - jnp.eye(c, dtype=jnp.float32))  # [C, C]
+    neg_mask = jnp.concatenate([batch_mask, jnp.ones((c, num_uniform), jnp.float32)], axis=1)
+    # Both sides share the batch block: scores of every chunk source against
+    # every chunk target. Row i, column j is f(s_i, r, t_j); for source
+    # corruption edge i needs f(s_j, r, t_i), its transpose.
+    batch_block = model.compare_all(comparator, lhs_op, rhs)  # [C, C]
+    # Target corruption: op(theta_s) against the uniform targets.
+    uniform_dst = model.compare_all(comparator, lhs_op, neg_dst)  # [C, U]
+    neg_for_dst = jnp.concatenate([batch_block, uniform_dst], axis=1)  # [C, C+U]
+    # Source corruption: the same operator applied to the uniform sources.
+    neg_src_op = model.apply_operator(operator, params, neg_src)  # [U, d]
+    uniform_src = model.compare_all(comparator, rhs, neg_src_op)  # [C, U]
+    neg_for_src = jnp.concatenate([batch_block.T, uniform_src], axis=1)  # [C, C+U]
+    return (loss_fn(pos, neg_for_dst, neg_mask, weight, margin)
+            + loss_fn(pos, neg_for_src, neg_mask, weight, margin))
+
+  def step_loss(rows, rel_params, rel, weight):
+    """rows [S, K, d], rel_params [R_g, ...] -> summed loss of S chunks."""
+    params = rel_params[rel]  # [S, ...]
+    return jnp.sum(jax.vmap(chunk_scores)(rows, params, weight))
+
+  def one_step(carry, inputs):
+    state, key = carry
+    batch = inputs
+    s, c = batch.src.shape
+    step_key = jax.random.fold_in(key, batch.step_index)
+    src_key, dst_key = jax.random.split(step_key)
+    # U uniform negatives per chunk and side, from the entity type's loaded
+    # partition: row = lo + randint(n).
+    neg_src = batch.src_lo[:, None] + jax.random.randint(
+        src_key, (s, num_uniform), 0, jnp.maximum(batch.src_n, 1)[:, None])  # [S, U]
+    neg_dst = batch.dst_lo[:, None] + jax.random.randint(
+        dst_key, (s, num_uniform), 0, jnp.maximum(batch.dst_n, 1)[:, None])  # [S, U]
+    row_ids = jnp.concatenate([batch.src, batch.dst, neg_src, neg_dst], axis=1)  # [S, K]
+    rows = state.table.at[row_ids].get(mode="clip")  # [S, K, d]
+    loss, (row_grads, param_grads) = jax.value_and_grad(step_loss, argnums=(0, 1))(
+        rows, state.rel_params, batch.rel, batch.weight)
+    table, row_state = optim.row_adagrad_update(
+        state.table, state.row_state, row_ids.reshape(-1),
+        row_grads.reshape(-1, row_grads.shape[-1]), lr)  # K = S * (2C + 2U)
+    updates, rel_opt = rel_tx.update(param_grads, state.rel_opt, state.rel_params)
+    rel_params = optax.apply_updates(state.rel_params, updates)
+    new_state = GroupState(table, row_state, rel_params, rel_opt)
+    return (new_state, key), (loss, jnp.sum(batch.weight > 0))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_steps(state: GroupState, batch: StepBatch, key: jax.Array):
+    (state, _), (step_losses, step_edges) = jax.lax.scan(one_step, (state, key), batch)
+    return state, jnp.sum(step_losses), jnp.sum(step_edges)
+
+  return train_steps
+
+
+def init_group_state(table, acc, rel_params, relation_lr: float) -> GroupState:
+  rel_params = jnp.asarray(rel_params)
+  return GroupState(table=table, row_state=optim.RowAdagradState(acc=acc),
+                    rel_params=rel_params,
+                    rel_opt=optim.relation_adagrad(relation_lr).init(rel_params))

@@ -1,0 +1,174 @@
+"""Entity tables on disk: TensorStore (zarr) arrays, one partition at a time.
+
+For every entity type there are two *slots*, each a pair of arrays
+
+  <root>/<type>/slot<k>/embeddings   float32 [P * S', d]
+  <root>/<type>/slot<k>/adagrad      float32 [P * S']
+
+where S' is the partition size S rounded up to a whole number of chunks, so a
+partition is a set of whole chunks (partition p holds rows [p S', p S' + S_p)).
+
+Why two slots: a checkpoint must name a consistent version of every partition,
+yet training keeps writing partitions back. Writes therefore always go to the
+slot that the last checkpoint does *not* reference (copy-on-write with two
+buffers); the checkpoint records, per partition, which slot holds its
+committed values. A crash at any moment leaves the committed slots intact, and
+resuming reads exactly them. ``SlotMap`` tracks this.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+import threading
+
+import numpy as np
+import tensorstore as ts
+
+from twhin_jax.graph import EntityInfo
+
+#: Upper bound on rows per zarr chunk (1M x 128 floats per partition would be
+#: one 512 MB chunk otherwise; smaller chunks keep random row reads cheap).
+MAX_CHUNK_ROWS = 65536
+
+Block = tuple[str, int]  # (entity type, partition)
+
+
+def chunk_rows(partition_size: int) -> int:
+  """Rows per chunk: the partition size if small, else split evenly."""
+  pieces = math.ceil(partition_size / MAX_CHUNK_ROWS)
+  return math.ceil(partition_size / pieces)
+
+
+def stored_partition_size(partition_size: int) -> int:
+  rows = chunk_rows(partition_size)
+  return math.ceil(partition_size / rows) * rows
+
+
+def _spec(path: str, shape: list[int], chunks: list[int], zarr_format: int) -> dict:
+  kvstore = {"driver": "file", "path": path}
+  if zarr_format == 3:
+    return {"driver": "zarr3", "kvstore": kvstore,
+            "metadata": {"shape": shape, "data_type": "float32",
+                         "chunk_grid": {"name": "regular",
+                                        "configuration": {"chunk_shape": chunks}}}}
+  return {"driver": "zarr", "kvstore": kvstore,
+          "metadata": {"shape": shape, "chunks": chunks, "dtype": "<f4", "compressor": None}}
+
+
+@dataclasses.dataclass
+class SlotMap:
+  """Which slot holds each partition: the committed (checkpointed) and the
+  current (latest written) versions."""
+  committed: dict[Block, int]
+  current: dict[Block, int]
+
+  @classmethod
+  def fresh(cls, blocks: list[Block]) -> "SlotMap":
+    return cls({b: 0 for b in blocks}, {b: 0 for b in blocks})
+
+  def write_target(self, block: Block) -> int:
+    """The slot a write of ``block`` must go to: never the committed one."""
+    return 1 - self.committed[block]
+
+  def commit(self) -> None:
+    self.committed = dict(self.current)
+
+  def to_json(self) -> dict[str, int]:
+    return {f"{t}/{p}": s for (t, p), s in self.committed.items()}
+
+  @classmethod
+  def from_json(cls, data: dict[str, int]) -> "SlotMap":
+    committed = {}
+    for key, slot in data.items():
+      entity_type, partition = key.rsplit("/", 1)
+      committed[(entity_type, int(partition))] = int(slot)
+    return cls(committed, dict(committed))
+
+
+class TableStore:
+  """The TensorStore arrays of every entity type, read and written by partition."""
+
+  def __init__(self, root: str, entities: dict[str, EntityInfo], dims: dict[str, int],
+               zarr_format: int = 3, create: bool = False):
+    self.root = root
+    self.entities = entities
+    self.dims = dims
+    self.zarr_format = zarr_format
+    self._arrays: dict[tuple[str, int, str], ts.TensorStore] = {}
+    self._lock = threading.Lock()
+    for entity_type, info in entities.items():
+      stored = stored_partition_size(info.partition_size)
+      rows = chunk_rows(info.partition_size)
+      for slot in (0, 1):
+        base = os.path.join(root, entity_type, f"slot{slot}")
+        for name, shape, chunks in (
+            ("embeddings", [info.num_partitions * stored, dims[entity_type]],
+             [rows, dims[entity_type]]),
+            ("adagrad", [info.num_partitions * stored], [rows])):
+          spec = _spec(os.path.join(base, name), shape, chunks, zarr_format)
+          if create:
+            spec.update(create=True, delete_existing=True)
+          else:
+            spec.update(open=True)
+          try:
+            self._arrays[(entity_type, slot, name)] = ts.open(spec).result()
+          except ValueError as err:
+            raise FileNotFoundError(f"{base}/{name}: cannot open table ({err})") from err
+
+  def blocks(self) -> list[Block]:
+    return [(t, p) for t, info in self.entities.items() for p in range(info.num_partitions)]
+
+  def _rows(self, block: Block) -> tuple[int, int]:
+    entity_type, partition = block
+    info = self.entities[entity_type]
+    start = partition * stored_partition_size(info.partition_size)
+    return start, start + info.partition_rows(partition)
+
+  def read(self, block: Block, slot: int) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [rows, d], adagrad [rows]) of one partition."""
+    start, stop = self._rows(block)
+    entity_type = block[0]
+    emb = self._arrays[(entity_type, slot, "embeddings")][start:stop].read()
+    acc = self._arrays[(entity_type, slot, "adagrad")][start:stop].read()
+    return np.asarray(emb.result()), np.asarray(acc.result())
+
+  def write(self, block: Block, slot: int, embeddings: np.ndarray,
+            adagrad: np.ndarray) -> list[ts.Future]:
+    """Starts writing one partition; returns the futures to wait on."""
+    start, stop = self._rows(block)
+    if embeddings.shape[0] != stop - start or adagrad.shape[0] != stop - start:
+      raise ValueError(f"partition {block}: expected {stop - start} rows, "
+                       f"got {embeddings.shape[0]} / {adagrad.shape[0]}")
+    if not np.all(np.isfinite(embeddings)):
+      bad = int(np.sum(~np.isfinite(embeddings).all(axis=1)))
+      raise FloatingPointError(
+          f"partition {block}: {bad} rows hold NaN or inf; refusing to overwrite "
+          "the saved table (lower train.lr or check the edge weights)")
+    entity_type = block[0]
+    return [self._arrays[(entity_type, slot, "embeddings")][start:stop].write(embeddings),
+            self._arrays[(entity_type, slot, "adagrad")][start:stop].write(adagrad)]
+
+  def initialize(self, seed: int, init_scale: float, progress=None) -> None:
+    """Random N(0, init_scale^2) rows and zero accumulators in slot 0,
+    partition by partition (seeded per type and partition)."""
+    for index, block in enumerate(self.blocks()):
+      start, stop = self._rows(block)
+      rng = np.random.default_rng([seed, index, 0x1A17])
+      emb = (rng.standard_normal((stop - start, self.dims[block[0]]), np.float32)
+             * np.float32(init_scale))
+      for future in self.write(block, 0, emb, np.zeros(stop - start, np.float32)):
+        future.result()
+      if progress is not None:
+        progress.update(1)
+
+  def read_type(self, entity_type: str, slots: SlotMap, use_committed: bool = False) -> np.ndarray:
+    """The whole table of one type [count, d], from the current (or committed) slots."""
+    info = self.entities[entity_type]
+    source = slots.committed if use_committed else slots.current
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      parts = list(pool.map(lambda p: self.read((entity_type, p), source[(entity_type, p)])[0],
+                            range(info.num_partitions)))
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, self.dims[entity_type]))
