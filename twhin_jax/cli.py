@@ -1,0 +1,161 @@
+"""The `twhin` command: thin wrappers over the library.
+
+  twhin demo     [--workdir DIR]                  generate, import, train, evaluate
+  twhin import   --config FILE[:VARIANT] --workdir DIR
+  twhin train    --config FILE[:VARIANT] --workdir DIR [--config.a.b=value ...]
+  twhin eval     --workdir DIR [--split test] [--json]
+  twhin export   --workdir DIR [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import sys
+import time
+
+
+def load_config(spec: str, overrides: list[str] = ()):
+  """Builds a config from ``path/to/config.py[:variant]`` plus overrides.
+
+  Overrides look like ``--config.train.lr=0.05``; values are Python literals
+  when they parse as one, else strings.
+  """
+  path, _, variant = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such config file")
+  module_spec = importlib.util.spec_from_file_location(f"twhin_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  for item in overrides:
+    if not item.startswith("--config."):
+      raise ValueError(f"unrecognised argument {item!r} (overrides look like --config.train.lr=0.05)")
+    dotted, sep, raw = item[len("--config."):].partition("=")
+    if not sep:
+      raise ValueError(f"{item!r}: expected --config.FIELD=VALUE")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    node = config
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+      if name not in node:
+        raise ValueError(f"--config.{dotted}: unknown field {name!r}")
+      node = node[name]
+    if leaf not in node:
+      raise ValueError(f"--config.{dotted}: unknown field {leaf!r}")
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int):
+      value = float(value)
+    node[leaf] = value
+  return config
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+  from twhin_jax import reporting
+  print(f"\n{title}\n")
+  print(reporting.metrics_table(metrics))
+
+
+def cmd_import(args, overrides):
+  from twhin_jax import config as config_lib
+  from twhin_jax import train as train_lib
+  config = load_config(args.config, overrides)
+  config_lib.validate(config)
+  graph = train_lib.prepare_graph(config, args.workdir, progress=not args.quiet)
+  print(json.dumps({"graph": graph.path, "counts": graph.manifest["counts"],
+                    "entities": {t: e.count for t, e in graph.entities.items()},
+                    "skipped": graph.manifest.get("skipped", {})}, indent=1))
+
+
+def cmd_train(args, overrides):
+  from twhin_jax import train as train_lib
+  config = load_config(args.config, overrides)
+  started = time.perf_counter()
+  trainer = train_lib.train(config, args.workdir, progress=not args.quiet)
+  print(f"trained in {time.perf_counter() - started:.1f} s; history in "
+        f"{os.path.join(args.workdir, train_lib.METRICS_FILE)}")
+  trainer.close()
+
+
+def _open_trainer(workdir: str, quiet: bool):
+  from twhin_jax import train as train_lib
+  if not os.path.exists(os.path.join(workdir, train_lib.CONFIG_FILE)):
+    raise FileNotFoundError(f"{workdir}: no run here (expected {train_lib.CONFIG_FILE})")
+  config = train_lib.load_run_config(workdir)
+  return train_lib.Trainer(config, workdir, progress=not quiet)
+
+
+def cmd_eval(args, overrides):
+  del overrides
+  trainer = _open_trainer(args.workdir, args.quiet or args.json)
+  metrics = trainer.evaluate(args.split, progress=not (args.quiet or args.json))
+  trainer.close()
+  with open(os.path.join(args.workdir, f"eval_{args.split}.json"), "w") as f:
+    json.dump(metrics, f, indent=1)
+  if args.json:
+    print(json.dumps(metrics))
+  else:
+    _print_metrics(metrics, f"Filtered ranking on {args.split}")
+
+
+def cmd_export(args, overrides):
+  del overrides
+  from twhin_jax import export
+  trainer = _open_trainer(args.workdir, args.quiet)
+  out = args.out or os.path.join(args.workdir, "export")
+  written = export.export_embeddings(trainer.graph, trainer.embeddings(),
+                                     trainer.rel_state["params"], trainer.layout, out)
+  trainer.close()
+  print(json.dumps(written, indent=1, default=str))
+
+
+def cmd_demo(args, overrides):
+  from twhin_jax import demo
+  config_path = os.path.join(os.path.dirname(__file__), "demo_config.py")
+  config = load_config(config_path + (f":{args.variant}" if args.variant else ""), overrides)
+  demo.run_demo(config, args.workdir, progress=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="twhin", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  def add(name, func, help_text, config=False, workdir_default=None):
+    p = sub.add_parser(name, help=help_text)
+    if config:
+      p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+    p.add_argument("--workdir", required=workdir_default is None, default=workdir_default,
+                   help="run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=func)
+    return p
+
+  add("import", cmd_import, "import the config's edges into <workdir>/graph", config=True)
+  add("train", cmd_train, "train (or resume) a run", config=True)
+  p = add("eval", cmd_eval, "filtered ranking metrics of a run")
+  p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p = add("export", cmd_export, "write embeddings (Parquet, .npy) and relation parameters")
+  p.add_argument("--out", default=None, help="output directory (default <workdir>/export)")
+  p = add("demo", cmd_demo, "generated Twitter-like graph: import, train, evaluate, report",
+          workdir_default="runs/demo")
+  p.add_argument("--variant", default="", help="config variant ('test': tiny)")
+
+  args, overrides = parser.parse_known_args(argv)
+  try:
+    args.func(args, overrides)
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    print(f"twhin {args.command}: error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
