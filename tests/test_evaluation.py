@@ -375,6 +375,15 @@ def test_empty_split_and_nan_scores(tmp_path):
                                progress=False)
   # Divergence never looks good: a NaN answer ranks below all of C (|C| = 12 - 4).
   assert result["mr"] == 9.0 and result["hits@1"] == 0.0 and result["auc"] == 0.0
+  # A NaN candidate counts as beating the answer.
+  one_bad = emb["node"].copy()
+  one_bad[11] = np.nan  # cluster 2
+  ranks = evaluation.rank_triples(graph, {"node": one_bad}, layout.init_params(), layout,
+                                  config, "test", progress=False)
+  clean = (ranks.src < 8) & (ranks.dst < 8)
+  assert clean.any()
+  np.testing.assert_array_equal(ranks.tail_rank[clean], 2.0)
+  np.testing.assert_array_equal(ranks.head_rank[clean], 2.0)
 
 
 def test_rejects_mismatched_tables(tmp_path):

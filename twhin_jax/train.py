@@ -527,6 +527,8 @@ class Trainer:
         if stop_after_buckets is not None and buckets_done >= stop_after_buckets:
           bar.close()
           return self.history
+        if end_of_epoch:
+          break
     bar.close()
     self.flush()
     reporting.plot_training(self.history, self.workdir)

@@ -1,0 +1,495 @@
+"""Tests of twhin_jax.importer: input formats, the on-disk result, bad input."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import hashlib
+import math
+import os
+
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from twhin_jax import config as config_lib
+from twhin_jax import graph as graph_lib
+from twhin_jax import importer
+from twhin_jax.importer import GraphImportError, import_graph
+
+RELATIONS = [("likes", "node", "node"), ("knows", "node", "node")]
+
+
+def make_config(files, *, entities=None, relations=None, seed=0, **data):
+  config = config_lib.base_config()
+  for name, partitions in (entities or {"node": 1}).items():
+    config.entities[name] = ml_collections.ConfigDict(dict(num_partitions=partitions, dim=0))
+  config.relations = [dict(name=n, source=s, target=t, operator="translation", weight=1.0)
+                      for n, s, t in (relations or RELATIONS)]
+  config.data.files = files
+  config.train.seed = seed
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+def write_text(path, lines, *, newline="\n", header=None, compress=False) -> str:
+  text = "".join(line + newline for line in ([header] if header else []) + list(lines))
+  data = text.encode("utf-8")
+  if compress:
+    data = gzip.compress(data)
+  with open(path, "wb") as f:
+    f.write(data)
+  return str(path)
+
+
+def kg_triples(num_edges: int, num_nodes: int, seed: int = 0) -> list[tuple[str, str, str]]:
+  """Distinct (head, relation, tail) triples; names include a space and non-ASCII."""
+  rng = np.random.default_rng(seed)
+  names = [f"node {i}" if i % 7 else f"nöde_{i}" for i in range(num_nodes)]
+  triples = set()
+  while len(triples) < num_edges:
+    h, t = rng.integers(0, num_nodes, 2)
+    triples.add((names[h], RELATIONS[rng.integers(0, 2)][0], names[t]))
+  return sorted(triples, key=lambda x: rng.random())
+
+
+def train_triples_from_buckets(graph) -> collections.Counter:
+  """Rebuilds named train triples (with multiplicity) from the bucket files
+  with the partition math of graph.py, independently of Graph.split_edges."""
+  names = {t: graph.names(t) for t in graph.entities}
+  triples = []
+  for (i, j), size in graph.bucket_sizes().items():
+    edges = graph.bucket_edges(i, j)
+    assert len(edges["src"]) == size
+    assert edges["src"].dtype == np.int32 and edges["dst"].dtype == np.int32
+    assert edges["rel"].dtype == np.int32
+    for s, r, d in zip(edges["src"], edges["rel"], edges["dst"]):
+      rel = graph.relations[r]
+      src_info, dst_info = graph.entities[rel.source], graph.entities[rel.target]
+      src_part = i if src_info.num_partitions > 1 else 0
+      dst_part = j if dst_info.num_partitions > 1 else 0
+      assert 0 <= s < src_info.partition_rows(src_part)
+      assert 0 <= d < dst_info.partition_rows(dst_part)
+      triples.append((names[rel.source][src_part * src_info.partition_size + s], rel.name,
+                      names[rel.target][dst_part * dst_info.partition_size + d]))
+  return collections.Counter(triples)
+
+
+def named_split(graph, split) -> set[tuple[str, str, str]]:
+  edges = graph.split_edges(split)
+  out = set()
+  for s, r, d in zip(edges["src"], edges["rel"], edges["dst"]):
+    rel = graph.relations[r]
+    out.add((graph.names(rel.source)[s], rel.name, graph.names(rel.target)[d]))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Round trips
+
+
+def test_tsv_round_trip(tmp_path):
+  triples = kg_triples(300, 40)
+  train, valid, test = triples[:240], triples[240:270], triples[270:]
+  files = [config_lib.file_spec(write_text(tmp_path / f"{name}.tsv", ["\t".join(t) for t in part]),
+                                split=name)
+           for name, part in (("train", train), ("valid", valid), ("test", test))]
+  graph = import_graph(make_config(files, entities={"node": 3}), str(tmp_path / "g"),
+                       progress=False)
+
+  # Every name of every split is in the vocabulary, exactly once.
+  names = graph.names("node")
+  everything = {n for h, _, t in triples for n in (h, t)}
+  assert sorted(names) == sorted(everything)
+  for name in everything:
+    assert names[graph.lookup("node", name)] == name
+  with pytest.raises(KeyError, match="unknown node"):
+    graph.lookup("node", "nobody")
+
+  info = graph.entities["node"]
+  assert info.count == len(everything) and info.num_partitions == 3
+  assert info.partition_size == math.ceil(len(everything) / 3)
+  assert train_triples_from_buckets(graph) == collections.Counter(train)
+  assert named_split(graph, "train") == set(train)
+  assert named_split(graph, "valid") == set(valid)
+  assert named_split(graph, "test") == set(test)
+
+  degrees = graph.degrees("node")
+  expected = collections.Counter(n for h, _, t in train for n in (h, t))
+  assert degrees.dtype == np.int64 and degrees.sum() == 2 * len(train)
+  for name in everything:
+    assert degrees[graph.lookup("node", name)] == expected[name]
+
+  m = graph.manifest
+  assert m["format_version"] == graph_lib.FORMAT_VERSION
+  assert m["counts"] == {"train": 240, "valid": 30, "test": 30}
+  assert m["skipped"] == {} and m["weighted"] is False
+  assert set(m["bucket_sizes"]) == {f"{i}_{j}" for i in range(3) for j in range(3)}
+  assert sum(m["bucket_sizes"].values()) == 240
+  assert m["schema"]["entities"] == {"node": {"count": len(everything), "num_partitions": 3}}
+  assert [r["name"] for r in m["schema"]["relations"]] == ["likes", "knows"]
+  assert m["relation_counts"]["likes"]["train"] == sum(r == "likes" for _, r, _ in train)
+  with open(files[0]["path"], "rb") as f:
+    assert m["sources"][0]["sha256"] == hashlib.sha256(f.read()).hexdigest()
+  assert m["sources"][0]["bytes"] == os.path.getsize(files[0]["path"])
+  assert [s["split"] for s in m["sources"]] == ["train", "valid", "test"]
+  assert m["hash"] == importer._manifest_hash(m) and len(m["hash"]) == 16
+  assert not os.path.exists(os.path.join(graph.path, "spool"))
+  assert "train 240" in importer.summarize(graph)
+
+
+def test_partitions_are_balanced_and_seeded(tmp_path):
+  # Names in degree order: without the shuffle, partition 0 would hold the hubs.
+  lines = [f"hub{i % 10}\tlikes\tleaf{i}" for i in range(2000)]
+  path = write_text(tmp_path / "e.tsv", lines)
+  graphs = [import_graph(make_config([config_lib.file_spec(path)], entities={"node": 4}, seed=s),
+                         str(tmp_path / f"g{k}"), progress=False)
+            for k, s in enumerate((0, 0, 1))]
+  # Edges per source partition: the 10 hubs (200 edges each) are spread out.
+  rows = collections.Counter()
+  for (i, _), size in graphs[0].bucket_sizes().items():
+    rows[i] += size
+  assert max(rows.values()) <= 1000, rows
+  assert graphs[0].names("node") == graphs[1].names("node")
+  assert graphs[0].names("node") != graphs[2].names("node")
+  assert graphs[0].manifest_hash == graphs[1].manifest_hash != graphs[2].manifest_hash
+
+
+def test_two_entity_types_bucket_grid(tmp_path, capsys):
+  users = write_text(tmp_path / "follows.tsv", [f"u{i}\tu{(i * 7) % 50}" for i in range(50)])
+  clicks = write_text(tmp_path / "clicks.tsv", [f"u{i % 50}\t{i % 13}" for i in range(120)])
+  files = [
+      config_lib.file_spec(users, source=0, target=1, relation=None, relation_name="follows"),
+      config_lib.file_spec(clicks, source=0, target=1, relation=None, relation_name="clicks")]
+  config = make_config([], entities={"user": 2, "item": 1},
+                       relations=[("follows", "user", "user"), ("clicks", "user", "item")],
+                       names_global=False)
+  # Files passed in (as a generator would) rather than from the config; with
+  # progress bars.
+  graph = import_graph(config, str(tmp_path / "g"), files=files, progress=True)
+  assert "import: read" in capsys.readouterr().err
+  assert graph.bucket_grid == (2, 2)
+  assert graph.entities["user"].count == 50 and graph.entities["item"].count == 13
+  triples = train_triples_from_buckets(graph)
+  assert triples == collections.Counter(
+      [(f"u{i}", "follows", f"u{(i * 7) % 50}") for i in range(50)]
+      + [(f"u{i % 50}", "clicks", str(i % 13)) for i in range(120)])
+  # Items are unpartitioned: every click is in column 0 of the grid.
+  clicks_rel = graph.relation_index["clicks"]
+  for (i, j), size in graph.bucket_sizes().items():
+    rel = graph.bucket_edges(i, j)["rel"]
+    if j == 1:
+      assert clicks_rel not in rel
+  assert sum(graph.degrees("item")) == 120
+
+
+def _same_graph(a, b):
+  assert a.names("node") == b.names("node")
+  assert a.bucket_sizes() == b.bucket_sizes()
+  for (i, j) in a.bucket_sizes():
+    for key in ("src", "dst", "rel"):
+      np.testing.assert_array_equal(a.bucket_edges(i, j)[key], b.bucket_edges(i, j)[key])
+
+
+def test_gz_csv_parquet_inputs_give_the_same_graph(tmp_path):
+  triples = kg_triples(200, 30)
+  lines = ["\t".join(t) for t in triples]
+  plain = write_text(tmp_path / "e.tsv", lines)
+  crlf_gz = write_text(tmp_path / "e.txt.gz", lines, newline="\r\n", compress=True)
+  csv_lines = [",".join(f'"{x}"' if " " in x else x for x in t) for t in triples]
+  csv_path = write_text(tmp_path / "e.csv", csv_lines, header="head,relation,tail")
+  parquet = str(tmp_path / "e.parquet")
+  pq.write_table(pa.table({"h": [t[0] for t in triples], "r": [t[1] for t in triples],
+                           "t": [t[2] for t in triples]}), parquet)
+  specs = {
+      "tsv": config_lib.file_spec(plain),
+      "gz": config_lib.file_spec(crlf_gz),
+      "csv": config_lib.file_spec(csv_path, header=True),
+      "csv_named": config_lib.file_spec(csv_path, header=True, source="head",
+                                        relation="relation", target="tail"),
+      "parquet": config_lib.file_spec(parquet, source="h", relation="r", target="t"),
+      "parquet_index": config_lib.file_spec(parquet),
+  }
+  graphs = {k: import_graph(make_config([spec], entities={"node": 2}), str(tmp_path / k),
+                            progress=False) for k, spec in specs.items()}
+  assert train_triples_from_buckets(graphs["tsv"]) == collections.Counter(triples)
+  for key, graph in graphs.items():
+    _same_graph(graphs["tsv"], graph)
+    assert graph.manifest["counts"]["train"] == 200, key
+  # The sources (and so the hash) differ; the content does not.
+  assert graphs["gz"].manifest_hash != graphs["tsv"].manifest_hash
+
+
+def test_parquet_integer_ids_and_weights(tmp_path):
+  path = str(tmp_path / "ratings.parquet")
+  pq.write_table(pa.table({"user": np.array([1, 2, 3, 1], np.int64),
+                           "item": np.array([10, 10, 20, 30], np.int32),
+                           "stars": np.array([5, 4, 0.5, 2], np.float64)}), path)
+  config = make_config(
+      [config_lib.file_spec(path, source="user", target="item", relation=None,
+                            relation_name="rated", weight="stars")],
+      entities={"user": 1, "item": 1}, relations=[("rated", "user", "item")], names_global=False)
+  graph = import_graph(config, str(tmp_path / "g"), progress=False)
+  assert sorted(graph.names("user")) == ["1", "2", "3"]
+  edges = graph.bucket_edges(0, 0)
+  got = {(graph.names("user")[s], graph.names("item")[d], float(w))
+         for s, d, w in zip(edges["src"], edges["dst"], edges["weight"])}
+  assert got == {("1", "10", 5.0), ("2", "10", 4.0), ("3", "20", 0.5), ("1", "30", 2.0)}
+
+
+def test_relation_format_string_and_weights(tmp_path):
+  # Ciao-like: user, product, category, rating, helpfulness; weighted by helpfulness.
+  rows = [("u1", "p1", "c1", "5", "2"), ("u2", "p1", "c1", "1", "0.5"),
+          ("u1", "p2", "c2", "3", "1")]
+  path = write_text(tmp_path / "rating.tsv.gz", ["\t".join(r) for r in rows], compress=True)
+  trust = write_text(tmp_path / "trust.tsv", ["u1\tu2"])
+  config = make_config(
+      [config_lib.file_spec(path, source=0, target=1, relation=3, relation_name="rated_{}",
+                            weight=4),
+       config_lib.file_spec(path, source=1, target=2, relation=None, relation_name="in_category"),
+       config_lib.file_spec(trust, source=0, target=1, relation=None, relation_name="trust")],
+      entities={"user": 1, "product": 1, "category": 1},
+      relations=[(f"rated_{k}", "user", "product") for k in range(1, 6)]
+      + [("in_category", "product", "category"), ("trust", "user", "user")],
+      names_global=False)
+  graph = import_graph(config, str(tmp_path / "g"), progress=False)
+  assert graph.weighted
+  # Duplicate edges are kept: p1 is in c1 once per rating of p1.
+  assert train_triples_from_buckets(graph) == collections.Counter({
+      ("u1", "rated_5", "p1"): 1, ("u2", "rated_1", "p1"): 1, ("u1", "rated_3", "p2"): 1,
+      ("p1", "in_category", "c1"): 2, ("p2", "in_category", "c2"): 1, ("u1", "trust", "u2"): 1})
+  edges = graph.bucket_edges(0, 0)
+  weights = {(graph.relations[r].name, float(w)) for r, w in zip(edges["rel"], edges["weight"])}
+  # Files without a weight column give weight 1.
+  assert weights == {("rated_5", 2.0), ("rated_1", 0.5), ("rated_3", 1.0),
+                     ("in_category", 1.0), ("trust", 1.0)}
+  assert graph.manifest["relation_counts"]["in_category"]["train"] == 3
+
+
+def test_holdout_fractions_are_seeded(tmp_path):
+  lines = [f"n{i}\tlikes\tn{(i * 31) % 997}" for i in range(3000)]
+  spec = config_lib.file_spec(write_text(tmp_path / "e.tsv", lines))
+
+  def run(name, seed):
+    config = make_config([spec], seed=seed, valid_fraction=0.1, test_fraction=0.2)
+    return import_graph(config, str(tmp_path / name), progress=False)
+
+  a, b, c = run("a", 0), run("b", 0), run("c", 1)
+  counts = a.manifest["counts"]
+  assert sum(counts.values()) == 3000
+  assert 200 < counts["valid"] < 400 and 480 < counts["test"] < 720
+  for split in ("train", "valid", "test"):
+    assert named_split(a, split) == named_split(b, split)
+  assert named_split(a, "valid") != named_split(c, "valid")
+  assert a.manifest_hash != c.manifest_hash
+  assert a.degrees("node").sum() == 2 * counts["train"]
+
+
+def test_names_global_false_keeps_types_apart(tmp_path):
+  path = write_text(tmp_path / "e.tsv", ["1\t1", "2\t1"])
+  config = make_config([config_lib.file_spec(path, source=0, target=1, relation=None,
+                                             relation_name="owns")],
+                       entities={"user": 1, "item": 1}, relations=[("owns", "user", "item")],
+                       names_global=False)
+  graph = import_graph(config, str(tmp_path / "g"), progress=False)
+  assert graph.entities["user"].count == 2 and graph.entities["item"].count == 1
+
+
+def test_empty_blank_and_header_only_files(tmp_path):
+  data = write_text(tmp_path / "e.tsv", ["", "a\tlikes\tb", "", ""])
+  header_only = write_text(tmp_path / "h.tsv", [], header="h\tr\tt")
+  graph = import_graph(make_config([config_lib.file_spec(data),
+                                    config_lib.file_spec(header_only, header=True)]),
+                       str(tmp_path / "g"), progress=False)
+  assert graph.num_edges("train") == 1 and graph.entities["node"].count == 2
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+
+
+GOOD = ["a\tlikes\tb\t1", "b\tknows\tc\t2.5", "c\tlikes\ta\t0"]
+BAD_LINES = {
+    "column_count": ("a\tlikes\tb", "expected 4 columns, found 3"),
+    "empty_field": ("a\tlikes\t\t1", "empty target field"),
+    "weight_not_a_number": ("a\tlikes\tb\tlots", "weight 'lots' is not a number"),
+    "weight_nan": ("a\tlikes\tb\tnan", "weight 'nan' is not finite"),
+    "weight_inf": ("a\tlikes\tb\t-inf", "weight '-inf' is not finite"),
+    "weight_negative": ("a\tlikes\tb\t-2", "weight '-2' is negative"),
+    "unknown_relation": ("a\thates\tb\t1", "unknown relation 'hates'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_line_is_reported_with_its_line_number(tmp_path, case):
+  bad, message = BAD_LINES[case]
+  # Header, CRLF and a blank line before the bad one: line 1 header, 2-4
+  # good, 5 blank, 6 good, 7 bad, 8 good.
+  lines = GOOD + ["", GOOD[0], bad, GOOD[1]]
+  path = write_text(tmp_path / "e.tsv.gz", lines, newline="\r\n", header="h\tr\tt\tw",
+                    compress=True)
+  config = make_config([config_lib.file_spec(path, header=True, weight=3)])
+  with pytest.raises(GraphImportError) as error:
+    import_graph(config, str(tmp_path / "g"), progress=False)
+  assert str(error.value).startswith(f"{path}:7: "), str(error.value)
+  assert message in str(error.value)
+  assert error.value.line == 7
+
+
+def test_entity_type_conflict_names_file_and_line(tmp_path):
+  users = write_text(tmp_path / "users.tsv", ["alice\tbob", "bob\tcarol"])
+  items = write_text(tmp_path / "items.tsv", ["alice\tbook", "dave\tcarol", "bob\tcup"])
+  config = make_config(
+      [config_lib.file_spec(users, source=0, target=1, relation=None, relation_name="follows"),
+       config_lib.file_spec(items, source=0, target=1, relation=None, relation_name="buys")],
+      entities={"user": 1, "item": 1},
+      relations=[("follows", "user", "user"), ("buys", "user", "item")])
+  assert config.data.names_global
+  with pytest.raises(GraphImportError) as error:
+    import_graph(config, str(tmp_path / "g"), progress=False)
+  # items.tsv line 1 is fine (alice is a user, book an item); line 2 uses
+  # carol, a user in users.tsv, as an item.
+  assert str(error.value).startswith(
+      f"{items}:2: 'carol' is used as entity type 'item' here but is already of type 'user'"
+  ), str(error.value)
+
+
+def test_entity_type_conflict_inside_one_file(tmp_path):
+  # Both x's are new in the same block: the earlier line decides x's type.
+  path = write_text(tmp_path / "e.tsv", ["x\tfollows\ty", "y\tbuys\tz", "q\tbuys\tx"])
+  relations = [("follows", "user", "user"), ("buys", "user", "item")]
+  config = make_config([config_lib.file_spec(path)], entities={"user": 1, "item": 1},
+                       relations=relations)
+  with pytest.raises(GraphImportError,
+                     match=rf"^{path}:3: 'x' is used as entity type 'item' here but is "
+                     "already of type 'user'"):
+    import_graph(config, str(tmp_path / "g"), progress=False)
+
+  config.data.on_error = "skip"
+  with pytest.warns(importer.SkippedLinesWarning):
+    graph = import_graph(config, str(tmp_path / "g"), progress=False)
+  assert graph.manifest["skipped"] == {"entity_type_conflict": 1}
+  assert sorted(graph.names("user")) == ["x", "y"] and graph.names("item") == ["z"]
+
+  # The item comes first this time.
+  path = write_text(tmp_path / "f.tsv", ["a\tbuys\tb", "c\tfollows\td", "b\tfollows\tc"])
+  config = make_config([config_lib.file_spec(path)], entities={"user": 1, "item": 1},
+                       relations=relations)
+  with pytest.raises(GraphImportError, match=rf"^{path}:3: 'b' is used as entity type 'user'"):
+    import_graph(config, str(tmp_path / "g2"), progress=False)
+
+
+@pytest.mark.parametrize("first", ["malformed", "empty"])
+def test_first_error_wins_across_blocks(tmp_path, monkeypatch, first):
+  # Small blocks: pyarrow parses ahead, so it may report the malformed line
+  # of a later block while an earlier block is still being processed.
+  monkeypatch.setattr(importer, "TEXT_BLOCK_BYTES", 2048)
+  lines = [f"n{i}\tlikes\tn{i + 1}" for i in range(3000)]
+  # ~110 lines per block: the second bad line is in the next block.
+  malformed, empty = (1500, 1630) if first == "malformed" else (1630, 1500)
+  lines[malformed - 1] = "n1\tlikes"
+  lines[empty - 1] = "n1\tlikes\t"
+  path = write_text(tmp_path / "e.tsv", lines)
+  with pytest.raises(GraphImportError) as error:
+    import_graph(make_config([config_lib.file_spec(path)]), str(tmp_path / "g"), progress=False)
+  assert str(error.value).startswith(f"{path}:1500: ")
+  assert error.value.reason == ("column_count" if first == "malformed" else "empty_field")
+
+
+def test_invalid_utf8_is_located(tmp_path):
+  path = tmp_path / "e.tsv"
+  path.write_bytes(b"a\tlikes\tb\nc\tlikes\t\xff\xfe\n")
+  with pytest.raises(GraphImportError, match=rf"^{path}:2: column 2 is not valid UTF-8"):
+    import_graph(make_config([config_lib.file_spec(str(path))]), str(tmp_path / "g"),
+                 progress=False)
+
+
+def test_missing_file_and_bad_specs(tmp_path):
+  missing = str(tmp_path / "nope.tsv")
+  with pytest.raises(GraphImportError, match=rf"^{missing}: no such file"):
+    import_graph(make_config([config_lib.file_spec(missing)]), str(tmp_path / "g"),
+                 progress=False)
+  path = write_text(tmp_path / "e.tsv", ["a\tlikes\tb"])
+  with pytest.raises(GraphImportError, match="relation is column 5, but lines have 3 columns"):
+    import_graph(make_config([config_lib.file_spec(path, relation=5)]), str(tmp_path / "g"),
+                 progress=False)
+  with pytest.raises(GraphImportError, match="not a declared relation"):
+    import_graph(make_config([config_lib.file_spec(path, relation=None, relation_name="x")]),
+                 str(tmp_path / "g"), progress=False)
+  odd = write_text(tmp_path / "e.links", ["a\tlikes\tb"])
+  with pytest.raises(GraphImportError, match="cannot tell the format"):
+    import_graph(make_config([config_lib.file_spec(odd)]), str(tmp_path / "g"), progress=False)
+  assert not glob.glob(str(tmp_path / "g*"))
+
+
+def test_skip_counts_every_reason(tmp_path):
+  lines = GOOD + [bad for bad, _ in BAD_LINES.values()] + ["", GOOD[1]]
+  path = write_text(tmp_path / "e.tsv", lines)
+  conflict = write_text(tmp_path / "c.tsv", ["u1\tb", "u2\tu9"])  # b is a node
+  config = make_config(
+      [config_lib.file_spec(path, weight=3),
+       config_lib.file_spec(conflict, source=0, target=1, relation=None, relation_name="buys")],
+      entities={"node": 1, "item": 1},
+      relations=RELATIONS + [("buys", "node", "item")], on_error="skip")
+  with pytest.warns(importer.SkippedLinesWarning, match="skipped 8 bad lines"):
+    graph = import_graph(config, str(tmp_path / "g"), progress=False)
+  assert graph.manifest["skipped"] == {
+      "column_count": 1, "empty_field": 1, "unknown_relation": 1, "weight_negative": 1,
+      "weight_not_a_number": 1, "weight_not_finite": 2, "entity_type_conflict": 1}
+  assert graph.num_edges("train") == len(GOOD) + 1 + 1
+  # Names of skipped lines did not enter the vocabularies.
+  assert sorted(graph.names("node")) == ["a", "b", "c", "u2"]
+  assert graph.names("item") == ["u9"]
+
+
+def test_failed_import_leaves_nothing_behind(tmp_path):
+  path = write_text(tmp_path / "e.tsv", ["a\tlikes\tb", "a\tlikes"])
+  graph_dir = str(tmp_path / "out" / "g")
+  with pytest.raises(GraphImportError):
+    import_graph(make_config([config_lib.file_spec(path)]), graph_dir, progress=False)
+  assert not os.path.exists(graph_dir)
+  assert os.listdir(tmp_path / "out") == []
+
+
+def test_existing_graph_dir_is_untouched(tmp_path):
+  graph_dir = tmp_path / "g"
+  graph_dir.mkdir()
+  (graph_dir / "keep.txt").write_text("precious")
+  path = write_text(tmp_path / "e.tsv", ["a\tlikes\tb"])
+  with pytest.raises(FileExistsError):
+    import_graph(make_config([config_lib.file_spec(path)]), str(graph_dir), progress=False)
+  assert os.listdir(graph_dir) == ["keep.txt"]
+  assert (graph_dir / "keep.txt").read_text() == "precious"
+  assert glob.glob(str(graph_dir) + ".tmp-*") == []
+
+
+# ----------------------------------------------------------------------------
+# Real data
+
+
+def _data_dir(*parts):
+  root = os.environ.get("TWHIN_DATA_DIR")
+  if not root:
+    pytest.skip("TWHIN_DATA_DIR is not set (point it at the datasets, e.g. /work/shared/data)")
+  path = os.path.join(root, *parts)
+  if not os.path.isdir(path):
+    pytest.skip(f"{path} does not exist")
+  return path
+
+
+def test_kinship(tmp_path):
+  folder = _data_dir("kg", "kinship")
+  from twhin_jax import datasets
+  config = datasets.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship")
+  graph = import_graph(config, str(tmp_path / "kinship"), progress=False)
+  assert graph.manifest["counts"] == {"train": 8544, "valid": 1068, "test": 1074}
+  assert graph.entities["entity"].count == 104
+  assert len(graph.relations) == 25
+  with open(os.path.join(folder, "valid.txt")) as f:
+    valid = {tuple(line.rstrip("\n").split("\t")) for line in f}
+  assert named_split(graph, "valid") == valid
+  assert graph.degrees("entity").sum() == 2 * 8544

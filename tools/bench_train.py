@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Training throughput and peak memory against the partition count.
+
+Generates a power-law graph (default 1M nodes, 10M edges, 4 relations),
+imports it once per partition count P, and trains it in a fresh process per P
+(translation + dot, logistic loss, d=128, chunks of 50 edges with 50 batch +
+50 uniform negatives, batch 1000, Adagrad lr 0.1 — PyTorch-BigGraph's settings
+in ../shared/TOOLCHAIN.md). Prints a table, or one JSON object per setting
+with --json:
+
+  python tools/bench_train.py                    # P = 1, 4, 16
+  python tools/bench_train.py --edges 1000000 --nodes 100000 --partitions 1 4
+
+edges_per_s is measured over the last epoch (steady state: compiled, tables
+initialised); peak_rss_mib is the training process's maximum resident set,
+including the JAX runtime (~0.3 GB on its own). The tables' full size
+(V x d x 4 bytes + V x 4 for Adagrad) is printed beside it: with P partitions
+only about 2V/P rows are resident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def bench_config(graph_file: str, partitions: int, dim: int, epochs: int, relations: int):
+  from twhin_jax import config as config_lib
+  from twhin_jax import generate
+  config = config_lib.base_config()
+  config.name = f"bench-p{partitions}"
+  entities, rels = generate.power_law_schema(num_partitions=partitions, num_relations=relations)
+  config.entities = entities
+  config.relations = rels
+  config.data.files = [config_lib.file_spec(graph_file, source=0, relation=1, target=2)]
+  config.model.dim = dim
+  config.model.init_scale = 1e-3
+  config.train.epochs = epochs
+  config.train.batch_size = 1000
+  config.train.lr = 0.1
+  config.train.relation_lr = 0.1
+  config.train.loss = "logistic"
+  config.train.bucket_order = "affinity"
+  config.train.checkpoint_every_buckets = 0  # checkpoint at epoch ends only
+  config.train.eval_every_epochs = 0
+  config.negatives.chunk_size = 50
+  config.negatives.num_uniform = 50
+  return config
+
+
+def worker(args) -> None:
+  """Runs in its own process: import (phase=import) or train (phase=train)."""
+  from twhin_jax import train as train_lib
+  config = bench_config(args.graph_file, args.worker_partitions, args.dim, args.epochs,
+                        args.relations)
+  if args.phase == "import":
+    train_lib.prepare_graph(config, args.workdir, progress=False)
+    return
+  started = time.perf_counter()
+  trainer = train_lib.train(config, args.workdir, progress=False)
+  total = time.perf_counter() - started
+  last = trainer.history[-1]
+  nodes = sum(e.count for e in trainer.graph.entities.values())
+  trainer.close()
+  print(json.dumps({
+      "partitions": args.worker_partitions,
+      "edges": last["edges"],
+      "epoch_seconds": last["seconds"],
+      "edges_per_s": last["edges"] / last["seconds"],
+      "total_seconds": total,
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "table_mib": nodes * (args.dim + 1) * 4 / 2 ** 20,
+  }))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--nodes", type=int, default=1_000_000)
+  parser.add_argument("--edges", type=int, default=10_000_000)
+  parser.add_argument("--relations", type=int, default=4)
+  parser.add_argument("--dim", type=int, default=128)
+  parser.add_argument("--epochs", type=int, default=2)
+  parser.add_argument("--partitions", type=int, nargs="+", default=[1, 4, 16])
+  parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+  parser.add_argument("--json", action="store_true", help="one JSON object per setting")
+  # internal: the per-setting worker process
+  parser.add_argument("--phase", choices=("import", "train"), help=argparse.SUPPRESS)
+  parser.add_argument("--graph-file", help=argparse.SUPPRESS)
+  parser.add_argument("--workdir", help=argparse.SUPPRESS)
+  parser.add_argument("--worker-partitions", type=int, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.phase:
+    worker(args)
+    return
+
+  from twhin_jax import generate
+  scratch = args.dir or tempfile.mkdtemp(prefix="twhin-bench-")
+  graph_file = os.path.join(scratch, "power_law.tsv")
+  if not os.path.exists(graph_file):
+    generate.power_law(graph_file, num_nodes=args.nodes, num_edges=args.edges,
+                       num_relations=args.relations, seed=0, progress=not args.json)
+  rows = []
+  for partitions in args.partitions:
+    workdir = os.path.join(scratch, f"p{partitions}")
+    common = [sys.executable, os.path.abspath(__file__), "--graph-file", graph_file,
+              "--workdir", workdir, "--worker-partitions", str(partitions),
+              "--dim", str(args.dim), "--epochs", str(args.epochs),
+              "--relations", str(args.relations)]
+    if not os.path.exists(os.path.join(workdir, "graph", "manifest.json")):
+      subprocess.run(common + ["--phase", "import"], check=True)
+    out = subprocess.run(common + ["--phase", "train"], check=True, capture_output=True,
+                         text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(graph=f"power_law {args.nodes:,} nodes {args.edges:,} edges", dim=args.dim)
+    rows.append(result)
+    if args.json:
+      print(json.dumps(result), flush=True)
+  if not args.json:
+    print(f"\n{rows[0]['graph']}, d={args.dim}, 50 batch + 50 uniform negatives, "
+          f"batch 1000, logistic\n")
+    print("| P | edges/s (last epoch) | epoch s | peak RSS MiB | full tables MiB |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+      print(f"| {r['partitions']} | {r['edges_per_s']:,.0f} | {r['epoch_seconds']:.1f} | "
+            f"{r['peak_rss_mib']:,.0f} | {r['table_mib']:,.0f} |")
+
+
+if __name__ == "__main__":
+  main()

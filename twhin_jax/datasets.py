@@ -1,0 +1,106 @@
+"""Building blocks for the dataset configs in ``configs/``.
+
+The configs describe the public datasets of ``$TWHIN_DATA_DIR`` (see its
+README.md). Knowledge graphs share one shape (three split files of
+``head<TAB>relation<TAB>tail``, one entity type), so :func:`kg_config` builds
+their whole config; the heterogeneous social graphs are spelled out in their
+own files with :func:`entity_type`, :func:`relation` and :func:`apply_variant`.
+
+Relations must be declared in a config, but a KG has dozens or hundreds
+(FB15k-237: 237), so :func:`kg_config` reads their names from the split files
+when the config is built. That needs ``$TWHIN_DATA_DIR``; it is cheap (the
+relation column only, read by pyarrow).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from twhin_jax import config as config_lib
+
+#: Variants every dataset config accepts: "" (the real run) and "test", a
+#: CPU-sized run of a few epochs for smoke tests.
+VARIANTS = ("", "test")
+
+KG_SPLITS = ("train", "valid", "test")
+
+
+def entity_type(num_partitions: int = 1, dim: int = 0) -> ml_collections.ConfigDict:
+  """One entry of ``config.entities`` (dim 0: use model.dim)."""
+  return ml_collections.ConfigDict(dict(num_partitions=num_partitions, dim=dim))
+
+
+def relation(name: str, source: str, target: str, operator: str = "translation",
+             weight: float = 1.0) -> dict:
+  """One entry of ``config.relations``; TwHIN's default translation operator."""
+  return dict(name=name, source=source, target=target, operator=operator, weight=weight)
+
+
+def kg_split_files(folder: str, suffix: str = ".txt") -> list[dict]:
+  """File specs of ``<folder>/{train,valid,test}<suffix>`` (head, relation, tail)."""
+  return [config_lib.file_spec(f"{folder}/{split}{suffix}", split=split, source=0, relation=1,
+                               target=2, format="tsv")
+          for split in KG_SPLITS]
+
+
+def read_relation_names(specs: list[dict]) -> list[str]:
+  """Sorted distinct names in the relation column of some TSV files.
+
+  Sorted rather than in order of appearance, so the relation order (and a
+  checkpoint's relation parameters) does not depend on file order.
+  """
+  names = set()
+  for spec in specs:
+    column = f"f{spec['relation']}"
+    table = pacsv.read_csv(  # gzip is detected from the suffix
+        config_lib.resolve_path(spec["path"]),
+        read_options=pacsv.ReadOptions(autogenerate_column_names=True,
+                                       skip_rows=1 if spec.get("header") else 0),
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pacsv.ConvertOptions(include_columns=[column],
+                                             column_types={column: pa.string()}))
+    names.update(pc.unique(table.column(column)).to_pylist())
+  return sorted(names)
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Shrinks a config for the "test" variant: small dim, 2 epochs, few eval
+  triples against sampled negatives, so a CPU finishes in seconds."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; choose from {VARIANTS}")
+  if variant == "test":
+    config.name = f"{config.name}-test"
+    config.model.dim = 16
+    config.train.epochs = 2
+    config.train.checkpoint_every_buckets = 0
+    config.eval.batch_size = 64
+    config.eval.max_triples = 200
+    config.eval.num_sampled_negatives = 100
+  return config
+
+
+def kg_config(name: str, folder: str, *, suffix: str = ".txt", epochs: int = 50,
+              variant: str = "") -> ml_collections.ConfigDict:
+  """The config of a link-prediction KG with standard train/valid/test files.
+
+  One entity type, "entity", unpartitioned; every relation translation with
+  weight 1; d=200, Adagrad lr 0.1, logistic loss, filtered full ranking.
+  """
+  config = config_lib.base_config()
+  config.name = name
+  config.entities.entity = entity_type()
+  config.data.files = kg_split_files(folder, suffix)
+  config.relations = [relation(r, "entity", "entity")
+                      for r in read_relation_names(config.data.files)]
+  config.data.names_global = True
+  config.model.dim = 200
+  config.model.comparator = "dot"
+  config.train.epochs = epochs
+  config.train.lr = 0.1
+  config.train.relation_lr = 0.1
+  config.train.loss = "logistic"
+  config.eval.filtered = True
+  return apply_variant(config, variant)
