@@ -21,13 +21,22 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.custom_jvp
 def log_sigmoid(x: jax.Array) -> jax.Array:
   """log sigma(x) = min(x, 0) - log(1 + exp(-|x|)), stable for any x.
 
   Same values as jax.nn.log_sigmoid, but about 3x faster forward and backward
-  on XLA:CPU (measured), and the loss is a third of the step's time.
+  on XLA:CPU (measured), and the loss is a third of the step's time. The
+  derivative is given explicitly, d/dx log sigma(x) = sigma(-x): differentiating
+  min and |x| separately would give 1 instead of 1/2 at x = 0.
   """
   return jnp.minimum(x, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@log_sigmoid.defjvp
+def _log_sigmoid_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  return log_sigmoid(x), x_dot * jax.nn.sigmoid(-x)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

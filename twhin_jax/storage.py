@@ -142,6 +142,9 @@ class TableStore:
     if embeddings.shape[0] != stop - start or adagrad.shape[0] != stop - start:
       raise ValueError(f"partition {block}: expected {stop - start} rows, "
                        f"got {embeddings.shape[0]} / {adagrad.shape[0]}")
+    if not np.all(np.isfinite(adagrad)):
+      raise FloatingPointError(f"partition {block}: Adagrad accumulators hold NaN or inf; "
+                               "refusing to overwrite the saved table")
     if not np.all(np.isfinite(embeddings)):
       bad = int(np.sum(~np.isfinite(embeddings).all(axis=1)))
       raise FloatingPointError(
