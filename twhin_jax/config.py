@@ -91,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dim = 100
   c.model.comparator = "dot"
   c.model.init_scale = 1e-3  # entity rows ~ N(0, init_scale^2)
+  # Reverse-direction relation parameters for source corruption (see model.py).
+  c.model.reciprocal = False
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 10

@@ -347,7 +347,10 @@ def _plan(graph, layout: RelationLayout, comparator: str, rel: np.ndarray,
       if side == "tail":
         mode, query_type, candidate_type = "tail", info.source, info.target
       else:
-        mode, query_type, candidate_type = _head_mode(operator, comparator), info.target, info.source
+        # Reciprocal relations score sources exactly like targets, with the
+        # reverse parameters applied to the target (model.py eq. 1').
+        head_mode = "tail" if layout.reciprocal else _head_mode(operator, comparator)
+        mode, query_type, candidate_type = head_mode, info.target, info.source
       group = _Group(side, mode, layout.group[int(r)], query_type, candidate_type,
                      int(r) if mode == "head_per_relation" else -1)
       keys.setdefault(group, []).append(int(r))
@@ -451,6 +454,7 @@ def rank_triples(graph, embeddings: dict, relation_params: dict, layout: Relatio
   tables = {t: jnp.asarray(embeddings[t], jnp.float32) for t in needed_types}
   params = {name: jnp.asarray(p, jnp.float32) for name, p in relation_params.items()}
   row_of = np.asarray(layout.row, np.int32)
+  reverse_row_of = np.asarray(layout.reverse_row, np.int32)
   cdfs = {}
 
   ranges = {}
@@ -464,7 +468,8 @@ def rank_triples(graph, embeddings: dict, relation_params: dict, layout: Relatio
     query, answer = (src, dst) if group.side == "tail" else (dst, src)
     query_ids = _pad(query[idx], size).astype(np.int32)
     answers = _pad(answer[idx], size).astype(np.int32)
-    param_rows = _pad(row_of[rel[idx]], size)
+    rows_of_side = row_of if group.side == "tail" else reverse_row_of
+    param_rows = _pad(rows_of_side[rel[idx]], size)
     num_entities = graph.entities[group.candidate_type].count
     common = dict(query_table=tables[group.query_type],
                   candidate_table=tables[group.candidate_type],

@@ -25,6 +25,18 @@ Comparators of a transformed source u and target v:
 Relation parameters are grouped by (operator, dim): ``RelationLayout`` maps
 each relation to its group and row, and the parameters are a dict
 ``{group_name: array [R_group, ...]}`` so one jitted step serves a group.
+
+Reciprocal relations (``model.reciprocal``, PyTorch-BigGraph's "dynamic
+relations", Lacroix et al. 2018): every relation r also has parameters r' for
+the reverse direction, and source corruption scores
+
+    f'(s', r, t) = compare(op_r'(theta_t), theta_s')                     (1')
+
+With translation + dot and a single direction, the relation term of
+(theta_s' + theta_r) . theta_t is the same for every candidate source s', so
+ranking sources ignores the relation entirely; r' gives the source side its own
+relation-specific term. Forward rows come first in a group, then the reverse
+rows (``reverse_row``).
 """
 
 from __future__ import annotations
@@ -121,6 +133,8 @@ class RelationLayout:
     group: group name of each relation ("operator:dim").
     row: the relation's row inside its group's stacked parameter array.
     groups: group name -> list of relation indices, in row order.
+    reciprocal: whether each relation has reverse-direction parameters.
+    reverse_row: row of the reverse parameters (== row when not reciprocal).
   """
   names: tuple[str, ...]
   operators: tuple[str, ...]
@@ -128,6 +142,8 @@ class RelationLayout:
   group: tuple[str, ...]
   row: tuple[int, ...]
   groups: dict
+  reciprocal: bool = False
+  reverse_row: tuple[int, ...] = ()
 
   @classmethod
   def from_config(cls, config) -> "RelationLayout":
@@ -142,15 +158,24 @@ class RelationLayout:
       group.append(name)
       row.append(len(groups.setdefault(name, [])))
       groups[name].append(index)
-    return cls(tuple(names), tuple(operators), tuple(dims), tuple(group), tuple(row), groups)
+    reciprocal = bool(config.model.reciprocal)
+    reverse_row = tuple(r + len(groups[g]) if reciprocal else r for g, r in zip(group, row))
+    return cls(tuple(names), tuple(operators), tuple(dims), tuple(group), tuple(row), groups,
+               reciprocal, reverse_row)
 
   def init_params(self) -> dict[str, np.ndarray]:
-    return {name: init_operator_params(name.split(":")[0], len(members), int(name.split(":")[1]))
+    copies = 2 if self.reciprocal else 1
+    return {name: init_operator_params(name.split(":")[0], copies * len(members),
+                                       int(name.split(":")[1]))
             for name, members in self.groups.items()}
 
   def param(self, params: dict, relation: int):
     """The parameter array of one relation (index in config order)."""
     return params[self.group[relation]][self.row[relation]]
+
+  def reverse_param(self, params: dict, relation: int):
+    """Parameters used when corrupting the source (the forward ones unless reciprocal)."""
+    return params[self.group[relation]][self.reverse_row[relation]]
 
   def score_targets(self, params: dict, comparator: str, relation: int,
                     sources: jax.Array, candidates: jax.Array) -> jax.Array:
@@ -161,6 +186,10 @@ class RelationLayout:
   def score_sources(self, params: dict, comparator: str, relation: int,
                     candidates: jax.Array, targets: jax.Array) -> jax.Array:
     """Scores of candidate sources [N, d] against targets [B, d] -> [B, N]."""
+    if self.reciprocal:  # eq. (1'): the reverse operator moves onto the target
+      reverse = apply_operator(self.operators[relation], self.reverse_param(params, relation),
+                               targets)
+      return compare_all(comparator, reverse, candidates)
     transformed = apply_operator(self.operators[relation], self.param(params, relation), candidates)
     # Every comparator is symmetric, so targets may stand on the left.
     return compare_all(comparator, targets, transformed)

@@ -40,6 +40,8 @@ class StepBatch(NamedTuple):
                              uniform source negatives are drawn from
   dst_lo, dst_n:   [T, S]    int32 the same for target negatives
   step_index:      [T]       int32 global step number (PRNG fold-in)
+  rel_reverse:     [T, S]    int32 row of the reverse-direction parameters
+                             (None: the same as rel; see model.py, reciprocal)
   """
   src: jax.Array
   dst: jax.Array
@@ -50,6 +52,7 @@ class StepBatch(NamedTuple):
   dst_lo: jax.Array
   dst_n: jax.Array
   step_index: jax.Array
+  rel_reverse: jax.Array | None = None
 
 
 class GroupState(NamedTuple):
@@ -62,41 +65,52 @@ class GroupState(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
-                     lr: float, relation_lr: float, num_uniform: int):
+                     lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count)."""
   loss_fn = losses_lib.LOSSES[loss]
   rel_tx = optim.relation_adagrad(relation_lr)
 
-  def chunk_scores(rows, params, weight):
+  def chunk_scores(rows, params, reverse_params, weight):
     """rows [2C+2U, d] (src, dst, uniform src, uniform dst) -> per-chunk loss."""
     c = weight.shape[0]
     lhs, rhs = rows[:c], rows[c:2 * c]  # [C, d] each
     neg_src, neg_dst = rows[2 * c:2 * c + num_uniform], rows[2 * c + num_uniform:]  # [U, d]
-    lhs_op = model.apply_operator(operator, params, lhs)  # [C, d]
-    pos = model.compare_pairs(comparator, lhs_op, rhs)  # [C]
     valid = (weight > 0).astype(jnp.float32)  # [C]
     # Negative mask over [C, C+U]: batch negatives that are real edges, minus
     # each edge's own positive on the diagonal; uniform negatives all count.
     batch_mask = valid[None, :] * (1.0 - jnp.eye(c, dtype=jnp.float32))  # [C, C]
     neg_mask = jnp.concatenate([batch_mask, jnp.ones((c, num_uniform), jnp.float32)], axis=1)
-    # Both sides share the batch block: scores of every chunk source against
-    # every chunk target. Row i, column j is f(s_i, r, t_j); for source
-    # corruption edge i needs f(s_j, r, t_i), its transpose.
+
+    lhs_op = model.apply_operator(operator, params, lhs)  # [C, d]
+    # Row i, column j: f(s_i, r, t_j). Its diagonal holds the positives.
     batch_block = model.compare_all(comparator, lhs_op, rhs)  # [C, C]
-    # Target corruption: op(theta_s) against the uniform targets.
+    pos = jnp.diagonal(batch_block)  # [C]
+    # Target corruption: op(theta_s) against the chunk's and the uniform targets.
     uniform_dst = model.compare_all(comparator, lhs_op, neg_dst)  # [C, U]
     neg_for_dst = jnp.concatenate([batch_block, uniform_dst], axis=1)  # [C, C+U]
-    # Source corruption: the same operator applied to the uniform sources.
-    neg_src_op = model.apply_operator(operator, params, neg_src)  # [U, d]
-    uniform_src = model.compare_all(comparator, rhs, neg_src_op)  # [C, U]
-    neg_for_src = jnp.concatenate([batch_block.T, uniform_src], axis=1)  # [C, C+U]
+    if reciprocal:
+      # Source corruption with the reverse parameters on the target side:
+      # f'(s_j, r, t_i) = compare(op_r'(t_i), s_j), eq. (1') of model.py.
+      rhs_op = model.apply_operator(operator, reverse_params, rhs)  # [C, d]
+      reverse_block = model.compare_all(comparator, rhs_op, lhs)  # [C, C]
+      pos_for_src = jnp.diagonal(reverse_block)  # [C]
+      uniform_src = model.compare_all(comparator, rhs_op, neg_src)  # [C, U]
+      neg_for_src = jnp.concatenate([reverse_block, uniform_src], axis=1)  # [C, C+U]
+    else:
+      # The same operator on the corrupted sources; edge i needs f(s_j, r, t_i),
+      # the transpose of the batch block.
+      pos_for_src = pos
+      neg_src_op = model.apply_operator(operator, params, neg_src)  # [U, d]
+      uniform_src = model.compare_all(comparator, rhs, neg_src_op)  # [C, U]
+      neg_for_src = jnp.concatenate([batch_block.T, uniform_src], axis=1)  # [C, C+U]
     return (loss_fn(pos, neg_for_dst, neg_mask, weight, margin)
-            + loss_fn(pos, neg_for_src, neg_mask, weight, margin))
+            + loss_fn(pos_for_src, neg_for_src, neg_mask, weight, margin))
 
-  def step_loss(rows, rel_params, rel, weight):
+  def step_loss(rows, rel_params, rel, rel_reverse, weight):
     """rows [S, K, d], rel_params [R_g, ...] -> summed loss of S chunks."""
     params = rel_params[rel]  # [S, ...]
-    return jnp.sum(jax.vmap(chunk_scores)(rows, params, weight))
+    reverse_params = rel_params[rel_reverse]  # [S, ...]
+    return jnp.sum(jax.vmap(chunk_scores)(rows, params, reverse_params, weight))
 
   def one_step(carry, inputs):
     state, key = carry
@@ -113,7 +127,8 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
     row_ids = jnp.concatenate([batch.src, batch.dst, neg_src, neg_dst], axis=1)  # [S, K]
     rows = state.table.at[row_ids].get(mode="clip")  # [S, K, d]
     loss, (row_grads, param_grads) = jax.value_and_grad(step_loss, argnums=(0, 1))(
-        rows, state.rel_params, batch.rel, batch.weight)
+        rows, state.rel_params, batch.rel,
+        batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight)
     table, row_state = optim.row_adagrad_update(
         state.table, state.row_state, row_ids.reshape(-1),
         row_grads.reshape(-1, row_grads.shape[-1]), lr)  # K = S * (2C + 2U)

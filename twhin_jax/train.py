@@ -171,6 +171,7 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout, working: WorkingL
       calls.append((group, chunks[start:start + per_call]))
   call_order = rng.permutation(len(calls))
   row_in_group = np.asarray(layout.row, np.int32)
+  reverse_row_in_group = np.asarray(layout.reverse_row, np.int32)
 
   for position in call_order:
     group, call_chunks = calls[position]
@@ -194,6 +195,7 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout, working: WorkingL
         src=src_rows.reshape(shape3).astype(np.int32),
         dst=dst_rows.reshape(shape3).astype(np.int32),
         rel=row_in_group[chunk_rel].reshape(shape2),
+        rel_reverse=reverse_row_in_group[chunk_rel].reshape(shape2),
         weight=edge_weight.reshape(shape3).astype(np.float32),
         src_lo=src_lo[chunk_rel].reshape(shape2).astype(np.int32),
         src_n=src_n[chunk_rel].reshape(shape2).astype(np.int32),
@@ -461,7 +463,8 @@ class Trainer:
       if group not in fn_cache:
         fn_cache[group] = step_lib.make_train_steps(
             operator, config.model.comparator, config.train.loss, float(config.train.margin),
-            float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform)
+            float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform,
+            bool(config.model.reciprocal))
       batch = call.batch._replace(step_index=np.arange(
           step_in_bucket, step_in_bucket + STEPS_PER_CALL, dtype=np.int32))
       step_in_bucket += STEPS_PER_CALL
