@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_scale = 1e-3  # entity rows ~ N(0, init_scale^2)
   # Reverse-direction relation parameters for source corruption (see model.py).
   c.model.reciprocal = False
+  # lambda of an L2 penalty on the entity rows of positive edges (step.py).
+  c.model.regularization = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 10
@@ -226,6 +228,8 @@ def validate(config) -> None:
     _fail("model.dim", f"must be >= 1, got {config.model.dim}")
   if config.model.comparator not in COMPARATORS:
     _fail("model.comparator", f"{config.model.comparator!r} not in {COMPARATORS}")
+  if config.model.regularization < 0:
+    _fail("model.regularization", f"must be >= 0, got {config.model.regularization}")
   if not config.model.init_scale > 0:
     _fail("model.init_scale", "must be > 0")
 

@@ -83,24 +83,30 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 
 
 def kg_config(name: str, folder: str, *, suffix: str = ".txt", epochs: int = 50,
+              operator: str = "complex_diagonal", loss: str = "softmax",
+              reciprocal: bool = True, dim: int = 200, lr: float = 0.1,
+              relation_lr: float | None = None, regularization: float = 0.0,
               variant: str = "") -> ml_collections.ConfigDict:
   """The config of a link-prediction KG with standard train/valid/test files.
 
-  One entity type, "entity", unpartitioned; every relation translation with
-  weight 1; d=200, Adagrad lr 0.1, logistic loss, filtered full ranking.
+  One entity type, "entity", unpartitioned; every relation with the given
+  operator and weight 1; dot comparator, reciprocal relation parameters,
+  softmax loss over 50 batch + 50 uniform negatives, filtered full ranking.
   """
   config = config_lib.base_config()
   config.name = name
   config.entities.entity = entity_type()
   config.data.files = kg_split_files(folder, suffix)
-  config.relations = [relation(r, "entity", "entity")
+  config.relations = [relation(r, "entity", "entity", operator=operator)
                       for r in read_relation_names(config.data.files)]
   config.data.names_global = True
-  config.model.dim = 200
+  config.model.dim = dim
   config.model.comparator = "dot"
+  config.model.reciprocal = reciprocal
+  config.model.regularization = regularization
   config.train.epochs = epochs
-  config.train.lr = 0.1
-  config.train.relation_lr = 0.1
-  config.train.loss = "logistic"
+  config.train.lr = lr
+  config.train.relation_lr = lr if relation_lr is None else relation_lr
+  config.train.loss = loss
   config.eval.filtered = True
   return apply_variant(config, variant)

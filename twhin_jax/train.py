@@ -464,7 +464,7 @@ class Trainer:
         fn_cache[group] = step_lib.make_train_steps(
             operator, config.model.comparator, config.train.loss, float(config.train.margin),
             float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform,
-            bool(config.model.reciprocal))
+            bool(config.model.reciprocal), float(config.model.regularization))
       batch = call.batch._replace(step_index=np.arange(
           step_in_bucket, step_in_bucket + STEPS_PER_CALL, dtype=np.int32))
       step_in_bucket += STEPS_PER_CALL
