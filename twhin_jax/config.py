@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives = ml_collections.ConfigDict()
   c.negatives.chunk_size = 50  # C: edges sharing negatives (batch negatives)
   c.negatives.num_uniform = 50  # U: uniform negatives per chunk and side
+  # Sampled-softmax correction: subtract log(expected count) from negative
+  # logits so degree-proportional batch negatives do not cancel popularity
+  # (softmax loss only; see step.StepBatch).
+  c.negatives.logq_correction = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # queries ranked per device call
@@ -257,6 +261,8 @@ def validate(config) -> None:
   if t.batch_size < n.chunk_size or t.batch_size % n.chunk_size:
     _fail("train.batch_size", f"must be a positive multiple of negatives.chunk_size "
           f"({n.chunk_size}), got {t.batch_size}")
+  if n.logq_correction and t.loss != "softmax":
+    _fail("negatives.logq_correction", f"needs train.loss 'softmax', got {t.loss!r}")
   if config.eval.batch_size < 1:
     _fail("eval.batch_size", "must be >= 1")
   if config.eval.num_sampled_negatives < 0:

@@ -42,6 +42,17 @@ class StepBatch(NamedTuple):
   step_index:      [T]       int32 global step number (PRNG fold-in)
   rel_reverse:     [T, S]    int32 row of the reverse-direction parameters
                              (None: the same as rel; see model.py, reciprocal)
+  src_logq, dst_logq:  [T, S, C] log of the expected number of times each
+                       chunk source / target appears among the chunk's
+                       negatives (None: no sampling correction)
+  uniform_src_logq, uniform_dst_logq: [T, S] the same for a uniform draw
+
+  With the correction, a negative's logit f(e') becomes f(e') - log q(e'):
+  sum_{e'} exp(f(e')) / q(e') is an unbiased estimate of the sum over *all*
+  candidates, so the sampled softmax approximates the full softmax
+  (Bengio & Senecal 2008; Yi et al. 2019, "logQ correction"). Without it,
+  batch negatives, drawn in proportion to degree, cancel the popularity prior
+  that ranking needs.
   """
   src: jax.Array
   dst: jax.Array
@@ -53,6 +64,10 @@ class StepBatch(NamedTuple):
   dst_n: jax.Array
   step_index: jax.Array
   rel_reverse: jax.Array | None = None
+  src_logq: jax.Array | None = None
+  dst_logq: jax.Array | None = None
+  uniform_src_logq: jax.Array | None = None
+  uniform_dst_logq: jax.Array | None = None
 
 
 class GroupState(NamedTuple):
@@ -77,7 +92,7 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   loss_fn = losses_lib.LOSSES[loss]
   rel_tx = optim.relation_adagrad(relation_lr)
 
-  def chunk_scores(rows, params, reverse_params, weight):
+  def chunk_scores(rows, params, reverse_params, weight, logq):
     """rows [2C+2U, d] (src, dst, uniform src, uniform dst) -> per-chunk loss."""
     c = weight.shape[0]
     lhs, rhs = rows[:c], rows[c:2 * c]  # [C, d] each
@@ -94,7 +109,9 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
     pos = jnp.diagonal(batch_block)  # [C]
     # Target corruption: op(theta_s) against the chunk's and the uniform targets.
     uniform_dst = model.compare_all(comparator, lhs_op, neg_dst)  # [C, U]
-    neg_for_dst = jnp.concatenate([batch_block, uniform_dst], axis=1)  # [C, C+U]
+    src_logq, dst_logq, uniform_src_logq, uniform_dst_logq = logq
+    neg_for_dst = jnp.concatenate([batch_block - dst_logq[None, :],
+                                   uniform_dst - uniform_dst_logq], axis=1)  # [C, C+U]
     if reciprocal:
       # Source corruption with the reverse parameters on the target side:
       # f'(s_j, r, t_i) = compare(op_r'(t_i), s_j), eq. (1') of model.py.
@@ -102,14 +119,16 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
       reverse_block = model.compare_all(comparator, rhs_op, lhs)  # [C, C]
       pos_for_src = jnp.diagonal(reverse_block)  # [C]
       uniform_src = model.compare_all(comparator, rhs_op, neg_src)  # [C, U]
-      neg_for_src = jnp.concatenate([reverse_block, uniform_src], axis=1)  # [C, C+U]
+      neg_for_src = jnp.concatenate([reverse_block - src_logq[None, :],
+                                     uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
     else:
       # The same operator on the corrupted sources; edge i needs f(s_j, r, t_i),
       # the transpose of the batch block.
       pos_for_src = pos
       neg_src_op = model.apply_operator(operator, params, neg_src)  # [U, d]
       uniform_src = model.compare_all(comparator, rhs, neg_src_op)  # [C, U]
-      neg_for_src = jnp.concatenate([batch_block.T, uniform_src], axis=1)  # [C, C+U]
+      neg_for_src = jnp.concatenate([batch_block.T - src_logq[None, :],
+                                     uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
     total = (loss_fn(pos, neg_for_dst, neg_mask, weight, margin)
              + loss_fn(pos_for_src, neg_for_src, neg_mask, weight, margin))
     if regularization:
@@ -117,11 +136,11 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
       total = total + regularization * jnp.sum(weight * squared)
     return total
 
-  def step_loss(rows, rel_params, rel, rel_reverse, weight):
+  def step_loss(rows, rel_params, rel, rel_reverse, weight, logq):
     """rows [S, K, d], rel_params [R_g, ...] -> summed loss of S chunks."""
     params = rel_params[rel]  # [S, ...]
     reverse_params = rel_params[rel_reverse]  # [S, ...]
-    return jnp.sum(jax.vmap(chunk_scores)(rows, params, reverse_params, weight))
+    return jnp.sum(jax.vmap(chunk_scores)(rows, params, reverse_params, weight, logq))
 
   def one_step(carry, inputs):
     state, key = carry
@@ -136,10 +155,15 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
     neg_dst = batch.dst_lo[:, None] + jax.random.randint(
         dst_key, (s, num_uniform), 0, jnp.maximum(batch.dst_n, 1)[:, None])  # [S, U]
     row_ids = jnp.concatenate([batch.src, batch.dst, neg_src, neg_dst], axis=1)  # [S, K]
+    if batch.src_logq is None:
+      zeros_c, zeros_s = jnp.zeros((s, c), jnp.float32), jnp.zeros((s,), jnp.float32)
+      logq = (zeros_c, zeros_c, zeros_s, zeros_s)
+    else:
+      logq = (batch.src_logq, batch.dst_logq, batch.uniform_src_logq, batch.uniform_dst_logq)
     rows = state.table.at[row_ids].get(mode="clip")  # [S, K, d]
     loss, (row_grads, param_grads) = jax.value_and_grad(step_loss, argnums=(0, 1))(
         rows, state.rel_params, batch.rel,
-        batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight)
+        batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight, logq)
     table, row_state = optim.row_adagrad_update(
         state.table, state.row_state, row_ids.reshape(-1),
         row_grads.reshape(-1, row_grads.shape[-1]), lr)  # K = S * (2C + 2U)

@@ -152,6 +152,10 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout, working: WorkingL
 
   by_relation = np.argsort(rel, kind="stable")
   counts = np.bincount(rel, minlength=num_rel)
+  correct = bool(config.negatives.logq_correction)
+  if correct:
+    src_logq, dst_logq, uniform_src_logq, uniform_dst_logq = sampling_log_counts(
+        rel, src, dst, counts, src_n, dst_n, chunk, config.negatives.num_uniform)
   starts = np.concatenate([[0], np.cumsum(counts)])
   group_chunks: dict[str, list[np.ndarray]] = {}
   for r in range(num_rel):
@@ -202,7 +206,39 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout, working: WorkingL
         dst_lo=dst_lo[chunk_rel].reshape(shape2).astype(np.int32),
         dst_n=dst_n[chunk_rel].reshape(shape2).astype(np.int32),
         step_index=np.zeros(STEPS_PER_CALL, np.int32),  # set by the consumer
+        **({} if not correct else dict(
+            src_logq=np.where(is_real, src_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+            dst_logq=np.where(is_real, dst_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+            uniform_src_logq=uniform_src_logq[chunk_rel].reshape(shape2).astype(np.float32),
+            uniform_dst_logq=uniform_dst_logq[chunk_rel].reshape(shape2).astype(np.float32))),
     ))
+
+
+def sampling_log_counts(rel, src, dst, rel_counts, src_n, dst_n, chunk: int, num_uniform: int):
+  """log q for the sampled-softmax correction (see step.StepBatch).
+
+  A chunk of C edges of relation r offers each edge the other C - 1 edges'
+  entities as negatives, so entity v appears there about (C - 1) c_r(v) / n_r
+  times (c_r(v): v's edges of relation r in this bucket, n_r: all of them),
+  and among U uniform draws from a partition of N rows U / N times:
+
+      q(v) = (C - 1) c_r(v) / n_r + U / N
+
+  Returns per-edge log q of its source and of its target, and per-relation
+  log q of a uniform draw (U / N plus the batch term of an average entity).
+  """
+  def per_edge(entity, sizes):
+    key = rel.astype(np.int64) * (int(entity.max(initial=0)) + 1) + entity
+    _, inverse, key_counts = np.unique(key, return_inverse=True, return_counts=True)
+    count = key_counts[inverse].astype(np.float64)
+    share = count / np.maximum(rel_counts[rel], 1)
+    return np.log((chunk - 1) * share + num_uniform / np.maximum(sizes[rel], 1))
+
+  def uniform(sizes):
+    return np.log(np.maximum(num_uniform, 1) / np.maximum(sizes, 1)
+                  + (chunk - 1) / np.maximum(sizes, 1))
+
+  return per_edge(src, src_n), per_edge(dst, dst_n), uniform(src_n), uniform(dst_n)
 
 
 def _background(generator, depth: int = 4):
