@@ -149,3 +149,37 @@ def test_cli_overrides_and_errors(tmp_path, capsys):
   assert code == 2
   assert "train.bucket_order" in capsys.readouterr().err
   assert cli.main(["eval", "--workdir", str(tmp_path / "missing")]) == 2
+
+
+def test_half_written_checkpoint_is_ignored(demo_run, tmp_path):
+  """A save killed half-way (Orbax's temporary directory) never becomes the
+  checkpoint; the run resumes from the last complete one."""
+  import shutil
+  trainer, workdir = demo_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  step = checkpoint_lib.Checkpointer(copy).latest_step()
+  partial = os.path.join(copy, checkpoint_lib.CHECKPOINT_DIR,
+                         f"{step + 1}.orbax-checkpoint-tmp-1234567")
+  os.makedirs(os.path.join(partial, "state"))
+  with open(os.path.join(partial, "state", "garbage"), "w") as f:
+    f.write("half a checkpoint")
+  resumed = train_lib.Trainer(demo_config.get_config("test"), copy, progress=False)
+  assert resumed.cursor == {"epoch": trainer.config.train.epochs, "bucket": 0}
+  before = committed_tables(workdir)
+  after = resumed.embeddings()
+  resumed.close()
+  for entity_type in before:
+    np.testing.assert_array_equal(before[entity_type], after[entity_type])
+
+
+def test_checkpoint_without_meta_is_reported_by_path(demo_run, tmp_path):
+  import shutil
+  _, workdir = demo_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  step = checkpoint_lib.Checkpointer(copy).latest_step()
+  meta_dir = os.path.join(copy, checkpoint_lib.CHECKPOINT_DIR, str(step), "meta")
+  shutil.rmtree(meta_dir)
+  with pytest.raises(FileNotFoundError, match=str(step)):
+    train_lib.Trainer(demo_config.get_config("test"), copy, progress=False)

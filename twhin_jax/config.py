@@ -122,7 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 0: rank against every entity of the type; N > 0: sampled ranking against
   # N uniform + N degree-proportional negatives (graphs too large to rank).
   c.eval.num_sampled_negatives = 0
-  c.eval.max_triples = 0  # 0: all; else a seeded subsample (validation speed)
+  # Per-epoch validation ranks a seeded subsample of this many triples (0: all);
+  # `twhin eval` always ranks the whole split.
+  c.eval.max_triples = 0
 
   c.storage = ml_collections.ConfigDict()
   c.storage.zarr_format = 3

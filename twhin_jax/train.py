@@ -579,12 +579,13 @@ class Trainer:
     every = self.config.train.eval_every_epochs
     if every and ((epoch + 1) % every == 0 or epoch + 1 == self.config.train.epochs) \
         and self.graph.num_edges("valid") > 0:
-      metrics = self.evaluate("valid", max_triples=self.config.eval.max_triples or None)
+      metrics = self.evaluate("valid", max_triples=self.config.eval.max_triples)
       record["valid"] = {k: metrics[k] for k in ("mrr", "mr", "hits@1", "hits@10", "auc")}
     self.history.append(record)
     self._log({"event": "epoch", **record})
 
-  def evaluate(self, split: str, max_triples: int | None = None, progress: bool | None = None):
+  def evaluate(self, split: str, max_triples: int = 0, progress: bool | None = None):
+    """Ranking metrics of a split; max_triples=0 ranks every triple."""
     from twhin_jax import evaluation
     return evaluation.evaluate(
         self.graph, self.embeddings(), self.rel_state["params"], self.layout, self.config,
