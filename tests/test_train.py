@@ -183,3 +183,20 @@ def test_checkpoint_without_meta_is_reported_by_path(demo_run, tmp_path):
   shutil.rmtree(meta_dir)
   with pytest.raises(FileNotFoundError, match=str(step)):
     train_lib.Trainer(demo_config.get_config("test"), copy, progress=False)
+
+
+def test_export_cli_writes_every_type(demo_run, tmp_path, capsys):
+  from twhin_jax import export
+  trainer, workdir = demo_run
+  out = str(tmp_path / "export")
+  assert cli.main(["export", "--workdir", workdir, "--out", out, "--quiet"]) == 0
+  tables = committed_tables(workdir)
+  for entity_type, table in tables.items():
+    names, vectors = export.read_parquet(os.path.join(out, f"{entity_type}.parquet"))
+    assert names == trainer.graph.names(entity_type)
+    np.testing.assert_array_equal(vectors, table)
+    np.testing.assert_array_equal(np.load(os.path.join(out, f"{entity_type}.npy")), table)
+  with open(os.path.join(out, "relations.json")) as f:
+    relations = json.load(f)
+  assert len(relations["relations"] if isinstance(relations, dict) else relations) == len(
+      trainer.graph.relations)

@@ -525,7 +525,7 @@ class Trainer:
     buckets_done = 0
     num_buckets = grid[0] * grid[1]
     bar = tqdm(total=self.graph.num_edges("train") * epochs, unit="edge", unit_scale=True,
-               desc="train", disable=not self.progress)
+               desc=f"train {config.name}", disable=not self.progress)
     bar.update(self.graph.num_edges("train") * self.cursor["epoch"])
     while self.cursor["epoch"] < epochs:
       epoch = self.cursor["epoch"]
@@ -540,7 +540,7 @@ class Trainer:
         self._prefetched = {}
 
         def prefetch_next(next_bucket=next_bucket):
-          if next_bucket is not None:
+          if next_bucket is not None and config.storage.prefetch:
             self._prefetched = self._prefetch(next_bucket)
 
         loss, edges = self.train_bucket(epoch, index, bucket, prefetch_next)
