@@ -16,6 +16,11 @@ DATASET_CONFIGS = ("kinship", "nations", "umls", "fb15k237", "lastfm", "ciao", "
 KG_RELATIONS = {"kinship": 25, "nations": 55, "umls": 46, "fb15k237": 237}
 
 
+def _data_present() -> bool:
+  path = os.environ.get("TWHIN_DATA_DIR")
+  return bool(path) and os.path.isdir(path)
+
+
 def load_config(name: str, variant: str):
   """Loads configs/<name>.py by path, as the CLI does, and builds a variant.
   KG configs read their relation names from the data: skip without it."""
@@ -23,8 +28,9 @@ def load_config(name: str, variant: str):
   spec = importlib.util.spec_from_file_location(f"config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  if name in KG_RELATIONS and not os.environ.get("TWHIN_DATA_DIR"):
-    pytest.skip("TWHIN_DATA_DIR is not set: KG configs read their relations from the data")
+  if name in KG_RELATIONS and not _data_present():
+    pytest.skip("TWHIN_DATA_DIR is not set or missing: KG configs read their relations "
+                "from the data")
   return module.get_config(variant)
 
 
@@ -50,8 +56,8 @@ def test_config_builds_and_validates(name, variant):
 
 @pytest.mark.parametrize("name", DATASET_CONFIGS)
 def test_config_data_files_exist(name):
-  if not os.environ.get("TWHIN_DATA_DIR"):
-    pytest.skip("TWHIN_DATA_DIR is not set")
+  if not _data_present():
+    pytest.skip("TWHIN_DATA_DIR is not set or is not a directory (point it at ../shared/data)")
   config = load_config(name, "")
   for spec in config.data.files:
     assert spec["path"].startswith("$TWHIN_DATA_DIR/"), spec["path"]
