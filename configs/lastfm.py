@@ -48,12 +48,5 @@ def get_config(variant: str = ""):
   config.data.names_global = False  # users, artists and tags are all numbered from 1
   config.data.valid_fraction = 0.05
   config.data.test_fraction = 0.05
-  config.model.dim = 200
-  config.train.epochs = 20
-  # The recipe that works on FB15k-237 (see configs/fb15k237.py): reciprocal
-  # relations, softmax over batch + uniform negatives with the log-q correction.
-  config.model.reciprocal = True
-  config.train.lr = 0.05
-  config.train.loss = "softmax"
-  config.negatives.logq_correction = True
+  datasets.social_training(config)
   return datasets.apply_variant(config, variant)
