@@ -15,6 +15,7 @@ Layout of a config (every field is read somewhere; see the field comments)::
               bucket_order, checkpoint_every_buckets, eval_every_epochs
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
+  mesh:       num_devices
   storage:    zarr_format, prefetch
 """
 
@@ -125,6 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-epoch validation ranks a seeded subsample of this many triples (0: all);
   # `twhin eval` always ranks the whole split.
   c.eval.max_triples = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices the working tables are sharded over (0: every visible device, on
+  # every host). See sharding.py for the ring schedule.
+  c.mesh.num_devices = 0
 
   c.storage = ml_collections.ConfigDict()
   c.storage.zarr_format = 3
@@ -271,6 +277,8 @@ def validate(config) -> None:
     _fail("eval.num_sampled_negatives", "must be >= 0")
   if config.eval.max_triples < 0:
     _fail("eval.max_triples", "must be >= 0")
+  if not isinstance(config.mesh.num_devices, int) or config.mesh.num_devices < 0:
+    _fail("mesh.num_devices", f"must be an int >= 0, got {config.mesh.num_devices!r}")
   if config.storage.zarr_format not in (2, 3):
     _fail("storage.zarr_format", f"must be 2 or 3, got {config.storage.zarr_format}")
 

@@ -28,6 +28,7 @@ import optax
 from twhin_jax import losses as losses_lib
 from twhin_jax import model
 from twhin_jax import optim
+from twhin_jax import sharding as sharding_lib
 
 
 class StepBatch(NamedTuple):
@@ -71,18 +72,36 @@ class StepBatch(NamedTuple):
 
 
 class GroupState(NamedTuple):
-  """Trainable state one step updates: a working table and one relation group."""
+  """Trainable state one step updates: a working table and one relation group.
+
+  ``table`` holds the device's *home* rows. In the rounds of the ring (see
+  sharding.py) the targets come from ``visiting``, a copy of another device's
+  home rows that travels around the ring; in a local round (and always with
+  one device) ``visiting`` is None and both sides index ``table``.
+  """
   table: jax.Array  # [R, d]
   row_state: optim.RowAdagradState  # acc [R]
   rel_params: jax.Array  # [R_g, ...]
   rel_opt: optax.OptState
+  visiting: jax.Array | None = None  # [R, d]
+  visiting_state: optim.RowAdagradState | None = None  # acc [R]
 
 
 @functools.lru_cache(maxsize=None)
 def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False,
-                     regularization: float = 0.0):
+                     regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
+                     visiting: bool = False):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
+
+  With a ``mesh`` the function runs under ``shard_map`` over its one axis
+  (sharding.AXIS): the tables are row-sharded (each device holds its home
+  sub-partitions), every batch field carries a leading device axis [G, ...],
+  relation parameters are replicated and their gradients are summed over the
+  devices (``psum``), so every replica applies the same Adagrad update.
+  The sharded function takes the PRNG key as ``jax.random.key_data``.
+  ``visiting=True`` builds the ring-round variant where targets index the
+  ``visiting`` rows. Without a mesh it is the plain single-device function.
 
   ``regularization`` (lambda) adds lambda * sum_e w_e (|theta_s|^2 + |theta_t|^2)
   over the positive edges: an L2 penalty on the rows each batch touches, which
@@ -92,11 +111,11 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   loss_fn = losses_lib.LOSSES[loss]
   rel_tx = optim.relation_adagrad(relation_lr)
 
-  def chunk_scores(rows, params, reverse_params, weight, logq):
-    """rows [2C+2U, d] (src, dst, uniform src, uniform dst) -> per-chunk loss."""
+  def chunk_scores(src_rows, dst_rows, params, reverse_params, weight, logq):
+    """src_rows, dst_rows [C+U, d] (chunk, then uniform negatives) -> chunk loss."""
     c = weight.shape[0]
-    lhs, rhs = rows[:c], rows[c:2 * c]  # [C, d] each
-    neg_src, neg_dst = rows[2 * c:2 * c + num_uniform], rows[2 * c + num_uniform:]  # [U, d]
+    lhs, rhs = src_rows[:c], dst_rows[:c]  # [C, d] each
+    neg_src, neg_dst = src_rows[c:], dst_rows[c:]  # [U, d] each
     valid = (weight > 0).astype(jnp.float32)  # [C]
     # Negative mask over [C, C+U]: batch negatives that are real edges, minus
     # each edge's own positive on the diagonal; uniform negatives all count.
@@ -136,11 +155,12 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
       total = total + regularization * jnp.sum(weight * squared)
     return total
 
-  def step_loss(rows, rel_params, rel, rel_reverse, weight, logq):
-    """rows [S, K, d], rel_params [R_g, ...] -> summed loss of S chunks."""
+  def step_loss(src_rows, dst_rows, rel_params, rel, rel_reverse, weight, logq):
+    """src_rows, dst_rows [S, C+U, d], rel_params [R_g, ...] -> summed loss of S chunks."""
     params = rel_params[rel]  # [S, ...]
     reverse_params = rel_params[rel_reverse]  # [S, ...]
-    return jnp.sum(jax.vmap(chunk_scores)(rows, params, reverse_params, weight, logq))
+    return jnp.sum(jax.vmap(chunk_scores)(src_rows, dst_rows, params, reverse_params,
+                                          weight, logq))
 
   def one_step(carry, inputs):
     state, key = carry
@@ -149,33 +169,75 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
     step_key = jax.random.fold_in(key, batch.step_index)
     src_key, dst_key = jax.random.split(step_key)
     # U uniform negatives per chunk and side, from the entity type's loaded
-    # partition: row = lo + randint(n).
+    # (sub-)partition: row = lo + randint(n).
     neg_src = batch.src_lo[:, None] + jax.random.randint(
         src_key, (s, num_uniform), 0, jnp.maximum(batch.src_n, 1)[:, None])  # [S, U]
     neg_dst = batch.dst_lo[:, None] + jax.random.randint(
         dst_key, (s, num_uniform), 0, jnp.maximum(batch.dst_n, 1)[:, None])  # [S, U]
-    row_ids = jnp.concatenate([batch.src, batch.dst, neg_src, neg_dst], axis=1)  # [S, K]
+    src_ids = jnp.concatenate([batch.src, neg_src], axis=1)  # [S, C+U]
+    dst_ids = jnp.concatenate([batch.dst, neg_dst], axis=1)  # [S, C+U]
     if batch.src_logq is None:
       zeros_c, zeros_s = jnp.zeros((s, c), jnp.float32), jnp.zeros((s,), jnp.float32)
       logq = (zeros_c, zeros_c, zeros_s, zeros_s)
     else:
       logq = (batch.src_logq, batch.dst_logq, batch.uniform_src_logq, batch.uniform_dst_logq)
-    rows = state.table.at[row_ids].get(mode="clip")  # [S, K, d]
-    loss, (row_grads, param_grads) = jax.value_and_grad(step_loss, argnums=(0, 1))(
-        rows, state.rel_params, batch.rel,
-        batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight, logq)
-    table, row_state = optim.row_adagrad_update(
-        state.table, state.row_state, row_ids.reshape(-1),
-        row_grads.reshape(-1, row_grads.shape[-1]), lr)  # K = S * (2C + 2U)
+    dst_table = state.table if state.visiting is None else state.visiting
+    src_rows = state.table.at[src_ids].get(mode="clip")  # [S, C+U, d]
+    dst_rows = dst_table.at[dst_ids].get(mode="clip")  # [S, C+U, d]
+    loss, (src_grads, dst_grads, param_grads) = jax.value_and_grad(
+        step_loss, argnums=(0, 1, 2))(
+            src_rows, dst_rows, state.rel_params, batch.rel,
+            batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight, logq)
+    d = src_grads.shape[-1]
+    if state.visiting is None:
+      # Both sides live in one table: one update, so a row that is a source
+      # and a target in the same step gets the sum of both gradients.
+      table, row_state = optim.row_adagrad_update(
+          state.table, state.row_state,
+          jnp.concatenate([src_ids.reshape(-1), dst_ids.reshape(-1)]),
+          jnp.concatenate([src_grads.reshape(-1, d), dst_grads.reshape(-1, d)]), lr)
+      visiting_table, visiting_state = None, None
+    else:
+      table, row_state = optim.row_adagrad_update(
+          state.table, state.row_state, src_ids.reshape(-1), src_grads.reshape(-1, d), lr)
+      visiting_table, visiting_state = optim.row_adagrad_update(
+          state.visiting, state.visiting_state, dst_ids.reshape(-1),
+          dst_grads.reshape(-1, d), lr)
+    if mesh is not None:
+      # Replicated relation parameters: sum the gradients of all devices so
+      # every replica takes the same step.
+      param_grads = jax.lax.psum(param_grads, sharding_lib.AXIS)
     updates, rel_opt = rel_tx.update(param_grads, state.rel_opt, state.rel_params)
     rel_params = optax.apply_updates(state.rel_params, updates)
-    new_state = GroupState(table, row_state, rel_params, rel_opt)
+    new_state = GroupState(table, row_state, rel_params, rel_opt, visiting_table, visiting_state)
     return (new_state, key), (loss, jnp.sum(batch.weight > 0))
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_steps(state: GroupState, batch: StepBatch, key: jax.Array):
+  def local_steps(state: GroupState, batch: StepBatch, key: jax.Array):
     (state, _), (step_losses, step_edges) = jax.lax.scan(one_step, (state, key), batch)
     return state, jnp.sum(step_losses), jnp.sum(step_edges)
+
+  if mesh is None:
+    return jax.jit(local_steps, donate_argnums=(0,))
+
+  def sharded_steps(state: GroupState, batch: StepBatch, key: jax.Array):
+    # Inside shard_map every batch field is [1, T, ...]: this device's slice.
+    batch = jax.tree_util.tree_map(lambda x: x[0], batch)
+    # The key travels as raw uint32 data (a replicated global array); each
+    # device draws its own negatives.
+    key = jax.random.fold_in(jax.random.wrap_key_data(key), jax.lax.axis_index(sharding_lib.AXIS))
+    state, loss, edges = local_steps(state, batch, key)
+    return (state, jax.lax.psum(loss, sharding_lib.AXIS),
+            jax.lax.psum(edges, sharding_lib.AXIS))
+
+  rows, replicated = sharding_lib.ROWS, jax.sharding.PartitionSpec()
+  state_spec = GroupState(rows, optim.RowAdagradState(rows), replicated, replicated,
+                          rows if visiting else None,
+                          optim.RowAdagradState(rows) if visiting else None)
+  batch_spec = jax.sharding.PartitionSpec(sharding_lib.AXIS)
+  mapped = jax.shard_map(sharded_steps, mesh=mesh,
+                         in_specs=(state_spec, batch_spec, replicated),
+                         out_specs=(state_spec, replicated, replicated), check_vma=False)
+  train_steps = jax.jit(mapped, donate_argnums=(0,))
 
   return train_steps
 

@@ -7,6 +7,9 @@ For every entity type there are two *slots*, each a pair of arrays
 
 where S' is the partition size S rounded up to a whole number of chunks, so a
 partition is a set of whole chunks (partition p holds rows [p S', p S' + S_p)).
+A table made for G devices (``sub_partitions``) uses chunks of at most
+ceil(S / G) rows, so the hosts of a multi-host run, each writing the
+sub-partitions of its own devices (sharding.py), never share a chunk.
 
 Why two slots: a checkpoint must name a consistent version of every partition,
 yet training keeps writing partitions back. Writes therefore always go to the
@@ -36,14 +39,15 @@ MAX_CHUNK_ROWS = 65536
 Block = tuple[str, int]  # (entity type, partition)
 
 
-def chunk_rows(partition_size: int) -> int:
-  """Rows per chunk: the partition size if small, else split evenly."""
-  pieces = math.ceil(partition_size / MAX_CHUNK_ROWS)
-  return math.ceil(partition_size / pieces)
+def chunk_rows(partition_size: int, sub_partitions: int = 1) -> int:
+  """Rows per chunk: a sub-partition (ceil(S / G) rows) if small, else split evenly."""
+  size = max(math.ceil(partition_size / sub_partitions), 1)
+  pieces = math.ceil(size / MAX_CHUNK_ROWS)
+  return math.ceil(size / pieces)
 
 
-def stored_partition_size(partition_size: int) -> int:
-  rows = chunk_rows(partition_size)
+def stored_partition_size(partition_size: int, chunk: int | None = None) -> int:
+  rows = chunk_rows(partition_size) if chunk is None else chunk
   return math.ceil(partition_size / rows) * rows
 
 
@@ -92,16 +96,22 @@ class TableStore:
   """The TensorStore arrays of every entity type, read and written by partition."""
 
   def __init__(self, root: str, entities: dict[str, EntityInfo], dims: dict[str, int],
-               zarr_format: int = 3, create: bool = False):
+               zarr_format: int = 3, create: bool = False, sub_partitions: int = 1):
     self.root = root
     self.entities = entities
     self.dims = dims
     self.zarr_format = zarr_format
     self._arrays: dict[tuple[str, int, str], ts.TensorStore] = {}
     self._lock = threading.Lock()
+    #: Rows per zarr chunk and stored rows per partition, per type.
+    self.chunk: dict[str, int] = {}
+    self.stored: dict[str, int] = {}
     for entity_type, info in entities.items():
-      stored = stored_partition_size(info.partition_size)
-      rows = chunk_rows(info.partition_size)
+      rows = chunk_rows(info.partition_size, sub_partitions)
+      if not create:
+        rows = self._existing_chunk_rows(root, entity_type, zarr_format) or rows
+      stored = stored_partition_size(info.partition_size, rows)
+      self.chunk[entity_type], self.stored[entity_type] = rows, stored
       for slot in (0, 1):
         base = os.path.join(root, entity_type, f"slot{slot}")
         for name, shape, chunks in (
@@ -118,14 +128,59 @@ class TableStore:
           except ValueError as err:
             raise FileNotFoundError(f"{base}/{name}: cannot open table ({err})") from err
 
+  @staticmethod
+  def _existing_chunk_rows(root: str, entity_type: str, zarr_format: int) -> int | None:
+    """Chunk rows of an existing table (it may have been made for another G)."""
+    path = os.path.join(root, entity_type, "slot0", "adagrad")
+    try:
+      spec = {"driver": "zarr3" if zarr_format == 3 else "zarr",
+              "kvstore": {"driver": "file", "path": path}, "open": True}
+      return int(ts.open(spec).result().chunk_layout.read_chunk.shape[0])
+    except ValueError:
+      return None  # reported by the open below, with the path
+
   def blocks(self) -> list[Block]:
     return [(t, p) for t, info in self.entities.items() for p in range(info.num_partitions)]
 
   def _rows(self, block: Block) -> tuple[int, int]:
     entity_type, partition = block
     info = self.entities[entity_type]
-    start = partition * stored_partition_size(info.partition_size)
+    start = partition * self.stored[entity_type]
     return start, start + info.partition_rows(partition)
+
+  def read_rows(self, block: Block, slot: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [lo, hi) of one partition: (embeddings [n, d], adagrad [n])."""
+    start, stop = self._rows(block)
+    lo, hi = start + lo, min(start + hi, stop)
+    entity_type = block[0]
+    emb = self._arrays[(entity_type, slot, "embeddings")][lo:hi].read()
+    acc = self._arrays[(entity_type, slot, "adagrad")][lo:hi].read()
+    return np.asarray(emb.result()), np.asarray(acc.result())
+
+  def write_rows(self, block: Block, slot: int, lo: int, embeddings: np.ndarray,
+                 adagrad: np.ndarray) -> list[ts.Future]:
+    """Starts writing rows [lo, lo + n) of one partition; returns the futures.
+
+    Refuses NaN or inf before anything is written, so a diverged run never
+    overwrites saved values.
+    """
+    start, stop = self._rows(block)
+    n = embeddings.shape[0]
+    if adagrad.shape[0] != n or start + lo + n > stop:
+      raise ValueError(f"partition {block}: rows [{lo}, {lo + n}) / {adagrad.shape[0]} "
+                       f"do not fit its {stop - start} rows")
+    if not np.all(np.isfinite(adagrad)):
+      raise FloatingPointError(f"partition {block}: Adagrad accumulators hold NaN or inf; "
+                               "refusing to overwrite the saved table")
+    if not np.all(np.isfinite(embeddings)):
+      bad = int(np.sum(~np.isfinite(embeddings).all(axis=1)))
+      raise FloatingPointError(
+          f"partition {block}: {bad} rows hold NaN or inf; refusing to overwrite "
+          "the saved table (lower train.lr or check the edge weights)")
+    entity_type = block[0]
+    lo = start + lo
+    return [self._arrays[(entity_type, slot, "embeddings")][lo:lo + n].write(embeddings),
+            self._arrays[(entity_type, slot, "adagrad")][lo:lo + n].write(adagrad)]
 
   def read(self, block: Block, slot: int) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [rows, d], adagrad [rows]) of one partition."""
@@ -137,22 +192,12 @@ class TableStore:
 
   def write(self, block: Block, slot: int, embeddings: np.ndarray,
             adagrad: np.ndarray) -> list[ts.Future]:
-    """Starts writing one partition; returns the futures to wait on."""
+    """Starts writing one whole partition; returns the futures to wait on."""
     start, stop = self._rows(block)
     if embeddings.shape[0] != stop - start or adagrad.shape[0] != stop - start:
       raise ValueError(f"partition {block}: expected {stop - start} rows, "
                        f"got {embeddings.shape[0]} / {adagrad.shape[0]}")
-    if not np.all(np.isfinite(adagrad)):
-      raise FloatingPointError(f"partition {block}: Adagrad accumulators hold NaN or inf; "
-                               "refusing to overwrite the saved table")
-    if not np.all(np.isfinite(embeddings)):
-      bad = int(np.sum(~np.isfinite(embeddings).all(axis=1)))
-      raise FloatingPointError(
-          f"partition {block}: {bad} rows hold NaN or inf; refusing to overwrite "
-          "the saved table (lower train.lr or check the edge weights)")
-    entity_type = block[0]
-    return [self._arrays[(entity_type, slot, "embeddings")][start:stop].write(embeddings),
-            self._arrays[(entity_type, slot, "adagrad")][start:stop].write(adagrad)]
+    return self.write_rows(block, slot, 0, embeddings, adagrad)
 
   def initialize(self, seed: int, init_scale: float, progress=None) -> None:
     """Random N(0, init_scale^2) rows and zero accumulators in slot 0,

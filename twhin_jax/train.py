@@ -36,6 +36,7 @@ from twhin_jax import model
 from twhin_jax import optim
 from twhin_jax import reporting
 from twhin_jax import schedule
+from twhin_jax import sharding as sharding_lib
 from twhin_jax import step as step_lib
 from twhin_jax import storage
 from twhin_jax.graph import Graph
@@ -55,14 +56,6 @@ RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "eval.")
 # Working tables: which partitions are resident and where their rows are.
 
 
-@dataclasses.dataclass
-class WorkingLayout:
-  """Row offsets of the resident partitions inside each dim's working table."""
-  blocks: dict[int, list[storage.Block]]  # dim -> blocks in row order
-  offsets: dict[storage.Block, int]  # block -> first row in its dim's table
-  capacity: dict[int, int]  # dim -> rows of the (padded, fixed-size) table
-
-
 def bucket_blocks(graph: Graph, bucket: tuple[int, int]) -> list[storage.Block]:
   """The partitions a bucket needs, in a deterministic order."""
   needed = set()
@@ -74,8 +67,9 @@ def bucket_blocks(graph: Graph, bucket: tuple[int, int]) -> list[storage.Block]:
   return sorted(needed)
 
 
-def working_capacity(graph: Graph, dims: dict[str, int]) -> dict[int, int]:
-  """Fixed rows per dim: every source-side and target-side type's partition.
+def shard_capacity(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int]) -> dict[int, int]:
+  """Fixed rows of one shard per dim: a sub-partition of every source-side and
+  target-side type (``sub_rows[type]`` rows each).
 
   Fixed so the jitted step compiles once; diagonal buckets (one partition on
   both sides) leave the tail unused.
@@ -85,20 +79,23 @@ def working_capacity(graph: Graph, dims: dict[str, int]) -> dict[int, int]:
       (rel.target, "dst") for rel in graph.relations}
   for entity_type, _ in sides:
     dim = dims[entity_type]
-    capacity[dim] = capacity.get(dim, 0) + graph.entities[entity_type].partition_size
+    capacity[dim] = capacity.get(dim, 0) + sub_rows[entity_type]
   return capacity
 
 
 def layout_for(graph: Graph, dims: dict[str, int], blocks: list[storage.Block],
-               capacity: dict[int, int]) -> WorkingLayout:
+               num_shards: int, sub_rows: dict[str, int],
+               capacity: dict[int, int]) -> sharding_lib.WorkingLayout:
   by_dim: dict[int, list[storage.Block]] = {}
-  offsets = {}
+  offsets, block_sub, block_rows = {}, {}, {}
   for block in blocks:
     dim = dims[block[0]]
     members = by_dim.setdefault(dim, [])
-    offsets[block] = sum(graph.entities[t].partition_rows(p) for t, p in members)
+    offsets[block] = sum(sub_rows[t] for t, _ in members)
+    block_sub[block] = sub_rows[block[0]]
+    block_rows[block] = graph.entities[block[0]].partition_rows(block[1])
     members.append(block)
-  return WorkingLayout(by_dim, offsets, capacity)
+  return sharding_lib.WorkingLayout(num_shards, by_dim, offsets, block_sub, block_rows, capacity)
 
 
 # --------------------------------------------------------------------------
@@ -108,137 +105,166 @@ def layout_for(graph: Graph, dims: dict[str, int], blocks: list[storage.Block],
 @dataclasses.dataclass
 class PreparedCall:
   group: str
-  batch: step_lib.StepBatch  # numpy arrays [T, S, C] etc.
+  batch: step_lib.StepBatch  # numpy arrays [G, T, S, C] etc.
 
 
-def prepare_bucket(graph: Graph, layout: model.RelationLayout, working: WorkingLayout,
-                   bucket: tuple[int, int], config, seed_path: tuple[int, ...],
-                   dims: dict[str, int]):
-  """Yields the jitted calls of one bucket, each T steps of S chunks of C edges.
+def prepare_bucket(graph: Graph, layout: model.RelationLayout,
+                   working: sharding_lib.WorkingLayout, bucket: tuple[int, int], config,
+                   seed_path: tuple[int, ...], dims: dict[str, int]):
+  """Yields (round, call) for the jitted calls of one bucket, round by round.
 
-  Edges are shuffled (seeded by ``seed_path``), grouped by relation into
-  chunks of C (the last chunk of each relation padded with weight-0 edges),
-  chunks of one relation group (operator, dim) are shuffled and packed S to a
-  step, and the calls of all groups are interleaved in a seeded order.
+  Edges are shuffled (seeded by ``seed_path``) and split into G x G
+  sub-buckets by the sub-partitions of their endpoints (sharding.py); round k
+  gives device g the sub-bucket (g, (g + k) mod G). Within a device's
+  sub-bucket the edges are grouped by relation into chunks of C (the last
+  chunk of each relation padded with weight-0 edges), chunks of one relation
+  group (operator, dim) are shuffled and packed S to a step and T steps to a
+  call. All devices run the same sequence of calls (one SPMD program), so a
+  device with fewer chunks of a group than another gets all-padding calls.
+  Every call's arrays carry a leading device axis: [G, T, S, C].
   """
   chunk = config.negatives.chunk_size
+  num_uniform = config.negatives.num_uniform
   per_step = config.train.batch_size // chunk
+  per_call = per_step * STEPS_PER_CALL
+  shards = working.num_shards
   rng = np.random.default_rng(list(seed_path))
   edges = graph.bucket_edges(*bucket)
   num_edges = len(edges["src"])
   if num_edges == 0:
     return
   order = rng.permutation(num_edges)
-  rel = np.asarray(edges["rel"])[order]
-  src = np.asarray(edges["src"])[order]
-  dst = np.asarray(edges["dst"])[order]
+  rel = np.asarray(edges["rel"])[order].astype(np.int64)
+  src = np.asarray(edges["src"])[order].astype(np.int64)
+  dst = np.asarray(edges["dst"])[order].astype(np.int64)
   weight = np.asarray(edges["weight"], np.float32)[order]
 
-  # Per-relation lookup tables: working-table offset of the relation's source
-  # and target partitions, their sizes (uniform negative ranges), weights.
+  # Per relation: shard-row offset and sub-partition size of its source and
+  # target partitions, rows of every sub-partition (uniform negative ranges).
   num_rel = len(graph.relations)
-  src_lo = np.zeros(num_rel, np.int64)
-  src_n = np.zeros(num_rel, np.int64)
-  dst_lo = np.zeros(num_rel, np.int64)
-  dst_n = np.zeros(num_rel, np.int64)
+  src_off, dst_off = np.zeros(num_rel, np.int64), np.zeros(num_rel, np.int64)
+  src_sub, dst_sub = np.ones(num_rel, np.int64), np.ones(num_rel, np.int64)
+  src_rows_in = np.zeros((num_rel, shards), np.int64)  # [R, G]
+  dst_rows_in = np.zeros((num_rel, shards), np.int64)  # [R, G]
   rel_weight = np.zeros(num_rel, np.float32)
   for r, info in enumerate(graph.relations):
     src_block = (info.source, bucket[0] if graph.entities[info.source].num_partitions > 1 else 0)
     dst_block = (info.target, bucket[1] if graph.entities[info.target].num_partitions > 1 else 0)
-    src_lo[r], dst_lo[r] = working.offsets[src_block], working.offsets[dst_block]
-    src_n[r] = graph.entities[info.source].partition_rows(src_block[1])
-    dst_n[r] = graph.entities[info.target].partition_rows(dst_block[1])
+    src_off[r], dst_off[r] = working.offsets[src_block], working.offsets[dst_block]
+    src_sub[r], dst_sub[r] = working.sub_rows[src_block], working.sub_rows[dst_block]
+    src_rows_in[r] = [working.rows_in_shard(src_block, g) for g in range(shards)]
+    dst_rows_in[r] = [working.rows_in_shard(dst_block, g) for g in range(shards)]
     rel_weight[r] = info.weight
 
-  by_relation = np.argsort(rel, kind="stable")
-  counts = np.bincount(rel, minlength=num_rel)
+  src_shard = src // src_sub[rel]  # [E] device that owns the source row
+  dst_shard = dst // dst_sub[rel]  # [E] device that owns the target row
+  src_row = src_off[rel] + src - src_shard * src_sub[rel]  # [E] row inside that shard
+  dst_row = dst_off[rel] + dst - dst_shard * dst_sub[rel]  # [E]
   correct = bool(config.negatives.logq_correction)
   if correct:
-    src_logq, dst_logq, uniform_src_logq, uniform_dst_logq = sampling_log_counts(
-        rel, src, dst, counts, src_n, dst_n, chunk, config.negatives.num_uniform)
-  starts = np.concatenate([[0], np.cumsum(counts)])
-  group_chunks: dict[str, list[np.ndarray]] = {}
-  for r in range(num_rel):
-    if counts[r] == 0:
-      continue
-    idx = by_relation[starts[r]:starts[r + 1]]
-    padded = -(-len(idx) // chunk) * chunk
-    idx = np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)]).reshape(-1, chunk)
-    group_chunks.setdefault(layout.group[r], []).append(idx)
+    src_logq, dst_logq = sampling_log_counts(
+        rel, src, dst, np.bincount(rel, minlength=num_rel),
+        src_rows_in[rel, src_shard], dst_rows_in[rel, dst_shard], chunk, num_uniform)
 
-  calls = []
-  for group, chunk_lists in group_chunks.items():
-    chunks = np.concatenate(chunk_lists)  # [num_chunks, C] edge indices, -1 = pad
-    chunks = chunks[rng.permutation(len(chunks))]
-    per_call = per_step * STEPS_PER_CALL
-    for start in range(0, len(chunks), per_call):
-      calls.append((group, chunks[start:start + per_call]))
-  call_order = rng.permutation(len(calls))
+  # One stable sort groups the shuffled edges by (round, device, relation).
+  round_of = (dst_shard - src_shard) % shards
+  cell = (round_of * shards + src_shard) * num_rel + rel
+  by_cell = np.argsort(cell, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=shards * shards * num_rel))])
   row_in_group = np.asarray(layout.row, np.int32)
   reverse_row_in_group = np.asarray(layout.reverse_row, np.int32)
+  full = STEPS_PER_CALL * per_step
+  shape3 = (STEPS_PER_CALL, per_step, chunk)
+  shape2 = (STEPS_PER_CALL, per_step)
 
-  for position in call_order:
-    group, call_chunks = calls[position]
-    # Pad the call to T steps of S chunks with all-padding chunks.
-    full = STEPS_PER_CALL * per_step
+  def device_call(call_chunks: np.ndarray, group: str, g: int, j: int) -> step_lib.StepBatch:
+    """One device's T steps from chunks of edge indices (-1 = padding)."""
     if len(call_chunks) < full:
       call_chunks = np.concatenate(
           [call_chunks, np.full((full - len(call_chunks), chunk), -1, np.int64)])
     is_real = call_chunks >= 0  # [T*S, C]
     safe = np.where(is_real, call_chunks, 0)
-    chunk_rel = rel[safe[:, 0]]
     # A chunk that is all padding takes the group's first relation.
-    first_real = np.where(is_real.any(axis=1), chunk_rel, layout.groups[group][0])
-    chunk_rel = first_real.astype(np.int64)  # [T*S]
-    src_rows = src_lo[chunk_rel][:, None] + src[safe]
-    dst_rows = dst_lo[chunk_rel][:, None] + dst[safe]
+    chunk_rel = np.where(is_real.any(axis=1), rel[safe[:, 0]],
+                         layout.groups[group][0]).astype(np.int64)  # [T*S]
+    src_n, dst_n = src_rows_in[chunk_rel, g], dst_rows_in[chunk_rel, j]  # [T*S]
     edge_weight = np.where(is_real, weight[safe] * rel_weight[chunk_rel][:, None], 0.0)
-    shape3 = (STEPS_PER_CALL, per_step, chunk)
-    shape2 = (STEPS_PER_CALL, per_step)
-    yield PreparedCall(group, step_lib.StepBatch(
-        src=src_rows.reshape(shape3).astype(np.int32),
-        dst=dst_rows.reshape(shape3).astype(np.int32),
+    extra = {}
+    if correct:
+      extra = dict(
+          src_logq=np.where(is_real, src_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+          dst_logq=np.where(is_real, dst_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+          uniform_src_logq=uniform_log_count(src_n, chunk, num_uniform).reshape(shape2),
+          uniform_dst_logq=uniform_log_count(dst_n, chunk, num_uniform).reshape(shape2))
+    return step_lib.StepBatch(
+        src=np.where(is_real, src_row[safe], 0).reshape(shape3).astype(np.int32),
+        dst=np.where(is_real, dst_row[safe], 0).reshape(shape3).astype(np.int32),
         rel=row_in_group[chunk_rel].reshape(shape2),
         rel_reverse=reverse_row_in_group[chunk_rel].reshape(shape2),
         weight=edge_weight.reshape(shape3).astype(np.float32),
-        src_lo=src_lo[chunk_rel].reshape(shape2).astype(np.int32),
-        src_n=src_n[chunk_rel].reshape(shape2).astype(np.int32),
-        dst_lo=dst_lo[chunk_rel].reshape(shape2).astype(np.int32),
-        dst_n=dst_n[chunk_rel].reshape(shape2).astype(np.int32),
+        src_lo=src_off[chunk_rel].reshape(shape2).astype(np.int32),
+        src_n=src_n.reshape(shape2).astype(np.int32),
+        dst_lo=dst_off[chunk_rel].reshape(shape2).astype(np.int32),
+        dst_n=dst_n.reshape(shape2).astype(np.int32),
         step_index=np.zeros(STEPS_PER_CALL, np.int32),  # set by the consumer
-        **({} if not correct else dict(
-            src_logq=np.where(is_real, src_logq[safe], 0.0).reshape(shape3).astype(np.float32),
-            dst_logq=np.where(is_real, dst_logq[safe], 0.0).reshape(shape3).astype(np.float32),
-            uniform_src_logq=uniform_src_logq[chunk_rel].reshape(shape2).astype(np.float32),
-            uniform_dst_logq=uniform_dst_logq[chunk_rel].reshape(shape2).astype(np.float32))),
-    ))
+        **extra)
+
+  for k in range(shards):
+    device_chunks: list[dict[str, np.ndarray]] = []
+    for g in range(shards):
+      lists: dict[str, list[np.ndarray]] = {}
+      for r in range(num_rel):
+        at = (k * shards + g) * num_rel + r
+        idx = by_cell[starts[at]:starts[at + 1]]
+        if len(idx) == 0:
+          continue
+        padded = -(-len(idx) // chunk) * chunk
+        idx = np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)]).reshape(-1, chunk)
+        lists.setdefault(layout.group[r], []).append(idx)
+      groups = {}
+      for group in sorted(lists):
+        chunks = np.concatenate(lists[group])  # [num_chunks, C] edge indices, -1 = pad
+        groups[group] = chunks[rng.permutation(len(chunks))]
+      device_chunks.append(groups)
+    calls = []
+    for group in sorted(set().union(*device_chunks)):
+      most = max(len(groups.get(group, ())) for groups in device_chunks)
+      calls.extend((group, start) for start in range(0, most, per_call))
+    empty = np.zeros((0, chunk), np.int64)
+    for position in rng.permutation(len(calls)):
+      group, start = calls[position]
+      per_device = [device_call(device_chunks[g].get(group, empty)[start:start + per_call],
+                                group, g, (g + k) % shards) for g in range(shards)]
+      yield k, PreparedCall(group, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_device))
 
 
-def sampling_log_counts(rel, src, dst, rel_counts, src_n, dst_n, chunk: int, num_uniform: int):
-  """log q for the sampled-softmax correction (see step.StepBatch).
+def sampling_log_counts(rel, src, dst, rel_counts, src_sizes, dst_sizes, chunk: int,
+                        num_uniform: int):
+  """Per-edge log q of its source and of its target (see step.StepBatch).
 
   A chunk of C edges of relation r offers each edge the other C - 1 edges'
   entities as negatives, so entity v appears there about (C - 1) c_r(v) / n_r
   times (c_r(v): v's edges of relation r in this bucket, n_r: all of them),
-  and among U uniform draws from a partition of N rows U / N times:
+  and among U uniform draws from a (sub-)partition of N rows U / N times:
 
       q(v) = (C - 1) c_r(v) / n_r + U / N
 
-  Returns per-edge log q of its source and of its target, and per-relation
-  log q of a uniform draw (U / N plus the batch term of an average entity).
+  ``src_sizes``, ``dst_sizes``: N of each edge's source / target range [E].
   """
   def per_edge(entity, sizes):
     key = rel.astype(np.int64) * (int(entity.max(initial=0)) + 1) + entity
     _, inverse, key_counts = np.unique(key, return_inverse=True, return_counts=True)
     count = key_counts[inverse].astype(np.float64)
     share = count / np.maximum(rel_counts[rel], 1)
-    return np.log((chunk - 1) * share + num_uniform / np.maximum(sizes[rel], 1))
+    return np.log((chunk - 1) * share + num_uniform / np.maximum(sizes, 1))
 
-  def uniform(sizes):
-    return np.log(np.maximum(num_uniform, 1) / np.maximum(sizes, 1)
-                  + (chunk - 1) / np.maximum(sizes, 1))
+  return per_edge(src, src_sizes), per_edge(dst, dst_sizes)
 
-  return per_edge(src, src_n), per_edge(dst, dst_n), uniform(src_n), uniform(dst_n)
+
+def uniform_log_count(sizes: np.ndarray, chunk: int, num_uniform: int) -> np.ndarray:
+  """log q of a uniform draw from N = ``sizes`` rows: U / N plus the batch
+  term of an average entity, (C - 1) / N."""
+  return np.log((max(num_uniform, 1) + chunk - 1) / np.maximum(sizes, 1)).astype(np.float32)
 
 
 def _background(generator, depth: int = 4):
@@ -267,6 +293,25 @@ def _background(generator, depth: int = 4):
 
 # --------------------------------------------------------------------------
 # The trainer.
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (a no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _broadcast_json(value):
+  """The primary process's value of a JSON-able object, on every process."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+  padded = np.zeros(size, np.uint8)
+  padded[:min(size, len(data))] = data[:size]
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
 
 
 def load_run_config(workdir: str):
@@ -306,13 +351,25 @@ def prepare_graph(config, workdir: str, progress: bool = True) -> Graph:
 
 
 class Trainer:
-  """Holds the state of one run: graph, tables, relation state, cursor."""
+  """Holds the state of one run: graph, tables, relation state, cursor.
+
+  With several processes (``jax.distributed``; see distributed.py) every
+  process runs this same loop in lockstep: process 0 imports the graph and
+  creates the tables, all read and write the same TensorStore, each process
+  only the rows of its own devices' sub-partitions, and Orbax writes the
+  checkpoint once for all.
+  """
 
   def __init__(self, config, workdir: str, progress: bool = True):
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     self.workdir = workdir
-    self.progress = progress
+    self.primary = jax.process_index() == 0
+    self.progress = progress and self.primary
+    self.mesh = sharding_lib.make_mesh(config.mesh.num_devices)
+    self.num_shards = self.mesh.size
+    self.local_shards = [g for g, device in enumerate(self.mesh.devices.flat)
+                         if device.process_index == jax.process_index()]
     self.checkpointer = checkpoint_lib.Checkpointer(workdir)
     resuming = self.checkpointer.latest_step() is not None
     config_path = os.path.join(workdir, CONFIG_FILE)
@@ -323,31 +380,36 @@ class Trainer:
       if diffs:
         raise ValueError(f"{workdir} holds a run with a different config ({', '.join(diffs)}); "
                          "use a fresh --workdir or the same config")
-    with open(config_path, "w") as f:
-      json.dump(config_lib.to_json_dict(config), f, indent=1, sort_keys=True)
     self.config = config
-    self.graph = prepare_graph(config, workdir, progress)
+    if self.primary:
+      with open(config_path, "w") as f:
+        json.dump(config_lib.to_json_dict(config), f, indent=1, sort_keys=True)
+      self.graph = prepare_graph(config, workdir, self.progress)
+    _sync("graph imported")
+    if not self.primary:
+      self.graph = prepare_graph(config, workdir, progress=False)
     self.layout = model.RelationLayout.from_config(config)
     self.dims = {t: config_lib.entity_dim(config, t) for t in self.graph.entities}
-    self.capacity = working_capacity(self.graph, self.dims)
     tables_root = os.path.join(workdir, TABLES_DIR)
 
     if resuming:
       meta = self.checkpointer.restore_meta()
-      self.tables = storage.TableStore(tables_root, self.graph.entities, self.dims,
-                                       config.storage.zarr_format, create=False)
+      self.tables = self._open_tables(tables_root, create=False)
       self.slots = storage.SlotMap.from_json(meta["slots"])
       self.cursor = dict(meta["cursor"])
       self.total_steps = int(meta["total_steps"])
       self.lineage = meta["lineage"]
       self.history = meta.get("history", [])
-      self.rel_state = self.checkpointer.restore_state(self._abstract_rel_state())
+      self._rel_state = self.checkpointer.restore_state(self._abstract_rel_state())
     else:
-      self.tables = storage.TableStore(tables_root, self.graph.entities, self.dims,
-                                       config.storage.zarr_format, create=True)
-      bar = tqdm(total=len(self.tables.blocks()), desc="init tables", disable=not progress)
-      self.tables.initialize(config.train.seed, config.model.init_scale, bar)
-      bar.close()
+      if self.primary:
+        self.tables = self._open_tables(tables_root, create=True)
+        bar = tqdm(total=len(self.tables.blocks()), desc="init tables", disable=not self.progress)
+        self.tables.initialize(config.train.seed, config.model.init_scale, bar)
+        bar.close()
+      _sync("tables created")
+      if not self.primary:
+        self.tables = self._open_tables(tables_root, create=False)
       self.slots = storage.SlotMap.fresh(self.tables.blocks())
       self.cursor = {"epoch": 0, "bucket": 0}
       self.total_steps = 0
@@ -359,46 +421,108 @@ class Trainer:
           "config_hash": config_lib.config_hash(config),
           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       }
-      self.rel_state = self._initial_rel_state()
+      self._rel_state = self._initial_rel_state()
+    # Hosts must agree on the version id (the primary's uuid wins).
+    self.lineage = _broadcast_json(self.lineage)
 
-    # Resident partitions: working tables (jax arrays) per dim and their layout.
-    self.resident: WorkingLayout | None = None
+    # Rows per sub-partition: aligned to the storage chunks when several hosts
+    # write the same partition (never two hosts in one chunk).
+    align = jax.process_count() > 1
+    self.sub_rows = {t: sharding_lib.sub_partition_rows(
+        info.partition_size, self.num_shards, self.tables.chunk[t] if align else 1)
+        for t, info in self.graph.entities.items()}
+    self.capacity = shard_capacity(self.graph, self.dims, self.sub_rows)
+    # Resident partitions: sharded working tables per dim and their layout.
+    self.resident: sharding_lib.WorkingLayout | None = None
     self.tables_dev: dict[int, jax.Array] = {}
     self.acc_dev: dict[int, jax.Array] = {}
     self.pending_writes: dict[storage.Block, list] = {}
     self.io_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     self.metrics_path = os.path.join(workdir, METRICS_FILE)
+    if jax.process_count() > 1:
+      print(f"[twhin] process {jax.process_index()}/{jax.process_count()}: "
+            f"devices {[d.id for d in jax.local_devices()]} of a {self.num_shards}-device mesh",
+            flush=True)
+
+  def _open_tables(self, root: str, create: bool) -> storage.TableStore:
+    return storage.TableStore(root, self.graph.entities, self.dims,
+                              self.config.storage.zarr_format, create=create,
+                              sub_partitions=self.num_shards)
 
   # -- relation state -------------------------------------------------------
+  # Replicated over the mesh while training; `rel_state` gives host copies.
 
   def _initial_rel_state(self):
-    params = {g: jnp.asarray(p) for g, p in self.layout.init_params().items()}
+    params = {g: np.asarray(p) for g, p in self.layout.init_params().items()}
     tx = optim.relation_adagrad(self.config.train.relation_lr)
-    return {"params": params, "opt": {g: tx.init(p) for g, p in params.items()}}
+    state = {"params": params, "opt": {g: tx.init(p) for g, p in params.items()}}
+    return jax.tree_util.tree_map(
+        lambda x: sharding_lib.global_array(np.asarray(x), self.mesh), state)
 
   def _abstract_rel_state(self):
+    params = {g: np.asarray(p) for g, p in self.layout.init_params().items()}
+    tx = optim.relation_adagrad(self.config.train.relation_lr)
+    state = {"params": params, "opt": {g: tx.init(p) for g, p in params.items()}}
+    sharding = sharding_lib.replicated(self.mesh)
     return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._initial_rel_state())
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), state)
+
+  @property
+  def rel_state(self) -> dict:
+    """Relation parameters and optimizer state as host numpy arrays."""
+    return jax.tree_util.tree_map(sharding_lib.host_copy, self._rel_state)
 
   # -- partitions -------------------------------------------------------------
 
-  def _read_block(self, block):
+  def _local_span(self, entity_type: str, partition: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a partition that this process's devices hold."""
+    sub = self.sub_rows[entity_type]
+    rows = self.graph.entities[entity_type].partition_rows(partition)
+    lo = min(self.local_shards) * sub
+    return min(lo, rows), min((max(self.local_shards) + 1) * sub, rows)
+
+  def _read_block(self, block) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """This process's sub-partitions of one partition: shard -> (rows, acc)."""
     for future in self.pending_writes.pop(block, []):
       future.result()
-    return self.tables.read(block, self.slots.current[block])
+    lo, hi = self._local_span(*block)
+    table, acc = self.tables.read_rows(block, self.slots.current[block], lo, hi)
+    sub = self.sub_rows[block[0]]
+    pieces = {}
+    for g in self.local_shards:
+      a, b = max(g * sub - lo, 0), max(min((g + 1) * sub, hi) - lo, 0)
+      pieces[g] = (table[a:b], acc[a:b])
+    return pieces
 
-  def _extract(self, block) -> tuple[np.ndarray, np.ndarray]:
+  def _host_shards(self) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """dim -> shard -> (table, acc) numpy views of this process's shards."""
+    out = {}
+    for dim, table in self.tables_dev.items():
+      accs = {s.index[0].start or 0: s.data for s in self.acc_dev[dim].addressable_shards}
+      out[dim] = {}
+      for shard in table.addressable_shards:
+        start = shard.index[0].start or 0
+        out[dim][start // self.capacity[dim]] = (np.asarray(shard.data), np.asarray(accs[start]))
+    return out
+
+  def _extract(self, block, host_shards) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     dim = self.dims[block[0]]
     start = self.resident.offsets[block]
-    rows = self.graph.entities[block[0]].partition_rows(block[1])
-    table = np.asarray(self.tables_dev[dim][start:start + rows])
-    acc = np.asarray(self.acc_dev[dim][start:start + rows])
-    return table, acc
+    pieces = {}
+    for g, (table, acc) in host_shards[dim].items():
+      rows = self.resident.rows_in_shard(block, g)
+      pieces[g] = (table[start:start + rows].copy(), acc[start:start + rows].copy())
+    return pieces
 
-  def _write_back(self, block, table, acc) -> None:
+  def _write_back(self, block, pieces) -> None:
     slot = self.slots.write_target(block)
     self.slots.current[block] = slot
-    self.pending_writes[block] = self.tables.write(block, slot, table, acc)
+    sub = self.sub_rows[block[0]]
+    futures = []
+    for g, (table, acc) in pieces.items():
+      if len(table):
+        futures.extend(self.tables.write_rows(block, slot, g * sub, table, acc))
+    self.pending_writes[block] = futures
 
   def _load_bucket(self, bucket, prefetched: dict) -> None:
     """Makes the bucket's partitions resident, writing back the others."""
@@ -407,33 +531,44 @@ class Trainer:
       return
     kept = {}
     if self.resident is not None:
+      host_shards = self._host_shards()
       for block in list(self.resident.offsets):
-        table, acc = self._extract(block)
+        pieces = self._extract(block, host_shards)
         if block in needed:
-          kept[block] = (table, acc)
+          kept[block] = pieces
         else:
-          self._write_back(block, table, acc)
-    new_layout = layout_for(self.graph, self.dims, needed, self.capacity)
-    host_tables, host_accs = {}, {}
-    for dim, blocks in new_layout.blocks.items():
-      parts, accs = [], []
-      for block in blocks:
-        if block in kept:
-          table, acc = kept[block]
-        elif block in prefetched:
-          table, acc = prefetched.pop(block).result()
-        else:
-          table, acc = self._read_block(block)
-        parts.append(table)
-        accs.append(acc)
-      used = sum(len(p) for p in parts)
-      pad = self.capacity[dim] - used
-      parts.append(np.zeros((pad, dim), np.float32))
-      accs.append(np.zeros(pad, np.float32))
-      host_tables[dim] = np.concatenate(parts)
-      host_accs[dim] = np.concatenate(accs)
-    self.tables_dev = {d: jnp.asarray(t) for d, t in host_tables.items()}
-    self.acc_dev = {d: jnp.asarray(a) for d, a in host_accs.items()}
+          self._write_back(block, pieces)
+    new_layout = layout_for(self.graph, self.dims, needed, self.num_shards, self.sub_rows,
+                            self.capacity)
+    pieces = {}
+    for block in needed:
+      if block in kept:
+        pieces[block] = kept[block]
+      elif block in prefetched:
+        pieces[block] = prefetched.pop(block).result()
+      else:
+        pieces[block] = self._read_block(block)
+
+    def shard_of(dim, g, column):
+      """Shard g of a dim's working table (column 0) or accumulators (1)."""
+      rows = self.capacity[dim]
+      out = np.zeros((rows, dim) if column == 0 else (rows,), np.float32)
+      for block in new_layout.blocks[dim]:
+        part = pieces[block][g][column]
+        start = new_layout.offsets[block]
+        out[start:start + len(part)] = part
+      return out
+
+    rows_sharding = sharding_lib.row_sharding(self.mesh)
+    self.tables_dev, self.acc_dev = {}, {}
+    for dim in new_layout.blocks:
+      size = self.num_shards * self.capacity[dim]
+      self.tables_dev[dim] = jax.make_array_from_callback(
+          (size, dim), rows_sharding,
+          lambda index, dim=dim: shard_of(dim, (index[0].start or 0) // self.capacity[dim], 0))
+      self.acc_dev[dim] = jax.make_array_from_callback(
+          (size,), rows_sharding,
+          lambda index, dim=dim: shard_of(dim, (index[0].start or 0) // self.capacity[dim], 1))
     self.resident = new_layout
 
   def _prefetch(self, bucket) -> dict:
@@ -446,14 +581,15 @@ class Trainer:
             if block not in resident and block not in self.pending_writes}
 
   def flush(self) -> None:
-    """Writes every resident partition back and waits for all writes."""
+    """Writes every resident partition back and waits for all writes (of all hosts)."""
     if self.resident is not None:
+      host_shards = self._host_shards()
       for block in list(self.resident.offsets):
-        table, acc = self._extract(block)
-        self._write_back(block, table, acc)
+        self._write_back(block, self._extract(block, host_shards))
     for block in list(self.pending_writes):
       for future in self.pending_writes.pop(block):
         future.result()
+    _sync("tables flushed")
 
   def embeddings(self) -> dict[str, np.ndarray]:
     """Full tables of every type (current values), for evaluation and export."""
@@ -470,52 +606,91 @@ class Trainer:
         "config": config_lib.to_json_dict(self.config),
         "lineage": self.lineage,
         "history": self.history,
+        "mesh": {"devices": self.num_shards, "processes": jax.process_count()},
     }
     step = self.cursor["epoch"] * 1_000_000 + self.cursor["bucket"]
-    self.checkpointer.save(step, checkpoint_lib.to_numpy_tree(self.rel_state), meta)
+    self.checkpointer.save(step, self._rel_state, meta)
     self.slots.commit()
 
   # -- the loop ---------------------------------------------------------------
 
   def _log(self, record: dict) -> None:
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self.primary:
+      with open(self.metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def _step_fn(self, group: str, visiting: bool):
+    config = self.config
+    operator = group.split(":")[0]
+    return step_lib.make_train_steps(
+        operator, config.model.comparator, config.train.loss, float(config.train.margin),
+        float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform,
+        bool(config.model.reciprocal), float(config.model.regularization),
+        mesh=self.mesh, visiting=visiting)
 
   def train_bucket(self, epoch: int, index: int, bucket, prefetch_next=None) -> tuple[float, int]:
+    """Trains one bucket: G rounds of the ring (one round with one device)."""
     config = self.config
     seed = config.train.seed
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), index)
-    fn_cache = {}
-    total_loss = jnp.zeros((), jnp.float32)
-    total_edges = jnp.zeros((), jnp.int32)
+    key = sharding_lib.global_array(np.asarray(jax.random.key_data(key)), self.mesh)
+    total_loss, total_edges = [], []
     calls = prepare_bucket(self.graph, self.layout, self.resident, bucket, config,
                            (seed, epoch, index), self.dims)
     if prefetch_next is not None:
       prefetch_next()
+    start, rotate, finish = sharding_lib.ring_ops(self.mesh)
+    visiting: dict[int, tuple] = {}  # dim -> (table, acc, snapshot, snapshot acc)
+    ring_round = 0  # the round whose target rows the visiting copies hold
+
+    def advance(to_round: int) -> None:
+      nonlocal ring_round
+      while ring_round < to_round:
+        for dim in self.tables_dev:
+          if ring_round == 0:
+            visiting[dim] = start(self.tables_dev[dim], self.acc_dev[dim])
+          else:
+            table, acc, snap, snap_acc = visiting[dim]
+            visiting[dim] = (*rotate(table, acc), snap, snap_acc)
+        ring_round += 1
+
     step_in_bucket = 0
-    for call in _background(calls):
+    batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+        sharding_lib.AXIS))
+    for k, call in _background(calls):
+      advance(k)
       group = call.group
-      operator, dim = group.split(":")[0], int(group.split(":")[1])
-      if group not in fn_cache:
-        fn_cache[group] = step_lib.make_train_steps(
-            operator, config.model.comparator, config.train.loss, float(config.train.margin),
-            float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform,
-            bool(config.model.reciprocal), float(config.model.regularization))
-      batch = call.batch._replace(step_index=np.arange(
-          step_in_bucket, step_in_bucket + STEPS_PER_CALL, dtype=np.int32))
+      dim = int(group.split(":")[1])
+      batch = call.batch._replace(step_index=np.broadcast_to(np.arange(
+          step_in_bucket, step_in_bucket + STEPS_PER_CALL, dtype=np.int32),
+          (self.num_shards, STEPS_PER_CALL)))
+      batch = jax.tree_util.tree_map(
+          lambda x: sharding_lib.global_array(x, self.mesh, batch_sharding), batch)
       step_in_bucket += STEPS_PER_CALL
       state = step_lib.GroupState(
           self.tables_dev[dim], optim.RowAdagradState(self.acc_dev[dim]),
-          self.rel_state["params"][group], self.rel_state["opt"][group])
-      state, loss, edges = fn_cache[group](state, batch, key)
+          self._rel_state["params"][group], self._rel_state["opt"][group])
+      if k > 0:
+        table, acc, snap, snap_acc = visiting[dim]
+        state = state._replace(visiting=table, visiting_state=optim.RowAdagradState(acc))
+      state, loss, edges = self._step_fn(group, k > 0)(state, batch, key)
       self.tables_dev[dim] = state.table
       self.acc_dev[dim] = state.row_state.acc
-      self.rel_state["params"][group] = state.rel_params
-      self.rel_state["opt"][group] = state.rel_opt
-      total_loss = total_loss + loss
-      total_edges = total_edges + edges
+      if k > 0:
+        visiting[dim] = (state.visiting, state.visiting_state.acc, snap, snap_acc)
+      self._rel_state["params"][group] = state.rel_params
+      self._rel_state["opt"][group] = state.rel_opt
+      total_loss.append(loss)
+      total_edges.append(edges)
+    if self.num_shards > 1:
+      advance(self.num_shards - 1)
+      for dim, (table, acc, snap, snap_acc) in visiting.items():
+        self.tables_dev[dim], self.acc_dev[dim] = finish(
+            self.tables_dev[dim], self.acc_dev[dim], table, acc, snap, snap_acc)
     self.total_steps += step_in_bucket
-    return float(total_loss), int(total_edges)
+    loss = sum(float(sharding_lib.host_copy(x)) for x in total_loss)
+    edges = sum(int(sharding_lib.host_copy(x)) for x in total_edges)
+    return loss, edges
 
   def run(self, stop_after_buckets: int | None = None) -> list[dict]:
     """Trains the remaining epochs; returns the per-epoch history."""
@@ -570,7 +745,8 @@ class Trainer:
           break
     bar.close()
     self.flush()
-    reporting.plot_training(self.history, self.workdir)
+    if self.primary:
+      reporting.plot_training(self.history, self.workdir)
     return self.history
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:

@@ -1,0 +1,165 @@
+"""Sharding of the working tables over a device mesh, and the ring schedule.
+
+Every device g of the G devices in the mesh holds a *home shard*: sub-
+partition g of every partition the current bucket needs. A partition of S
+rows splits into G contiguous sub-partitions of ``sub_rows`` rows (the last
+ones may hold fewer); row x of the partition lives on device x // sub_rows at
+shard row ``offset[block] + x % sub_rows``. The global working table of one
+embedding dimension is [G * R, d], sharded by rows (``ROWS``), where R (the
+shard's capacity) is fixed so the step compiles once.
+
+The edges of a bucket split into G x G sub-buckets (g, j) by the
+sub-partitions of their source and target. Training runs G rounds:
+
+  round 0      device g trains sub-bucket (g, g) on its home shard alone;
+  round k > 0  device g trains sub-bucket (g, (g + k) mod G): its sources are
+               home rows, its targets come from the *visiting* copy of device
+               (g + k) mod G's home shard, which moves one step around the
+               ring (``ppermute``, device j -> j - 1) between rounds.
+
+After round G - 1 the visiting copies take one more step and are back on
+their home device, which merges them:
+
+  home <- home + (visiting - snapshot)          (snapshot: home after round 0)
+
+For a partition that only appears as a target this is exact (home did not
+change after round 0, so it becomes the visiting copy, which every device
+updated in turn, never two at once). For an entity type that is source and
+target of the same bucket (users following users), device j updates its
+home rows as sources while another device updates the visiting copy of the
+same rows as targets; the merge sums both updates, like two data-parallel
+workers that exchange deltas (local SGD). With G = 1 there is only round 0,
+and the code path is the single-device one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "devices"
+#: Row sharding of the working tables and accumulators.
+ROWS = PartitionSpec(AXIS)
+REPLICATED = PartitionSpec()
+
+Block = tuple[str, int]  # (entity type, partition)
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh over the first ``num_devices`` devices (0: all of them, on all hosts)."""
+  devices = jax.devices()
+  if num_devices < 0 or num_devices > len(devices):
+    raise ValueError(f"mesh.num_devices={num_devices}, but {len(devices)} devices are visible "
+                     f"({devices[0].platform})")
+  if num_devices:
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def row_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, ROWS)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, REPLICATED)
+
+
+def global_array(x: np.ndarray, mesh: Mesh, sharding: NamedSharding | None = None) -> jax.Array:
+  """A global array from a host value every process holds in full (each
+  process hands over only its own devices' slices); replicated by default."""
+  x = np.asarray(x)
+  sharding = replicated(mesh) if sharding is None else sharding
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def host_copy(x) -> np.ndarray:
+  """A numpy copy of a replicated (or single-device) array, on any process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def sub_partition_rows(partition_size: int, num_shards: int, align: int = 1) -> int:
+  """Rows per sub-partition: ceil(S / G), rounded up to a multiple of ``align``
+  (the storage chunk, so that hosts writing their own sub-partitions never
+  write into the same chunk)."""
+  rows = math.ceil(partition_size / num_shards)
+  return max(math.ceil(rows / align) * align, 1)
+
+
+@dataclasses.dataclass
+class WorkingLayout:
+  """Where the resident partitions' rows are inside each dim's sharded table."""
+  num_shards: int  # G
+  blocks: dict[int, list[Block]]  # dim -> resident blocks in shard-row order
+  offsets: dict[Block, int]  # block -> first row of its sub-partition in every shard
+  sub_rows: dict[Block, int]  # block -> rows per sub-partition
+  block_rows: dict[Block, int]  # block -> rows of the whole partition
+  shard_rows: dict[int, int]  # dim -> rows of one shard (fixed capacity)
+
+  def rows_in_shard(self, block: Block, shard: int) -> int:
+    """Rows of sub-partition ``shard`` of ``block`` (0 past the partition's end)."""
+    sub = self.sub_rows[block]
+    return int(np.clip(self.block_rows[block] - shard * sub, 0, sub))
+
+
+# --------------------------------------------------------------------------
+# Ring operations on the sharded tables (all under shard_map, jitted).
+
+
+@functools.lru_cache(maxsize=None)
+def ring_ops(mesh: Mesh):
+  """(start, rotate, finish) for the visiting copies of one dim's table.
+
+  start(table, acc)       -> (visiting, visiting_acc, snapshot, snapshot_acc):
+                             the visiting copy after its first ring step and
+                             a snapshot of home
+  rotate(visiting, acc)   -> the copies one more step around the ring
+  finish(table, acc, visiting, visiting_acc, snapshot, snapshot_acc)
+                          -> (table, acc) with the returning copies merged
+  """
+  num = mesh.size
+  # Device j sends to j - 1, so device g receives the copy of device g + 1.
+  perm = [(j, (j - 1) % num) for j in range(num)]
+
+  def step(x):
+    return jax.lax.ppermute(x, AXIS, perm)
+
+  def start(table, acc):
+    # `+ 0` makes a new buffer: the home table is donated to the next step.
+    return step(table), step(acc), table + 0.0, acc + 0.0
+
+  def rotate(table, acc):
+    return step(table), step(acc)
+
+  def merge(home, returned, snapshot):
+    # Where home did not change since the snapshot, take the returned copy
+    # as is (exact); elsewhere add both sides' updates.
+    return jnp.where(home == snapshot, returned, home + (returned - snapshot))
+
+  def finish(table, acc, visiting, visiting_acc, snapshot, snapshot_acc):
+    return (merge(table, step(visiting), snapshot), merge(acc, step(visiting_acc), snapshot_acc))
+
+  def mapped(fn, num_in, num_out, donate):
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(ROWS,) * num_in,
+                            out_specs=(ROWS,) * num_out, check_vma=False)
+    return jax.jit(sharded, donate_argnums=donate)
+
+  return (mapped(start, 2, 4, ()), mapped(rotate, 2, 2, (0, 1)),
+          mapped(finish, 6, 2, (0, 1, 2, 3, 4, 5)))
+
+
+def describe(tree) -> dict[str, str]:
+  """Path -> 'shape dtype spec' of every array in a pytree (for golden files)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name = jax.tree_util.keystr(path)
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    out[name] = f"{tuple(leaf.shape)} {leaf.dtype} {spec}"
+  return out
