@@ -1,0 +1,661 @@
+"""Reading a trained run without building the model: versions, arrays, stats, diffs.
+
+(Named ``inspection`` rather than ``inspect``, which would shadow the standard
+library module of that name.)
+
+Everything here opens a run directory read-only, from what it describes about
+itself (STYLE habit 9): ``config.json``, the imported graph (manifest,
+vocabularies, degrees), the Orbax checkpoints under ``checkpoints/<step>/``
+(``meta``: cursor, slot map, config, lineage, history; ``state``: relation
+parameters and their Adagrad state) and the TensorStore tables the slot map
+points at. No ``Trainer`` is built, no table is created, nothing is written.
+
+What it offers:
+
+  open_run(workdir)            -> Run: graph, config, meta, tables on the committed slots
+  load_embeddings(source)      -> EmbeddingSet: {type: [N, d]} with names and degrees, from a
+                                  run dir, an export dir, a compressed dir or in-memory arrays
+  versions(workdir)            every checkpoint with its cursor and lineage, and the chain
+                                  of parents that can be found on disk
+  checkpoint_arrays(dir)       shape, dtype, sharding, bytes of every Orbax leaf (metadata only)
+  table_specs(run)             shape, chunking, driver, bytes of every TensorStore array
+  table_stats(run)             per type: row norms (mean, min, p50, p99, max), NaN / inf
+                               counts, zero rows, Adagrad accumulator range; streamed
+                               partition by partition in blocks of rows
+  neighbors(source, TYPE, NAME) exact nearest neighbours of one named entity
+  diff_runs(dir_a, dir_b)      leaf by leaf: max |a - b|, ||a - b|| / ||a||, shape changes
+
+Relative difference of a leaf (and drift, see drift.py): ||b - a||_F / ||a||_F,
+0 when both are zero, inf when only a is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from twhin_jax import checkpoint as checkpoint_lib
+from twhin_jax import config as config_lib
+from twhin_jax import storage
+from twhin_jax.graph import Graph
+
+GRAPH_DIR = "graph"  # same names as train.py; not imported to keep jax out of `inspect`
+TABLES_DIR = "tables"
+CONFIG_FILE = "config.json"
+#: Rows read per TensorStore request while streaming statistics.
+STAT_BLOCK_ROWS = 1 << 16
+#: Row norms kept for percentiles; beyond this a uniform subsample (seeded).
+MAX_NORMS_FOR_PERCENTILES = 2_000_000
+
+
+# --------------------------------------------------------------------------
+# Opening a run.
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of complete checkpoints (Orbax writes to a tmp name, renames when done)."""
+  root = checkpoint_lib.checkpoint_root(workdir)
+  if not os.path.isdir(root):
+    return []
+  steps = []
+  for name in os.listdir(root):
+    if name.isdigit() and os.path.exists(os.path.join(root, name, "meta", "metadata")):
+      steps.append(int(name))
+  return sorted(steps)
+
+
+def checkpoint_dir(workdir: str, step: int | None = None) -> str:
+  """The directory of one checkpoint (the latest when ``step`` is None)."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{workdir}: no such run directory")
+  steps = _checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"{checkpoint_lib.checkpoint_root(workdir)}: no complete checkpoint "
+                            "(is this a trained run directory?)")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (have {steps})")
+  return os.path.join(checkpoint_lib.checkpoint_root(workdir), str(step))
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run opened read-only on its latest checkpoint's committed slots."""
+  workdir: str
+  graph: Graph
+  config: Any  # ml_collections.ConfigDict
+  checkpoint_dir: str
+  meta: dict
+  tables: storage.TableStore
+  slots: storage.SlotMap
+
+  @property
+  def entity_types(self) -> list[str]:
+    return list(self.graph.entities)
+
+  def dim(self, entity_type: str) -> int:
+    return config_lib.entity_dim(self.config, entity_type)
+
+  def check_type(self, entity_type: str) -> None:
+    if entity_type not in self.graph.entities:
+      raise KeyError(f"{self.workdir}: unknown entity type {entity_type!r} "
+                     f"(types: {sorted(self.graph.entities)})")
+
+  def blocks(self, entity_type: str):
+    """(partition, rows) of a type, in local-id order."""
+    info = self.graph.entities[entity_type]
+    return [(p, info.partition_rows(p)) for p in range(info.num_partitions)]
+
+  def stream(self, entity_type: str, block_rows: int = STAT_BLOCK_ROWS, adagrad: bool = False):
+    """Yields (first local id, rows [n, d] (, accumulators [n])) over the committed table."""
+    self.check_type(entity_type)
+    first = 0
+    for partition, rows in self.blocks(entity_type):
+      block = (entity_type, partition)
+      slot = self.slots.committed[block]
+      for lo in range(0, rows, block_rows):
+        table, acc = self.tables.read_rows(block, slot, lo, min(lo + block_rows, rows))
+        yield (first + lo, table, acc) if adagrad else (first + lo, table)
+      first += rows
+
+  def embeddings(self, entity_type: str) -> np.ndarray:
+    """The committed table of one type, float32 [count, d]."""
+    self.check_type(entity_type)
+    return self.tables.read_type(entity_type, self.slots, use_committed=True)
+
+
+def open_run(workdir: str, step: int | None = None) -> Run:
+  """Opens a run directory read-only (see the module doc); errors name the path."""
+  ckpt = checkpoint_dir(workdir, step)
+  meta = checkpoint_lib.read_meta(ckpt)
+  graph_path = os.path.join(workdir, GRAPH_DIR)
+  graph = Graph(graph_path)
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      config = config_lib.from_json_dict(json.load(f))
+  else:  # the checkpoint carries its config too
+    config = config_lib.from_json_dict(meta["config"])
+  dims = {t: config_lib.entity_dim(config, t) for t in graph.entities}
+  tables = storage.TableStore(os.path.join(workdir, TABLES_DIR), graph.entities, dims,
+                              int(config.storage.zarr_format))
+  slots = storage.SlotMap.from_json(meta["slots"])
+  missing = [f"{t}/{p}" for t, p in tables.blocks() if (t, p) not in slots.committed]
+  if missing:
+    raise ValueError(f"{ckpt}: slot map lacks partitions {missing[:5]}")
+  return Run(workdir, graph, config, ckpt, meta, tables, slots)
+
+
+# --------------------------------------------------------------------------
+# Embedding sets: what drift, compress and downstream read.
+
+
+@dataclasses.dataclass
+class EmbeddingSet:
+  """Entity vectors with their names, independent of where they came from.
+
+  Attributes:
+    tables: entity type -> float32 [N_t, d_t], row i is entity names[t][i].
+    names: entity type -> N_t names.
+    degrees: entity type -> int [N_t] train degrees (empty when unknown).
+    pq: entity type -> (codes uint8 [N_t, M], compress.PQCodebook) when the
+      vectors are product-quantized (``tables`` then holds the decoded rows).
+    origin: where they came from (a path or a label), for reports.
+  """
+  tables: dict[str, np.ndarray]
+  names: dict[str, list[str]]
+  degrees: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  pq: dict[str, tuple] = dataclasses.field(default_factory=dict)
+  origin: str = ""
+
+  def __post_init__(self):
+    for entity_type, table in self.tables.items():
+      if entity_type not in self.names:
+        raise ValueError(f"{self.origin or 'embeddings'}: no names for type {entity_type!r}")
+      if table.ndim != 2 or len(table) != len(self.names[entity_type]):
+        raise ValueError(f"{self.origin or 'embeddings'}: {entity_type!r} table {table.shape} "
+                         f"does not match its {len(self.names[entity_type])} names")
+
+  @property
+  def entity_types(self) -> list[str]:
+    return list(self.tables)
+
+  def check_type(self, entity_type: str) -> None:
+    if entity_type not in self.tables:
+      raise KeyError(f"{self.origin or 'embeddings'}: unknown entity type {entity_type!r} "
+                     f"(types: {sorted(self.tables)})")
+
+  def row_index(self, entity_type: str) -> dict[str, int]:
+    self.check_type(entity_type)
+    cache = self.__dict__.setdefault("_row_index", {})
+    if entity_type not in cache:
+      cache[entity_type] = {name: i for i, name in enumerate(self.names[entity_type])}
+    return cache[entity_type]
+
+  def rows(self, entity_type: str, names) -> np.ndarray:
+    """Row of each name (int64 [n]); -1 for names without a vector."""
+    index = self.row_index(entity_type)
+    return np.fromiter((index.get(str(n), -1) for n in names), np.int64, count=len(names))
+
+  def lookup(self, entity_type: str, name: str) -> int:
+    row = self.row_index(entity_type).get(name)
+    if row is None:
+      raise KeyError(f"{self.origin or 'embeddings'}: unknown {entity_type} {name!r}")
+    return row
+
+
+def _from_run(run: Run, types=None) -> EmbeddingSet:
+  types = list(run.graph.entities) if types is None else list(types)
+  for entity_type in types:
+    run.check_type(entity_type)
+  return EmbeddingSet(
+      tables={t: run.embeddings(t) for t in types},
+      names={t: run.graph.names(t) for t in types},
+      degrees={t: run.graph.degrees(t) for t in types},
+      origin=run.workdir)
+
+
+def _from_export(path: str, types=None) -> EmbeddingSet:
+  found = sorted(f[:-len(".npy")] for f in os.listdir(path)
+                 if f.endswith(".npy") and os.path.exists(os.path.join(path, f[:-4] + ".names.txt")))
+  types = found if types is None else list(types)
+  tables, names = {}, {}
+  for entity_type in types:
+    if entity_type not in found:
+      raise KeyError(f"{path}: no exported table for type {entity_type!r} (have {found})")
+    tables[entity_type] = np.load(os.path.join(path, f"{entity_type}.npy"))
+    with open(os.path.join(path, f"{entity_type}.names.txt"), encoding="utf-8") as f:
+      names[entity_type] = [line.rstrip("\n") for line in f]
+  return EmbeddingSet(tables, names, origin=path)
+
+
+def load_embeddings(source, types=None) -> EmbeddingSet:
+  """An :class:`EmbeddingSet` from any source the tools accept.
+
+  Args:
+    source: an ``EmbeddingSet`` (returned as is, restricted to ``types``); a
+      run directory (latest checkpoint, committed slots, graph degrees); a
+      directory written by ``twhin export`` (``<type>.npy`` + ``.names.txt``);
+      a directory written by ``twhin compress`` (``<type>.npz``, decoded); or a
+      dict ``{type: (names, array)}``.
+    types: entity types to load (default: all).
+  """
+  if isinstance(source, EmbeddingSet):
+    if types is None:
+      return source
+    for entity_type in types:
+      source.check_type(entity_type)
+    return EmbeddingSet({t: source.tables[t] for t in types}, {t: source.names[t] for t in types},
+                        {t: source.degrees[t] for t in types if t in source.degrees},
+                        {t: source.pq[t] for t in types if t in source.pq}, source.origin)
+  if isinstance(source, dict):
+    tables, names = {}, {}
+    for entity_type, (type_names, array) in source.items():
+      if types is None or entity_type in types:
+        tables[entity_type] = np.asarray(array, np.float32)
+        names[entity_type] = [str(n) for n in type_names]
+    return EmbeddingSet(tables, names, origin="<arrays>")
+  path = os.fspath(source)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such run, export or compressed directory")
+  if os.path.isdir(checkpoint_lib.checkpoint_root(path)):
+    return _from_run(open_run(path), types)
+  from twhin_jax import compress  # a compressed dir (lazy: compress imports flax)
+  if compress.is_compressed_dir(path):
+    return compress.load_compressed(path, types)
+  return _from_export(path, types)
+
+
+# --------------------------------------------------------------------------
+# Versions and arrays.
+
+
+def versions(workdir: str) -> dict:
+  """Every checkpoint of a run with its cursor and lineage, plus the parent chain.
+
+  Only the latest checkpoint is kept by training (checkpoint.py), so the list
+  is usually one entry. The chain follows ``lineage`` entries that name
+  another run directory (any string value that is a directory with
+  checkpoints), as far as those directories exist.
+  """
+  steps = _checkpoint_steps(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{workdir}: no such run directory")
+  entries = []
+  for step in steps:
+    meta = checkpoint_lib.read_meta(os.path.join(checkpoint_lib.checkpoint_root(workdir),
+                                                 str(step)))
+    history = meta.get("history", [])
+    entries.append({"step": step, "cursor": meta.get("cursor"),
+                    "total_steps": meta.get("total_steps"), "lineage": meta.get("lineage", {}),
+                    "epochs_done": len(history),
+                    "last_epoch": history[-1] if history else None})
+  chain, seen, current = [], set(), workdir
+  while current and os.path.abspath(current) not in seen:
+    seen.add(os.path.abspath(current))
+    current_steps = _checkpoint_steps(current)
+    if not current_steps:
+      break
+    lineage = checkpoint_lib.read_meta(os.path.join(checkpoint_lib.checkpoint_root(current),
+                                                    str(current_steps[-1]))).get("lineage", {})
+    chain.append({"workdir": current, **lineage})
+    parents = [v for v in lineage.values() if isinstance(v, str) and v != current
+               and os.path.isdir(checkpoint_lib.checkpoint_root(v))]
+    current = parents[0] if parents else None
+  return {"workdir": workdir, "checkpoints": entries, "chain": chain}
+
+
+def _quiet_absl():
+  # Orbax logs a warning for every read of a checkpoint written by a manager
+  # (the manager keeps _CHECKPOINT_METADATA one level up); it is harmless.
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def checkpoint_arrays(ckpt_dir: str) -> list[dict]:
+  """Leaves of the Orbax ``state`` item: name, shape, dtype, sharding, bytes.
+
+  Read from Orbax metadata only; no array is restored.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  _quiet_absl()
+  state_dir = os.path.join(ckpt_dir, "state")
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f"{ckpt_dir}: no Orbax 'state' item")
+  metadata = ocp.StandardCheckpointer().metadata(state_dir)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = tuple(int(s) for s in leaf.shape)
+    dtype = np.dtype(leaf.dtype)
+    sharding = getattr(leaf, "sharding", None)
+    spec = getattr(sharding, "partition_spec", None)
+    out.append({"name": jax.tree_util.keystr(path, simple=True, separator="/"),
+                "shape": list(shape), "dtype": str(dtype),
+                "sharding": (f"{type(sharding).__name__.replace('Metadata', '')}"
+                             f"(spec={tuple(spec) if spec is not None else None}, "
+                             f"mesh={[int(s) for s in getattr(sharding, 'shape', []) or []]})"
+                             if sharding is not None else None),
+                "bytes": int(math.prod(shape) * dtype.itemsize)})
+  return out
+
+
+def restore_state(ckpt_dir: str) -> dict:
+  """The Orbax ``state`` item as host numpy arrays (no mesh, no abstract tree)."""
+  import jax
+  import orbax.checkpoint as ocp
+  _quiet_absl()
+  state_dir = os.path.join(ckpt_dir, "state")
+  metadata = ocp.StandardCheckpointer().metadata(state_dir)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, restore_args=restore_args)
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def _directory_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
+def table_specs(run: Run) -> list[dict]:
+  """Every TensorStore array of the run: type, slot, name, shape, chunk, driver, bytes."""
+  out = []
+  for (entity_type, slot, name), array in sorted(run.tables._arrays.items()):
+    path = os.path.join(run.tables.root, entity_type, f"slot{slot}", name)
+    committed = sorted(p for (t, p), s in run.slots.committed.items()
+                       if t == entity_type and s == slot)
+    out.append({"type": entity_type, "slot": slot, "array": name,
+                "shape": list(array.shape), "dtype": str(array.dtype.numpy_dtype),
+                "chunk": list(array.chunk_layout.read_chunk.shape),
+                "driver": array.spec().to_json()["driver"],
+                "logical_bytes": int(math.prod(array.shape) * array.dtype.numpy_dtype.itemsize),
+                "disk_bytes": _directory_bytes(path),
+                "committed_partitions": committed})
+  return out
+
+
+# --------------------------------------------------------------------------
+# Statistics.
+
+
+def table_stats(run: Run, types=None, seed: int = 0) -> dict[str, dict]:
+  """Per type, streamed over the committed partitions in blocks of rows.
+
+  For rows x_i of a type: norms ||x_i||_2 (mean, std, min, p50, p99, max over
+  rows with finite norms), ``nan_values`` / ``inf_values`` (elements),
+  ``nan_rows`` (rows with any NaN), ``zero_rows``, and the row-wise Adagrad
+  accumulators (min, mean, max, NaN count). Percentiles come from every norm
+  up to 2M rows, else a seeded uniform subsample.
+  """
+  types = run.entity_types if types is None else list(types)
+  rng = np.random.default_rng(seed)
+  stats = {}
+  for entity_type in types:
+    run.check_type(entity_type)
+    count = run.graph.entities[entity_type].count
+    keep = min(1.0, MAX_NORMS_FOR_PERCENTILES / max(count, 1))
+    kept, total, total_sq, finite_rows = [], 0.0, 0.0, 0
+    lo, hi = math.inf, -math.inf
+    nan_values = inf_values = nan_rows = zero_rows = 0
+    acc_min, acc_max, acc_sum, acc_nan = math.inf, -math.inf, 0.0, 0
+    for _, rows, acc in run.stream(entity_type, adagrad=True):
+      nan_mask = np.isnan(rows)
+      nan_values += int(nan_mask.sum())
+      inf_values += int(np.isinf(rows).sum())
+      nan_rows += int(nan_mask.any(axis=1).sum())
+      norms = np.linalg.norm(rows.astype(np.float64), axis=1)  # [n]
+      zero_rows += int(np.sum(norms == 0))
+      finite = norms[np.isfinite(norms)]
+      finite_rows += len(finite)
+      total += float(finite.sum())
+      total_sq += float(np.square(finite).sum())
+      if len(finite):
+        lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+      kept.append(finite if keep >= 1.0 else finite[rng.random(len(finite)) < keep])
+      acc_nan += int(np.isnan(acc).sum())
+      good = acc[np.isfinite(acc)]
+      if len(good):
+        acc_min, acc_max = min(acc_min, float(good.min())), max(acc_max, float(good.max()))
+        acc_sum += float(good.sum())
+    norms = np.concatenate(kept) if kept else np.zeros(0)
+    mean = total / finite_rows if finite_rows else math.nan
+    stats[entity_type] = {
+        "count": count, "dim": run.dim(entity_type),
+        "norm_mean": mean,
+        "norm_std": math.sqrt(max(total_sq / finite_rows - mean * mean, 0.0))
+                    if finite_rows else math.nan,
+        "norm_min": lo if finite_rows else math.nan,
+        "norm_p50": float(np.percentile(norms, 50)) if len(norms) else math.nan,
+        "norm_p99": float(np.percentile(norms, 99)) if len(norms) else math.nan,
+        "norm_max": hi if finite_rows else math.nan,
+        "nan_values": nan_values, "nan_rows": nan_rows, "inf_values": inf_values,
+        "zero_rows": zero_rows,
+        "adagrad_min": acc_min if acc_min < math.inf else math.nan,
+        "adagrad_mean": acc_sum / count if count else math.nan,
+        "adagrad_max": acc_max if acc_max > -math.inf else math.nan,
+        "adagrad_nan": acc_nan,
+    }
+  return stats
+
+
+def summary(workdir: str, with_stats: bool = True) -> dict:
+  """Everything `twhin inspect --workdir` prints: versions, config, cursor,
+  checkpoint arrays, table arrays and (optionally) per-type statistics."""
+  run = open_run(workdir)
+  meta = run.meta
+  return {
+      "workdir": workdir,
+      "checkpoint": run.checkpoint_dir,
+      "format_version": meta.get("format_version"),
+      "cursor": meta.get("cursor"),
+      "total_steps": meta.get("total_steps"),
+      "seed": meta.get("seed"),
+      "mesh": meta.get("mesh"),
+      "versions": versions(workdir),
+      "history": meta.get("history", []),
+      "graph": {"path": run.graph.path, "hash": run.graph.manifest_hash,
+                "entities": {t: {"count": e.count, "partitions": e.num_partitions}
+                             for t, e in run.graph.entities.items()},
+                "relations": [dataclasses.asdict(r) for r in run.graph.relations],
+                "edges": run.graph.manifest.get("counts", {})},
+      "config": config_lib.to_json_dict(run.config),
+      "slots": meta.get("slots"),
+      "checkpoint_arrays": checkpoint_arrays(run.checkpoint_dir),
+      "tables": table_specs(run),
+      "stats": table_stats(run) if with_stats else None,
+  }
+
+
+def _human_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return str(n)
+
+
+def format_summary(info: dict) -> str:
+  """A human-readable rendering of :func:`summary`."""
+  lines = [f"run {info['workdir']}", f"  checkpoint   {info['checkpoint']} "
+           f"(format {info['format_version']})",
+           f"  cursor       epoch {info['cursor']['epoch']}, bucket {info['cursor']['bucket']}; "
+           f"{info['total_steps']} steps; seed {info['seed']}; mesh {info['mesh']}"]
+  lines.append("\nversions (newest first along the lineage)")
+  for link in info["versions"]["chain"]:
+    lines.append(f"  {link.get('version_id')}  parent {link.get('parent_id')}  "
+                 f"created {link.get('created')}  graph {link.get('graph_manifest_hash')}  "
+                 f"config {link.get('config_hash')}  ({link['workdir']})")
+  for entry in info["versions"]["checkpoints"]:
+    last = entry["last_epoch"] or {}
+    valid = last.get("valid", {})
+    lines.append(f"  checkpoint step {entry['step']}: {entry['epochs_done']} epochs, "
+                 f"last loss {last.get('loss', float('nan')):.4f}"
+                 + (f", valid MRR {valid['mrr']:.4f}" if "mrr" in valid else ""))
+  graph = info["graph"]
+  lines.append(f"\ngraph {graph['path']} (hash {graph['hash']}); edges {graph['edges']}")
+  for t, e in graph["entities"].items():
+    lines.append(f"  {t:<14} {e['count']:>10} entities, {e['partitions']} partitions")
+  cfg = info["config"]
+  lines.append(f"\nconfig {cfg.get('name')}: dim {cfg['model']['dim']}, "
+               f"comparator {cfg['model']['comparator']}, loss {cfg['train']['loss']}, "
+               f"epochs {cfg['train']['epochs']}, lr {cfg['train']['lr']}, "
+               f"batch {cfg['train']['batch_size']}, "
+               f"negatives {cfg['negatives']['chunk_size']}+{cfg['negatives']['num_uniform']}")
+  lines.append("\ncheckpoint arrays (Orbax)")
+  for a in info["checkpoint_arrays"]:
+    lines.append(f"  {a['name']:<40} {str(a['shape']):<14} {a['dtype']:<8} "
+                 f"{_human_bytes(a['bytes']):>10}  {a['sharding']}")
+  lines.append("\ntables (TensorStore; * = slot holding committed partitions)")
+  for a in info["tables"]:
+    mark = "*" if a["committed_partitions"] else " "
+    lines.append(f" {mark}{a['type']}/slot{a['slot']}/{a['array']:<11} {str(a['shape']):<14} "
+                 f"chunk {str(a['chunk']):<12} {a['driver']:<6} "
+                 f"{_human_bytes(a['logical_bytes']):>10} logical, "
+                 f"{_human_bytes(a['disk_bytes']):>10} on disk")
+  if info.get("stats"):
+    lines.append("\nper type (committed values)")
+    lines.append(f"  {'type':<14} {'count':>8} {'dim':>4} {'norm mean':>10} {'p50':>8} "
+                 f"{'p99':>8} {'max':>8} {'NaN':>6} {'inf':>5} {'zero':>6} {'adagrad mean':>12}")
+    for t, s in info["stats"].items():
+      lines.append(f"  {t:<14} {s['count']:>8} {s['dim']:>4} {s['norm_mean']:>10.4f} "
+                   f"{s['norm_p50']:>8.4f} {s['norm_p99']:>8.4f} {s['norm_max']:>8.4f} "
+                   f"{s['nan_values']:>6} {s['inf_values']:>5} {s['zero_rows']:>6} "
+                   f"{s['adagrad_mean']:>12.4g}")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Neighbours and diffs.
+
+
+def parse_entity(spec: str) -> tuple[str, str]:
+  """"TYPE:NAME" -> (type, name); the name may itself contain colons."""
+  entity_type, sep, name = spec.partition(":")
+  if not sep or not entity_type or not name:
+    raise ValueError(f"{spec!r}: expected TYPE:NAME (for example user:42)")
+  return entity_type, name
+
+
+def neighbors(source, entity_type: str, name: str, *, k: int = 10,
+              target_type: str | None = None, metric: str = "cos") -> list[dict]:
+  """The k nearest entities of ``target_type`` (default: the same type) to one
+  named entity, by exact search (drift.exact_knn); the entity itself is left out.
+
+  Returns [{"name", "score", "row"}], best first.
+  """
+  from twhin_jax import drift  # jax-heavy; only when neighbours are asked for
+  target_type = target_type or entity_type
+  embeddings = load_embeddings(source, sorted({entity_type, target_type}))
+  row = embeddings.lookup(entity_type, name)
+  query = embeddings.tables[entity_type][row:row + 1]
+  database = embeddings.tables[target_type]
+  if query.shape[1] != database.shape[1]:
+    raise ValueError(f"{entity_type} vectors have dim {query.shape[1]}, "
+                     f"{target_type} vectors {database.shape[1]}: not comparable")
+  exclude = np.array([row if target_type == entity_type else -1])
+  k = min(k, len(database) - (1 if target_type == entity_type else 0))
+  ids, scores = drift.exact_knn(query, database, k, metric=metric, exclude=exclude)
+  names = embeddings.names[target_type]
+  return [{"name": names[i], "score": float(s), "row": int(i)}
+          for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+
+def _leaf_diff(a: np.ndarray | None, b: np.ndarray | None) -> dict:
+  out = {"shape_a": None if a is None else list(a.shape),
+         "shape_b": None if b is None else list(b.shape)}
+  if a is None or b is None or a.shape != b.shape:
+    out["status"] = "added" if a is None else "removed" if b is None else "shape changed"
+    return out
+  a64, b64 = a.astype(np.float64), b.astype(np.float64)
+  delta = b64 - a64
+  norm_a = float(np.linalg.norm(a64))
+  norm_delta = float(np.linalg.norm(delta))
+  out.update(status="same" if norm_delta == 0 else "changed",
+             max_abs_diff=float(np.max(np.abs(delta))) if delta.size else 0.0,
+             rel_diff=(0.0 if norm_delta == 0 else math.inf if norm_a == 0
+                       else norm_delta / norm_a),
+             nan_a=int(np.isnan(a64).sum()), nan_b=int(np.isnan(b64).sum()))
+  return out
+
+
+def diff_runs(dir_a: str, dir_b: str) -> dict:
+  """Leaf-by-leaf differences between the latest checkpoints of two runs.
+
+  Leaves: every array of the Orbax state (relation parameters, their Adagrad
+  sums) and, per entity type, the embeddings and row-wise Adagrad
+  accumulators of the committed slots. Entity rows are aligned by name; rows
+  only one run has are counted (``only_a`` / ``only_b``) and left out of the
+  numbers. For each leaf: shapes, max |b - a|, ||b - a|| / ||a||, NaN counts.
+  """
+  run_a, run_b = open_run(dir_a), open_run(dir_b)
+  state_a, state_b = restore_state(run_a.checkpoint_dir), restore_state(run_b.checkpoint_dir)
+  leaves = {}
+  for name in sorted(set(state_a) | set(state_b)):
+    leaves[f"state/{name}"] = _leaf_diff(state_a.get(name), state_b.get(name))
+  entities = {}
+  for entity_type in sorted(set(run_a.graph.entities) | set(run_b.graph.entities)):
+    in_a, in_b = entity_type in run_a.graph.entities, entity_type in run_b.graph.entities
+    if not (in_a and in_b):
+      entities[entity_type] = {"status": "only in " + ("a" if in_a else "b")}
+      continue
+    names_a, names_b = run_a.graph.names(entity_type), run_b.graph.names(entity_type)
+    table_a, acc_a = _full_type(run_a, entity_type)
+    table_b, acc_b = _full_type(run_b, entity_type)
+    if names_a == names_b:
+      rows_a = rows_b = slice(None)
+      shared, only_a, only_b = len(names_a), 0, 0
+    else:
+      index_b = {n: i for i, n in enumerate(names_b)}
+      pairs = np.array([(i, index_b[n]) for i, n in enumerate(names_a) if n in index_b],
+                       np.int64).reshape(-1, 2)
+      rows_a, rows_b = pairs[:, 0], pairs[:, 1]
+      shared = len(pairs)
+      only_a, only_b = len(names_a) - shared, len(names_b) - shared
+    entities[entity_type] = {"shared": shared, "only_a": only_a, "only_b": only_b}
+    for leaf, a, b in (("embeddings", table_a, table_b), ("adagrad", acc_a, acc_b)):
+      leaves[f"tables/{entity_type}/{leaf}"] = _leaf_diff(a[rows_a], b[rows_b])
+  return {"a": dir_a, "b": dir_b,
+          "version_a": run_a.meta.get("lineage", {}).get("version_id"),
+          "version_b": run_b.meta.get("lineage", {}).get("version_id"),
+          "entities": entities, "leaves": leaves}
+
+
+def _full_type(run: Run, entity_type: str) -> tuple[np.ndarray, np.ndarray]:
+  tables, accs = [], []
+  for _, rows, acc in run.stream(entity_type, adagrad=True):
+    tables.append(rows)
+    accs.append(acc)
+  if not tables:
+    return np.zeros((0, run.dim(entity_type)), np.float32), np.zeros(0, np.float32)
+  return np.concatenate(tables), np.concatenate(accs)
+
+
+def format_diff(diff: dict) -> str:
+  lines = [f"diff a={diff['a']} ({diff['version_a']})  b={diff['b']} ({diff['version_b']})"]
+  for entity_type, info in diff["entities"].items():
+    if "shared" in info:
+      lines.append(f"  {entity_type}: {info['shared']} shared rows, {info['only_a']} only in a, "
+                   f"{info['only_b']} only in b")
+    else:
+      lines.append(f"  {entity_type}: {info['status']}")
+  lines.append(f"\n  {'leaf':<44} {'status':<14} {'shape a':<12} {'shape b':<12} "
+               f"{'max |b-a|':>11} {'rel':>10}")
+  for name, leaf in diff["leaves"].items():
+    numbers = (f"{leaf['max_abs_diff']:>11.4g} {leaf['rel_diff']:>10.4g}"
+               if "max_abs_diff" in leaf else "")
+    lines.append(f"  {name:<44} {leaf['status']:<14} {str(leaf['shape_a']):<12} "
+                 f"{str(leaf['shape_b']):<12} {numbers}")
+  return "\n".join(lines)
