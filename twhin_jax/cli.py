@@ -2,7 +2,7 @@
 
   twhin demo     [--workdir DIR]                  generate, import, train, evaluate
   twhin import   --config FILE[:VARIANT] --workdir DIR
-  twhin train    --config FILE[:VARIANT] --workdir DIR [--config.a.b=value ...]
+  twhin train    --config FILE[:VARIANT] --workdir DIR [--distributed] [--config.a.b=value ...]
   twhin eval     --workdir DIR [--split test] [--json]
   twhin export   --workdir DIR [--out DIR]
 """
@@ -74,6 +74,9 @@ def cmd_import(args, overrides):
 
 
 def cmd_train(args, overrides):
+  if args.distributed:
+    from twhin_jax import distributed
+    distributed.initialize()
   from twhin_jax import train as train_lib
   config = load_config(args.config, overrides)
   started = time.perf_counter()
@@ -138,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     return p
 
   add("import", cmd_import, "import the config's edges into <workdir>/graph", config=True)
-  add("train", cmd_train, "train (or resume) a run", config=True)
+  p = add("train", cmd_train, "train (or resume) a run", config=True)
+  p.add_argument("--distributed", action="store_true",
+                 help="join a multi-process job (jax.distributed; see launch/README.md)")
   p = add("eval", cmd_eval, "filtered ranking metrics of a run")
   p.add_argument("--split", default="test", choices=("train", "valid", "test"))
   p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -571,6 +571,18 @@ class Trainer:
           lambda index, dim=dim: shard_of(dim, (index[0].start or 0) // self.capacity[dim], 1))
     self.resident = new_layout
 
+  def sharding_report(self) -> dict[str, str]:
+    """'shape dtype PartitionSpec' of every array the training step touches:
+    working tables and accumulators per dim, the ring's visiting copies and
+    snapshots, relation parameters and optimizer state (pinned by a golden
+    file in tests/test_sharded.py)."""
+    start = sharding_lib.ring_ops(self.mesh)[0]
+    ring = {dim: dict(zip(("visiting", "visiting_acc", "snapshot", "snapshot_acc"),
+                          start(self.tables_dev[dim], self.acc_dev[dim])))
+            for dim in self.tables_dev}
+    return sharding_lib.describe({"tables": self.tables_dev, "adagrad": self.acc_dev,
+                                  "ring": ring, "relations": self._rel_state})
+
   def _prefetch(self, bucket) -> dict:
     """Starts loading the partitions of ``bucket`` that are not resident."""
     resident = set(self.resident.offsets) if self.resident else set()
