@@ -32,7 +32,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def bench_config(graph_file: str, partitions: int, dim: int, epochs: int, relations: int):
+def bench_config(graph_file: str, partitions: int, dim: int, epochs: int, relations: int,
+                 chunk: int = 50, uniform: int = 50, batch: int = 1000, devices: int = 0):
   from twhin_jax import config as config_lib
   from twhin_jax import generate
   config = config_lib.base_config()
@@ -44,15 +45,16 @@ def bench_config(graph_file: str, partitions: int, dim: int, epochs: int, relati
   config.model.dim = dim
   config.model.init_scale = 1e-3
   config.train.epochs = epochs
-  config.train.batch_size = 1000
+  config.train.batch_size = batch
   config.train.lr = 0.1
   config.train.relation_lr = 0.1
   config.train.loss = "logistic"
   config.train.bucket_order = "affinity"
   config.train.checkpoint_every_buckets = 0  # checkpoint at epoch ends only
   config.train.eval_every_epochs = 0
-  config.negatives.chunk_size = 50
-  config.negatives.num_uniform = 50
+  config.negatives.chunk_size = chunk
+  config.negatives.num_uniform = uniform
+  config.mesh.num_devices = devices
   return config
 
 
@@ -60,7 +62,7 @@ def worker(args) -> None:
   """Runs in its own process: import (phase=import) or train (phase=train)."""
   from twhin_jax import train as train_lib
   config = bench_config(args.graph_file, args.worker_partitions, args.dim, args.epochs,
-                        args.relations)
+                        args.relations, args.chunk, args.uniform, args.batch, args.devices)
   if args.phase == "import":
     train_lib.prepare_graph(config, args.workdir, progress=False)
     return
@@ -70,8 +72,13 @@ def worker(args) -> None:
   last = trainer.history[-1]
   nodes = sum(e.count for e in trainer.graph.entities.values())
   trainer.close()
+  import jax
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
   print(json.dumps({
       "partitions": args.worker_partitions,
+      "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{trainer.num_shards}",
+      "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2 ** 20,
       "edges": last["edges"],
       "epoch_seconds": last["seconds"],
       "edges_per_s": last["edges"] / last["seconds"],
@@ -90,6 +97,10 @@ def main() -> None:
   parser.add_argument("--dim", type=int, default=128)
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--partitions", type=int, nargs="+", default=[1, 4, 16])
+  parser.add_argument("--chunk", type=int, default=50, help="C: edges per chunk = batch negatives")
+  parser.add_argument("--uniform", type=int, default=50, help="U: uniform negatives per chunk")
+  parser.add_argument("--batch", type=int, default=1000, help="edges per step")
+  parser.add_argument("--devices", type=int, default=0, help="mesh.num_devices (0: all)")
   parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
   parser.add_argument("--json", action="store_true", help="one JSON object per setting")
   # internal: the per-setting worker process
@@ -114,7 +125,9 @@ def main() -> None:
     common = [sys.executable, os.path.abspath(__file__), "--graph-file", graph_file,
               "--workdir", workdir, "--worker-partitions", str(partitions),
               "--dim", str(args.dim), "--epochs", str(args.epochs),
-              "--relations", str(args.relations)]
+              "--relations", str(args.relations), "--chunk", str(args.chunk),
+              "--uniform", str(args.uniform), "--batch", str(args.batch),
+              "--devices", str(args.devices)]
     if not os.path.exists(os.path.join(workdir, "graph", "manifest.json")):
       subprocess.run(common + ["--phase", "import"], check=True)
     out = subprocess.run(common + ["--phase", "train"], check=True, capture_output=True,
@@ -125,13 +138,15 @@ def main() -> None:
     if args.json:
       print(json.dumps(result), flush=True)
   if not args.json:
-    print(f"\n{rows[0]['graph']}, d={args.dim}, 50 batch + 50 uniform negatives, "
-          f"batch 1000, logistic\n")
-    print("| P | edges/s (last epoch) | epoch s | peak RSS MiB | full tables MiB |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"\n{rows[0]['graph']}, d={args.dim}, {args.chunk} batch + {args.uniform} uniform "
+          f"negatives, batch {args.batch}, logistic\n")
+    print("| P | device | edges/s (last epoch) | epoch s | peak RSS MiB | device peak MiB "
+          "| full tables MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-      print(f"| {r['partitions']} | {r['edges_per_s']:,.0f} | {r['epoch_seconds']:.1f} | "
-            f"{r['peak_rss_mib']:,.0f} | {r['table_mib']:,.0f} |")
+      print(f"| {r['partitions']} | {r['device']} | {r['edges_per_s']:,.0f} | "
+            f"{r['epoch_seconds']:.1f} | {r['peak_rss_mib']:,.0f} | {r['device_peak_mib']:,.0f} "
+            f"| {r['table_mib']:,.0f} |")
 
 
 if __name__ == "__main__":
