@@ -5,6 +5,8 @@
   twhin train    --config FILE[:VARIANT] --workdir DIR [--distributed] [--config.a.b=value ...]
   twhin eval     --workdir DIR [--split test] [--json]
   twhin export   --workdir DIR [--out DIR]
+  twhin index    --workdir DIR [--types T ...] [--rebuild]   ScaNN index per entity type
+  twhin cluster  --workdir DIR --type T [--k K] [--top-m M]  k-means + per-user mixtures
 """
 
 from __future__ import annotations
@@ -118,6 +120,22 @@ def cmd_export(args, overrides):
   print(json.dumps(written, indent=1, default=str))
 
 
+def cmd_index(args, overrides):
+  del overrides
+  from twhin_jax import retrieval
+  manifests = retrieval.build_indexes(args.workdir, args.types, rebuild=args.rebuild,
+                                      progress=not args.quiet)
+  print(json.dumps(manifests, indent=1))
+
+
+def cmd_cluster(args, overrides):
+  del overrides
+  from twhin_jax import mixture
+  model = mixture.build_mixture(args.workdir, args.type, k=args.k, top_m=args.top_m,
+                                representative=args.representative, progress=not args.quiet)
+  print(json.dumps({k: v for k, v in model.info.items() if k != "cluster_sizes"}, indent=1))
+
+
 def cmd_demo(args, overrides):
   from twhin_jax import demo
   config_path = os.path.join(os.path.dirname(__file__), "demo_config.py")
@@ -149,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p = add("export", cmd_export, "write embeddings (Parquet, .npy) and relation parameters")
   p.add_argument("--out", default=None, help="output directory (default <workdir>/export)")
+  p = add("index", cmd_index, "build (or reuse) one ScaNN index per entity type")
+  p.add_argument("--types", nargs="*", default=None, help="entity types (default all)")
+  p.add_argument("--rebuild", action="store_true", help="rebuild even when fresh")
+  p = add("cluster", cmd_cluster, "k-means of a type's embeddings and every user's mixture")
+  p.add_argument("--type", required=True, help="entity type to cluster (e.g. tweet)")
+  p.add_argument("--k", type=int, default=None, help="clusters (default ~sqrt(N/2))")
+  p.add_argument("--top-m", type=int, default=5, help="mixture components per user")
+  p.add_argument("--representative", default="centroid", choices=("centroid", "medoid"))
   p = add("demo", cmd_demo, "generated Twitter-like graph: import, train, evaluate, report",
           workdir_default="runs/demo")
   p.add_argument("--variant", default="", help="config variant ('test': tiny)")
