@@ -241,7 +241,7 @@ def _rank_metrics(retriever, user_vectors: dict[str, np.ndarray], known: dict, h
     rel = retriever.relation(relation)
     batch = retriever.query_vectors(relation, None, vectors=user_vectors[user][None])
     table = np.asarray(retriever.table(rel.target), np.float32)
-    scores = np.asarray(compare_all(retriever.comparator, jnp.asarray(batch.vectors),
+    scores = np.array(compare_all(retriever.comparator, jnp.asarray(batch.vectors),
                                     jnp.asarray(table)))[0]  # [N]: f(u, r, every target)
     known_rows = [retriever.lookup(rel.target, t) for t in known.get((user, relation), ())]
     scores[known_rows] = -np.inf  # filtered

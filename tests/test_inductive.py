@@ -1,0 +1,118 @@
+"""Inductive embeddings of new entities (paper Eq. 5)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from twhin_jax import demo_config
+from twhin_jax import inductive
+from twhin_jax import mixture
+from twhin_jax import model
+from twhin_jax import retrieval
+from twhin_jax import train as train_lib
+from twhin_jax.graph import Graph
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("inductive_demo"))
+  train_lib.train(demo_config.get_config("test"), workdir, progress=False).close()
+  return workdir, retrieval.Retriever.open(workdir, types=(), progress=False)
+
+
+def user_edges(workdir, retriever, user):
+  graph = Graph(f"{workdir}/graph")
+  edges = graph.split_edges("train")
+  out = []
+  for rel_index, dst in zip(edges["rel"][edges["src"] == user], edges["dst"][edges["src"] == user]):
+    rel = graph.relations[rel_index]
+    if rel.source == "user":  # ids are per type: skip other types' row `user`
+      out.append((rel.name, retriever.names(rel.target)[dst], "out"))
+  for rel_index, src in zip(edges["rel"][edges["dst"] == user], edges["src"][edges["dst"] == user]):
+    rel = graph.relations[rel_index]
+    if rel.target == "user":
+      out.append((rel.name, retriever.names(rel.source)[src], "in"))
+  return out
+
+
+def test_vector_is_the_eq5_mean(run):
+  """translation + dot: out-edges contribute theta_t, in-edges theta_s + p."""
+  workdir, retriever = run
+  edges = [("favorites", "t3"), ("retweets", "t10", "out"), ("follows", "u7", "in"),
+           ("follows", "u9", "out")]
+  got = inductive.embed_new_entity(retriever, "user", edges)
+  tweet, user = retriever.table("tweet"), retriever.table("user")
+  p = retriever.relation("follows").forward
+  expected = np.mean([tweet[retriever.lookup("tweet", "t3")], tweet[retriever.lookup("tweet", "t10")],
+                      user[retriever.lookup("user", "u7")] + p,
+                      user[retriever.lookup("user", "u9")]], axis=0)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_new_user_ranks_its_neighbours_well(run):
+  """Embedded from its own training edges as if new, a user's engaged tweets
+  rank far above random among all 2,000 tweets."""
+  workdir, retriever = run
+  percentiles = []
+  for user in range(0, 600, 40):
+    edges = user_edges(workdir, retriever, user)
+    favorites = [retriever.lookup("tweet", t) for r, t, side in edges if r == "favorites"]
+    if len(edges) < 5 or not favorites:
+      continue
+    vector = inductive.embed_new_entity(retriever, "user", edges)
+    batch = retriever.query_vectors("favorites", None, vectors=vector[None])
+    ids, _ = retriever.search("tweet", batch, 2000, exact=True)
+    rank = {int(t): i for i, t in enumerate(ids[0])}
+    percentiles.append(np.mean([rank[t] / 2000 for t in favorites]))
+  assert len(percentiles) >= 8
+  assert np.median(percentiles) < 0.2, percentiles  # random: 0.5
+
+
+@pytest.mark.parametrize("operator", inductive.SUPPORTED_OPERATORS)
+def test_operator_math(operator):
+  rng = np.random.default_rng(0)
+  d = 8
+  param = model.init_operator_params(operator, 1, d)[0]
+  param = (param + 0.3 * rng.normal(size=param.shape)).astype(np.float32)
+  targets = rng.normal(size=(5, d)).astype(np.float32)
+  op = lambda x: np.asarray(model.apply_operator(operator, jnp.asarray(param), jnp.asarray(x)))
+  # l2 / cos: the inverse, op(g) = theta_t.
+  for comparator in ("l2", "cos"):
+    g = inductive.source_vectors(operator, param, targets, comparator)
+    np.testing.assert_allclose(op(g), targets, rtol=1e-4, atol=1e-4)
+  # dot: the adjoint, op(x) . t = x . g + op(0) . t for any x.
+  g = inductive.source_vectors(operator, param, targets, "dot")
+  x = rng.normal(size=(5, d)).astype(np.float32)
+  lhs = np.sum(op(x) * targets, axis=1)
+  rhs = np.sum(x * g, axis=1) + np.sum(op(np.zeros_like(x)) * targets, axis=1)
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-4, atol=1e-4)
+  # New target: op(theta_s).
+  np.testing.assert_allclose(inductive.target_vectors(operator, param, x), op(x), rtol=1e-6)
+
+
+def test_errors(run):
+  _, retriever = run
+  with pytest.raises(ValueError, match="'quaternion'"):
+    inductive.source_vectors("quaternion", np.zeros(4), np.zeros((1, 4)), "dot")
+  with pytest.raises(ValueError, match="no inverse"):
+    inductive.source_vectors("diagonal", np.array([1.0, 0.0]), np.ones((1, 2)), "l2")
+  with pytest.raises(ValueError, match="cannot be its"):
+    inductive.embed_new_entity(retriever, "tweet", [("clicks", "ad1")])
+  with pytest.raises(KeyError, match="'t-missing'"):
+    inductive.embed_new_entity(retriever, "user", [("favorites", "t-missing")])
+  with pytest.raises(ValueError, match="at least one edge"):
+    inductive.embed_new_entity(retriever, "user", [])
+
+
+def test_new_user_gets_a_mixture(run):
+  workdir, retriever = run
+  model_ = mixture.build_mixture(workdir, "tweet", k=8, top_m=2, iters=50, retriever=retriever,
+                                 progress=False)
+  edges = user_edges(workdir, retriever, 5)
+  new = inductive.embed_new_user(retriever, "user", edges, model_)
+  assert new.vector.shape == (64,)
+  stored = model_.mixture(5)  # the same engagements, counted at build time
+  np.testing.assert_array_equal(new.mixture.clusters, stored.clusters)
+  np.testing.assert_allclose(new.mixture.weights, stored.weights, rtol=1e-6)
