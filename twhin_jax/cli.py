@@ -7,6 +7,9 @@
   twhin export   --workdir DIR [--out DIR]
   twhin index    --workdir DIR [--types T ...] [--rebuild]   ScaNN index per entity type
   twhin cluster  --workdir DIR --type T [--k K] [--top-m M]  k-means + per-user mixtures
+  twhin drift    --old DIR --new DIR [--k 10] [--json]  per-entity change by degree, overlap@k
+  twhin inspect  --workdir DIR [--neighbors TYPE:NAME] [--json] | --diff DIR_A DIR_B
+  twhin compress --workdir DIR [--factors 4,8,16,32,64] [--json]   PQ codes + recall@10
 """
 
 from __future__ import annotations
@@ -136,6 +139,45 @@ def cmd_cluster(args, overrides):
   print(json.dumps({k: v for k, v in model.info.items() if k != "cluster_sizes"}, indent=1))
 
 
+def cmd_drift(args, overrides):
+  del overrides
+  from twhin_jax import drift
+  report = drift.drift(args.old, args.new, k=args.k, sample=args.sample, metric=args.metric,
+                       out_dir=args.out, progress=not (args.quiet or args.json))
+  print(json.dumps(report) if args.json else drift.format_report(report))
+
+
+def cmd_inspect(args, overrides):
+  del overrides
+  from twhin_jax import inspection
+  if args.diff:
+    diff = inspection.diff_runs(*args.diff)
+    print(json.dumps(diff) if args.json else inspection.format_diff(diff))
+  elif not args.workdir:
+    raise ValueError("inspect needs --workdir DIR (or --diff DIR_A DIR_B)")
+  elif args.neighbors:
+    entity_type, name = inspection.parse_entity(args.neighbors)
+    found = inspection.neighbors(args.workdir, entity_type, name, k=args.k,
+                                 target_type=args.target_type, metric=args.metric)
+    print(json.dumps(found) if args.json else "\n".join(
+        f"{i + 1:>3}. {n['name']:<30} {n['score']:.4f}" for i, n in enumerate(found)))
+  else:
+    info = inspection.summary(args.workdir, with_stats=not args.no_stats)
+    print(json.dumps(info, default=str) if args.json else inspection.format_summary(info))
+
+
+def cmd_compress(args, overrides):
+  del overrides
+  from twhin_jax import compress
+  factors = [float(f) if "." in f else int(f) for f in args.factors.split(",")]
+  results = compress.compress_run(args.workdir, factors, k=args.k, progress=not (
+      args.quiet or args.json))
+  for result in results:
+    print(json.dumps(result) if args.json else
+          f"{result['factor']:>4}x  recall@{args.k} {result[f'recall_at_{args.k}']:.4f}  "
+          f"({result['path']})")
+
+
 def cmd_demo(args, overrides):
   from twhin_jax import demo
   config_path = os.path.join(os.path.dirname(__file__), "demo_config.py")
@@ -175,6 +217,30 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--k", type=int, default=None, help="clusters (default ~sqrt(N/2))")
   p.add_argument("--top-m", type=int, default=5, help="mixture components per user")
   p.add_argument("--representative", default="centroid", choices=("centroid", "medoid"))
+  p = add("drift", cmd_drift, "per-entity drift between two runs (by degree) and overlap@k",
+          workdir_default="")
+  p.add_argument("--old", required=True, help="run directory of the old version")
+  p.add_argument("--new", required=True, help="run directory of the new version")
+  p.add_argument("--k", type=int, default=10, help="neighbours for overlap@k")
+  p.add_argument("--sample", type=int, default=2000, help="entities per type for overlap@k")
+  p.add_argument("--metric", default="cos", choices=("cos", "dot", "l2"))
+  p.add_argument("--out", default=None, help="plot/JSON folder (default <new>/plots)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p = add("inspect", cmd_inspect, "versions, arrays, norms/NaNs, neighbours, diffs of a run",
+          workdir_default="")
+  p.add_argument("--neighbors", default=None, metavar="TYPE:NAME",
+                 help="nearest neighbours of one entity")
+  p.add_argument("--target-type", default=None, help="neighbours of this type (default same)")
+  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--metric", default="cos", choices=("cos", "dot", "l2"))
+  p.add_argument("--diff", nargs=2, default=None, metavar=("DIR_A", "DIR_B"),
+                 help="leaf-by-leaf differences of two runs' latest checkpoints")
+  p.add_argument("--no-stats", action="store_true", help="skip the streamed norm/NaN pass")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p = add("compress", cmd_compress, "product quantization per type; recall@10 per factor")
+  p.add_argument("--factors", default="4,8,16,32,64", help="compression factors, comma-separated")
+  p.add_argument("--k", type=int, default=10, help="recall@k")
+  p.add_argument("--json", action="store_true", help="print one JSON object per factor")
   p = add("demo", cmd_demo, "generated Twitter-like graph: import, train, evaluate, report",
           workdir_default="runs/demo")
   p.add_argument("--variant", default="", help="config variant ('test': tiny)")
