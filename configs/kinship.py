@@ -7,3 +7,9 @@ from twhin_jax import datasets
 def get_config(variant: str = ""):
   return datasets.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship", epochs=50,
                             variant=variant)
+
+
+def get_sweep():
+  """Learning rate x dimension, 4 runs: `twhin sweep --config configs/kinship.py
+  --workdir runs/kinship-sweep` (docs/sweeps.md)."""
+  return {"train.lr": [0.05, 0.1], "model.dim": [100, 200]}

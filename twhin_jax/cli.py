@@ -7,6 +7,8 @@
   twhin export   --workdir DIR [--out DIR]
   twhin index    --workdir DIR [--types T ...] [--rebuild]   ScaNN index per entity type
   twhin cluster  --workdir DIR --type T [--k K] [--top-m M]  k-means + per-user mixtures
+  twhin sweep    --config FILE[:VARIANT] --workdir DIR [--metric mrr] [--split valid]
+                 [--emit-commands | --collect]      the config's get_sweep() runs + table
   twhin drift    --old DIR --new DIR [--k 10] [--json]  per-entity change by degree, overlap@k
   twhin inspect  --workdir DIR [--neighbors TYPE:NAME] [--json] | --diff DIR_A DIR_B
   twhin compress --workdir DIR [--factors 4,8,16,32,64] [--json]   PQ codes + recall@10
@@ -139,6 +141,23 @@ def cmd_cluster(args, overrides):
   print(json.dumps({k: v for k, v in model.info.items() if k != "cluster_sizes"}, indent=1))
 
 
+def cmd_sweep(args, overrides):
+  from twhin_jax import sweep
+  if args.collect:
+    sweep.collect(args.workdir, split=args.split, metric=args.metric)
+  elif not args.config:
+    raise ValueError("--config is required (except with --collect)")
+  elif args.emit_commands:
+    print("\n".join(sweep.emit_commands(args.config, args.workdir, split=args.split,
+                                        base_overrides=overrides)))
+    return
+  else:
+    sweep.run_sweep(args.config, args.workdir, split=args.split, metric=args.metric,
+                    base_overrides=overrides, progress=not args.quiet)
+  with open(os.path.join(args.workdir, sweep.RESULTS_MD)) as f:
+    print(f.read())
+
+
 def cmd_drift(args, overrides):
   del overrides
   from twhin_jax import drift
@@ -217,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--k", type=int, default=None, help="clusters (default ~sqrt(N/2))")
   p.add_argument("--top-m", type=int, default=5, help="mixture components per user")
   p.add_argument("--representative", default="centroid", choices=("centroid", "medoid"))
+  p = add("sweep", cmd_sweep, "run a config's get_sweep() and tabulate (docs/sweeps.md)")
+  p.add_argument("--config", default=None, help="configs/NAME.py[:variant] with get_sweep()")
+  p.add_argument("--metric", default="mrr", help="sort key: mrr, mr, hits@1/3/10, auc")
+  p.add_argument("--split", default="valid", choices=("train", "valid", "test"))
+  p.add_argument("--emit-commands", action="store_true",
+                 help="print one shell line per run (for a cluster) instead of running")
+  p.add_argument("--collect", action="store_true", help="tabulate finished runs only")
   p = add("drift", cmd_drift, "per-entity drift between two runs (by degree) and overlap@k",
           workdir_default="")
   p.add_argument("--old", required=True, help="run directory of the old version")
