@@ -109,6 +109,9 @@ def settings_for(args, graph: str) -> dict:
   preset = dict(GRAPHS[graph])
   if args.quick:
     preset.update(QUICK[graph])
+  if graph == "powerlaw10m":
+    preset["nodes"] = args.nodes or preset["nodes"]
+    preset["edges"] = args.edges or preset["edges"]
   return dict(
       graph=graph,
       dim=args.dim or preset["dim"],
@@ -539,7 +542,8 @@ def ensure_pbg_venv(venv: str) -> str:
 
 def bench_graph(args, graph: str, pbg_python: str, scratch: str) -> dict:
   settings = settings_for(args, graph)
-  tag = f"{graph}-p{settings['partitions']}-{settings['relations']}" + (
+  size = f"-{settings['nodes']}n{settings['edges']}e" if graph == "powerlaw10m" else ""
+  tag = f"{graph}{size}-p{settings['partitions']}-{settings['relations']}" + (
       "-quick" if settings["quick"] else "")
   root = os.path.join(scratch, tag)
   import_dir = os.path.join(root, "import")
@@ -648,6 +652,8 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=0, help="default: per graph (10, 2)")
   parser.add_argument("--dim", type=int, default=0, help="default: per graph (200, 128)")
   parser.add_argument("--partitions", type=int, default=1)
+  parser.add_argument("--nodes", type=int, default=0, help="powerlaw10m: nodes (default 1M)")
+  parser.add_argument("--edges", type=int, default=0, help="powerlaw10m: edges (default 10M)")
   parser.add_argument("--lr", type=float, default=0.1, help="entities and relations, both systems")
   parser.add_argument("--workers", type=int, default=2, help="PBG Hogwild workers")
   parser.add_argument("--relations", choices=("auto", "single", "reciprocal"), default="auto")
