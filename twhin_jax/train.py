@@ -169,6 +169,8 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   # One stable sort groups the shuffled edges by (round, device, relation).
   round_of = (dst_shard - src_shard) % shards
   cell = (round_of * shards + src_shard) * num_rel + rel
+  if shards * shards * num_rel < 2 ** 15:
+    cell = cell.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort: O(E)
   by_cell = np.argsort(cell, kind="stable")
   starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=shards * shards * num_rel))])
   row_in_group = np.asarray(layout.row, np.int32)
@@ -267,28 +269,50 @@ def uniform_log_count(sizes: np.ndarray, chunk: int, num_uniform: int) -> np.nda
   return np.log((max(num_uniform, 1) + chunk - 1) / np.maximum(sizes, 1)).astype(np.float32)
 
 
-def _background(generator, depth: int = 4):
-  """Runs a generator in a thread, yielding its items through a bounded queue."""
-  items: queue.Queue = queue.Queue(maxsize=depth)
-  done = object()
+class _Background:
+  """Runs a generator in a thread, handing its items over through a bounded
+  queue (``depth`` items ahead). ``close()`` stops the thread early."""
 
-  def produce():
+  _DONE = object()
+
+  def __init__(self, generator, depth: int = 4):
+    self._items: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, args=(generator,), daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self, generator) -> None:
     try:
       for item in generator:
-        items.put(item)
-      items.put(done)
+        if not self._put(item):
+          return
+      self._put(self._DONE)
     except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
-      items.put(err)
+      self._put(err)
 
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  while True:
-    item = items.get()
-    if item is done:
-      return
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._items.get()
+    if item is self._DONE:
+      raise StopIteration
     if isinstance(item, BaseException):
       raise item
-    yield item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=10)
 
 
 # --------------------------------------------------------------------------
@@ -640,15 +664,51 @@ class Trainer:
         bool(config.model.reciprocal), float(config.model.regularization),
         mesh=self.mesh, visiting=visiting)
 
-  def train_bucket(self, epoch: int, index: int, bucket, prefetch_next=None) -> tuple[float, int]:
-    """Trains one bucket: G rounds of the ring (one round with one device)."""
+  def _prepared_calls(self, epoch: int, index: int):
+    """(epoch, bucket index, round, call) from this bucket to the end of
+    training, then a (epoch, index, None, None) marker after each bucket.
+
+    Runs ahead in a background thread, across bucket and epoch boundaries,
+    so the next bucket's shuffle and packing overlap this bucket's training.
+    """
+    config = self.config
+    grid = self.graph.bucket_grid
+    while epoch < config.train.epochs:
+      order = schedule.bucket_order(config.train.bucket_order, grid, config.train.seed, epoch)
+      for i in range(index, len(order)):
+        working = layout_for(self.graph, self.dims, bucket_blocks(self.graph, order[i]),
+                             self.num_shards, self.sub_rows, self.capacity)
+        for k, call in prepare_bucket(self.graph, self.layout, working, order[i], config,
+                                      (config.train.seed, epoch, i), self.dims):
+          yield epoch, i, k, call
+        yield epoch, i, None, None
+      epoch, index = epoch + 1, 0
+
+  def train_bucket(self, epoch: int, index: int, bucket, prefetch_next=None,
+                   stream=None) -> tuple[float, int]:
+    """Trains one bucket: G rounds of the ring (one round with one device).
+
+    ``stream``: the iterator of :meth:`_prepared_calls` positioned at this
+    bucket (run() shares one across buckets); None prepares just this bucket.
+    """
     config = self.config
     seed = config.train.seed
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), index)
     key = sharding_lib.global_array(np.asarray(jax.random.key_data(key)), self.mesh)
     total_loss, total_edges = [], []
-    calls = prepare_bucket(self.graph, self.layout, self.resident, bucket, config,
-                           (seed, epoch, index), self.dims)
+    own_stream = stream is None
+    if own_stream:
+      stream = _Background(self._prepared_calls(epoch, index))
+
+    def calls():
+      for item_epoch, item_index, k, call in stream:
+        if (item_epoch, item_index) != (epoch, index):
+          raise RuntimeError(f"batch stream at epoch {item_epoch} bucket {item_index}, "
+                             f"trainer at epoch {epoch} bucket {index}")
+        if call is None:
+          return
+        yield k, call
+
     if prefetch_next is not None:
       prefetch_next()
     start, rotate, finish = sharding_lib.ring_ops(self.mesh)
@@ -669,7 +729,7 @@ class Trainer:
     step_in_bucket = 0
     batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
         sharding_lib.AXIS))
-    for k, call in _background(calls):
+    for k, call in calls():
       advance(k)
       group = call.group
       dim = int(group.split(":")[1])
@@ -699,6 +759,8 @@ class Trainer:
       for dim, (table, acc, snap, snap_acc) in visiting.items():
         self.tables_dev[dim], self.acc_dev[dim] = finish(
             self.tables_dev[dim], self.acc_dev[dim], table, acc, snap, snap_acc)
+    if own_stream:
+      stream.close()
     self.total_steps += step_in_bucket
     loss = sum(float(sharding_lib.host_copy(x)) for x in total_loss)
     edges = sum(int(sharding_lib.host_copy(x)) for x in total_edges)
@@ -714,48 +776,59 @@ class Trainer:
     bar = tqdm(total=self.graph.num_edges("train") * epochs, unit="edge", unit_scale=True,
                desc=f"train {config.name}", disable=not self.progress)
     bar.update(self.graph.num_edges("train") * self.cursor["epoch"])
-    while self.cursor["epoch"] < epochs:
-      epoch = self.cursor["epoch"]
-      order = schedule.bucket_order(config.train.bucket_order, grid, config.train.seed, epoch)
-      epoch_loss, epoch_edges, epoch_time = 0.0, 0, 0.0
-      while self.cursor["bucket"] < num_buckets:
-        index = self.cursor["bucket"]
-        bucket = order[index]
-        started = time.perf_counter()
-        self._load_bucket(bucket, getattr(self, "_prefetched", {}))
-        next_bucket = order[index + 1] if index + 1 < num_buckets else None
-        self._prefetched = {}
+    # Batches are prepared ahead, across buckets and epochs (see _prepared_calls).
+    stream = _Background(self._prepared_calls(self.cursor["epoch"], self.cursor["bucket"]),
+                         depth=8)
+    try:
+      while self.cursor["epoch"] < epochs:
+        epoch = self.cursor["epoch"]
+        order = schedule.bucket_order(config.train.bucket_order, grid, config.train.seed, epoch)
+        epoch_loss, epoch_edges, epoch_time = 0.0, 0, 0.0
+        while self.cursor["bucket"] < num_buckets:
+          index = self.cursor["bucket"]
+          bucket = order[index]
+          started = time.perf_counter()
+          self._load_bucket(bucket, getattr(self, "_prefetched", {}))
+          if index + 1 < num_buckets:
+            next_bucket = order[index + 1]
+          elif epoch + 1 < epochs:  # the next epoch's first bucket
+            next_bucket = schedule.bucket_order(config.train.bucket_order, grid,
+                                                config.train.seed, epoch + 1)[0]
+          else:
+            next_bucket = None
+          self._prefetched = {}
 
-        def prefetch_next(next_bucket=next_bucket):
-          if next_bucket is not None and config.storage.prefetch:
-            self._prefetched = self._prefetch(next_bucket)
+          def prefetch_next(next_bucket=next_bucket):
+            if next_bucket is not None and config.storage.prefetch:
+              self._prefetched = self._prefetch(next_bucket)
 
-        loss, edges = self.train_bucket(epoch, index, bucket, prefetch_next)
-        elapsed = time.perf_counter() - started
-        epoch_loss += loss
-        epoch_edges += edges
-        epoch_time += elapsed
-        bar.update(edges)
-        bar.set_postfix(epoch=epoch, loss=f"{loss / max(edges, 1):.4f}")
-        self._log({"epoch": epoch, "bucket": list(bucket), "bucket_index": index,
-                   "loss": loss / max(edges, 1), "edges": edges, "seconds": elapsed,
-                   "edges_per_s": edges / max(elapsed, 1e-9)})
-        self.cursor["bucket"] = index + 1
-        buckets_done += 1
-        end_of_epoch = self.cursor["bucket"] == num_buckets
-        if end_of_epoch:
-          self.cursor = {"epoch": epoch + 1, "bucket": 0}
-        every = config.train.checkpoint_every_buckets
-        if end_of_epoch or (every and buckets_done % every == 0):
+          loss, edges = self.train_bucket(epoch, index, bucket, prefetch_next, stream)
+          elapsed = time.perf_counter() - started
+          epoch_loss += loss
+          epoch_edges += edges
+          epoch_time += elapsed
+          bar.update(edges)
+          bar.set_postfix(epoch=epoch, loss=f"{loss / max(edges, 1):.4f}")
+          self._log({"epoch": epoch, "bucket": list(bucket), "bucket_index": index,
+                     "loss": loss / max(edges, 1), "edges": edges, "seconds": elapsed,
+                     "edges_per_s": edges / max(elapsed, 1e-9)})
+          self.cursor["bucket"] = index + 1
+          buckets_done += 1
+          end_of_epoch = self.cursor["bucket"] == num_buckets
           if end_of_epoch:
-            self._end_epoch(epoch, epoch_loss, epoch_edges, epoch_time)
-          self.save_checkpoint()
-        if stop_after_buckets is not None and buckets_done >= stop_after_buckets:
-          bar.close()
-          return self.history
-        if end_of_epoch:
-          break
-    bar.close()
+            self.cursor = {"epoch": epoch + 1, "bucket": 0}
+          every = config.train.checkpoint_every_buckets
+          if end_of_epoch or (every and buckets_done % every == 0):
+            if end_of_epoch:
+              self._end_epoch(epoch, epoch_loss, epoch_edges, epoch_time)
+            self.save_checkpoint()
+          if stop_after_buckets is not None and buckets_done >= stop_after_buckets:
+            return self.history
+          if end_of_epoch:
+            break
+    finally:
+      stream.close()
+      bar.close()
     self.flush()
     if self.primary:
       reporting.plot_training(self.history, self.workdir)
