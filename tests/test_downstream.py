@@ -1,0 +1,133 @@
+"""Downstream metrics, the frozen-embedding MLP, and the task plumbing."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from twhin_jax import compress
+from twhin_jax import downstream
+from twhin_jax import inspection
+from twhin_jax.downstream import metrics
+
+DATA = os.environ.get("TWHIN_DATA_DIR", "/work/shared/data")
+needs_data = pytest.mark.skipif(
+    not os.path.exists(os.path.join(DATA, "social", "hetrec2011-lastfm-2k")),
+    reason="TWHIN_DATA_DIR holds no datasets")
+
+
+def test_auc_of_a_perfect_scorer_is_one_and_a_hand_case_matches():
+  labels = np.array([0, 1, 0, 1, 1, 0])
+  assert metrics.roc_auc(labels, labels * 2.0 + 0.1) == 1.0
+  assert metrics.roc_auc(labels, -labels) == 0.0
+  # Positives {0.9, 0.4}, negatives {0.8, 0.1}: 3 of 4 pairs ordered -> 0.75.
+  assert metrics.roc_auc([1, 0, 1, 0], [0.9, 0.8, 0.4, 0.1]) == 0.75
+  assert metrics.roc_auc([1, 0], [0.5, 0.5]) == 0.5  # a tie counts 1/2
+  assert math.isnan(metrics.roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_average_precision_hand_case_and_ties():
+  # Ranked 1, 0, 1, 0: precision 1 at recall 1/2, 2/3 at recall 1.
+  assert metrics.average_precision([1, 0, 1, 0], [0.9, 0.8, 0.4, 0.1]) == pytest.approx(5 / 6)
+  assert metrics.average_precision([1, 0, 1, 0], [4, 3, 2, 1]) == pytest.approx(5 / 6)
+  # All tied: one threshold, precision = positive rate.
+  assert metrics.average_precision([1, 0, 0, 0], [1, 1, 1, 1]) == pytest.approx(0.25)
+
+
+def test_rce_of_the_base_rate_predictor_is_zero():
+  rng = np.random.default_rng(0)
+  labels = (rng.random(1000) < 0.3).astype(int)
+  rate = labels.mean()
+  assert metrics.relative_cross_entropy(labels, np.full(1000, rate), rate) == pytest.approx(
+      0.0, abs=1e-9)
+  assert metrics.relative_cross_entropy(labels, labels * 0.98 + 0.01, rate) > 90
+  assert metrics.relative_cross_entropy(labels, 1 - labels * 0.98 - 0.01, rate) < 0
+  # Hand-computed: y = [1, 0], p = [0.8, 0.4], base rate 0.5:
+  # CE_model = -(ln 0.8 + ln 0.6) / 2, CE_base = ln 2.
+  expected = 100 * (math.log(2) + (math.log(0.8) + math.log(0.6)) / 2) / math.log(2)
+  assert metrics.relative_cross_entropy([1, 0], [0.8, 0.4], 0.5) == pytest.approx(expected)
+
+
+def test_map_and_multiclass():
+  # Query a: AP 1; query b: positive ranked second -> AP 1/2; query c has no positive.
+  value = metrics.mean_average_precision(["a", "a", "b", "b", "c"], [1, 0, 1, 0, 0],
+                                         [0.9, 0.1, 0.2, 0.7, 0.5])
+  assert value == pytest.approx(0.75)
+  probabilities = np.eye(3)[[0, 1, 2, 1]] * 0.9 + 0.05
+  result = metrics.multiclass_metrics([0, 1, 2, 1], probabilities)
+  assert result["accuracy"] == 1.0 and result["macro_roc_auc"] == 1.0
+
+
+def _toy(n=3000, dim=8, seed=0):
+  """Labels separable from the looked-up vectors plus a noisy dense feature."""
+  rng = np.random.default_rng(seed)
+  table = rng.standard_normal((n, dim)).astype(np.float32)
+  labels = (table[:, 0] - table[:, 1] > 0).astype(np.int32)
+  dense = (labels + rng.standard_normal(n) * 2.0)[:, None].astype(np.float32)
+  embeddings = inspection.EmbeddingSet({"item": table}, {"item": [str(i) for i in range(n)]})
+  examples = downstream.Examples(dense, {"item": np.arange(n, dtype=np.int32)}, labels)
+  return embeddings, examples, labels
+
+
+def test_mlp_learns_a_separable_task_from_frozen_embeddings():
+  embeddings, examples, labels = _toy()
+  train, valid, test = np.arange(2000), np.arange(2000, 2500), np.arange(2500, 3000)
+  scores = {}
+  for name, features in (("dense only", []), ("with embedding",
+                                              [downstream.IdFeature("item", "item")])):
+    model = downstream.build_model(embeddings, 1, features)
+    table_before = (np.asarray(model.lookups["item"].table[...]) if features else None)
+    info = downstream.train_model(model, examples.take(train), examples.take(valid),
+                                  downstream.TrainConfig(max_epochs=30, patience=3))
+    probabilities = downstream.predict(model, examples.take(test))
+    scores[name] = metrics.roc_auc(labels[test], probabilities)
+    assert info["history"][info["best_epoch"]]["valid_loss"] == info["best_valid_loss"]
+    if features:  # the lookup table is frozen: the optimizer never touches it
+      np.testing.assert_array_equal(np.asarray(model.lookups["item"].table[...]), table_before)
+  assert scores["with embedding"] > 0.97, scores
+  assert scores["dense only"] < 0.8, scores
+
+
+def test_pq_codes_are_decoded_inside_the_model():
+  embeddings, examples, labels = _toy(n=1200)
+  codebook, codes = compress.train_pq(embeddings.tables["item"], num_subspaces=8)
+  quantized = inspection.EmbeddingSet({"item": compress.decode(codes, codebook)},
+                                      embeddings.names, pq={"item": (codes, codebook)})
+  model = downstream.build_model(quantized, 1, [downstream.IdFeature("item", "item")])
+  assert isinstance(model.lookups["item"], compress.PQEmbed)
+  downstream.train_model(model, examples.take(np.arange(800)),
+                         examples.take(np.arange(800, 1000)),
+                         downstream.TrainConfig(max_epochs=30, patience=3))
+  probabilities = downstream.predict(model, examples.take(np.arange(1000, 1200)))
+  assert metrics.roc_auc(labels[1000:], probabilities) > 0.9
+
+
+def test_unknown_feature_set_and_missing_run_are_named():
+  with pytest.raises(ValueError, match="unknown feature set 'X'"):
+    downstream.ciao_rating("nowhere", feature_set="X")
+  with pytest.raises(FileNotFoundError, match="nowhere: ciao_rating needs"):
+    downstream.ciao_rating("nowhere", feature_set="U")
+
+
+@needs_data
+def test_lastfm_split_file_and_baseline_task(tmp_path):
+  kept, held = downstream.lastfm_friend_split(DATA)
+  kept_set = {tuple(p) for p in kept}
+  assert not any(tuple(p) in kept_set for p in held)
+  assert len(held) == round(0.2 * (len(kept) + len(held)))
+  path = downstream.write_lastfm_train_friends(str(tmp_path / "friends.dat"), DATA)
+  written = np.loadtxt(path, dtype=np.int64, skiprows=1)
+  assert len(written) == 2 * len(kept)
+  assert not {tuple(sorted(p)) for p in written} & {tuple(p) for p in held}
+  users = np.unique(np.concatenate([kept.ravel(), held.ravel()]))
+  rng = np.random.default_rng(0)
+  random_vectors = {"user": ([str(u) for u in users],
+                             rng.standard_normal((len(users), 8)).astype(np.float32))}
+  result = downstream.lastfm_friends(random_vectors, feature_set="none", data_dir=DATA,
+                                     train_config=downstream.TrainConfig(max_epochs=8))
+  # Common friends in the kept graph predict held-out friendships well above chance.
+  assert result["roc_auc"] > 0.7 and result["positive_rate"] == pytest.approx(0.2, abs=0.02)
+  assert {"pr_auc", "rce", "map"} <= set(result)

@@ -1,0 +1,360 @@
+"""Downstream tasks on the public datasets, each a function returning a metrics dict.
+
+Every task takes an *embedding source*: anything
+``inspection.load_embeddings`` reads (a run directory, an export or
+compressed directory, an ``EmbeddingSet``, or ``{type: (names, array)}``),
+and a ``feature_set`` naming which entity embeddings are added to id-free
+baseline features (paper Table 2 style; "none" is the baseline alone).
+
+  ciao_category   Ciao product -> category (28 classes) from the product
+                  embedding. Feature sets: none (log rating count, mean stars,
+                  mean helpfulness of the product), P. Metrics: accuracy,
+                  macro one-vs-rest ROC-AUC. The embedding run must not have
+                  the in_category relation (``ciao_config_without_category``).
+  ciao_rating     rating >= 4 of a (user, product) pair the embedding run held
+                  out (its valid + test rated_k edges: the vectors never saw
+                  these pairs). Feature sets: none (log rating counts and mean
+                  stars of user and product over the run's train edges), U, P,
+                  U+P. Metrics: ROC-AUC, PR-AUC, RCE (Eq. 4), MAP per user.
+  lastfm_friends  held-out Last.fm friendships against random non-friend
+                  pairs (``negatives`` per positive, same first user).
+                  Feature sets: none (log degrees of both users and log common
+                  friends in the training friend graph), U (both users'
+                  embeddings and their elementwise product). Metrics as above,
+                  MAP per first user. The embedding run must be trained on
+                  ``write_lastfm_train_friends`` output (checked: a held-out
+                  pair in the run's graph is an error).
+
+Examples are split 60/20/20 (train/valid/test; friend examples grouped by
+first user) with a seeded permutation; dense features are standardised with
+the train mean and deviation; the model and loop are in ``model.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import numpy as np
+
+from twhin_jax import config as config_lib
+from twhin_jax import inspection
+from twhin_jax.downstream import metrics as metrics_lib
+from twhin_jax.downstream.model import (Examples, IdFeature, TrainConfig, build_model, predict,
+                                        train_model)
+from twhin_jax.graph import Graph
+
+CIAO = "social/ciao-tang2012"
+LASTFM = "social/hetrec2011-lastfm-2k"
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+CATEGORY_FEATURE_SETS = ("none", "P")
+RATING_FEATURE_SETS = ("none", "U", "P", "U+P")
+FRIEND_FEATURE_SETS = ("none", "U")
+
+
+def _data_dir(data_dir: str | None) -> str:
+  path = data_dir or os.environ.get("TWHIN_DATA_DIR") or "/work/shared/data"
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no datasets folder (set TWHIN_DATA_DIR)")
+  return path
+
+
+def _check_feature_set(feature_set: str, allowed: tuple[str, ...], task: str) -> None:
+  if feature_set not in allowed:
+    raise ValueError(f"{task}: unknown feature set {feature_set!r}; choose from {allowed}")
+
+
+def _split(n: int, seed: int, groups: np.ndarray | None = None):
+  """Row indices of train / valid / test (60/20/20), seeded; whole groups if given."""
+  rng = np.random.default_rng(seed)
+  if groups is None:
+    order = rng.permutation(n)
+    cut = np.cumsum([int(f * n) for f in SPLIT_FRACTIONS[:2]])
+    return np.split(order, cut)
+  unique = rng.permutation(np.unique(groups))
+  cut = np.cumsum([int(f * len(unique)) for f in SPLIT_FRACTIONS[:2]])
+  parts = np.split(unique, cut)
+  return [np.flatnonzero(np.isin(groups, part)) for part in parts]
+
+
+def _standardise(dense: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
+  if dense.shape[1] == 0:
+    return dense.astype(np.float32)
+  mean = dense[train_rows].mean(axis=0)
+  std = dense[train_rows].std(axis=0) + 1e-6
+  return ((dense - mean) / std).astype(np.float32)
+
+
+def _run_binary(task: str, feature_set: str, embeddings, dense, ids, id_features, products,
+                labels, split, query_ids, train_config, use_pq, progress) -> dict:
+  started = time.perf_counter()
+  train_rows, valid_rows, test_rows = split
+  examples = Examples(_standardise(dense, train_rows), ids, labels.astype(np.int32))
+  model = build_model(embeddings, dense.shape[1], id_features, products, num_outputs=1,
+                      use_pq=use_pq, seed=train_config.seed)
+  info = train_model(model, examples.take(train_rows), examples.take(valid_rows), train_config,
+                     progress=progress)
+  probabilities = predict(model, examples.take(test_rows))
+  result = metrics_lib.binary_metrics(labels[test_rows], probabilities,
+                                      float(labels[train_rows].mean()), query_ids[test_rows])
+  return {"task": task, "feature_set": feature_set, **result,
+          "train_examples": int(len(train_rows)), "best_epoch": info["best_epoch"],
+          "seconds": time.perf_counter() - started,
+          "pq": sorted(t for t in embeddings.pq if any(f.entity_type == t for f in id_features))
+          if use_pq else []}
+
+
+# --------------------------------------------------------------------------
+# Ciao.
+
+
+@functools.lru_cache(maxsize=2)
+def ciao_ratings(data_dir: str | None = None) -> np.ndarray:
+  """rating.tsv.gz as int64 [R, 5]: user, product, category, stars, helpfulness."""
+  path = os.path.join(_data_dir(data_dir), CIAO, "rating.tsv.gz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: Ciao ratings not found")
+  return np.loadtxt(path, dtype=np.int64, delimiter="\t").reshape(-1, 5)
+
+
+def ciao_config_without_category(spec: str = "configs/ciao.py", overrides=()):
+  """configs/ciao.py without in_category (and the category type): the product
+  category must not be an input of the embeddings that predict it."""
+  from twhin_jax import cli
+  config = cli.load_config(spec, list(overrides))
+  config.relations = [r for r in config.relations if r["name"] != "in_category"]
+  config.data.files = [f for f in config.data.files if f["relation_name"] != "in_category"]
+  del config.entities["category"]
+  config.name = config.name.replace("ciao", "ciao-nocat")
+  config_lib.validate(config)
+  return config
+
+
+def _no_category_relation(embeddings, run_dir: str | None) -> None:
+  if run_dir and os.path.exists(os.path.join(run_dir, "graph", "manifest.json")):
+    graph = Graph(os.path.join(run_dir, "graph"))
+    if "in_category" in graph.relation_index:
+      raise ValueError(f"{run_dir}: the run was trained with the in_category relation, so its "
+                       "product vectors encode the label; use ciao_config_without_category()")
+  if "category" in embeddings.tables and run_dir is None:
+    raise ValueError(f"{embeddings.origin}: has category embeddings; the product vectors may "
+                     "encode the label (train without in_category)")
+
+
+def ciao_category(source, *, feature_set: str = "P", data_dir: str | None = None,
+                  run_dir: str | None = None, seed: int = 0,
+                  train_config: TrainConfig = TrainConfig(), use_pq: bool = True,
+                  progress: bool = False) -> dict:
+  """Product category classification (see the module doc); returns metrics."""
+  _check_feature_set(feature_set, CATEGORY_FEATURE_SETS, "ciao_category")
+  embeddings = inspection.load_embeddings(source, ["product"])
+  run_dir = run_dir or (source if isinstance(source, str) and
+                        os.path.isdir(os.path.join(source, "graph")) else None)
+  _no_category_relation(embeddings, run_dir)
+  ratings = ciao_ratings(data_dir)
+  products, inverse = np.unique(ratings[:, 1], return_inverse=True)
+  counts = np.bincount(inverse).astype(np.float64)
+  stars = np.bincount(inverse, weights=ratings[:, 3]) / counts
+  helpful = np.bincount(inverse, weights=ratings[:, 4]) / counts
+  classes, class_of_rating = np.unique(ratings[:, 2], return_inverse=True)
+  # A product's category: the most frequent among its rating rows (they agree in Ciao).
+  pair = inverse * len(classes) + class_of_rating
+  pair_counts = np.bincount(pair, minlength=len(products) * len(classes))
+  label = pair_counts.reshape(len(products), len(classes)).argmax(axis=1)
+  rows = embeddings.rows("product", [str(p) for p in products])
+  keep = np.flatnonzero(rows >= 0)  # products the embedding run knows
+  if len(keep) == 0:
+    raise ValueError(f"{embeddings.origin}: no Ciao product has a vector")
+  dense = np.stack([np.log1p(counts), stars, helpful], axis=1)[keep]
+  label, rows = label[keep], rows[keep].astype(np.int32)
+  train_rows, valid_rows, test_rows = _split(len(keep), seed)
+  started = time.perf_counter()
+  id_features = [IdFeature("product", "product")] if feature_set == "P" else []
+  examples = Examples(_standardise(dense, train_rows), {"product": rows}, label)
+  model = build_model(embeddings, dense.shape[1], id_features, (), num_outputs=len(classes),
+                      use_pq=use_pq, seed=seed)
+  info = train_model(model, examples.take(train_rows), examples.take(valid_rows), train_config,
+                     progress=progress)
+  probabilities = predict(model, examples.take(test_rows))
+  return {"task": "ciao_category", "feature_set": feature_set,
+          **metrics_lib.multiclass_metrics(label[test_rows], probabilities),
+          "train_examples": int(len(train_rows)), "best_epoch": info["best_epoch"],
+          "seconds": time.perf_counter() - started,
+          "pq": ["product"] if use_pq and "product" in embeddings.pq and id_features else []}
+
+
+def _rated_edges(graph: Graph, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(user local ids, product local ids, stars) of a split's rated_k edges."""
+  edges = graph.split_edges(split)
+  stars_of_relation = np.zeros(len(graph.relations), np.int64)
+  for index, relation in enumerate(graph.relations):
+    if relation.name.startswith("rated_"):
+      stars_of_relation[index] = int(relation.name.split("_")[1])
+  stars = stars_of_relation[edges["rel"]]
+  keep = stars > 0
+  return edges["src"][keep], edges["dst"][keep], stars[keep]
+
+
+def ciao_rating(source, *, feature_set: str = "U+P", run_dir: str | None = None,
+                seed: int = 0, train_config: TrainConfig = TrainConfig(), use_pq: bool = True,
+                progress: bool = False) -> dict:
+  """rating >= 4 of the run's held-out (user, product) pairs (see the module doc).
+
+  ``run_dir``: the Ciao embedding run whose held-out rated_k edges are the
+  examples (default: ``source`` when it is a run directory).
+  """
+  _check_feature_set(feature_set, RATING_FEATURE_SETS, "ciao_rating")
+  run_dir = run_dir or (source if isinstance(source, str) else None)
+  if run_dir is None or not os.path.exists(os.path.join(run_dir, "graph", "manifest.json")):
+    raise FileNotFoundError(f"{run_dir}: ciao_rating needs the Ciao embedding run directory "
+                            "(its held-out ratings are the examples); pass run_dir=")
+  graph = Graph(os.path.join(run_dir, "graph"))
+  if "user" not in graph.entities or "product" not in graph.entities:
+    raise ValueError(f"{run_dir}: not a Ciao run (entity types {sorted(graph.entities)})")
+  types = {"none": [], "U": ["user"], "P": ["product"], "U+P": ["user", "product"]}[feature_set]
+  embeddings = inspection.load_embeddings(source if types else run_dir, types or ["user"])
+  user_names, product_names = graph.names("user"), graph.names("product")
+  # Baseline features from the train edges only (no held-out rating leaks into them).
+  train_users, train_products, train_stars = _rated_edges(graph, "train")
+
+  def count_and_mean(ids, size):
+    count = np.bincount(ids, minlength=size).astype(np.float64)
+    total = np.bincount(ids, weights=train_stars, minlength=size)
+    mean = np.where(count > 0, total / np.maximum(count, 1), train_stars.mean())
+    return np.log1p(count), mean
+
+  user_count, user_mean = count_and_mean(train_users, len(user_names))
+  product_count, product_mean = count_and_mean(train_products, len(product_names))
+  held = [_rated_edges(graph, split) for split in ("valid", "test")]
+  users = np.concatenate([h[0] for h in held])
+  products = np.concatenate([h[1] for h in held])
+  stars = np.concatenate([h[2] for h in held])
+  if len(users) == 0:
+    raise ValueError(f"{run_dir}: the run holds out no ratings (data.valid/test_fraction = 0)")
+  labels = (stars >= 4).astype(np.int32)
+  dense = np.stack([user_count[users], user_mean[users], product_count[products],
+                    product_mean[products]], axis=1)
+  ids = {"user": embeddings.rows("user", [user_names[u] for u in users]).astype(np.int32)
+         if "user" in types else np.zeros(len(users), np.int32),
+         "product": embeddings.rows("product", [product_names[p] for p in products]).astype(
+             np.int32) if "product" in types else np.zeros(len(users), np.int32)}
+  id_features = [IdFeature(t, t) for t in types]
+  return _run_binary("ciao_rating", feature_set, embeddings, dense, ids, id_features, (), labels,
+                     _split(len(labels), seed), users, train_config, use_pq, progress)
+
+
+# --------------------------------------------------------------------------
+# Last.fm.
+
+
+@functools.lru_cache(maxsize=4)
+def lastfm_friend_split(data_dir: str | None = None, holdout_fraction: float = 0.2,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Undirected friendships (a < b) of user_friends.dat: (kept [n, 2], held out [m, 2])."""
+  path = os.path.join(_data_dir(data_dir), LASTFM, "user_friends.dat")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: Last.fm friends not found")
+  pairs = np.loadtxt(path, dtype=np.int64, delimiter="\t", skiprows=1).reshape(-1, 2)
+  pairs = np.unique(np.sort(pairs, axis=1), axis=0)  # each friendship once
+  pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+  order = np.random.default_rng([seed, 0xF41E]).permutation(len(pairs))
+  held = int(round(holdout_fraction * len(pairs)))
+  return pairs[np.sort(order[held:])], pairs[np.sort(order[:held])]
+
+
+def write_lastfm_train_friends(path: str, data_dir: str | None = None,
+                               holdout_fraction: float = 0.2, seed: int = 0) -> str:
+  """Writes the kept friendships in both directions, in user_friends.dat's format
+  (header, tab-separated), for the embedding run of ``lastfm_friends``."""
+  kept, _ = lastfm_friend_split(data_dir, holdout_fraction, seed)
+  both = np.concatenate([kept, kept[:, ::-1]])
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("userID\tfriendID\n")
+    f.writelines(f"{a}\t{b}\n" for a, b in both)
+  os.replace(tmp, path)
+  return path
+
+
+def lastfm_config_with_held_out_friends(friends_path: str, spec: str = "configs/lastfm.py",
+                                        overrides=()):
+  """configs/lastfm.py reading its friend edges from ``friends_path``."""
+  from twhin_jax import cli
+  config = cli.load_config(spec, list(overrides))
+  files = [dict(f) for f in config.data.files]
+  for f in files:
+    if f["relation_name"] == "friend":
+      f["path"] = os.path.abspath(friends_path)
+  config.data.files = files
+  config.name = config.name.replace("lastfm", "lastfm-heldout")
+  config_lib.validate(config)
+  return config
+
+
+def _check_no_leak(run_dir: str, held: np.ndarray) -> None:
+  graph = Graph(os.path.join(run_dir, "graph"))
+  if "friend" not in graph.relation_index:
+    raise ValueError(f"{run_dir}: no friend relation; not a Last.fm run")
+  names = np.array(graph.names("user"))
+  friend = graph.relation_index["friend"]
+  seen = []
+  for split in ("train", "valid", "test"):
+    edges = graph.split_edges(split)
+    mask = edges["rel"] == friend
+    seen.append(np.stack([names[edges["src"][mask]], names[edges["dst"][mask]]], axis=1))
+  seen = np.concatenate(seen).astype(np.int64)
+  seen = {(min(a, b), max(a, b)) for a, b in seen}
+  leaked = sum((int(a), int(b)) in seen for a, b in held)
+  if leaked:
+    raise ValueError(f"{run_dir}: the embedding run saw {leaked} of the {len(held)} held-out "
+                     "friendships; train it on write_lastfm_train_friends() output")
+
+
+def lastfm_friends(source, *, feature_set: str = "U", run_dir: str | None = None,
+                   data_dir: str | None = None, holdout_fraction: float = 0.2,
+                   negatives: int = 4, seed: int = 0, train_config: TrainConfig = TrainConfig(),
+                   use_pq: bool = True, progress: bool = False) -> dict:
+  """Held-out friendship prediction (see the module doc); returns metrics."""
+  _check_feature_set(feature_set, FRIEND_FEATURE_SETS, "lastfm_friends")
+  run_dir = run_dir or (source if isinstance(source, str) else None)
+  if run_dir is not None and os.path.exists(os.path.join(run_dir, "graph", "manifest.json")):
+    _check_no_leak(run_dir, lastfm_friend_split(data_dir, holdout_fraction, seed)[1])
+  embeddings = inspection.load_embeddings(source, ["user"])
+  kept, held = lastfm_friend_split(data_dir, holdout_fraction, seed)
+  everyone = np.unique(np.concatenate([kept.ravel(), held.ravel()]))
+  known = {(int(a), int(b)) for a, b in np.concatenate([kept, held])}
+  neighbours: dict[int, set] = {}
+  for a, b in kept:
+    neighbours.setdefault(int(a), set()).add(int(b))
+    neighbours.setdefault(int(b), set()).add(int(a))
+  rng = np.random.default_rng([seed, 0xAB])
+  flip = rng.random(len(held)) < 0.5  # random orientation of each held-out pair
+  first = np.where(flip, held[:, 1], held[:, 0])
+  second = np.where(flip, held[:, 0], held[:, 1])
+  rows_a, rows_b, labels = list(first), list(second), [1] * len(held)
+  for a in first:
+    drawn = 0
+    while drawn < negatives:
+      c = int(everyone[rng.integers(len(everyone))])
+      if c != a and (min(a, c), max(a, c)) not in known:
+        rows_a.append(int(a))
+        rows_b.append(c)
+        labels.append(0)
+        drawn += 1
+  a_ids, b_ids, labels = np.array(rows_a), np.array(rows_b), np.array(labels)
+  degree = {u: len(v) for u, v in neighbours.items()}
+  common = np.array([len(neighbours.get(int(a), set()) & neighbours.get(int(b), set()))
+                     for a, b in zip(a_ids, b_ids)])
+  dense = np.stack([np.log1p([degree.get(int(a), 0) for a in a_ids]),
+                    np.log1p([degree.get(int(b), 0) for b in b_ids]), np.log1p(common)], axis=1)
+  ids = {"user_a": embeddings.rows("user", [str(a) for a in a_ids]).astype(np.int32),
+         "user_b": embeddings.rows("user", [str(b) for b in b_ids]).astype(np.int32)}
+  id_features, products = [], []
+  if feature_set == "U":
+    id_features = [IdFeature("user_a", "user"), IdFeature("user_b", "user")]
+    products = [("user_a", "user_b")]
+  return _run_binary("lastfm_friends", feature_set, embeddings, dense, ids, id_features, products,
+                     labels, _split(len(labels), seed, groups=a_ids), a_ids, train_config, use_pq,
+                     progress)
