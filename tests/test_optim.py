@@ -268,8 +268,17 @@ def _reference_loss(table, rel_params, src, dst, rel, weight, src_lo, dst_lo,
     uni_dst = table[jnp.full((num_uniform,), dst_lo[s])]  # [U, d]
     w = weight[s]
     pos = model.compare_pairs(comparator, lhs, rhs)  # [C]
-    mask = jnp.concatenate([(w > 0).astype(jnp.float32)[None, :] * (1.0 - jnp.eye(C)),
-                            jnp.ones((C, num_uniform))], axis=1)  # [C, C+U]
+    # A candidate counts as a negative of edge i when it is a real edge's (or
+    # uniform) entity other than edge i's own positive entity on that side.
+    valid = (w > 0).astype(jnp.float32)
+
+    def mask_for(ids, uniform_id):
+      batch_part = valid[None, :] * (ids[None, :] != ids[:, None])  # [C, C]
+      uniform_part = jnp.broadcast_to((uniform_id != ids)[:, None], (C, num_uniform))  # [C, U]
+      return jnp.concatenate([batch_part, uniform_part], axis=1).astype(jnp.float32)
+
+    dst_mask = mask_for(jnp.asarray(dst[s]), dst_lo[s])  # [C, C+U]
+    src_mask = mask_for(jnp.asarray(src[s]), src_lo[s])  # [C, C+U]
     # [i, j] = f(s_i, r, t_j), then f(s_i, r, u_k): corrupt the target of edge i.
     neg_dst = jnp.concatenate([model.compare_pairs(comparator, lhs[:, None, :], rhs[None, :, :]),
                                model.compare_pairs(comparator, lhs[:, None, :], uni_dst[None, :, :])],
@@ -278,7 +287,8 @@ def _reference_loss(table, rel_params, src, dst, rel, weight, src_lo, dst_lo,
     neg_src = jnp.concatenate([model.compare_pairs(comparator, lhs[None, :, :], rhs[:, None, :]),
                                model.compare_pairs(comparator, uni_src[None, :, :], rhs[:, None, :])],
                               axis=1)  # [C, C+U]
-    total = total + loss_fn(pos, neg_dst, mask, w, MARGIN) + loss_fn(pos, neg_src, mask, w, MARGIN)
+    total = (total + loss_fn(pos, neg_dst, dst_mask, w, MARGIN)
+             + loss_fn(pos, neg_src, src_mask, w, MARGIN))
   return total
 
 

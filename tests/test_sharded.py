@@ -198,3 +198,38 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     epochs = [json.loads(line) for line in f if '"event": "epoch"' in line]
   assert [e["epoch"] for e in epochs] == [0, 1]  # one writer: no duplicate records
   assert epochs[-1]["valid"]["mrr"] > 0.03
+
+
+def test_mixed_chunks_hold_several_relations_of_one_type_pair(tiny_graph):
+  config, graph = tiny_graph
+  config = config.copy_and_resolve_references()
+  config.model.reciprocal = True
+  config.negatives.mix_relations = True
+  dims = {t: 64 for t in graph.entities}
+  sub_rows = {t: e.partition_size for t, e in graph.entities.items()}
+  capacity = train_lib.shard_capacity(graph, dims, sub_rows)
+  bucket = (0, 0)
+  working = train_lib.layout_for(graph, dims, train_lib.bucket_blocks(graph, bucket), 1,
+                                 sub_rows, capacity)
+  layout = model.RelationLayout.from_config(config)
+  mixed_chunks, seen = 0, 0
+  for _, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0), dims):
+    b = call.batch
+    assert b.rel.shape == b.src.shape  # one relation row per edge
+    real = b.weight[0] > 0  # [T, S, C]
+    seen += int(real.sum())
+    for t, s in zip(*np.nonzero(real.any(axis=2))):
+      relations = {layout.groups[call.group][row] for row in b.rel[0, t, s][real[t, s]]}
+      types = {(graph.relations[r].source, graph.relations[r].target) for r in relations}
+      assert len(types) == 1  # negatives stay within one source and one target type
+      mixed_chunks += len(relations) > 1
+  assert seen == graph.bucket_sizes()[bucket]
+  assert mixed_chunks > 0
+
+
+def test_mixed_chunks_need_reciprocal_relations():
+  from twhin_jax import config as config_lib
+  config = demo_config.get_config("test")
+  config.negatives.mix_relations = True
+  with pytest.raises(ValueError, match="negatives.mix_relations"):
+    config_lib.validate(config)

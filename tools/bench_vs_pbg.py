@@ -164,6 +164,10 @@ def our_config(settings: dict, graph_file: str | None):
   config.train.eval_every_epochs = 0
   config.negatives.chunk_size = settings["num_batch_negs"]
   config.negatives.num_uniform = settings["num_uniform_negs"]
+  # PBG with dynamic relations fills a chunk with edges of every relation;
+  # ours does the same with mix_relations (single-relation chunks would give
+  # a relation's few popular answers as most of its batch negatives).
+  config.negatives.mix_relations = bool(config.model.reciprocal)
   config.eval.filtered = True
   config.eval.num_sampled_negatives = 0
   config.eval.max_triples = settings["max_triples"]

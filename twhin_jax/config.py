@@ -116,6 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
   # logits so degree-proportional batch negatives do not cancel popularity
   # (softmax loss only; see step.StepBatch).
   c.negatives.logq_correction = False
+  # Chunks mix the relations of one parameter group between the same two
+  # entity types (PyTorch-BigGraph's dynamic relations), so batch negatives
+  # follow the types' overall degrees instead of one relation's answers.
+  # Needs model.reciprocal (each edge's operator acts on its own query side).
+  c.negatives.mix_relations = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # queries ranked per device call
@@ -269,6 +274,9 @@ def validate(config) -> None:
   if t.batch_size < n.chunk_size or t.batch_size % n.chunk_size:
     _fail("train.batch_size", f"must be a positive multiple of negatives.chunk_size "
           f"({n.chunk_size}), got {t.batch_size}")
+  if n.mix_relations and not config.model.reciprocal:
+    _fail("negatives.mix_relations", "needs model.reciprocal = True (source corruption "
+          "applies each edge's own reverse operator)")
   if n.logq_correction and t.loss != "softmax":
     _fail("negatives.logq_correction", f"needs train.loss 'softmax', got {t.loss!r}")
   if config.eval.batch_size < 1:

@@ -35,7 +35,8 @@ class StepBatch(NamedTuple):
   """T steps of S chunks of C edges, as rows of the working table.
 
   src, dst:        [T, S, C] int32 working-table rows of sources / targets
-  rel:             [T, S]    int32 relation row inside the parameter group
+  rel:             [T, S]    int32 relation row inside the parameter group, or
+                   [T, S, C] one per edge (mixed chunks, model.reciprocal only)
   weight:          [T, S, C] float32 edge weight (0 marks a padded edge)
   src_lo, src_n:   [T, S]    int32 first row and row count of the range
                              uniform source negatives are drawn from
@@ -111,16 +112,25 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   loss_fn = losses_lib.LOSSES[loss]
   rel_tx = optim.relation_adagrad(relation_lr)
 
-  def chunk_scores(src_rows, dst_rows, params, reverse_params, weight, logq):
-    """src_rows, dst_rows [C+U, d] (chunk, then uniform negatives) -> chunk loss."""
+  def chunk_scores(src_rows, dst_rows, src_ids, dst_ids, params, reverse_params, weight, logq):
+    """src_rows, dst_rows [C+U, d] (chunk, then uniform negatives) and their
+    row ids [C+U] -> chunk loss."""
     c = weight.shape[0]
     lhs, rhs = src_rows[:c], dst_rows[:c]  # [C, d] each
     neg_src, neg_dst = src_rows[c:], dst_rows[c:]  # [U, d] each
-    valid = (weight > 0).astype(jnp.float32)  # [C]
-    # Negative mask over [C, C+U]: batch negatives that are real edges, minus
-    # each edge's own positive on the diagonal; uniform negatives all count.
-    batch_mask = valid[None, :] * (1.0 - jnp.eye(c, dtype=jnp.float32))  # [C, C]
-    neg_mask = jnp.concatenate([batch_mask, jnp.ones((c, num_uniform), jnp.float32)], axis=1)
+    valid = jnp.concatenate([(weight > 0).astype(jnp.float32),
+                             jnp.ones((num_uniform,), jnp.float32)])  # [C+U]
+
+    def negative_mask(ids):
+      """[C, C+U]: candidate j counts as a negative of edge i when it is a real
+      edge's entity (or a uniform draw) *and not the same entity* as edge i's
+      positive. Besides the diagonal this drops the duplicates that
+      single-relation chunks are full of (a gender or nationality relation
+      has a handful of targets): they are true answers, not negatives."""
+      return valid[None, :] * (ids[None, :] != ids[:c, None]).astype(jnp.float32)
+
+    dst_mask = negative_mask(dst_ids)  # target corruption
+    src_mask = negative_mask(src_ids)  # source corruption
 
     lhs_op = model.apply_operator(operator, params, lhs)  # [C, d]
     # Row i, column j: f(s_i, r, t_j). Its diagonal holds the positives.
@@ -148,19 +158,20 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
       uniform_src = model.compare_all(comparator, rhs, neg_src_op)  # [C, U]
       neg_for_src = jnp.concatenate([batch_block.T - src_logq[None, :],
                                      uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
-    total = (loss_fn(pos, neg_for_dst, neg_mask, weight, margin)
-             + loss_fn(pos_for_src, neg_for_src, neg_mask, weight, margin))
+    total = (loss_fn(pos, neg_for_dst, dst_mask, weight, margin)
+             + loss_fn(pos_for_src, neg_for_src, src_mask, weight, margin))
     if regularization:
       squared = jnp.sum(jnp.square(lhs), axis=1) + jnp.sum(jnp.square(rhs), axis=1)  # [C]
       total = total + regularization * jnp.sum(weight * squared)
     return total
 
-  def step_loss(src_rows, dst_rows, rel_params, rel, rel_reverse, weight, logq):
+  def step_loss(src_rows, dst_rows, rel_params, src_ids, dst_ids, rel, rel_reverse, weight,
+                logq):
     """src_rows, dst_rows [S, C+U, d], rel_params [R_g, ...] -> summed loss of S chunks."""
     params = rel_params[rel]  # [S, ...]
     reverse_params = rel_params[rel_reverse]  # [S, ...]
-    return jnp.sum(jax.vmap(chunk_scores)(src_rows, dst_rows, params, reverse_params,
-                                          weight, logq))
+    return jnp.sum(jax.vmap(chunk_scores)(src_rows, dst_rows, src_ids, dst_ids, params,
+                                          reverse_params, weight, logq))
 
   def one_step(carry, inputs):
     state, key = carry
@@ -186,7 +197,7 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
     dst_rows = dst_table.at[dst_ids].get(mode="clip")  # [S, C+U, d]
     loss, (src_grads, dst_grads, param_grads) = jax.value_and_grad(
         step_loss, argnums=(0, 1, 2))(
-            src_rows, dst_rows, state.rel_params, batch.rel,
+            src_rows, dst_rows, state.rel_params, src_ids, dst_ids, batch.rel,
             batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight, logq)
     d = src_grads.shape[-1]
     if state.visiting is None:

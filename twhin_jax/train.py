@@ -116,8 +116,9 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   Edges are shuffled (seeded by ``seed_path``) and split into G x G
   sub-buckets by the sub-partitions of their endpoints (sharding.py); round k
   gives device g the sub-bucket (g, (g + k) mod G). Within a device's
-  sub-bucket the edges are grouped by relation into chunks of C (the last
-  chunk of each relation padded with weight-0 edges), chunks of one relation
+  sub-bucket the edges are grouped by relation (or by chunk class, with
+  negatives.mix_relations) into chunks of C (the last chunk of each padded
+  with weight-0 edges), chunks of one relation
   group (operator, dim) are shuffled and packed S to a step and T steps to a
   call. All devices run the same sequence of calls (one SPMD program), so a
   device with fewer chunks of a group than another gets all-padding calls.
@@ -160,19 +161,32 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   dst_shard = dst // dst_sub[rel]  # [E] device that owns the target row
   src_row = src_off[rel] + src - src_shard * src_sub[rel]  # [E] row inside that shard
   dst_row = dst_off[rel] + dst - dst_shard * dst_sub[rel]  # [E]
+  # Chunk classes: edges of one class share chunks (and so batch negatives).
+  # One relation per class, or, with negatives.mix_relations, every relation
+  # of one parameter group between the same two entity types (PBG's dynamic
+  # relations): a chunk then mixes relations and its batch negatives follow
+  # the types' overall degrees, not one relation's few popular answers.
+  if config.negatives.mix_relations:
+    keys = [(layout.group[r], info.source, info.target) for r, info in enumerate(graph.relations)]
+    class_of = np.asarray([sorted(set(keys)).index(k) for k in keys], np.int64)
+  else:
+    class_of = np.arange(num_rel, dtype=np.int64)
+  num_classes = int(class_of.max()) + 1
+  edge_class = class_of[rel]  # [E]
   correct = bool(config.negatives.logq_correction)
   if correct:
     src_logq, dst_logq = sampling_log_counts(
-        rel, src, dst, np.bincount(rel, minlength=num_rel),
+        edge_class, src, dst, np.bincount(edge_class, minlength=num_classes),
         src_rows_in[rel, src_shard], dst_rows_in[rel, dst_shard], chunk, num_uniform)
 
-  # One stable sort groups the shuffled edges by (round, device, relation).
+  # One stable sort groups the shuffled edges by (round, device, chunk class).
   round_of = (dst_shard - src_shard) % shards
-  cell = (round_of * shards + src_shard) * num_rel + rel
-  if shards * shards * num_rel < 2 ** 15:
+  cell = (round_of * shards + src_shard) * num_classes + edge_class
+  if shards * shards * num_classes < 2 ** 15:
     cell = cell.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort: O(E)
   by_cell = np.argsort(cell, kind="stable")
-  starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=shards * shards * num_rel))])
+  starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=shards * shards * num_classes))])
+  mixed = bool(config.negatives.mix_relations)
   row_in_group = np.asarray(layout.row, np.int32)
   reverse_row_in_group = np.asarray(layout.reverse_row, np.int32)
   full = STEPS_PER_CALL * per_step
@@ -190,7 +204,10 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
     chunk_rel = np.where(is_real.any(axis=1), rel[safe[:, 0]],
                          layout.groups[group][0]).astype(np.int64)  # [T*S]
     src_n, dst_n = src_rows_in[chunk_rel, g], dst_rows_in[chunk_rel, j]  # [T*S]
-    edge_weight = np.where(is_real, weight[safe] * rel_weight[chunk_rel][:, None], 0.0)
+    edge_rel = np.where(is_real, rel[safe], chunk_rel[:, None])  # [T*S, C]
+    edge_weight = np.where(is_real, weight[safe] * rel_weight[edge_rel], 0.0)
+    # Relation rows per chunk [T, S], or per edge [T, S, C] in mixed chunks.
+    rel_rows = edge_rel.reshape(shape3) if mixed else chunk_rel.reshape(shape2)
     extra = {}
     if correct:
       extra = dict(
@@ -201,8 +218,8 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
     return step_lib.StepBatch(
         src=np.where(is_real, src_row[safe], 0).reshape(shape3).astype(np.int32),
         dst=np.where(is_real, dst_row[safe], 0).reshape(shape3).astype(np.int32),
-        rel=row_in_group[chunk_rel].reshape(shape2),
-        rel_reverse=reverse_row_in_group[chunk_rel].reshape(shape2),
+        rel=row_in_group[rel_rows],
+        rel_reverse=reverse_row_in_group[rel_rows],
         weight=edge_weight.reshape(shape3).astype(np.float32),
         src_lo=src_off[chunk_rel].reshape(shape2).astype(np.int32),
         src_n=src_n.reshape(shape2).astype(np.int32),
@@ -215,14 +232,14 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
     device_chunks: list[dict[str, np.ndarray]] = []
     for g in range(shards):
       lists: dict[str, list[np.ndarray]] = {}
-      for r in range(num_rel):
-        at = (k * shards + g) * num_rel + r
+      for c in range(num_classes):
+        at = (k * shards + g) * num_classes + c
         idx = by_cell[starts[at]:starts[at + 1]]
         if len(idx) == 0:
           continue
         padded = -(-len(idx) // chunk) * chunk
         idx = np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)]).reshape(-1, chunk)
-        lists.setdefault(layout.group[r], []).append(idx)
+        lists.setdefault(layout.group[int(np.flatnonzero(class_of == c)[0])], []).append(idx)
       groups = {}
       for group in sorted(lists):
         chunks = np.concatenate(lists[group])  # [num_chunks, C] edge indices, -1 = pad
@@ -244,9 +261,10 @@ def sampling_log_counts(rel, src, dst, rel_counts, src_sizes, dst_sizes, chunk: 
                         num_uniform: int):
   """Per-edge log q of its source and of its target (see step.StepBatch).
 
-  A chunk of C edges of relation r offers each edge the other C - 1 edges'
-  entities as negatives, so entity v appears there about (C - 1) c_r(v) / n_r
-  times (c_r(v): v's edges of relation r in this bucket, n_r: all of them),
+  A chunk of C edges of relation r (or chunk class r, in mixed chunks) offers
+  each edge the other C - 1 edges' entities as negatives, so entity v appears
+  there about (C - 1) c_r(v) / n_r times (c_r(v): v's edges of r in this
+  bucket, n_r: all of them),
   and among U uniform draws from a (sub-)partition of N rows U / N times:
 
       q(v) = (C - 1) c_r(v) / n_r + U / N
