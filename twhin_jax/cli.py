@@ -2,7 +2,9 @@
 
   twhin demo     [--workdir DIR]                  generate, import, train, evaluate
   twhin import   --config FILE[:VARIANT] --workdir DIR
-  twhin train    --config FILE[:VARIANT] --workdir DIR [--distributed] [--config.a.b=value ...]
+  twhin train    --config FILE[:VARIANT] --workdir DIR [--distributed]
+                 [--warm-start RUN_DIR [--l2-to-previous ALPHA] [--new-entities neighbors]]
+                 [--config.a.b=value ...]
   twhin eval     --workdir DIR [--split test] [--json]
   twhin export   --workdir DIR [--out DIR]
   twhin index    --workdir DIR [--types T ...] [--rebuild]   ScaNN index per entity type
@@ -86,6 +88,12 @@ def cmd_train(args, overrides):
     distributed.initialize()
   from twhin_jax import train as train_lib
   config = load_config(args.config, overrides)
+  if args.warm_start:
+    config.warm_start.parent = args.warm_start
+  if args.l2_to_previous is not None:
+    config.warm_start.l2_to_previous = args.l2_to_previous
+  if args.new_entities:
+    config.warm_start.new_entities = args.new_entities
   started = time.perf_counter()
   trainer = train_lib.train(config, args.workdir, progress=not args.quiet)
   print(f"trained in {time.perf_counter() - started:.1f} s; history in "
@@ -223,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
   p = add("train", cmd_train, "train (or resume) a run", config=True)
   p.add_argument("--distributed", action="store_true",
                  help="join a multi-process job (jax.distributed; see launch/README.md)")
+  p.add_argument("--warm-start", default="", metavar="RUN_DIR",
+                 help="start a new version from an earlier run (entities aligned by name)")
+  p.add_argument("--l2-to-previous", type=float, default=None, metavar="ALPHA",
+                 help="add ALPHA * |theta - theta_prev|^2 on the rows each step touches")
+  p.add_argument("--new-entities", choices=("random", "neighbors"), default="",
+                 help="initialisation of entities the earlier run lacks (default random)")
   p = add("eval", cmd_eval, "filtered ranking metrics of a run")
   p.add_argument("--split", default="test", choices=("train", "valid", "test"))
   p.add_argument("--json", action="store_true", help="print one JSON object")

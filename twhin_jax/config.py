@@ -15,6 +15,7 @@ Layout of a config (every field is read somewhere; see the field comments)::
               bucket_order, checkpoint_every_buckets, eval_every_epochs
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
+  warm_start: parent, new_entities, l2_to_previous
   mesh:       num_devices
   storage:    zarr_format, prefetch
 """
@@ -131,6 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-epoch validation ranks a seeded subsample of this many triples (0: all);
   # `twhin eval` always ranks the whole split.
   c.eval.max_triples = 0
+
+  # A new version of an earlier run (paper Sec. 7.2; see versions.py).
+  c.warm_start = ml_collections.ConfigDict()
+  c.warm_start.parent = ""  # the earlier run's workdir; "" trains from scratch
+  c.warm_start.new_entities = "random"  # or "neighbors" (paper Eq. 5)
+  # alpha of alpha * |theta_v - theta_v^prev|^2 on the rows each step touches.
+  c.warm_start.l2_to_previous = 0.0
 
   c.mesh = ml_collections.ConfigDict()
   # Devices the working tables are sharded over (0: every visible device, on
@@ -285,6 +293,13 @@ def validate(config) -> None:
     _fail("eval.num_sampled_negatives", "must be >= 0")
   if config.eval.max_triples < 0:
     _fail("eval.max_triples", "must be >= 0")
+  w = config.warm_start
+  if w.new_entities not in ("random", "neighbors"):
+    _fail("warm_start.new_entities", f"{w.new_entities!r} not in ('random', 'neighbors')")
+  if w.l2_to_previous < 0:
+    _fail("warm_start.l2_to_previous", f"must be >= 0, got {w.l2_to_previous}")
+  if w.l2_to_previous > 0 and not w.parent:
+    _fail("warm_start.l2_to_previous", "needs warm_start.parent (the previous version)")
   if not isinstance(config.mesh.num_devices, int) or config.mesh.num_devices < 0:
     _fail("mesh.num_devices", f"must be an int >= 0, got {config.mesh.num_devices!r}")
   if config.storage.zarr_format not in (2, 3):

@@ -28,10 +28,15 @@ def row_adagrad_init(table: jax.Array) -> RowAdagradState:
 
 
 def row_adagrad_update(table: jax.Array, state: RowAdagradState, rows: jax.Array,
-                       row_grads: jax.Array, lr: float) -> tuple[jax.Array, RowAdagradState]:
+                       row_grads: jax.Array, lr: float, anchor: jax.Array | None = None,
+                       anchor_weight: jax.Array | None = None,
+                       anchor_strength: float = 0.0) -> tuple[jax.Array, RowAdagradState]:
   """Sparse row-wise Adagrad step.
 
-  For every distinct row i among ``rows`` with summed gradient g_i in R^d:
+  For every distinct row i among ``rows`` with summed gradient g_i in R^d
+  (plus, with an ``anchor``, the gradient of the L2-to-previous penalty
+  alpha * w_i * |theta_i - theta_i^prev|^2, added once per distinct row:
+  g_i += 2 alpha w_i (theta_i - theta_i^prev), w_i = ``anchor_weight``):
 
       G_i     <- G_i + (1/d) sum_k g_ik^2        (one accumulator per row)
       theta_i <- theta_i - lr * g_i / (sqrt(G_i) + eps)
@@ -63,6 +68,11 @@ def row_adagrad_update(table: jax.Array, state: RowAdagradState, rows: jax.Array
   # (R, R+1, ...), which the scatters drop. Distinct ids matter: XLA's CPU
   # scatter is ~6x slower when one padding id repeats.
   unique_rows = (num_rows + jnp.arange(k, dtype=rows.dtype)).at[segment].set(sorted_rows)
+  if anchor is not None and anchor_strength:
+    current = table.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K, d]
+    previous = anchor.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K, d]
+    weight = anchor_weight.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K]
+    summed = summed + 2.0 * anchor_strength * weight[:, None] * (current - previous)
   acc_rows = state.acc.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K]
   acc_rows = acc_rows + jnp.mean(jnp.square(summed), axis=1)  # [K]
   step = lr * summed / (jnp.sqrt(acc_rows)[:, None] + ADAGRAD_EPS)  # [K, d]

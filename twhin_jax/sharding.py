@@ -155,6 +155,20 @@ def ring_ops(mesh: Mesh):
           mapped(finish, 6, 2, (0, 1, 2, 3, 4, 5)))
 
 
+@functools.lru_cache(maxsize=None)
+def ring_shift(mesh: Mesh):
+  """(x [G*R, ...], y [G*R]) -> both one step around the ring, inputs kept
+  (for read-only rows that travel with the visiting copy: L2 anchors)."""
+  num = mesh.size
+  perm = [(j, (j - 1) % num) for j in range(num)]
+
+  def shift(x, y):
+    return jax.lax.ppermute(x, AXIS, perm), jax.lax.ppermute(y, AXIS, perm)
+
+  return jax.jit(jax.shard_map(shift, mesh=mesh, in_specs=(ROWS, ROWS), out_specs=(ROWS, ROWS),
+                               check_vma=False))
+
+
 def describe(tree) -> dict[str, str]:
   """Path -> 'shape dtype spec' of every array in a pytree (for golden files)."""
   out = {}

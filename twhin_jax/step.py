@@ -86,13 +86,19 @@ class GroupState(NamedTuple):
   rel_opt: optax.OptState
   visiting: jax.Array | None = None  # [R, d]
   visiting_state: optim.RowAdagradState | None = None  # acc [R]
+  # L2-to-previous (warm-started versions): the previous version's rows in
+  # the same layout and a 0/1 weight per row (0: entity new in this version).
+  anchor: jax.Array | None = None  # [R, d]
+  anchor_weight: jax.Array | None = None  # [R]
+  visiting_anchor: jax.Array | None = None  # [R, d]
+  visiting_anchor_weight: jax.Array | None = None  # [R]
 
 
 @functools.lru_cache(maxsize=None)
 def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False,
                      regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
-                     visiting: bool = False):
+                     visiting: bool = False, l2_to_previous: float = 0.0):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
 
   With a ``mesh`` the function runs under ``shard_map`` over its one axis
@@ -103,6 +109,10 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   The sharded function takes the PRNG key as ``jax.random.key_data``.
   ``visiting=True`` builds the ring-round variant where targets index the
   ``visiting`` rows. Without a mesh it is the plain single-device function.
+
+  ``l2_to_previous`` (alpha) adds alpha * |theta_v - theta_v^prev|^2 for every
+  distinct row v a step touches (paper Sec. 7.2), anchored at the state's
+  ``anchor`` rows; see optim.row_adagrad_update.
 
   ``regularization`` (lambda) adds lambda * sum_e w_e (|theta_s|^2 + |theta_t|^2)
   over the positive edges: an L2 penalty on the rows each batch touches, which
@@ -200,27 +210,34 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
             src_rows, dst_rows, state.rel_params, src_ids, dst_ids, batch.rel,
             batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight, logq)
     d = src_grads.shape[-1]
+    home_anchor = dict(anchor=state.anchor, anchor_weight=state.anchor_weight,
+                       anchor_strength=l2_to_previous)
     if state.visiting is None:
       # Both sides live in one table: one update, so a row that is a source
       # and a target in the same step gets the sum of both gradients.
       table, row_state = optim.row_adagrad_update(
           state.table, state.row_state,
           jnp.concatenate([src_ids.reshape(-1), dst_ids.reshape(-1)]),
-          jnp.concatenate([src_grads.reshape(-1, d), dst_grads.reshape(-1, d)]), lr)
+          jnp.concatenate([src_grads.reshape(-1, d), dst_grads.reshape(-1, d)]), lr,
+          **home_anchor)
       visiting_table, visiting_state = None, None
     else:
       table, row_state = optim.row_adagrad_update(
-          state.table, state.row_state, src_ids.reshape(-1), src_grads.reshape(-1, d), lr)
+          state.table, state.row_state, src_ids.reshape(-1), src_grads.reshape(-1, d), lr,
+          **home_anchor)
       visiting_table, visiting_state = optim.row_adagrad_update(
           state.visiting, state.visiting_state, dst_ids.reshape(-1),
-          dst_grads.reshape(-1, d), lr)
+          dst_grads.reshape(-1, d), lr, anchor=state.visiting_anchor,
+          anchor_weight=state.visiting_anchor_weight, anchor_strength=l2_to_previous)
     if mesh is not None:
       # Replicated relation parameters: sum the gradients of all devices so
       # every replica takes the same step.
       param_grads = jax.lax.psum(param_grads, sharding_lib.AXIS)
     updates, rel_opt = rel_tx.update(param_grads, state.rel_opt, state.rel_params)
     rel_params = optax.apply_updates(state.rel_params, updates)
-    new_state = GroupState(table, row_state, rel_params, rel_opt, visiting_table, visiting_state)
+    new_state = state._replace(table=table, row_state=row_state, rel_params=rel_params,
+                               rel_opt=rel_opt, visiting=visiting_table,
+                               visiting_state=visiting_state)
     return (new_state, key), (loss, jnp.sum(batch.weight > 0))
 
   def local_steps(state: GroupState, batch: StepBatch, key: jax.Array):
@@ -241,9 +258,13 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
             jax.lax.psum(edges, sharding_lib.AXIS))
 
   rows, replicated = sharding_lib.ROWS, jax.sharding.PartitionSpec()
+  anchored = bool(l2_to_previous)
   state_spec = GroupState(rows, optim.RowAdagradState(rows), replicated, replicated,
                           rows if visiting else None,
-                          optim.RowAdagradState(rows) if visiting else None)
+                          optim.RowAdagradState(rows) if visiting else None,
+                          rows if anchored else None, rows if anchored else None,
+                          rows if anchored and visiting else None,
+                          rows if anchored and visiting else None)
   batch_spec = jax.sharding.PartitionSpec(sharding_lib.AXIS)
   mapped = jax.shard_map(sharded_steps, mesh=mesh,
                          in_specs=(state_spec, batch_spec, replicated),

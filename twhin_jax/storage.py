@@ -96,7 +96,8 @@ class TableStore:
   """The TensorStore arrays of every entity type, read and written by partition."""
 
   def __init__(self, root: str, entities: dict[str, EntityInfo], dims: dict[str, int],
-               zarr_format: int = 3, create: bool = False, sub_partitions: int = 1):
+               zarr_format: int = 3, create: bool = False, sub_partitions: int = 1,
+               num_slots: int = 2):
     self.root = root
     self.entities = entities
     self.dims = dims
@@ -112,7 +113,7 @@ class TableStore:
         rows = self._existing_chunk_rows(root, entity_type, zarr_format) or rows
       stored = stored_partition_size(info.partition_size, rows)
       self.chunk[entity_type], self.stored[entity_type] = rows, stored
-      for slot in (0, 1):
+      for slot in range(num_slots):
         base = os.path.join(root, entity_type, f"slot{slot}")
         for name, shape, chunks in (
             ("embeddings", [info.num_partitions * stored, dims[entity_type]],

@@ -444,11 +444,15 @@ class Trainer:
       self.history = meta.get("history", [])
       self._rel_state = self.checkpointer.restore_state(self._abstract_rel_state())
     else:
+      warm_summary = None
       if self.primary:
         self.tables = self._open_tables(tables_root, create=True)
         bar = tqdm(total=len(self.tables.blocks()), desc="init tables", disable=not self.progress)
         self.tables.initialize(config.train.seed, config.model.init_scale, bar)
         bar.close()
+        if config.warm_start.parent:
+          from twhin_jax import versions
+          warm_summary = versions.warm_start(self, config.warm_start.parent)
       _sync("tables created")
       if not self.primary:
         self.tables = self._open_tables(tables_root, create=False)
@@ -458,7 +462,9 @@ class Trainer:
       self.history = []
       self.lineage = {
           "version_id": uuid.uuid4().hex[:12],
-          "parent_id": None,
+          "parent_id": warm_summary["parent_version"] if warm_summary else None,
+          "parent_dir": os.path.abspath(config.warm_start.parent) if config.warm_start.parent
+                        else None,
           "graph_manifest_hash": self.graph.manifest_hash,
           "config_hash": config_lib.config_hash(config),
           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -474,6 +480,17 @@ class Trainer:
         info.partition_size, self.num_shards, self.tables.chunk[t] if align else 1)
         for t, info in self.graph.entities.items()}
     self.capacity = shard_capacity(self.graph, self.dims, self.sub_rows)
+    # L2-to-previous anchors (versions.py), loaded beside the working tables.
+    self.anchor_strength = float(config.warm_start.l2_to_previous)
+    self.anchors = None
+    if self.anchor_strength > 0:
+      from twhin_jax import versions
+      self.anchors = storage.TableStore(os.path.join(workdir, versions.ANCHORS_DIR),
+                                        self.graph.entities, self.dims,
+                                        config.storage.zarr_format, create=False,
+                                        sub_partitions=self.num_shards, num_slots=1)
+    self.anchor_dev: dict[int, jax.Array] = {}
+    self.anchor_w_dev: dict[int, jax.Array] = {}
     # Resident partitions: sharded working tables per dim and their layout.
     self.resident: sharding_lib.WorkingLayout | None = None
     self.tables_dev: dict[int, jax.Array] = {}
@@ -496,6 +513,9 @@ class Trainer:
 
   def _initial_rel_state(self):
     params = {g: np.asarray(p) for g, p in self.layout.init_params().items()}
+    if self.config.warm_start.parent:  # aligned by name from the parent (versions.py)
+      from twhin_jax import versions
+      params = versions.warm_relation_params(self.workdir)
     tx = optim.relation_adagrad(self.config.train.relation_lr)
     state = {"params": params, "opt": {g: tx.init(p) for g, p in params.items()}}
     return jax.tree_util.tree_map(
@@ -523,12 +543,17 @@ class Trainer:
     lo = min(self.local_shards) * sub
     return min(lo, rows), min((max(self.local_shards) + 1) * sub, rows)
 
-  def _read_block(self, block) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """This process's sub-partitions of one partition: shard -> (rows, acc)."""
-    for future in self.pending_writes.pop(block, []):
-      future.result()
+  def _read_block(self, block, store: storage.TableStore | None = None
+                  ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """This process's sub-partitions of one partition: shard -> (rows, acc);
+    from the anchor store (slot 0: rows, weights) when ``store`` is given."""
     lo, hi = self._local_span(*block)
-    table, acc = self.tables.read_rows(block, self.slots.current[block], lo, hi)
+    if store is None:
+      for future in self.pending_writes.pop(block, []):
+        future.result()
+      table, acc = self.tables.read_rows(block, self.slots.current[block], lo, hi)
+    else:
+      table, acc = store.read_rows(block, 0, lo, hi)
     sub = self.sub_rows[block[0]]
     pieces = {}
     for g in self.local_shards:
@@ -602,15 +627,20 @@ class Trainer:
       return out
 
     rows_sharding = sharding_lib.row_sharding(self.mesh)
-    self.tables_dev, self.acc_dev = {}, {}
-    for dim in new_layout.blocks:
+
+    def upload(dim, column):
       size = self.num_shards * self.capacity[dim]
-      self.tables_dev[dim] = jax.make_array_from_callback(
-          (size, dim), rows_sharding,
-          lambda index, dim=dim: shard_of(dim, (index[0].start or 0) // self.capacity[dim], 0))
-      self.acc_dev[dim] = jax.make_array_from_callback(
-          (size,), rows_sharding,
-          lambda index, dim=dim: shard_of(dim, (index[0].start or 0) // self.capacity[dim], 1))
+      return jax.make_array_from_callback(
+          (size, dim) if column == 0 else (size,), rows_sharding,
+          lambda index: shard_of(dim, (index[0].start or 0) // self.capacity[dim], column))
+
+    self.tables_dev = {dim: upload(dim, 0) for dim in new_layout.blocks}
+    self.acc_dev = {dim: upload(dim, 1) for dim in new_layout.blocks}
+    if self.anchors is not None:
+      # The previous version's rows in the same layout (static: never written).
+      pieces = {block: self._read_block(block, self.anchors) for block in needed}
+      self.anchor_dev = {dim: upload(dim, 0) for dim in new_layout.blocks}
+      self.anchor_w_dev = {dim: upload(dim, 1) for dim in new_layout.blocks}
     self.resident = new_layout
 
   def sharding_report(self) -> dict[str, str]:
@@ -680,7 +710,7 @@ class Trainer:
         operator, config.model.comparator, config.train.loss, float(config.train.margin),
         float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform,
         bool(config.model.reciprocal), float(config.model.regularization),
-        mesh=self.mesh, visiting=visiting)
+        mesh=self.mesh, visiting=visiting, l2_to_previous=self.anchor_strength)
 
   def _prepared_calls(self, epoch: int, index: int):
     """(epoch, bucket index, round, call) from this bucket to the end of
@@ -730,7 +760,9 @@ class Trainer:
     if prefetch_next is not None:
       prefetch_next()
     start, rotate, finish = sharding_lib.ring_ops(self.mesh)
+    shift = sharding_lib.ring_shift(self.mesh)
     visiting: dict[int, tuple] = {}  # dim -> (table, acc, snapshot, snapshot acc)
+    visiting_anchor: dict[int, tuple] = {}  # dim -> (anchor rows, anchor weights)
     ring_round = 0  # the round whose target rows the visiting copies hold
 
     def advance(to_round: int) -> None:
@@ -742,6 +774,9 @@ class Trainer:
           else:
             table, acc, snap, snap_acc = visiting[dim]
             visiting[dim] = (*rotate(table, acc), snap, snap_acc)
+          if self.anchors is not None:  # anchors travel with the rows they anchor
+            visiting_anchor[dim] = shift(*(visiting_anchor[dim] if ring_round else
+                                           (self.anchor_dev[dim], self.anchor_w_dev[dim])))
         ring_round += 1
 
     step_in_bucket = 0
@@ -760,9 +795,14 @@ class Trainer:
       state = step_lib.GroupState(
           self.tables_dev[dim], optim.RowAdagradState(self.acc_dev[dim]),
           self._rel_state["params"][group], self._rel_state["opt"][group])
+      if self.anchors is not None:
+        state = state._replace(anchor=self.anchor_dev[dim], anchor_weight=self.anchor_w_dev[dim])
       if k > 0:
         table, acc, snap, snap_acc = visiting[dim]
         state = state._replace(visiting=table, visiting_state=optim.RowAdagradState(acc))
+        if self.anchors is not None:
+          state = state._replace(visiting_anchor=visiting_anchor[dim][0],
+                                 visiting_anchor_weight=visiting_anchor[dim][1])
       state, loss, edges = self._step_fn(group, k > 0)(state, batch, key)
       self.tables_dev[dim] = state.table
       self.acc_dev[dim] = state.row_state.acc
