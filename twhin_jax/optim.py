@@ -33,13 +33,21 @@ def row_adagrad_update(table: jax.Array, state: RowAdagradState, rows: jax.Array
                        anchor_strength: float = 0.0) -> tuple[jax.Array, RowAdagradState]:
   """Sparse row-wise Adagrad step.
 
-  For every distinct row i among ``rows`` with summed gradient g_i in R^d
-  (plus, with an ``anchor``, the gradient of the L2-to-previous penalty
-  alpha * w_i * |theta_i - theta_i^prev|^2, added once per distinct row:
-  g_i += 2 alpha w_i (theta_i - theta_i^prev), w_i = ``anchor_weight``):
+  For every distinct row i among ``rows`` with summed gradient g_i in R^d:
 
       G_i     <- G_i + (1/d) sum_k g_ik^2        (one accumulator per row)
       theta_i <- theta_i - lr * g_i / (sqrt(G_i) + eps)
+
+  With an ``anchor`` (L2-to-previous, alpha = ``anchor_strength``, w_i =
+  ``anchor_weight``), the penalty alpha w_i |theta_i - theta_i^prev|^2 is
+  applied by its proximal step after the gradient step, with the row's own
+  Adagrad step size eta_i = lr / (sqrt(G_i) + eps):
+
+      theta_i <- (theta_i + 2 alpha w_i eta_i theta_i^prev) / (1 + 2 alpha w_i eta_i)
+
+  Adding 2 alpha (theta_i - theta_i^prev) to g_i instead would be rescaled
+  away by Adagrad's normalisation (any alpha moves a row about lr per step);
+  the proximal form makes alpha mean what it says and is stable for any alpha.
 
   Rows not in ``rows`` are untouched. This is the row-wise Adagrad of
   PyTorch-BigGraph (Lerer et al. 2019, Sec. 4.2), which stores one float per
@@ -68,14 +76,17 @@ def row_adagrad_update(table: jax.Array, state: RowAdagradState, rows: jax.Array
   # (R, R+1, ...), which the scatters drop. Distinct ids matter: XLA's CPU
   # scatter is ~6x slower when one padding id repeats.
   unique_rows = (num_rows + jnp.arange(k, dtype=rows.dtype)).at[segment].set(sorted_rows)
+  acc_rows = state.acc.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K]
+  acc_rows = acc_rows + jnp.mean(jnp.square(summed), axis=1)  # [K]
+  eta = lr / (jnp.sqrt(acc_rows) + ADAGRAD_EPS)  # [K] per-row step size
+  step = eta[:, None] * summed  # [K, d]
   if anchor is not None and anchor_strength:
     current = table.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K, d]
     previous = anchor.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K, d]
-    weight = anchor_weight.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K]
-    summed = summed + 2.0 * anchor_strength * weight[:, None] * (current - previous)
-  acc_rows = state.acc.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K]
-  acc_rows = acc_rows + jnp.mean(jnp.square(summed), axis=1)  # [K]
-  step = lr * summed / (jnp.sqrt(acc_rows)[:, None] + ADAGRAD_EPS)  # [K, d]
+    pull = 2.0 * anchor_strength * anchor_weight.at[unique_rows].get(
+        mode="fill", fill_value=0.0) * eta  # [K]
+    proximal = (current - step + pull[:, None] * previous) / (1.0 + pull[:, None])  # [K, d]
+    step = current - proximal
   new_table = table.at[unique_rows].add(-step, mode="drop", unique_indices=True)
   new_acc = state.acc.at[unique_rows].set(acc_rows, mode="drop", unique_indices=True)
   return new_table, RowAdagradState(acc=new_acc)
