@@ -14,6 +14,7 @@
   twhin drift    --old DIR --new DIR [--k 10] [--json]  per-entity change by degree, overlap@k
   twhin inspect  --workdir DIR [--neighbors TYPE:NAME] [--json] | --diff DIR_A DIR_B
   twhin compress --workdir DIR [--factors 4,8,16,32,64] [--json]   PQ codes + recall@10
+  twhin serve    --workdir DIR [--port 8080] [--host 127.0.0.1] [--watch SECONDS]  HTTP JSON API
 """
 
 from __future__ import annotations
@@ -205,6 +206,15 @@ def cmd_compress(args, overrides):
           f"({result['path']})")
 
 
+def cmd_serve(args, overrides):
+  del overrides
+  import logging
+  from twhin_jax import serve
+  logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
+  serve.serve(args.workdir, args.host, args.port, watch=args.watch, max_body=args.max_body,
+              progress=not args.quiet)
+
+
 def cmd_demo(args, overrides):
   from twhin_jax import demo
   config_path = os.path.join(os.path.dirname(__file__), "demo_config.py")
@@ -281,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--factors", default="4,8,16,32,64", help="compression factors, comma-separated")
   p.add_argument("--k", type=int, default=10, help="recall@k")
   p.add_argument("--json", action="store_true", help="print one JSON object per factor")
+  p = add("serve", cmd_serve, "HTTP JSON API over a run (docs/serving.md)")
+  p.add_argument("--port", type=int, default=8080)
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                 help="poll the latest checkpoint and reload when it changes (0: off)")
+  p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes")
   p = add("demo", cmd_demo, "generated Twitter-like graph: import, train, evaluate, report",
           workdir_default="runs/demo")
   p.add_argument("--variant", default="", help="config variant ('test': tiny)")
