@@ -214,6 +214,23 @@ def test_missing_content_length_is_refused(server):
   connection.close()
 
 
+def test_load_test_tool(server, run_dir):
+  """tools/load_test.py against the running server: bounded, no errors."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                      "load_test.py")
+  spec = importlib.util.spec_from_file_location("load_test", path)
+  load_test = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(load_test)
+  names, relations = load_test.load_vocab(run_dir)
+  summary = load_test.run_load("127.0.0.1", server.server_address[1], names, relations,
+                               concurrency=3, requests=60, duration=30)
+  assert summary["requests"] == 60 and summary["errors"] == 0
+  assert summary["p50_ms"] <= summary["p99_ms"] and summary["throughput_rps"] > 0
+  assert set(summary["routes"]) <= {"neighbors", "neighbors_exact", "score", "embedding"}
+
+
 def test_reload_swaps_versions_under_load(server, run_dir):
   """Train one more epoch into the run while a thread keeps querying; reload
   switches to the new checkpoint with zero failed requests. Runs last (it

@@ -168,8 +168,11 @@ def load_snapshot(workdir: str, *, exact_below: int = retrieval.EXACT_BELOW,
     if names:
       retriever.lookup(entity_type, names[0])  # builds the name -> row index
     probe = np.asarray(table[:1], np.float32)
-    retriever.search(entity_type, probe, 1, exact=True)
-    retriever.search(entity_type, probe, 1, exact=False)
+    for k in (10, 11):  # the default k (and k + 1 of same-type neighbours): jit compiled now
+      retriever.search(entity_type, probe, k, exact=True)
+      retriever.search(entity_type, probe, k, exact=False)
+  for rel in retriever.relations.values():
+    retriever.neighbors(rel.source, 0, relation=rel.name, k=10, direction="forward")
   return Snapshot(retriever=retriever, lineage=dict(meta.get("lineage", {})),
                   checkpoint=dict(retriever.run["checkpoint"]), loaded_at=_now(),
                   load_seconds=time.perf_counter() - started)
@@ -416,10 +419,17 @@ class Service:
     for relation, items in groups.items():
       rel = r.relations[relation]
       where = np.array([i for i, _, _ in items], np.int64)
-      sources = np.asarray(r.table(rel.source)[np.array([s for _, s, _ in items])], np.float32)
-      targets = np.asarray(r.table(rel.target)[np.array([t for _, _, t in items])], np.float32)
+      # Rows padded to a power of two (at least 16): few distinct shapes to compile.
+      padded = max(16, 1 << (len(items) - 1).bit_length())
+      source_rows = np.zeros(padded, np.int64)
+      target_rows = np.zeros(padded, np.int64)
+      source_rows[:len(items)] = [s for _, s, _ in items]
+      target_rows[:len(items)] = [t for _, _, t in items]
+      sources = np.asarray(r.table(rel.source)[source_rows], np.float32)  # [P, d]
+      targets = np.asarray(r.table(rel.target)[target_rows], np.float32)  # [P, d]
       query = apply_operator(rel.operator, jnp.asarray(rel.forward), jnp.asarray(sources))
-      scores[where] = np.asarray(compare_pairs(r.comparator, query, jnp.asarray(targets)))  # [n]
+      scores[where] = np.asarray(compare_pairs(r.comparator, query,
+                                               jnp.asarray(targets)))[:len(items)]  # [n]
     return {"comparator": r.comparator, "version_id": snap.version_id,
             "scores": [float(s) for s in scores]}
 
@@ -569,6 +579,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
   """JSON over HTTP/1.1 (keep-alive); the routes are ``Service`` methods."""
 
   protocol_version = "HTTP/1.1"
+  # Headers and body go out in two writes; with Nagle on, the body waits for
+  # the client's delayed ACK (40 ms per request on Linux).
+  disable_nagle_algorithm = True
   server_version = "twhin-serve/" + API_VERSION
   service: Service  # set on the subclass made by make_server
   max_body: int = MAX_BODY
