@@ -808,6 +808,11 @@ class Trainer:
       self.acc_dev[dim] = state.row_state.acc
       if k > 0:
         visiting[dim] = (state.visiting, state.visiting_state.acc, snap, snap_acc)
+      if self.anchors is not None:
+        # The state is donated to the step: take the (unchanged) anchors back.
+        self.anchor_dev[dim], self.anchor_w_dev[dim] = state.anchor, state.anchor_weight
+        if k > 0:
+          visiting_anchor[dim] = (state.visiting_anchor, state.visiting_anchor_weight)
       self._rel_state["params"][group] = state.rel_params
       self._rel_state["opt"][group] = state.rel_opt
       total_loss.append(loss)
