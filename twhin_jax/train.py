@@ -16,6 +16,7 @@ a resumed run produces the same numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -48,6 +49,10 @@ METRICS_FILE = "metrics.jsonl"
 #: Steps per jitted call (lax.scan length): amortises dispatch (measured ~2x
 #: faster than one step per call on 2 CPU cores).
 STEPS_PER_CALL = 16
+#: Buckets larger than this many edges are prepared in slices, in parallel
+#: threads (one device; see prepare_bucket).
+SLICE_EDGES = 2_000_000
+PREP_THREADS = min(8, os.cpu_count() or 1)
 #: Config fields that may change when an existing run is resumed.
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "eval.")
 
@@ -124,17 +129,43 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   device with fewer chunks of a group than another gets all-padding calls.
   Every call's arrays carry a leading device axis: [G, T, S, C].
   """
-  chunk = config.negatives.chunk_size
-  num_uniform = config.negatives.num_uniform
-  per_step = config.train.batch_size // chunk
-  per_call = per_step * STEPS_PER_CALL
-  shards = working.num_shards
   rng = np.random.default_rng(list(seed_path))
   edges = graph.bucket_edges(*bucket)
   num_edges = len(edges["src"])
   if num_edges == 0:
     return
   order = rng.permutation(num_edges)
+  if working.num_shards > 1 or num_edges <= SLICE_EDGES:
+    yield from _bucket_calls(graph, layout, working, bucket, config, edges, order, rng)
+    return
+  # A large bucket on one device: its shuffled order splits into slices
+  # (each a uniform random subset of the edges, like a smaller bucket),
+  # prepared in parallel threads (numpy releases the GIL) and trained one
+  # after another. With several devices the rounds must stay in order, and
+  # the G x G sub-buckets already keep the pieces small.
+  slices = np.array_split(order, -(-num_edges // SLICE_EDGES))
+  seeds = rng.integers(2 ** 63, size=len(slices))
+  workers = max(1, min(PREP_THREADS, len(slices)))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for piece, seed in zip(slices, seeds):
+      pending.append(pool.submit(lambda piece=piece, seed=seed: list(_bucket_calls(
+          graph, layout, working, bucket, config, edges, piece, np.random.default_rng(seed)))))
+      if len(pending) >= workers:
+        yield from pending.popleft().result()
+    while pending:
+      yield from pending.popleft().result()
+
+
+def _bucket_calls(graph: Graph, layout: model.RelationLayout,
+                  working: sharding_lib.WorkingLayout, bucket: tuple[int, int], config, edges,
+                  order: np.ndarray, rng: np.random.Generator):
+  """prepare_bucket's work on the edges ``order`` selects, in that order."""
+  chunk = config.negatives.chunk_size
+  num_uniform = config.negatives.num_uniform
+  per_step = config.train.batch_size // chunk
+  per_call = per_step * STEPS_PER_CALL
+  shards = working.num_shards
   rel = np.asarray(edges["rel"])[order].astype(np.int64)
   src = np.asarray(edges["src"])[order].astype(np.int64)
   dst = np.asarray(edges["dst"])[order].astype(np.int64)
