@@ -31,7 +31,10 @@ for batch in $BATCH $((BATCH * 4)); do
   python3 tools/bench_step.py --rows "$STEP_ROWS" --dim "$DIM" --chunk "$CHUNK" \
     --uniform "$UNIFORM" --batch "$batch" --calls 30 --json | tee -a "$OUT/step.jsonl"
 done
-python3 tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
-  --uniform "$UNIFORM" --batch "$BATCH" --partitions 1 --epochs 2 --dir "${SCRATCH:-/tmp/twhin_gpu_scratch}" --json \
-  | tee "$OUT/train.jsonl"
+# The second batch size reuses the generated and imported graph.
+for batch in $BATCH $((BATCH * 4)); do
+  python3 tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
+    --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 \
+    --dir "${SCRATCH:-/tmp/twhin_gpu_scratch}" --json | tee -a "$OUT/train.jsonl"
+done
 rm -rf "${SCRATCH:-/tmp/twhin_gpu_scratch}"
