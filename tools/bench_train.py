@@ -66,6 +66,15 @@ def worker(args) -> None:
   if args.phase == "import":
     train_lib.prepare_graph(config, args.workdir, progress=False)
     return
+  # Train from scratch on the imported graph (an earlier setting's tables and
+  # checkpoints would be resumed, or refused for a different config).
+  import shutil
+  for name in ("checkpoints", "tables", train_lib.METRICS_FILE, train_lib.CONFIG_FILE):
+    path = os.path.join(args.workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
   started = time.perf_counter()
   trainer = train_lib.train(config, args.workdir, progress=False)
   total = time.perf_counter() - started
