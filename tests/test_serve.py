@@ -232,9 +232,9 @@ def test_load_test_tool(server, run_dir):
 
 
 def test_reload_swaps_versions_under_load(server, run_dir):
-  """Train one more epoch into the run while a thread keeps querying; reload
-  switches to the new checkpoint with zero failed requests. Runs last (it
-  changes the run)."""
+  """Train one more epoch into the run while two threads keep querying;
+  POST /reload switches to the new checkpoint, then the --watch poller to the
+  next one, with zero failed requests. Runs last (it changes the run)."""
   service = server.RequestHandlerClass.service
   before = service.snapshot
   assert call(server, "POST", "/reload", {})[1]["reloaded"] is False  # nothing new
@@ -272,18 +272,25 @@ def test_reload_swaps_versions_under_load(server, run_dir):
   train_lib.train(config, run_dir, progress=False).close()
   status, answer = call(server, "POST", "/reload", {})
   served_during = outcomes["ok"]
-  time.sleep(0.5)
-  stop.set()
-  for thread in threads:
-    thread.join(timeout=60)
   assert status == 200 and answer["reloaded"] is True, answer
   assert answer["checkpoint"]["hash"] != before.checkpoint["hash"]
   assert answer["previous"]["checkpoint"]["hash"] == before.checkpoint["hash"]
+  # --watch: the poller picks up the next checkpoint by itself.
+  service.watch(0.2)
+  config.train.epochs += 1
+  train_lib.train(config, run_dir, progress=False).close()
+  deadline = time.time() + 60
+  while service.reloads < 2 and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(0.3)
+  stop.set()
+  for thread in threads:
+    thread.join(timeout=60)
   assert not outcomes["errors"], outcomes["errors"][:3]
   assert served_during > 0 and outcomes["ok"] > served_during
   status, health = call(server, "GET", "/health")
   assert health["checkpoint"]["hash"] == retrieval.checkpoint_identity(run_dir)["hash"]
-  assert health["reloads"] == 1 and health["last_reload_error"] is None
+  assert health["reloads"] == 2 and health["last_reload_error"] is None
   # The new snapshot answers with the new tables; the mixture is now stale.
   fresh = retrieval.Retriever.open(run_dir, exact_below=500, progress=False)
   user = names[0]
@@ -293,4 +300,4 @@ def test_reload_swaps_versions_under_load(server, run_dir):
       n.name for n in fresh.neighbors("user", user, relation="follows", k=5, exact=True)]
   status, answer = call(server, "POST", "/diverse", dict(entity_type="user", name=user,
                                                          target_type="tweet"))
-  assert status == 409 and "rerun" in answer["error"]
+  assert status == 409 and "twhin cluster" in answer["error"]  # missing or stale (rebuilt)

@@ -230,15 +230,28 @@ class Service:
 
   def watch(self, interval: float) -> None:
     """Polls the latest checkpoint every ``interval`` seconds in a daemon
-    thread and reloads when it changes."""
+    thread and reloads when it changes.
+
+    A new checkpoint is loaded once it has been the latest for two polls in a
+    row: a trainer writing into the run replaces checkpoints every bucket, and
+    one that is half written or already superseded would fail to load. A
+    failed load keeps the old snapshot (see /health) and is retried.
+    """
 
     def loop():
+      candidate = None
       while not self._stop.wait(interval):
         try:
-          if retrieval.checkpoint_identity(self.workdir)["hash"] != self.snapshot.checkpoint["hash"]:
+          latest = retrieval.checkpoint_identity(self.workdir)["hash"]
+          if latest == self.snapshot.checkpoint["hash"]:
+            candidate = None
+          elif latest != candidate:
+            candidate = latest  # settle for one more poll
+          else:
             self.reload()
-        except Exception:  # reported in /health; try again next time
-          log.exception("watch: reload failed")
+            candidate = None
+        except Exception as err:  # reported in /health; tried again next poll
+          log.warning("watch: no reload this time (%s: %s)", type(err).__name__, err)
 
     self._watcher = threading.Thread(target=loop, name="twhin-serve-watch", daemon=True)
     self._watcher.start()
