@@ -15,6 +15,7 @@
   twhin inspect  --workdir DIR [--neighbors TYPE:NAME] [--json] | --diff DIR_A DIR_B
   twhin compress --workdir DIR [--factors 4,8,16,32,64] [--json]   PQ codes + recall@10
   twhin serve    --workdir DIR [--port 8080] [--host 127.0.0.1] [--watch SECONDS]  HTTP JSON API
+  twhin report   --out DIR [--budget small|full] [--data-dir DIR]  reproduction report (Markdown + PNGs)
 """
 
 from __future__ import annotations
@@ -215,6 +216,16 @@ def cmd_serve(args, overrides):
               progress=not args.quiet)
 
 
+def cmd_report(args, overrides):
+  del overrides
+  from twhin_jax import report
+  sections = args.sections.split(",") if args.sections else report.SECTIONS
+  path = report.run_report(args.out, budget=args.budget, data_dir=args.data_dir,
+                           runs_dir=args.runs_dir, seed=args.seed, progress=not args.quiet,
+                           sections=sections)
+  print(path)
+
+
 def cmd_demo(args, overrides):
   from twhin_jax import demo
   config_path = os.path.join(os.path.dirname(__file__), "demo_config.py")
@@ -297,6 +308,20 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                  help="poll the latest checkpoint and reload when it changes (0: off)")
   p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes")
+  p = sub.add_parser("report", help="run the paper's experiments at a budget; write "
+                     "DIR/report.md, PNG plots and results.json (docs/report/)")
+  p.add_argument("--out", required=True, help="report folder (report.md, *.png, results.json)")
+  p.add_argument("--budget", default="small", choices=("small", "full"),
+                 help="small: d=64, 20 epochs, ~12 min on 2 cores; full: d=128, 50 epochs")
+  p.add_argument("--data-dir", default=None,
+                 help="datasets folder (default $TWHIN_DATA_DIR, else ../shared/data)")
+  p.add_argument("--runs-dir", default=None, help="embedding runs (default <out>/runs)")
+  p.add_argument("--sections", default="",
+                 help="comma-separated subset of ablation,heterogeneity,compression,drift,"
+                      "link_prediction (default all)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
+  p.set_defaults(func=cmd_report)
   p = add("demo", cmd_demo, "generated Twitter-like graph: import, train, evaluate, report",
           workdir_default="runs/demo")
   p.add_argument("--variant", default="", help="config variant ('test': tiny)")
