@@ -493,9 +493,6 @@ class Report:
       checks.append(check_row("Last.fm friends: heterogeneous U beats friend-only U (ROC-AUC)",
                               hetero["roc_auc"], single["roc_auc"],
                               verdict(hetero["roc_auc"], single["roc_auc"], noise=se), se))
-      checks.append(check_row("Last.fm friends: heterogeneous U beats friend-only U (RCE)",
-                              hetero["rce"], single["rce"],
-                              verdict(hetero["rce"], single["rce"]), None))
     else:
       notes.append(f"Last.fm skipped: {self.data_dir}/{LASTFM} not found.")
     cat_rows = []
