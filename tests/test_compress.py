@@ -11,9 +11,7 @@ import pytest
 
 from twhin_jax import cli
 from twhin_jax import compress
-from twhin_jax import demo_config
 from twhin_jax import inspection
-from twhin_jax import train as train_lib
 
 
 def clustered(n=600, dim=16, clusters=30, seed=0):
@@ -69,14 +67,8 @@ def test_pq_embed_decodes_inside_a_module():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("compress_run"))
-  config = demo_config.get_config("test")
-  config.model.dim = 16
-  config.train.epochs = 2
-  config.train.eval_every_epochs = 0
-  train_lib.train(config, workdir, progress=False).close()
-  return workdir
+def run_dir(demo_run_d16):
+  return demo_run_d16
 
 
 def test_compress_run_writes_codes_and_reports_recall(run_dir):

@@ -9,21 +9,13 @@ import numpy as np
 import pytest
 
 from twhin_jax import cli
-from twhin_jax import demo_config
 from twhin_jax import drift
 from twhin_jax import inspection
-from twhin_jax import train as train_lib
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("drift_run"))
-  config = demo_config.get_config("test")
-  config.model.dim = 16
-  config.train.epochs = 2
-  config.train.eval_every_epochs = 0
-  train_lib.train(config, workdir, progress=False).close()
-  return workdir
+def run_dir(demo_run_d16):
+  return demo_run_d16
 
 
 def test_run_against_itself_has_no_drift(run_dir, capsys, tmp_path):

@@ -11,19 +11,15 @@ import pytest
 import tensorstore as ts
 
 from twhin_jax import cli
-from twhin_jax import demo_config
 from twhin_jax import inspection
-from twhin_jax import train as train_lib
+
+from conftest import train_tiny_demo
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("inspect_run"))
-  config = demo_config.get_config("test")
-  config.model.dim = 16
-  config.train.epochs = 2
-  config.train.eval_every_epochs = 0
-  trainer = train_lib.train(config, workdir, progress=False)
+  trainer = train_tiny_demo(workdir, dim=16, keep_trainer=True)
   expected = {"tables": trainer.embeddings(), "rel": trainer.rel_state,
               "version": trainer.lineage["version_id"]}
   trainer.close()

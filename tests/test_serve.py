@@ -12,22 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twhin_jax import demo_config
 from twhin_jax import mixture
 from twhin_jax import model
 from twhin_jax import retrieval
 from twhin_jax import serve
 from twhin_jax import train as train_lib
 
+from conftest import train_tiny_demo
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("serve_demo"))
-  config = demo_config.get_config("test")
-  config.train.epochs = 2
-  config.train.eval_every_epochs = 0
-  train_lib.train(config, workdir, progress=False).close()
-  return workdir
+  return train_tiny_demo(workdir)
 
 
 @pytest.fixture(scope="module")

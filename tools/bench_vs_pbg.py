@@ -135,7 +135,6 @@ def settings_for(args, graph: str) -> dict:
 
 def our_config(settings: dict, graph_file: str | None):
   """Our config matching PBG's settings (see the module docstring)."""
-  from twhin_jax import config as config_lib
   if settings["graph"] == "fb15k237":
     from twhin_jax import datasets
     config = datasets.kg_config("fb15k237", "$TWHIN_DATA_DIR/kg/fb15k-237", suffix=".txt.gz",

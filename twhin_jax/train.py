@@ -27,7 +27,6 @@ import time
 import uuid
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 

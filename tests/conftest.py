@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny trained runs of the demo graph's "test" variant."""
+
+from __future__ import annotations
+
+import pytest
+
+from twhin_jax import demo_config
+from twhin_jax import train as train_lib
+
+
+def train_tiny_demo(workdir: str, *, dim: int | None = None, epochs: int = 2,
+                    keep_trainer: bool = False):
+  """Trains the demo's tiny graph into ``workdir`` (seconds on 2 cores).
+
+  Returns the workdir, or the open trainer with ``keep_trainer`` (the caller
+  closes it).
+  """
+  config = demo_config.get_config("test")
+  if dim is not None:
+    config.model.dim = dim
+  config.train.epochs = epochs
+  config.train.eval_every_epochs = 0
+  trainer = train_lib.train(config, workdir, progress=False)
+  if keep_trainer:
+    return trainer
+  trainer.close()
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def demo_run_d16(tmp_path_factory):
+  """A read-only tiny run (d=16, 2 epochs) shared by modules that only read it
+  (tests that write into a run make their own)."""
+  return train_tiny_demo(str(tmp_path_factory.mktemp("demo_d16")), dim=16)
