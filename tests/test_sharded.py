@@ -50,19 +50,24 @@ def tiny_graph(tmp_path_factory):
   return config, train_lib.prepare_graph(config, workdir, progress=False)
 
 
+def bucket_setup(config, graph, shards: int, bucket):
+  """(dims, working layout, relation layout, shard capacity) of one bucket."""
+  dims = {t: 64 for t in graph.entities}
+  sub_rows = {t: sharding_lib.sub_partition_rows(e.partition_size, shards)
+              for t, e in graph.entities.items()}
+  capacity = train_lib.shard_capacity(graph, dims, sub_rows)
+  working = train_lib.layout_for(graph, dims, train_lib.bucket_blocks(graph, bucket), shards,
+                                 sub_rows, capacity)
+  return dims, working, model.RelationLayout.from_config(config), capacity
+
+
 @pytest.mark.parametrize("shards", [1, 3, 4])
 def test_rounds_give_each_device_its_own_rows(tiny_graph, shards):
   """Every real edge is trained exactly once; in round k device g's sources
   lie in its home sub-partition and its targets in sub-partition (g+k) mod G."""
   config, graph = tiny_graph
-  dims = {t: 64 for t in graph.entities}
-  sub_rows = {t: sharding_lib.sub_partition_rows(e.partition_size, shards)
-              for t, e in graph.entities.items()}
-  capacity = train_lib.shard_capacity(graph, dims, sub_rows)
   bucket = (0, 1)
-  working = train_lib.layout_for(graph, dims, train_lib.bucket_blocks(graph, bucket), shards,
-                                 sub_rows, capacity)
-  layout = model.RelationLayout.from_config(config)
+  dims, working, layout, capacity = bucket_setup(config, graph, shards, bucket)
   seen, rounds = 0, set()
   for k, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0), dims):
     rounds.add(k)
@@ -90,14 +95,8 @@ def test_rows_map_back_to_entities(tiny_graph):
   """Decoding (device, shard row) back to local ids recovers the bucket's edges."""
   config, graph = tiny_graph
   shards = 4
-  dims = {t: 64 for t in graph.entities}
-  sub_rows = {t: sharding_lib.sub_partition_rows(e.partition_size, shards)
-              for t, e in graph.entities.items()}
-  capacity = train_lib.shard_capacity(graph, dims, sub_rows)
   bucket = (1, 0)
-  working = train_lib.layout_for(graph, dims, train_lib.bucket_blocks(graph, bucket), shards,
-                                 sub_rows, capacity)
-  layout = model.RelationLayout.from_config(config)
+  dims, working, layout, _ = bucket_setup(config, graph, shards, bucket)
   decoded = []
   for k, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0), dims):
     b = call.batch
@@ -205,13 +204,8 @@ def test_mixed_chunks_hold_several_relations_of_one_type_pair(tiny_graph):
   config = config.copy_and_resolve_references()
   config.model.reciprocal = True
   config.negatives.mix_relations = True
-  dims = {t: 64 for t in graph.entities}
-  sub_rows = {t: e.partition_size for t, e in graph.entities.items()}
-  capacity = train_lib.shard_capacity(graph, dims, sub_rows)
   bucket = (0, 0)
-  working = train_lib.layout_for(graph, dims, train_lib.bucket_blocks(graph, bucket), 1,
-                                 sub_rows, capacity)
-  layout = model.RelationLayout.from_config(config)
+  dims, working, layout, _ = bucket_setup(config, graph, 1, bucket)
   mixed_chunks, seen = 0, 0
   for _, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0), dims):
     b = call.batch
@@ -239,13 +233,8 @@ def test_large_buckets_are_prepared_in_slices(tiny_graph, monkeypatch):
   """Sliced preparation (one device, parallel threads) trains every edge
   exactly once and is deterministic."""
   config, graph = tiny_graph
-  dims = {t: 64 for t in graph.entities}
-  sub_rows = {t: e.partition_size for t, e in graph.entities.items()}
-  capacity = train_lib.shard_capacity(graph, dims, sub_rows)
   bucket = (0, 1)
-  working = train_lib.layout_for(graph, dims, train_lib.bucket_blocks(graph, bucket), 1,
-                                 sub_rows, capacity)
-  layout = model.RelationLayout.from_config(config)
+  dims, working, layout, _ = bucket_setup(config, graph, 1, bucket)
   monkeypatch.setattr(train_lib, "SLICE_EDGES", 500)
   assert graph.bucket_sizes()[bucket] > 3 * 500
 
