@@ -296,6 +296,12 @@ class Report:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
       raise ValueError(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    self.command = " ".join(
+        ["twhin report", f"--out {out}", f"--budget {budget}"]
+        + ([f"--data-dir {data_dir}"] if data_dir else [])
+        + ([f"--runs-dir {runs_dir}"] if runs_dir else [])
+        + ([f"--seed {seed}"] if seed else [])
+        + ([f"--sections {','.join(sections)}"] if tuple(sections) != SECTIONS else []))
     self.out = os.path.abspath(out)
     self.runs_dir = os.path.abspath(runs_dir or os.path.join(out, "runs"))
     self.budget_name, self.budget = budget, dict(BUDGETS[budget])
@@ -887,6 +893,7 @@ class Report:
         "tool, so none are printed: each table has a \"paper\" column stating the paper's "
         "claim qualitatively, and each verdict follows from our numbers by the rule printed "
         "next to it. All numbers are from one seed.", "",
+        f"* **Command:** `{self.command}`",
         f"* **Date:** {meta['date']}",
         f"* **Commit:** `{meta['commit'][:12]}`" + (" (with uncommitted changes)"
                                                     if meta["commit_dirty"] else ""),
