@@ -635,6 +635,10 @@ class Trainer:
           kept[block] = pieces
         else:
           self._write_back(block, pieces)
+      # Every row now lives in a host copy: drop the old working tables before
+      # the new ones are built (peak memory is counted in partitions).
+      del host_shards
+      self.tables_dev, self.acc_dev, self.anchor_dev, self.anchor_w_dev = {}, {}, {}, {}
     new_layout = layout_for(self.graph, self.dims, needed, self.num_shards, self.sub_rows,
                             self.capacity)
     pieces = {}
