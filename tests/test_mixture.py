@@ -111,6 +111,27 @@ def test_diverse_retrieval_covers_more_clusters(run):
       np.mean(diverse_clusters), np.mean(plain_clusters))
 
 
+def test_personal_diverse_retrieval_ranks_members_by_the_user_query(run):
+  """With the user's query, each cluster gives its quota of members, and they
+  are that cluster's best members by the user's own score."""
+  _, retriever, model = run
+  user = next(u for u in range(600) if (model.user_clusters[u] >= 0).sum() >= 2)
+  mix = model.mixture(user)
+  batch = retriever.query_vectors("favorites", [user])
+  ids, scores, components = mixture.diverse_search(
+      retriever, "tweet", mix, 10, clustering=model.clustering, query=batch.vectors[0])
+  table = np.asarray(retriever.table("tweet"), np.float32)
+  user_scores = table @ batch.vectors[0]  # dot comparator
+  np.testing.assert_allclose(scores, user_scores[ids], rtol=1e-5, atol=1e-6)
+  for component in np.unique(components):
+    members = np.flatnonzero(model.clustering.assignments == mix.clusters[component])
+    taken = ids[components == component]
+    best = members[np.argsort(-user_scores[members], kind="stable")][:len(taken)]
+    assert set(taken.tolist()) == set(best.tolist())
+  with pytest.raises(ValueError, match="clustering"):
+    mixture.diverse_search(retriever, "tweet", mix, 10, query=batch.vectors[0])
+
+
 def test_cluster_cli(run, capsys):
   workdir, _, _ = run
   assert cli.main(["cluster", "--workdir", workdir, "--type", "ad", "--k", "4", "--top-m", "2",

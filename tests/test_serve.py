@@ -143,9 +143,15 @@ def test_diverse_needs_a_mixture_then_answers(server, run_dir):
                                  progress=False)
   status, answer = call(server, "POST", "/diverse", request)
   assert status == 200, answer
+  # Default for a known user: cluster quotas, members ranked by the user's query.
+  query = retriever.query_vectors(model_.relations[0], [3]).vectors[0]
+  ids, _, _ = mixture.diverse_search(retriever, "tweet", model_.mixture(3), 8,
+                                     clustering=model_.clustering, query=query)
+  assert [r["id"] for r in answer["results"]] == ids.tolist()
+  status, answer = call(server, "POST", "/diverse", dict(request, personal=False))
   ids, _, _ = mixture.diverse_search(retriever, "tweet", model_.mixture(3), 8,
                                      clustering=model_.clustering)
-  assert [r["id"] for r in answer["results"]] == ids.tolist()
+  assert status == 200 and [r["id"] for r in answer["results"]] == ids.tolist()
   assert abs(sum(c["weight"] for c in answer["mixture"]) - 1) < 1e-6
   tweets = retriever.names("tweet")
   status, answer = call(server, "POST", "/diverse", dict(

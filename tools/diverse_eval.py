@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                     test_edges["dst"][test_edges["rel"] == fav]):
       truth.setdefault(int(s), set()).add(int(t))
     table = retriever.table("tweet")
-    rows = {"plain": [], "diverse": []}
+    rows = {"plain": [], "diverse": [], "diverse_personal": []}
     for user, answers in sorted(truth.items()):
       mix = model.mixture(user)
       if len(mix) == 0:
@@ -76,7 +76,12 @@ def main(argv=None) -> int:
       plain = [i for i in ids[0] if i not in exclude][:args.k]
       diverse, _, _ = mixture.diverse_search(retriever, "tweet", mix, args.k,
                                              clustering=model.clustering, exclude=exclude)
-      for name, found in (("plain", plain), ("diverse", diverse)):
+      # The same quotas per cluster, members ranked by the user's own query.
+      personal, _, _ = mixture.diverse_search(retriever, "tweet", mix, args.k,
+                                              clustering=model.clustering, exclude=exclude,
+                                              query=batch.vectors[0])
+      for name, found in (("plain", plain), ("diverse", diverse),
+                          ("diverse_personal", personal)):
         stats = mixture.diversity(found, model.clustering.assignments, table)
         stats["recall"] = len(set(int(i) for i in found) & answers) / len(answers)
         rows[name].append(stats)
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
   print(f"{result['users']} users, k={args.k}, {args.clusters} tweet clusters, top-{args.top_m}\n")
   print(f"| retrieval | recall@{args.k} | distinct clusters | mean pairwise cos |")
   print("|---|---|---|---|")
-  for name in ("plain", "diverse"):
+  for name in ("plain", "diverse", "diverse_personal"):
     r = result[name]
     print(f"| {name} | {r[f'recall@{args.k}']:.3f} | {r['distinct_clusters']:.2f} | "
           f"{r['mean_pairwise_cos']:.3f} |")

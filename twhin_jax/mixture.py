@@ -304,8 +304,11 @@ def largest_remainder(weights: Sequence[float], k: int) -> np.ndarray:
 
 def _component_candidates(retriever, target_type: str, mixture: Mixture, order: np.ndarray,
                           depth: int, clustering: Clustering | None, exact: bool,
-                          comparator: str | None) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per component (heaviest first): (ids, scores) of its best ``depth`` targets."""
+                          comparator: str | None, query: np.ndarray | None = None
+                          ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per component (heaviest first): (ids, scores) of its best ``depth`` targets,
+  ranked by the component's vector, or by ``query`` (the user's own
+  relation-aware query vector [d]) when given."""
   if clustering is None:  # nearest neighbours of the component vector in the whole index
     ids, scores = retriever.search(target_type, mixture.vectors[order], depth, exact=exact,
                                    comparator=comparator)  # [m, depth]
@@ -317,7 +320,8 @@ def _component_candidates(retriever, target_type: str, mixture: Mixture, order: 
   out = []
   for component in order:
     members = np.flatnonzero(clustering.assignments == mixture.clusters[component])  # [n_c]
-    scores = np.asarray(compare_all(comparator, jnp.asarray(mixture.vectors[component][None]),
+    vector = mixture.vectors[component] if query is None else query
+    scores = np.asarray(compare_all(comparator, jnp.asarray(np.asarray(vector, np.float32)[None]),
                                     jnp.asarray(np.asarray(table[members], np.float32))))[0]
     best = np.argsort(-scores, kind="stable")[:depth]
     out.append((members[best], scores[best]))
@@ -326,8 +330,15 @@ def _component_candidates(retriever, target_type: str, mixture: Mixture, order: 
 
 def diverse_search(retriever, target_type: str, mixture: Mixture, k: int = 10, *,
                    clustering: Clustering | None = None, exclude: Iterable[int] = (),
-                   exact: bool = False, comparator: str | None = None):
+                   exact: bool = False, comparator: str | None = None,
+                   query: np.ndarray | None = None):
   """k targets drawn from a mixture's components (see the module doc).
+
+  ``query`` (with ``clustering``): the user's own relation-aware query vector
+  [d]. The mixture then only sets how many targets each cluster gives (its
+  weight's share of k) and the query ranks the cluster's members: diversity
+  from the clusters, relevance from the user's vector, instead of the
+  cluster centre's most central members.
 
   Each component's candidates are the best targets for its vector by the
   comparator (default the run's): among its own cluster's members when
@@ -345,8 +356,10 @@ def diverse_search(retriever, target_type: str, mixture: Mixture, k: int = 10, *
   quotas = largest_remainder(mixture.weights[order], k)
   # Enough candidates per component to fill its quota (or everything) after
   # dropping excluded rows and other components' picks.
+  if query is not None and clustering is None:
+    raise ValueError("a personal query ranks within clusters: pass clustering too")
   candidates = _component_candidates(retriever, target_type, mixture, order,
-                                     k + len(excluded), clustering, exact, comparator)
+                                     k + len(excluded), clustering, exact, comparator, query)
   cursor = np.zeros(len(order), np.int64)
   picked, picked_scores, picked_from = [], [], []
   seen = set(excluded)

@@ -367,7 +367,7 @@ class Service:
   def diverse(self, snap: Snapshot, body: dict) -> dict:
     from twhin_jax import mixture as mixture_lib
     _check_fields(body, ("entity_type", "name", "engagements", "target_type", "k", "exact",
-                         "exclude"))
+                         "exclude", "personal"))
     entity_type = self._type(snap, body)
     target_type = self._type(snap, body, "target_type")
     k = _k(body)
@@ -383,8 +383,17 @@ class Service:
     if entity_type != model.source_type:
       raise ApiError(400, f"the {target_type!r} mixtures are of {model.source_type!r} "
                      f"entities, not {entity_type!r}")
+    # personal (known entities only): clusters set each one's share of k,
+    # the entity's own query vector ranks the members (mixture.diverse_search).
+    personal = _field(body, "personal", bool, required=False, default=name is not None)
+    if personal and name is None:
+      raise ApiError(400, "'personal' needs 'name' (an entity with a trained vector)")
+    query = None
     if name is not None:
-      mix = model.mixture(self._row(snap, entity_type, name))
+      row = self._row(snap, entity_type, name)
+      mix = model.mixture(row)
+      if personal:
+        query = snap.retriever.query_vectors(model.relations[0], [row]).vectors[0]
     else:
       if not engagements or len(engagements) > MAX_ENGAGEMENTS:
         raise ApiError(400, f"'engagements' needs 1 to {MAX_ENGAGEMENTS} items")
@@ -401,7 +410,7 @@ class Service:
     excluded = [self._row(snap, target_type, e) for e in exclude]
     ids, scores, components = mixture_lib.diverse_search(
         snap.retriever, target_type, mix, k, clustering=model.clustering, exclude=excluded,
-        exact=exact)
+        exact=exact, query=query)
     names = snap.retriever.names(target_type)
     return {"entity_type": entity_type, "target_type": target_type,
             "version_id": snap.version_id,
@@ -510,7 +519,10 @@ def openapi() -> dict:
               "type": "array", "items": string, "minItems": 2, "maxItems": 2},
               "description": "[relation, target name] pairs (a new user)"},
           "target_type": string, "k": k, "exact": dict(boolean, default=False),
-          "exclude": names}, ("entity_type", "target_type")),
+          "exclude": names,
+          "personal": dict(boolean, description=(
+              "rank each cluster's members by the entity's own query vector (default "
+              "with 'name'); false: by the cluster's vector"))}, ("entity_type", "target_type")),
       "DiverseResponse": {"type": "object", "properties": {
           "entity_type": string, "target_type": string, "version_id": string,
           "mixture": {"type": "array", "items": {"type": "object", "properties": {
