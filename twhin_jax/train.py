@@ -202,6 +202,7 @@ def _bucket_calls(graph: Graph, layout: model.RelationLayout,
   else:
     class_of = np.arange(num_rel, dtype=np.int64)
   num_classes = int(class_of.max()) + 1
+  class_group = {int(c): layout.group[r] for r, c in enumerate(class_of)}  # one group per class
   edge_class = class_of[rel]  # [E]
   correct = bool(config.negatives.logq_correction)
   if correct:
@@ -269,7 +270,7 @@ def _bucket_calls(graph: Graph, layout: model.RelationLayout,
           continue
         padded = -(-len(idx) // chunk) * chunk
         idx = np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)]).reshape(-1, chunk)
-        lists.setdefault(layout.group[int(np.flatnonzero(class_of == c)[0])], []).append(idx)
+        lists.setdefault(class_group[c], []).append(idx)
       groups = {}
       for group in sorted(lists):
         chunks = np.concatenate(lists[group])  # [num_chunks, C] edge indices, -1 = pad
@@ -365,6 +366,23 @@ class _Background:
 
 # --------------------------------------------------------------------------
 # The trainer.
+
+
+def relation_state(layout: model.RelationLayout, relation_lr: float, params=None) -> dict:
+  """{"params", "opt"} of every relation group: ``params`` (default the
+  layout's initial values) and a fresh Adagrad state, as numpy arrays."""
+  if params is None:
+    params = layout.init_params()
+  params = {g: np.asarray(p) for g, p in params.items()}
+  tx = optim.relation_adagrad(relation_lr)
+  return {"params": params, "opt": {g: tx.init(p) for g, p in params.items()}}
+
+
+def abstract_relation_state(layout: model.RelationLayout, relation_lr: float, sharding=None):
+  """Shapes and dtypes of relation_state (what an Orbax restore fills in)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding),
+      relation_state(layout, relation_lr))
 
 
 def _sync(name: str) -> None:
@@ -542,22 +560,17 @@ class Trainer:
   # Replicated over the mesh while training; `rel_state` gives host copies.
 
   def _initial_rel_state(self):
-    params = {g: np.asarray(p) for g, p in self.layout.init_params().items()}
+    params = None
     if self.config.warm_start.parent:  # aligned by name from the parent (versions.py)
       from twhin_jax import versions
       params = versions.warm_relation_params(self.workdir)
-    tx = optim.relation_adagrad(self.config.train.relation_lr)
-    state = {"params": params, "opt": {g: tx.init(p) for g, p in params.items()}}
+    state = relation_state(self.layout, self.config.train.relation_lr, params)
     return jax.tree_util.tree_map(
         lambda x: sharding_lib.global_array(np.asarray(x), self.mesh), state)
 
   def _abstract_rel_state(self):
-    params = {g: np.asarray(p) for g, p in self.layout.init_params().items()}
-    tx = optim.relation_adagrad(self.config.train.relation_lr)
-    state = {"params": params, "opt": {g: tx.init(p) for g, p in params.items()}}
-    sharding = sharding_lib.replicated(self.mesh)
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), state)
+    return abstract_relation_state(self.layout, self.config.train.relation_lr,
+                                   sharding_lib.replicated(self.mesh))
 
   @property
   def rel_state(self) -> dict:

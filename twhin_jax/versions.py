@@ -58,13 +58,7 @@ class ParentVersion:
       self.config = config_lib.from_json_dict(self.meta["config"])
       self.graph = Graph(os.path.join(workdir, train_lib.GRAPH_DIR))
       self.layout = model.RelationLayout.from_config(self.config)
-      abstract = {"params": {g: np.asarray(p) for g, p in self.layout.init_params().items()}}
-      from twhin_jax import optim
-      tx = optim.relation_adagrad(self.config.train.relation_lr)
-      abstract["opt"] = {g: tx.init(p) for g, p in abstract["params"].items()}
-      import jax
-      abstract = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), abstract)
+      abstract = train_lib.abstract_relation_state(self.layout, self.config.train.relation_lr)
       state = checkpointer.restore_state(abstract)
       self.relation_params = {g: np.asarray(p) for g, p in state["params"].items()}
     finally:
