@@ -124,15 +124,24 @@ def neighbor_init(graph: Graph, parent: ParentVersion, config, mapping: dict[str
       if new_src.any():
         g = inductive.source_vectors(info_operator(config, r), params,
                                      old_tables[info.target][old_dst[new_src]], comparator)
-        np.add.at(sums[info.source], src[new_src], g)
-        np.add.at(counts[info.source], src[new_src], 1)
+        _scatter_add(sums[info.source], src[new_src], g)
+        counts[info.source] += np.bincount(src[new_src], minlength=len(counts[info.source]))
       new_dst = (old_dst < 0) & (old_src >= 0)  # shared source, new target
       if new_dst.any():
         g = inductive.target_vectors(info_operator(config, r), params,
                                      old_tables[info.source][old_src[new_dst]])
-        np.add.at(sums[info.target], dst[new_dst], g)
-        np.add.at(counts[info.target], dst[new_dst], 1)
+        _scatter_add(sums[info.target], dst[new_dst], g)
+        counts[info.target] += np.bincount(dst[new_dst], minlength=len(counts[info.target]))
   return {t: (sums[t], counts[t]) for t in sums}
+
+
+def _scatter_add(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+  """target[rows] += values with repeated rows summed (np.add.at is ~10x slower:
+  sort the rows, sum each run with reduceat, add once per distinct row)."""
+  order = np.argsort(rows, kind="stable")
+  rows, values = rows[order], values[order]
+  starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+  target[rows[starts]] += np.add.reduceat(values, starts, axis=0)
 
 
 def info_operator(config, r: int) -> str:
