@@ -30,6 +30,11 @@ import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
+# The other names in a run directory (train.py re-exports them).
+GRAPH_DIR = "graph"
+TABLES_DIR = "tables"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def checkpoint_root(workdir: str) -> str:

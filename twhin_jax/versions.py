@@ -33,8 +33,8 @@ import numpy as np
 
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
-from twhin_jax import inductive
 from twhin_jax import model
+from twhin_jax import state as state_lib
 from twhin_jax import storage
 from twhin_jax.graph import Graph
 
@@ -47,7 +47,6 @@ class ParentVersion:
   """A finished run read without a trainer: graph, config, committed tables, relations."""
 
   def __init__(self, workdir: str):
-    from twhin_jax import train as train_lib  # circular at import time
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"{workdir}: no such run directory (warm_start.parent)")
     checkpointer = checkpoint_lib.Checkpointer(workdir)
@@ -56,15 +55,15 @@ class ParentVersion:
         raise FileNotFoundError(f"{workdir}: no checkpoint to warm-start from")
       self.meta = checkpointer.restore_meta()
       self.config = config_lib.from_json_dict(self.meta["config"])
-      self.graph = Graph(os.path.join(workdir, train_lib.GRAPH_DIR))
+      self.graph = Graph(os.path.join(workdir, checkpoint_lib.GRAPH_DIR))
       self.layout = model.RelationLayout.from_config(self.config)
-      abstract = train_lib.abstract_relation_state(self.layout, self.config.train.relation_lr)
+      abstract = state_lib.abstract_relation_state(self.layout, self.config.train.relation_lr)
       state = checkpointer.restore_state(abstract)
       self.relation_params = {g: np.asarray(p) for g, p in state["params"].items()}
     finally:
       checkpointer.close()
     self.dims = {t: config_lib.entity_dim(self.config, t) for t in self.graph.entities}
-    self.tables = storage.TableStore(os.path.join(workdir, train_lib.TABLES_DIR),
+    self.tables = storage.TableStore(os.path.join(workdir, checkpoint_lib.TABLES_DIR),
                                      self.graph.entities, self.dims,
                                      self.config.storage.zarr_format, create=False)
     self.slots = storage.SlotMap.from_json(self.meta["slots"])
@@ -101,7 +100,7 @@ def neighbor_init(graph: Graph, parent: ParentVersion, config, mapping: dict[str
   Over every training edge between a new entity and a shared one, of a
   relation the parent knew: g_e = op_r(theta_s) when the new entity is the
   target, the operator's adjoint (dot) or inverse (l2, cos) applied to
-  theta_t when it is the source (inductive.source_vectors / target_vectors).
+  theta_t when it is the source (model.source_vectors / target_vectors).
   """
   comparator = config.model.comparator
   sums = {t: np.zeros((graph.entities[t].count, old_tables[t].shape[1]), np.float64)
@@ -122,13 +121,13 @@ def neighbor_init(graph: Graph, parent: ParentVersion, config, mapping: dict[str
       old_src, old_dst = mapping[info.source][src], mapping[info.target][dst]
       new_src = (old_src < 0) & (old_dst >= 0)  # new source, shared target
       if new_src.any():
-        g = inductive.source_vectors(info_operator(config, r), params,
+        g = model.source_vectors(info_operator(config, r), params,
                                      old_tables[info.target][old_dst[new_src]], comparator)
         _scatter_add(sums[info.source], src[new_src], g)
         counts[info.source] += np.bincount(src[new_src], minlength=len(counts[info.source]))
       new_dst = (old_dst < 0) & (old_src >= 0)  # shared source, new target
       if new_dst.any():
-        g = inductive.target_vectors(info_operator(config, r), params,
+        g = model.target_vectors(info_operator(config, r), params,
                                      old_tables[info.source][old_src[new_dst]])
         _scatter_add(sums[info.target], dst[new_dst], g)
         counts[info.target] += np.bincount(dst[new_dst], minlength=len(counts[info.target]))
