@@ -35,16 +35,14 @@ from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import optim
 from twhin_jax import reporting
+from twhin_jax import rundir
 from twhin_jax import schedule
 from twhin_jax import sharding as sharding_lib
 from twhin_jax import step as step_lib
 from twhin_jax import storage
 from twhin_jax.graph import Graph
+from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR
 
-GRAPH_DIR = "graph"
-TABLES_DIR = "tables"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 #: Steps per jitted call (lax.scan length): amortises dispatch (measured ~2x
 #: faster than one step per call on 2 CPU cores).
 STEPS_PER_CALL = 16
@@ -404,9 +402,7 @@ def _broadcast_json(value):
   return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
 
 
-def load_run_config(workdir: str):
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return config_lib.from_json_dict(json.load(f))
+load_run_config = rundir.load_config
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -533,10 +529,10 @@ class Trainer:
     self.anchors = None
     if self.anchor_strength > 0:
       from twhin_jax import versions
-      self.anchors = storage.TableStore(os.path.join(workdir, versions.ANCHORS_DIR),
-                                        self.graph.entities, self.dims,
-                                        config.storage.zarr_format, create=False,
-                                        sub_partitions=self.num_shards, num_slots=1)
+      self.anchors = storage.open_storage(
+          config.storage.driver, os.path.join(workdir, versions.ANCHORS_DIR),
+          entities=self.graph.entities, dims=self.dims, zarr_format=config.storage.zarr_format,
+          sub_partitions=self.num_shards, num_slots=1)
     self.anchor_dev: dict[int, jax.Array] = {}
     self.anchor_w_dev: dict[int, jax.Array] = {}
     # Resident partitions: sharded working tables per dim and their layout.
@@ -552,9 +548,9 @@ class Trainer:
             flush=True)
 
   def _open_tables(self, root: str, create: bool) -> storage.TableStore:
-    return storage.TableStore(root, self.graph.entities, self.dims,
-                              self.config.storage.zarr_format, create=create,
-                              sub_partitions=self.num_shards)
+    return storage.open_storage(self.config.storage.driver, root, entities=self.graph.entities,
+                                dims=self.dims, zarr_format=self.config.storage.zarr_format,
+                                create=create, sub_partitions=self.num_shards)
 
   # -- relation state -------------------------------------------------------
   # Replicated over the mesh while training; `rel_state` gives host copies.
