@@ -136,8 +136,8 @@ def settings_for(args, graph: str) -> dict:
 def our_config(settings: dict, graph_file: str | None):
   """Our config matching PBG's settings (see the module docstring)."""
   if settings["graph"] == "fb15k237":
-    from twhin_jax import datasets
-    config = datasets.kg_config("fb15k237", "$TWHIN_DATA_DIR/kg/fb15k-237", suffix=".txt.gz",
+    from twhin_jax import config_builders
+    config = config_builders.kg_config("fb15k237", "$TWHIN_DATA_DIR/kg/fb15k-237", suffix=".txt.gz",
                                 operator="translation", loss="logistic",
                                 reciprocal=settings["relations"] == "reciprocal",
                                 dim=settings["dim"], lr=settings["lr"], epochs=settings["epochs"])
