@@ -12,7 +12,7 @@ out for validation and test (seeded by train.seed).
 """
 
 from twhin_jax import config as config_lib
-from twhin_jax import datasets
+from twhin_jax import config_builders
 
 ROOT = "$TWHIN_DATA_DIR/social/ciao-tang2012"
 STARS = range(1, 6)
@@ -22,11 +22,11 @@ def get_config(variant: str = ""):
   config = config_lib.base_config()
   config.name = "ciao"
   for name in ("user", "product", "category"):
-    config.entities[name] = datasets.entity_type()
+    config.entities[name] = config_builders.entity_type()
   config.relations = (
-      [datasets.relation("trust", "user", "user")]
-      + [datasets.relation(f"rated_{k}", "user", "product") for k in STARS]
-      + [datasets.relation("in_category", "product", "category")])
+      [config_builders.relation("trust", "user", "user")]
+      + [config_builders.relation(f"rated_{k}", "user", "product") for k in STARS]
+      + [config_builders.relation("in_category", "product", "category")])
   # rating.tsv.gz columns: userid, productid, categoryid, rating, helpfulness.
   config.data.files = [
       config_lib.file_spec(f"{ROOT}/trustnetwork.tsv.gz", source=0, target=1, relation=None,
@@ -40,5 +40,5 @@ def get_config(variant: str = ""):
   config.data.on_error = "skip"
   config.data.valid_fraction = 0.05
   config.data.test_fraction = 0.05
-  datasets.social_training(config)
-  return datasets.apply_variant(config, variant)
+  config_builders.social_training(config)
+  return config_builders.apply_variant(config, variant)

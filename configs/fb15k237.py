@@ -13,11 +13,11 @@ saturates early: 0.279 after 35 epochs (with 50 batch negatives and
 relation_lr 0.05).
 """
 
-from twhin_jax import datasets
+from twhin_jax import config_builders
 
 
 def get_config(variant: str = ""):
-  config = datasets.kg_config("fb15k237", "$TWHIN_DATA_DIR/kg/fb15k-237", suffix=".txt.gz",
+  config = config_builders.kg_config("fb15k237", "$TWHIN_DATA_DIR/kg/fb15k-237", suffix=".txt.gz",
                               operator="translation", loss="softmax", reciprocal=True,
                               dim=200, lr=0.05, relation_lr=0.2, epochs=10, variant=variant)
   if not variant:

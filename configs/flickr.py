@@ -8,7 +8,7 @@ Their third column is always 1 and is ignored.
 """
 
 from twhin_jax import config as config_lib
-from twhin_jax import datasets
+from twhin_jax import config_builders
 
 ROOT = "$TWHIN_DATA_DIR/social/diffnet-flickr"
 
@@ -16,10 +16,10 @@ ROOT = "$TWHIN_DATA_DIR/social/diffnet-flickr"
 def get_config(variant: str = ""):
   config = config_lib.base_config()
   config.name = "flickr"
-  config.entities.user = datasets.entity_type()
-  config.entities.image = datasets.entity_type()
-  config.relations = [datasets.relation("follows", "user", "user"),
-                      datasets.relation("interacts", "user", "image")]
+  config.entities.user = config_builders.entity_type()
+  config.entities.image = config_builders.entity_type()
+  config.relations = [config_builders.relation("follows", "user", "user"),
+                      config_builders.relation("interacts", "user", "image")]
 
   def spec(file, relation, split="train"):
     return config_lib.file_spec(f"{ROOT}/{file}", format="tsv", split=split, source=0,
@@ -32,5 +32,5 @@ def get_config(variant: str = ""):
       spec("flickr.test.rating.gz", "interacts", "test"),
   ]
   config.data.names_global = False  # users and images are both numbered from 0
-  datasets.social_training(config)
-  return datasets.apply_variant(config, variant)
+  config_builders.social_training(config)
+  return config_builders.apply_variant(config, variant)

@@ -1,11 +1,11 @@
 """Kinship (kg/kinship): 104 people, 25 kinship terms; 8,544 / 1,068 / 1,074
 train / valid / test triples. Tiny: runs in seconds, a first sanity check."""
 
-from twhin_jax import datasets
+from twhin_jax import config_builders
 
 
 def get_config(variant: str = ""):
-  return datasets.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship", epochs=50,
+  return config_builders.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship", epochs=50,
                             variant=variant)
 
 

@@ -16,7 +16,7 @@ validation and test (seeded by train.seed).
 """
 
 from twhin_jax import config as config_lib
-from twhin_jax import datasets
+from twhin_jax import config_builders
 
 ROOT = "$TWHIN_DATA_DIR/social/hetrec2011-lastfm-2k"
 
@@ -25,13 +25,13 @@ def get_config(variant: str = ""):
   config = config_lib.base_config()
   config.name = "lastfm"
   for name in ("user", "artist", "tag"):
-    config.entities[name] = datasets.entity_type()
+    config.entities[name] = config_builders.entity_type()
   config.relations = [
-      datasets.relation("friend", "user", "user"),
-      datasets.relation("listened", "user", "artist"),
-      datasets.relation("tagged", "user", "artist"),
-      datasets.relation("has_tag", "artist", "tag"),
-      datasets.relation("uses_tag", "user", "tag"),
+      config_builders.relation("friend", "user", "user"),
+      config_builders.relation("listened", "user", "artist"),
+      config_builders.relation("tagged", "user", "artist"),
+      config_builders.relation("has_tag", "artist", "tag"),
+      config_builders.relation("uses_tag", "user", "tag"),
   ]
 
   def spec(file, relation, source, target):
@@ -48,5 +48,5 @@ def get_config(variant: str = ""):
   config.data.names_global = False  # users, artists and tags are all numbered from 1
   config.data.valid_fraction = 0.05
   config.data.test_fraction = 0.05
-  datasets.social_training(config)
-  return datasets.apply_variant(config, variant)
+  config_builders.social_training(config)
+  return config_builders.apply_variant(config, variant)

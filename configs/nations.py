@@ -2,9 +2,9 @@
 train / valid / test triples. With only 14 entities, ranking is coarse: watch
 Hits@1 rather than MRR."""
 
-from twhin_jax import datasets
+from twhin_jax import config_builders
 
 
 def get_config(variant: str = ""):
-  return datasets.kg_config("nations", "$TWHIN_DATA_DIR/kg/nations", epochs=50,
+  return config_builders.kg_config("nations", "$TWHIN_DATA_DIR/kg/nations", epochs=50,
                             variant=variant)

@@ -9,7 +9,7 @@ from twhin_jax import train as train_lib
 
 
 def train_tiny_demo(workdir: str, *, dim: int | None = None, epochs: int = 2,
-                    keep_trainer: bool = False):
+                    keep_trainer: bool = False, reciprocal: bool = False):
   """Trains the demo's tiny graph into ``workdir`` (seconds on 2 cores).
 
   Returns the workdir, or the open trainer with ``keep_trainer`` (the caller
@@ -20,6 +20,7 @@ def train_tiny_demo(workdir: str, *, dim: int | None = None, epochs: int = 2,
     config.model.dim = dim
   config.train.epochs = epochs
   config.train.eval_every_epochs = 0
+  config.model.reciprocal = reciprocal
   trainer = train_lib.train(config, workdir, progress=False)
   if keep_trainer:
     return trainer

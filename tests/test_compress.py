@@ -11,7 +11,7 @@ import pytest
 
 from twhin_jax import cli
 from twhin_jax import compress
-from twhin_jax import inspection
+from twhin_jax import embedding_set
 
 
 def clustered(n=600, dim=16, clusters=30, seed=0):
@@ -77,13 +77,13 @@ def test_compress_run_writes_codes_and_reports_recall(run_dir):
   assert json.load(open(os.path.join(lines[0]["path"], "summary.json")))["factor"] == 4
   assert lines[0]["recall_at_10"] > lines[1]["recall_at_10"]
   folder = os.path.join(run_dir, "compressed", "factor_4")
-  names, codes, codebook = compress.load_pq(os.path.join(folder, "user.npz"))
+  names, codes, codebook = embedding_set.load_pq(os.path.join(folder, "user.npz"))
   assert codes.shape == (600, 16) and codes.dtype == np.uint8 and len(names) == 600
   assert os.path.exists(os.path.join(run_dir, "compressed", "recall.png"))
   # A compressed folder is an embedding source: decoded rows plus codes for PQEmbed.
-  loaded = inspection.load_embeddings(folder)
+  loaded = embedding_set.load_embeddings(folder)
   assert set(loaded.pq) == {"user", "ad"}
-  original = inspection.load_embeddings(run_dir, ["user"]).tables["user"]
+  original = embedding_set.load_embeddings(run_dir, ["user"]).tables["user"]
   error = np.mean(np.square(loaded.tables["user"] - original)) / np.mean(np.square(original))
   assert error < 0.05
 

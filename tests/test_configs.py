@@ -9,7 +9,7 @@ import os
 import pytest
 
 from twhin_jax import config as config_lib
-from twhin_jax import datasets
+from twhin_jax import config_builders
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 DATASET_CONFIGS = ("kinship", "nations", "umls", "fb15k237", "lastfm", "ciao", "flickr")
@@ -39,7 +39,7 @@ def test_every_dataset_has_a_config():
   assert set(DATASET_CONFIGS) <= present
 
 
-@pytest.mark.parametrize("variant", datasets.VARIANTS)
+@pytest.mark.parametrize("variant", config_builders.VARIANTS)
 @pytest.mark.parametrize("name", DATASET_CONFIGS)
 def test_config_builds_and_validates(name, variant):
   config = load_config(name, variant)

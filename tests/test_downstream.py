@@ -10,7 +10,7 @@ import pytest
 
 from twhin_jax import compress
 from twhin_jax import downstream
-from twhin_jax import inspection
+from twhin_jax import embedding_set
 from twhin_jax.downstream import metrics
 
 DATA = os.environ.get("TWHIN_DATA_DIR", "/work/shared/data")
@@ -67,7 +67,7 @@ def _toy(n=3000, dim=8, seed=0):
   table = rng.standard_normal((n, dim)).astype(np.float32)
   labels = (table[:, 0] - table[:, 1] > 0).astype(np.int32)
   dense = (labels + rng.standard_normal(n) * 2.0)[:, None].astype(np.float32)
-  embeddings = inspection.EmbeddingSet({"item": table}, {"item": [str(i) for i in range(n)]})
+  embeddings = embedding_set.EmbeddingSet({"item": table}, {"item": [str(i) for i in range(n)]})
   examples = downstream.Examples(dense, {"item": np.arange(n, dtype=np.int32)}, labels)
   return embeddings, examples, labels
 
@@ -94,7 +94,7 @@ def test_mlp_learns_a_separable_task_from_frozen_embeddings():
 def test_pq_codes_are_decoded_inside_the_model():
   embeddings, examples, labels = _toy(n=1200)
   codebook, codes = compress.train_pq(embeddings.tables["item"], num_subspaces=8)
-  quantized = inspection.EmbeddingSet({"item": compress.decode(codes, codebook)},
+  quantized = embedding_set.EmbeddingSet({"item": compress.decode(codes, codebook)},
                                       embeddings.names, pq={"item": (codes, codebook)})
   model = downstream.build_model(quantized, 1, [downstream.IdFeature("item", "item")])
   assert isinstance(model.lookups["item"], compress.PQEmbed)

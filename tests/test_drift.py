@@ -10,7 +10,7 @@ import pytest
 
 from twhin_jax import cli
 from twhin_jax import drift
-from twhin_jax import inspection
+from twhin_jax import embedding_set
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def test_run_against_itself_has_no_drift(run_dir, capsys, tmp_path):
 
 
 def test_scaled_copy_drifts_by_the_scale_and_keeps_cosine_neighbours(run_dir):
-  old = inspection.load_embeddings(run_dir)
-  new = inspection.EmbeddingSet({t: 1.25 * x for t, x in old.tables.items()}, old.names,
+  old = embedding_set.load_embeddings(run_dir)
+  new = embedding_set.EmbeddingSet({t: 1.25 * x for t, x in old.tables.items()}, old.names,
                                 old.degrees, origin="scaled")
   report = drift.drift(old, new, k=10)
   assert report["mean_rel_l2"] == pytest.approx(0.25, rel=1e-5)
@@ -46,7 +46,7 @@ def test_scaled_copy_drifts_by_the_scale_and_keeps_cosine_neighbours(run_dir):
 
 
 def test_noise_of_known_size_is_measured_and_lowers_overlap(run_dir):
-  old = inspection.load_embeddings(run_dir, ["user", "tweet"])
+  old = embedding_set.load_embeddings(run_dir, ["user", "tweet"])
   rng = np.random.default_rng(0)
   overlaps = []
   for sigma in (0.05, 0.5):
@@ -56,7 +56,7 @@ def test_noise_of_known_size_is_measured_and_lowers_overlap(run_dir):
       direction = rng.standard_normal(x.shape)
       direction /= np.linalg.norm(direction, axis=1, keepdims=True)
       tables[t] = x + sigma * np.linalg.norm(x, axis=1, keepdims=True) * direction
-    report = drift.drift(old, inspection.EmbeddingSet(tables, old.names, old.degrees), k=10)
+    report = drift.drift(old, embedding_set.EmbeddingSet(tables, old.names, old.degrees), k=10)
     assert report["mean_rel_l2"] == pytest.approx(sigma, rel=1e-4)
     overlaps.append(report["overlap_at_k"])
   assert 1.0 > overlaps[0] > overlaps[1]
@@ -66,19 +66,19 @@ def test_entities_are_aligned_by_name():
   rng = np.random.default_rng(1)
   x = rng.standard_normal((50, 8)).astype(np.float32)
   names = [f"e{i}" for i in range(50)]
-  old = inspection.EmbeddingSet({"item": x}, {"item": names}, {"item": np.arange(50)})
+  old = embedding_set.EmbeddingSet({"item": x}, {"item": names}, {"item": np.arange(50)})
   keep = rng.permutation(40)  # shuffled, 10 removed, 3 added
   new_x = np.concatenate([x[keep], rng.standard_normal((3, 8)).astype(np.float32)])
   new_names = [names[i] for i in keep] + ["n0", "n1", "n2"]
-  report = drift.drift(old, inspection.EmbeddingSet({"item": new_x}, {"item": new_names}), k=5)
+  report = drift.drift(old, embedding_set.EmbeddingSet({"item": new_x}, {"item": new_names}), k=5)
   info = report["per_type"]["item"]
   assert (info["count"], info["only_old"], info["only_new"]) == (40, 10, 3)
   assert report["mean_rel_l2"] == 0.0 and report["overlap_at_k"] == 1.0
 
 
 def test_mismatched_dims_name_the_type():
-  a = inspection.EmbeddingSet({"item": np.ones((20, 4))}, {"item": [str(i) for i in range(20)]})
-  b = inspection.EmbeddingSet({"item": np.ones((20, 6))}, {"item": [str(i) for i in range(20)]})
+  a = embedding_set.EmbeddingSet({"item": np.ones((20, 4))}, {"item": [str(i) for i in range(20)]})
+  b = embedding_set.EmbeddingSet({"item": np.ones((20, 6))}, {"item": [str(i) for i in range(20)]})
   with pytest.raises(ValueError, match="item: dim 4"):
     drift.drift(a, b)
 

@@ -483,8 +483,8 @@ def _data_dir(*parts):
 
 def test_kinship(tmp_path):
   folder = _data_dir("kg", "kinship")
-  from twhin_jax import datasets
-  config = datasets.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship")
+  from twhin_jax import config_builders
+  config = config_builders.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship")
   graph = import_graph(config, str(tmp_path / "kinship"), progress=False)
   assert graph.manifest["counts"] == {"train": 8544, "valid": 1068, "test": 1074}
   assert graph.entities["entity"].count == 104

@@ -12,6 +12,7 @@ import tensorstore as ts
 
 from twhin_jax import cli
 from twhin_jax import inspection
+from twhin_jax import rundir
 
 from conftest import train_tiny_demo
 
@@ -28,7 +29,7 @@ def run(tmp_path_factory):
 
 def _write_nan(workdir: str, entity_type: str, row: int, columns: slice) -> None:
   """Writes NaN into the committed slot of a table, as a diverged writer might."""
-  opened = inspection.open_run(workdir)
+  opened = rundir.open_run(workdir)
   slot = opened.slots.committed[(entity_type, 0)]
   path = os.path.join(workdir, "tables", entity_type, f"slot{slot}", "embeddings")
   array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path},
@@ -72,7 +73,7 @@ def test_nan_written_into_a_copy_is_counted_and_diffed(run, tmp_path):
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
   _write_nan(copy, "user", row=3, columns=slice(0, 2))
-  stats = inspection.table_stats(inspection.open_run(copy))
+  stats = inspection.table_stats(rundir.open_run(copy))
   assert stats["user"]["nan_values"] == 2 and stats["user"]["nan_rows"] == 1
   assert stats["tweet"]["nan_values"] == 0
   diff = inspection.diff_runs(workdir, copy)
@@ -92,7 +93,7 @@ def test_diff_of_a_run_with_itself_is_all_same(run, capsys):
 
 def test_neighbors_match_brute_force(run, capsys):
   workdir, expected = run
-  names = inspection.open_run(workdir).graph.names("user")
+  names = rundir.open_run(workdir).graph.names("user")
   assert cli.main(["inspect", "--workdir", workdir, "--neighbors", f"user:{names[7]}",
                    "--k", "4", "--json"]) == 0
   found = json.loads(capsys.readouterr().out)
@@ -115,4 +116,4 @@ def test_errors_name_the_thing(run, tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-    inspection.open_run(str(empty))
+    rundir.open_run(str(empty))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from twhin_jax import cli
+from twhin_jax import config as config_lib
 from twhin_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_kinship_mrr_far_above_random(tmp_path):
-  config = cli.load_config(os.path.join(REPO, "configs", "kinship.py"),
+  config = config_lib.load_config(os.path.join(REPO, "configs", "kinship.py"),
                            ["--config.train.epochs=30", "--config.train.eval_every_epochs=0"])
   trainer = train_lib.train(config, str(tmp_path / "kinship"), progress=False)
   metrics = trainer.evaluate("test", progress=False)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from twhin_jax import cli
+from twhin_jax import config as config_lib
 from twhin_jax import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +97,7 @@ def test_who_to_follow_comparisons():
 
 
 def test_single_relation_config_lastfm():
-  config = cli.load_config(os.path.join(REPO, "configs", "lastfm.py"))
+  config = config_lib.load_config(os.path.join(REPO, "configs", "lastfm.py"))
   only = report.single_relation_config(config, "friend")
   assert [r["name"] for r in only.relations] == ["friend"]
   assert [f["relation_name"] for f in only.data.files] == ["friend"]
@@ -117,7 +117,7 @@ def test_file_has_relation_templates():
 
 
 def test_single_relation_config_ciao_ratings():
-  config = cli.load_config(os.path.join(REPO, "configs", "ciao.py"))
+  config = config_lib.load_config(os.path.join(REPO, "configs", "ciao.py"))
   keep = [f"rated_{k}" for k in range(1, 6)]
   only = report.single_relation_config(config, keep)
   assert [r["name"] for r in only.relations] == keep

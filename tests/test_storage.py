@@ -38,7 +38,8 @@ def test_chunk_layout_examples():
 
 
 def _store(tmp_path, zarr_format, create=True, entities=ENTITIES):
-  return storage.TableStore(str(tmp_path / "tables"), entities, DIMS, zarr_format, create=create)
+  return storage.open_storage("tensorstore", str(tmp_path / "tables"), entities=entities, dims=DIMS,
+                              zarr_format=zarr_format, create=create)
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -59,7 +60,8 @@ def test_initialize_then_round_trip_per_partition(tmp_path, zarr_format):
   # Partitions are seeded differently.
   assert not np.array_equal(initial[("user", 0)], initial[("user", 1)])
   # Same seed -> same values.
-  again = storage.TableStore(str(tmp_path / "again"), ENTITIES, DIMS, zarr_format, create=True)
+  again = storage.open_storage("tensorstore", str(tmp_path / "again"), entities=ENTITIES,
+                               dims=DIMS, zarr_format=zarr_format, create=True)
   again.initialize(seed=3, init_scale=0.5)
   for block in store.blocks():
     np.testing.assert_array_equal(again.read(block, 0)[0], initial[block])
@@ -140,7 +142,8 @@ def test_writing_wrong_row_count_raises(tmp_path):
 def test_opening_missing_table_raises_file_not_found(tmp_path, zarr_format):
   root = tmp_path / "nowhere"
   with pytest.raises(FileNotFoundError) as info:
-    storage.TableStore(str(root), ENTITIES, DIMS, zarr_format, create=False)
+    storage.open_storage("tensorstore", str(root), entities=ENTITIES, dims=DIMS,
+                         zarr_format=zarr_format)
   assert str(root) in str(info.value)
 
 
@@ -189,9 +192,64 @@ def test_slot_map_json_round_trip():
 def test_more_partitions_than_rows(tmp_path, zarr_format):
   # 2 rows in 3 partitions: sizes 1, 1, 0. The empty partition reads as 0 rows.
   entities = {"tag": EntityInfo("tag", 2, 3)}
-  store = storage.TableStore(str(tmp_path / "t"), entities, {"tag": 4}, zarr_format, create=True)
+  store = storage.open_storage("tensorstore", str(tmp_path / "t"), entities=entities,
+                               dims={"tag": 4}, zarr_format=zarr_format, create=True)
   store.initialize(seed=1, init_scale=1.0)
   sizes = [store.read(("tag", p), 0)[0].shape for p in range(3)]
   assert sizes == [(1, 4), (1, 4), (0, 4)]
   slots = storage.SlotMap.fresh(store.blocks())
   assert store.read_type("tag", slots).shape == (2, 4)
+
+
+class _MemoryStorage(storage.EntityStorage):
+  """A second backend, in memory: what a new driver must provide (read_rows,
+  write_rows and the attributes); the rest comes from EntityStorage."""
+
+  def __init__(self, root, entities, dims, *, create=False, sub_partitions=1, num_slots=2):
+    self.entities, self.dims = entities, dims
+    self.chunk = {t: storage.chunk_rows(e.partition_size, sub_partitions) for t, e in entities.items()}
+    self.stored = {t: e.partition_size for t, e in entities.items()}
+    self.arrays = {(t, p, s): (np.zeros((e.partition_rows(p), dims[t]), np.float32),
+                               np.zeros(e.partition_rows(p), np.float32))
+                   for t, e in entities.items() for p in range(e.num_partitions)
+                   for s in range(num_slots)}
+
+  def read_rows(self, block, slot, lo, hi):
+    emb, acc = self.arrays[(*block, slot)]
+    return emb[lo:hi].copy(), acc[lo:hi].copy()
+
+  def write_rows(self, block, slot, lo, embeddings, adagrad):
+    if not (np.all(np.isfinite(embeddings)) and np.all(np.isfinite(adagrad))):
+      raise FloatingPointError(f"partition {block}: NaN or inf")
+    emb, acc = self.arrays[(*block, slot)]
+    emb[lo:lo + len(embeddings)], acc[lo:lo + len(adagrad)] = embeddings, adagrad
+
+    class Done:
+      def result(self):
+        return None
+    return [Done()]
+
+
+def test_registry_opens_a_registered_driver_and_names_unknown_ones(tmp_path):
+  assert "tensorstore" in storage.storage_drivers()
+  assert isinstance(_store(tmp_path, 3), storage.TableStore)
+  with pytest.raises(ValueError, match="config.storage.driver: 'nope'"):
+    storage.open_storage("nope", str(tmp_path), entities=ENTITIES, dims=DIMS)
+  storage.register_storage("memory-test")(_MemoryStorage)
+  try:
+    store = storage.open_storage("memory-test", str(tmp_path), entities=ENTITIES, dims=DIMS,
+                                 create=True)
+    disk = _store(tmp_path, 3)
+    # The shared initialisation gives the same seeded rows on either backend.
+    store.initialize(seed=3, init_scale=0.5)
+    disk.initialize(seed=3, init_scale=0.5)
+    slots = storage.SlotMap.fresh(store.blocks())
+    for entity_type in ENTITIES:
+      np.testing.assert_array_equal(store.read_type(entity_type, slots),
+                                    disk.read_type(entity_type, slots))
+    with pytest.raises(ValueError, match="expected 4 rows"):
+      store.write(("user", 0), 1, np.zeros((3, 3), np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="already registered"):
+      storage.register_storage("tensorstore")(_MemoryStorage)
+  finally:
+    storage._DRIVERS.pop("memory-test")

@@ -11,6 +11,7 @@ import shlex
 import pytest
 
 from twhin_jax import cli
+from twhin_jax import config as config_lib
 from twhin_jax import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,7 @@ def test_override_values_round_trip_through_load_config(tmp_path):
   path.write_text(SWEEP_CONFIG)
   overrides = {"train.lr": 0.25, "train.loss": "softmax", "model.reciprocal": True,
                "name": "12"}  # a string that looks like a number stays a string
-  config = cli.load_config(f"{path}:test", sweep.override_args(overrides))
+  config = config_lib.load_config(f"{path}:test", sweep.override_args(overrides))
   assert config.train.lr == 0.25 and config.train.loss == "softmax"
   assert config.model.reciprocal is True and config.name == "12"
 

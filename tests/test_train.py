@@ -14,8 +14,9 @@ import pytest
 
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import cli
+from twhin_jax import config as config_lib
+from twhin_jax import rundir
 from twhin_jax import demo_config
-from twhin_jax import storage
 from twhin_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,16 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def committed_tables(workdir: str) -> dict[str, np.ndarray]:
   """The entity tables named by the latest checkpoint, read without a model."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
-  meta = checkpointer.restore_meta()
-  checkpointer.close()
-  graph = train_lib.Graph(os.path.join(workdir, train_lib.GRAPH_DIR))
-  config = train_lib.load_run_config(workdir)
-  dims = {t: int(config.model.dim) for t in graph.entities}
-  tables = storage.TableStore(os.path.join(workdir, train_lib.TABLES_DIR), graph.entities,
-                              dims, config.storage.zarr_format)
-  slots = storage.SlotMap.from_json(meta["slots"])
-  return {t: tables.read_type(t, slots, use_committed=True) for t in graph.entities}
+  return rundir.open_run(workdir).all_embeddings()
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +131,11 @@ def test_eval_cli_prints_json(demo_run, capsys):
 
 
 def test_cli_overrides_and_errors(tmp_path, capsys):
-  config = cli.load_config(os.path.join(REPO, "configs", "demo.py:test"),
+  config = config_lib.load_config(os.path.join(REPO, "configs", "demo.py:test"),
                            ["--config.train.lr=0.05", "--config.train.bucket_order=random"])
   assert config.train.lr == 0.05 and config.train.bucket_order == "random"
   with pytest.raises(ValueError, match="unknown field"):
-    cli.load_config(os.path.join(REPO, "configs", "demo.py:test"), ["--config.train.nope=1"])
+    config_lib.load_config(os.path.join(REPO, "configs", "demo.py:test"), ["--config.train.nope=1"])
   code = cli.main(["train", "--config", os.path.join(REPO, "configs", "demo.py:test"),
                    "--workdir", str(tmp_path / "w"), "--config.train.bucket_order=zigzag"])
   assert code == 2

@@ -88,9 +88,8 @@ def test_cosine_baseline_equals_a_hand_ranking():
 
 def test_holdout_configs_point_at_the_training_copy(monkeypatch, tmp_path):
   monkeypatch.setenv("TWHIN_DATA_DIR", str(tmp_path))
-  from twhin_jax import cli
   from twhin_jax import config as config_lib
-  config = cli.load_config(os.path.join(REPO, "configs", "lastfm.py"))
+  config = config_lib.load_config(os.path.join(REPO, "configs", "lastfm.py"))
   train_path = str(tmp_path / "friend.train.tsv")
   hetero = wtf.holdout_config(config, "friend", train_path, follow_only=False, epochs=3,
                               dim=8, lr=0.2, mix_relations=True)

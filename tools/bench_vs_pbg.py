@@ -136,8 +136,8 @@ def settings_for(args, graph: str) -> dict:
 def our_config(settings: dict, graph_file: str | None):
   """Our config matching PBG's settings (see the module docstring)."""
   if settings["graph"] == "fb15k237":
-    from twhin_jax import datasets
-    config = datasets.kg_config("fb15k237", "$TWHIN_DATA_DIR/kg/fb15k-237", suffix=".txt.gz",
+    from twhin_jax import config_builders
+    config = config_builders.kg_config("fb15k237", "$TWHIN_DATA_DIR/kg/fb15k-237", suffix=".txt.gz",
                                 operator="translation", loss="logistic",
                                 reciprocal=settings["relations"] == "reciprocal",
                                 dim=settings["dim"], lr=settings["lr"], epochs=settings["epochs"])
@@ -352,10 +352,9 @@ def evaluate_pbg(workdir: str, export_dir: str, mode: str, progress: bool) -> di
   import numpy as np
   from twhin_jax import evaluation
   from twhin_jax import model
-  from twhin_jax import train as train_lib
-  from twhin_jax.graph import Graph
-  config = train_lib.load_run_config(workdir)
-  graph = Graph(os.path.join(workdir, train_lib.GRAPH_DIR))
+  from twhin_jax import rundir
+  config = rundir.load_config(workdir)
+  graph = rundir.open_graph(workdir)
   embeddings, missing = {}, {}
   for name, info in graph.entities.items():
     table = np.load(os.path.join(export_dir, f"embeddings_{name}.npy"))
@@ -437,11 +436,10 @@ def phase(args) -> None:
               "last_epoch_edges_per_s": last["edges"] / last["seconds"]}
     trainer.close()
   elif args.phase == "ours-eval":
-    from twhin_jax import train as train_lib
-    config = train_lib.load_run_config(args.workdir)
-    trainer = train_lib.Trainer(config, args.workdir, progress=False)
-    result = trainer.evaluate("test", max_triples=settings["max_triples"], progress=False)
-    trainer.close()
+    from twhin_jax import evaluation
+    from twhin_jax import rundir
+    result = evaluation.evaluate_run(rundir.open_run(args.workdir), "test",
+                                     max_triples=settings["max_triples"], progress=False)
   elif args.phase == "pbg-write":
     result = write_pbg_layout(args.graph_dir, args.pbg_data,
                               dynamic=settings["relations"] == "reciprocal")

@@ -283,16 +283,15 @@ def _has(retriever, entity_type: str, name: str) -> bool:
 
 
 def run_dataset(name: str, data_dir: str, args, emit) -> None:
-  from twhin_jax import cli
+  from twhin_jax import config as config_lib
   from twhin_jax import retrieval
   from twhin_jax import train as train_lib
 
   config_file, follow, user_type, folder = DATASETS[name]
   os.environ["TWHIN_DATA_DIR"] = data_dir
-  config = cli.load_config(os.path.join(ROOT, config_file))
+  config = config_lib.load_config(os.path.join(ROOT, config_file))
   pairs = []
   for spec in follow_specs(config, follow):
-    from twhin_jax import config as config_lib
     pairs += read_pairs(config_lib.resolve_path(spec["path"]), bool(spec.get("header")),
                         spec["source"], spec["target"])
   train_pairs, held_pairs = holdout_follows(pairs, args.holdout, args.seed)

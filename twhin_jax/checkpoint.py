@@ -22,23 +22,14 @@ and restore into it.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
-# The other names in a run directory (train.py re-exports them).
-GRAPH_DIR = "graph"
-TABLES_DIR = "tables"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-
-
-def checkpoint_root(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+# The names and the meta reader are rundir's (readers of a run need no jax).
+from twhin_jax.rundir import CHECKPOINT_DIR, checkpoint_root, read_meta  # noqa: F401
+from twhin_jax.rundir import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
 
 
 class Checkpointer:
@@ -72,19 +63,6 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def read_meta(checkpoint_dir: str) -> dict:
-  """The meta JSON of one checkpoint directory, without building any model."""
-  path = os.path.join(checkpoint_dir, "meta", "metadata")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{checkpoint_dir}: not a complete twhin checkpoint (no meta)")
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{checkpoint_dir}: checkpoint format {meta.get('format_version')}, "
-                     f"this code reads {FORMAT_VERSION}")
-  return meta
 
 
 def to_numpy_tree(tree):

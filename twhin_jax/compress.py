@@ -37,7 +37,6 @@ a downstream model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -48,43 +47,20 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from twhin_jax import inspection
+from twhin_jax import drift
+from twhin_jax import kmeans as kmeans_lib
+from twhin_jax import rundir
+from twhin_jax.embedding_set import (EmbeddingSet, PQCodebook, compression_factor, decode,
+                                     load_embeddings, save_compressed)
+from twhin_jax.embedding_set import load_compressed  # noqa: F401  (report.py reads it here)
 
-COMPRESSED_DIR = "compressed"
+COMPRESSED_DIR = rundir.COMPRESSED_DIR
 DEFAULT_FACTORS = (4, 8, 16, 32, 64)
 NUM_CENTROIDS = 256  # one byte per code
 #: Rows k-means trains on per type (a seeded sample beyond this); every row is encoded.
 MAX_TRAIN_ROWS = 200_000
 #: Rows per jitted encode call.
 ENCODE_BLOCK = 1 << 14
-
-
-@dataclasses.dataclass(frozen=True)
-class PQCodebook:
-  """Centroids of every subspace and the unpadded dimension."""
-  centroids: np.ndarray  # float32 [M, K, d_s]
-  dim: int  # d (<= M * d_s)
-
-  @property
-  def num_subspaces(self) -> int:
-    return int(self.centroids.shape[0])
-
-  @property
-  def num_centroids(self) -> int:
-    return int(self.centroids.shape[1])
-
-  @property
-  def sub_dim(self) -> int:
-    return int(self.centroids.shape[2])
-
-  @property
-  def factor(self) -> float:
-    return compression_factor(self.dim, self.num_subspaces)
-
-
-def compression_factor(dim: int, num_subspaces: int) -> float:
-  """Eq. (3): float32 bytes of a row over its code bytes."""
-  return 4.0 * dim / num_subspaces
 
 
 def subspaces_for_factor(dim: int, factor: float) -> int:
@@ -127,17 +103,6 @@ def encode(x, codebook: PQCodebook, progress: bool = False) -> np.ndarray:
   return codes
 
 
-def decode(codes, codebook: PQCodebook) -> np.ndarray:
-  """Eq. (2): codes [N, M] -> float32 [N, d] by table lookup."""
-  codes = np.asarray(codes)
-  if codes.ndim != 2 or codes.shape[1] != codebook.num_subspaces:
-    raise ValueError(f"codes of shape {codes.shape} do not match the codebook's "
-                     f"{codebook.num_subspaces} subspaces")
-  subspace = np.arange(codebook.num_subspaces)[None, :]  # [1, M]
-  parts = codebook.centroids[subspace, codes.astype(np.int64)]  # [N, M, d_s]
-  return parts.reshape(len(codes), -1)[:, :codebook.dim]
-
-
 @jax.jit
 def _recentre(x_msd, codes_mn, centroids):
   """One exact Lloyd step: each centroid becomes the mean of its rows (kept if empty)."""
@@ -161,7 +126,6 @@ def train_pq(x, num_subspaces: int, *, num_centroids: int = NUM_CENTROIDS, iters
   about as good as k-means++, whose K sequential seeding passes cost more
   than the whole mini-batch run here. Returns (codebook, codes [N, M]).
   """
-  from twhin_jax import kmeans as kmeans_lib
   x = np.asarray(x, np.float32)
   if x.ndim != 2 or len(x) == 0:
     raise ValueError(f"product quantization needs rows [N, d] with N >= 1, got {x.shape}")
@@ -214,49 +178,11 @@ class PQEmbed(nnx.Module):
 # Files and whole runs.
 
 
-def save_compressed(path: str, entity_type: str, names: list[str], codes: np.ndarray,
-                    codebook: PQCodebook) -> str:
-  os.makedirs(path, exist_ok=True)
-  target = os.path.join(path, f"{entity_type}.npz")
-  tmp = target + ".tmp.npz"
-  np.savez(tmp, codes=codes, centroids=codebook.centroids, dim=np.int64(codebook.dim),
-           names=np.asarray(names, dtype=str))
-  os.replace(tmp, target)
-  return target
-
-
-def load_pq(path: str) -> tuple[list[str], np.ndarray, PQCodebook]:
-  """(names, codes [N, M], codebook) of one ``<type>.npz``."""
-  with np.load(path) as data:
-    return ([str(n) for n in data["names"]], data["codes"],
-            PQCodebook(data["centroids"].astype(np.float32), int(data["dim"])))
-
-
-def is_compressed_dir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "summary.json")) and any(
-      f.endswith(".npz") for f in os.listdir(path))
-
-
-def load_compressed(path: str, types=None) -> inspection.EmbeddingSet:
-  """An EmbeddingSet of decoded rows, carrying the codes (``.pq``) for PQEmbed."""
-  found = sorted(f[:-4] for f in os.listdir(path) if f.endswith(".npz"))
-  types = found if types is None else list(types)
-  tables, names, pq = {}, {}, {}
-  for entity_type in types:
-    if entity_type not in found:
-      raise KeyError(f"{path}: no compressed table for type {entity_type!r} (have {found})")
-    type_names, codes, codebook = load_pq(os.path.join(path, f"{entity_type}.npz"))
-    tables[entity_type] = decode(codes, codebook)
-    names[entity_type] = type_names
-    pq[entity_type] = (codes, codebook)
-  return inspection.EmbeddingSet(tables, names, pq=pq, origin=path)
-
-
 def quantize(source, factor: float, *, types=None, seed: int = 0, iters: int = 100,
-             progress: bool = False) -> inspection.EmbeddingSet:
+             progress: bool = False) -> EmbeddingSet:
   """PQ at one compression factor of every type of ``source`` (any
-  ``inspection.load_embeddings`` source); decoded tables, codes in ``.pq``."""
-  embeddings = inspection.load_embeddings(source, types)
+  ``load_embeddings`` source); decoded tables, codes in ``.pq``."""
+  embeddings = load_embeddings(source, types)
   tables, pq = {}, {}
   for entity_type in embeddings.entity_types:
     table = embeddings.tables[entity_type]
@@ -264,14 +190,13 @@ def quantize(source, factor: float, *, types=None, seed: int = 0, iters: int = 1
     codebook, codes = train_pq(table, num_subspaces, seed=seed, iters=iters, progress=progress)
     tables[entity_type] = decode(codes, codebook)
     pq[entity_type] = (codes, codebook)
-  return inspection.EmbeddingSet(tables, dict(embeddings.names), dict(embeddings.degrees), pq,
+  return EmbeddingSet(tables, dict(embeddings.names), dict(embeddings.degrees), pq,
                                  origin=f"{embeddings.origin} (PQ {factor}x)")
 
 
 def recall_at_k(original: np.ndarray, decoded: np.ndarray, *, k: int = 10,
                 num_queries: int = 1000, seed: int = 0, metric: str = "cos") -> float:
   """Eq. (4) over a seeded sample of at most ``num_queries`` rows."""
-  from twhin_jax import drift
   if original.shape != decoded.shape:
     raise ValueError(f"original {original.shape} and decoded {decoded.shape} differ in shape")
   n = len(original)
@@ -295,7 +220,7 @@ def compress_run(workdir: str, factors=DEFAULT_FACTORS, *, types=None, k: int = 
   "actual_factor", "recall_at_k", "count", "dim", "path"}}, "path"}. The
   overall recall is the mean over types weighted by their query counts.
   """
-  embeddings = inspection.load_embeddings(workdir, types)
+  embeddings = load_embeddings(workdir, types)
   out_root = out_root or os.path.join(workdir, COMPRESSED_DIR)
   results = []
   for factor in factors:
@@ -333,8 +258,8 @@ def _factor_name(factor: float) -> str:
 
 def plot_recall(results: list[dict], path: str, k: int = 10) -> str:
   """recall@k against compression factor (paper Figure 4a), per type and overall."""
-  import matplotlib
-  matplotlib.use("Agg")
+  import matplotlib  # heavy; only plotting needs it
+  matplotlib.use("Agg")  # files only; no display on servers
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4))

@@ -2,8 +2,16 @@
 
 A run is described by one ``ml_collections.ConfigDict`` built by a Python file
 in ``configs/`` (``get_config(variant)``), overridable from the command line
-(``--config.train.lr=0.05``). :func:`validate` is the single place that checks
-it; every error is a ``ValueError`` that names the offending field.
+(``--config.train.lr=0.05``); :func:`load_config` does both. :func:`validate`
+is the single place that checks it; every error is a ``ValueError`` that names
+the offending field, including a field the schema does not have (a misspelt
+``c.train.learning_rate`` is an error, not a silent no-op).
+
+The names a field may take live beside what they name: losses in
+``losses.LOSSES``, operators and comparators in ``model.OPERATORS`` /
+``model.COMPARATORS``, storage drivers in ``storage``'s registry. They import
+jax, so :func:`validate` reads the first two when it runs; this module (and
+``rundir``, which reads a run's config) stays importable without jax.
 
 Layout of a config (every field is read somewhere; see the field comments)::
 
@@ -17,21 +25,22 @@ Layout of a config (every field is read somewhere; see the field comments)::
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
   warm_start: parent, new_entities, l2_to_previous
   mesh:       num_devices
-  storage:    zarr_format, prefetch
+  storage:    driver, zarr_format, prefetch
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import os
 from typing import Any
 
 import ml_collections
 
-OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
-COMPARATORS = ("dot", "cos", "l2")
-LOSSES = ("logistic", "softmax", "ranking")
+from twhin_jax import storage
+
 BUCKET_ORDERS = ("random", "inside_out", "outside_in", "affinity", "sequential")
 FILE_FORMATS = ("tsv", "csv", "parquet")
 SPLITS = ("train", "valid", "test")
@@ -146,6 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.num_devices = 0
 
   c.storage = ml_collections.ConfigDict()
+  c.storage.driver = storage.DEFAULT_DRIVER  # a name registered with storage.register_storage
   c.storage.zarr_format = 3
   c.storage.prefetch = True  # load the next bucket's partitions in background
   return c
@@ -180,8 +190,54 @@ def _fail(field: str, message: str):
   raise ValueError(f"config.{field}: {message}")
 
 
+#: Keys of one entry of ``config.entities`` and of ``config.relations``.
+ENTITY_FIELDS = ("num_partitions", "dim")
+RELATION_FIELDS = ("name", "source", "target", "operator", "weight")
+#: Sub-trees whose keys are the user's (names of types, generator arguments).
+_FREE_FORM = ("entities", "data.generator_args")
+
+
+def _unknown_fields(config, schema, prefix: str = "") -> list[str]:
+  """Dotted names of the fields of ``config`` that ``schema`` lacks."""
+  unknown = []
+  for key in config.keys():
+    field = f"{prefix}{key}"
+    if key not in schema:
+      unknown.append(field)
+    elif field not in _FREE_FORM and isinstance(schema[key], ml_collections.ConfigDict):
+      if isinstance(config[key], ml_collections.ConfigDict):
+        unknown.extend(_unknown_fields(config[key], schema[key], f"{field}."))
+  return unknown
+
+
+def _check_schema(config) -> None:
+  """Every field is one :func:`base_config` defines (a typo is not ignored)."""
+  schema = base_config()
+  unknown = _unknown_fields(config, schema)
+  if unknown:
+    known = sorted(schema[unknown[0].rsplit(".", 1)[0]].keys()) if "." in unknown[0] \
+        else sorted(schema.keys())
+    _fail(unknown[0], f"unknown field (misspelt? the fields here are {known})")
+  for name, entity in config.entities.items():
+    if not isinstance(entity, (dict, ml_collections.ConfigDict)):
+      _fail(f"entities.{name}", f"must be a dict of {ENTITY_FIELDS}, got {entity!r}")
+    extra = sorted(set(entity.keys()) - set(ENTITY_FIELDS))
+    if extra:
+      _fail(f"entities.{name}.{extra[0]}", f"unknown field (fields: {ENTITY_FIELDS})")
+  for i, rel in enumerate(config.relations):
+    if not isinstance(rel, (dict, ml_collections.ConfigDict)):
+      _fail(f"relations[{i}]", f"must be a dict of {RELATION_FIELDS}, got {rel!r}")
+    extra = sorted(set(rel.keys()) - set(RELATION_FIELDS))
+    if extra:
+      _fail(f"relations[{i}].{extra[0]}", f"unknown field (fields: {RELATION_FIELDS})")
+
+
 def validate(config) -> None:
   """Checks a config once, at start-up; raises ValueError naming the field."""
+  # losses and model import jax: read here, not at module level (see the module doc).
+  from twhin_jax import losses
+  from twhin_jax import model
+  _check_schema(config)
   if not config.entities:
     _fail("entities", "no entity types declared")
   partition_counts = set()
@@ -212,8 +268,8 @@ def validate(config) -> None:
       if rel[side] not in config.entities:
         _fail(f"{field}.{side}", f"unknown entity type {rel[side]!r} "
               f"(declared: {sorted(config.entities.keys())})")
-    if rel["operator"] not in OPERATORS:
-      _fail(f"{field}.operator", f"{rel['operator']!r} not in {OPERATORS}")
+    if rel["operator"] not in model.OPERATORS:
+      _fail(f"{field}.operator", f"{rel['operator']!r} not in {tuple(model.OPERATORS)}")
     weight = rel.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or not weight > 0:
       _fail(f"{field}.weight", f"must be a positive number, got {weight!r}")
@@ -251,8 +307,9 @@ def validate(config) -> None:
 
   if config.model.dim < 1:
     _fail("model.dim", f"must be >= 1, got {config.model.dim}")
-  if config.model.comparator not in COMPARATORS:
-    _fail("model.comparator", f"{config.model.comparator!r} not in {COMPARATORS}")
+  if config.model.comparator not in model.COMPARATORS:
+    _fail("model.comparator",
+          f"{config.model.comparator!r} not in {tuple(model.COMPARATORS)}")
   if config.model.regularization < 0:
     _fail("model.regularization", f"must be >= 0, got {config.model.regularization}")
   if not config.model.init_scale > 0:
@@ -261,8 +318,10 @@ def validate(config) -> None:
   t = config.train
   if t.epochs < 1:
     _fail("train.epochs", f"must be >= 1, got {t.epochs}")
-  if t.loss not in LOSSES:
-    _fail("train.loss", f"{t.loss!r} not in {LOSSES}")
+  if t.loss not in losses.LOSSES:
+    _fail("train.loss", f"{t.loss!r} not in {tuple(losses.LOSSES)}")
+  if isinstance(t.margin, bool) or not isinstance(t.margin, (int, float)) or not t.margin >= 0:
+    _fail("train.margin", f"must be a number >= 0, got {t.margin!r}")
   if t.bucket_order not in BUCKET_ORDERS:
     _fail("train.bucket_order", f"{t.bucket_order!r} not in {BUCKET_ORDERS}")
   for key in ("lr", "relation_lr"):
@@ -302,6 +361,8 @@ def validate(config) -> None:
     _fail("warm_start.l2_to_previous", "needs warm_start.parent (the previous version)")
   if not isinstance(config.mesh.num_devices, int) or config.mesh.num_devices < 0:
     _fail("mesh.num_devices", f"must be an int >= 0, got {config.mesh.num_devices!r}")
+  if config.storage.driver not in storage.storage_drivers():
+    _fail("storage.driver", f"{config.storage.driver!r} not in {storage.storage_drivers()}")
   if config.storage.zarr_format not in (2, 3):
     _fail("storage.zarr_format", f"must be 2 or 3, got {config.storage.zarr_format}")
 
@@ -321,3 +382,70 @@ def config_hash(config) -> str:
 
 def from_json_dict(data: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(data)
+
+
+# --------------------------------------------------------------------------
+# Config files and command-line overrides.
+
+
+def load_module(path: str, prefix: str = "twhin_config"):
+  """Executes a config file (``configs/NAME.py``) as a module; errors name the path."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such config file")
+  module_spec = importlib.util.spec_from_file_location(
+      f"{prefix}_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+  """``--config.train.lr=0.05`` -> ("train.lr", 0.05); a value is a Python
+  literal when it parses as one, else a string."""
+  if not item.startswith("--config."):
+    raise ValueError(f"unrecognised argument {item!r} (overrides look like --config.train.lr=0.05)")
+  dotted, sep, raw = item[len("--config."):].partition("=")
+  if not sep or not dotted:
+    raise ValueError(f"{item!r}: expected --config.FIELD=VALUE")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  return dotted, value
+
+
+def apply_override(config, dotted: str, value) -> None:
+  """Sets one dotted field; unknown fields and ill-typed values are ValueErrors."""
+  node = config
+  *parents, leaf = dotted.split(".")
+  for name in parents:
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise ValueError(f"--config.{dotted}: unknown field {name!r}")
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ValueError(f"--config.{dotted}: unknown field {leaf!r}")
+  current = node[leaf]
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  try:
+    node[leaf] = value
+  except TypeError:
+    # ml_collections locks a field's type at its first assignment.
+    raise ValueError(f"--config.{dotted}: expected {type(current).__name__}, "
+                     f"got {value!r}") from None
+
+
+def load_config(spec: str, overrides: list[str] = ()):
+  """Builds a config from ``path/to/config.py[:variant]`` plus overrides.
+
+  Overrides look like ``--config.train.lr=0.05`` (see :func:`parse_override`).
+  The result is not validated; call :func:`validate`.
+  """
+  path, _, variant = spec.partition(":")
+  module = load_module(path)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config()")
+  config = module.get_config(variant) if variant else module.get_config()
+  for item in overrides:
+    apply_override(config, *parse_override(item))
+  return config

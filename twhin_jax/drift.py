@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from twhin_jax import inspection
+from twhin_jax import rundir
+from twhin_jax.embedding_set import load_embeddings
 
 METRICS = ("cos", "dot", "l2")
 #: Queries per jitted call and table rows per jitted call of exact_knn.
@@ -196,7 +197,7 @@ def drift(old, new, *, k: int = 10, sample: int = 2000, seed: int = 0, metric: s
   """Drift of every shared entity between two versions (see the module doc).
 
   Args:
-    old, new: anything ``inspection.load_embeddings`` reads (run dirs, export
+    old, new: anything ``embedding_set.load_embeddings`` reads (run dirs, export
       dirs, ``EmbeddingSet``s).
     k: neighbours for overlap@k.
     sample: entities per type whose neighbour lists are compared (all if fewer).
@@ -215,8 +216,8 @@ def drift(old, new, *, k: int = 10, sample: int = 2000, seed: int = 0, metric: s
      "plot": path or None}. Degree buckets use the new version's degrees
      (the old one's if the new has none; empty without degrees).
   """
-  old_set = inspection.load_embeddings(old)
-  new_set = inspection.load_embeddings(new)
+  old_set = load_embeddings(old)
+  new_set = load_embeddings(new)
   shared_types = [t for t in old_set.entity_types if t in new_set.tables]
   if types is None:
     types = shared_types
@@ -272,7 +273,7 @@ def drift(old, new, *, k: int = 10, sample: int = 2000, seed: int = 0, metric: s
                                   if len(all_deg) == len(all_rel) else []),
             "plot": None}
   if out_dir is None and isinstance(new, (str, os.PathLike)):
-    out_dir = os.path.join(os.fspath(new), "plots")
+    out_dir = os.path.join(os.fspath(new), rundir.PLOTS_DIR)
   if out_dir is not None:
     os.makedirs(out_dir, exist_ok=True)
     report["plot"] = plot_drift(report, os.path.join(out_dir, "drift.png"))
@@ -284,8 +285,8 @@ def drift(old, new, *, k: int = 10, sample: int = 2000, seed: int = 0, metric: s
 def plot_drift(report: dict, path: str) -> str:
   """Relative L2 change against degree bucket (paper Figure 4c), one line per
   type plus all types (mean, with the median dashed and p99 dotted)."""
-  import matplotlib
-  matplotlib.use("Agg")
+  import matplotlib  # heavy; only plotting needs it
+  matplotlib.use("Agg")  # files only; no display on servers
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -576,3 +576,38 @@ def evaluate(graph, embeddings: dict[str, np.ndarray], relation_params: dict,
   ranks = rank_triples(graph, embeddings, relation_params, layout, config, split,
                        progress=progress, max_triples=max_triples)
   return summarize(ranks, [r.name for r in graph.relations])
+
+
+def ranking_kind(config) -> dict:
+  """How :func:`evaluate` ranks under ``config`` (recorded beside its metrics):
+  {"ranking": "full" | "sampled", "filtered": bool, "num_sampled_negatives": N}."""
+  sampled = int(config.eval.num_sampled_negatives)
+  return {"ranking": "sampled" if sampled > 0 else "full",
+          "filtered": bool(config.eval.filtered), "num_sampled_negatives": sampled}
+
+
+def describe_ranking(kind: dict) -> str:
+  """A heading for :func:`ranking_kind`, e.g. "Filtered sampled ranking (2 x 100 negatives)"."""
+  words = "Filtered" if kind["filtered"] else "Unfiltered"
+  if kind["ranking"] == "sampled":
+    n = kind["num_sampled_negatives"]
+    return f"{words} sampled ranking ({n} uniform + {n} degree-proportional negatives)"
+  return f"{words} full ranking"
+
+
+def evaluate_run(run, split: str, *, progress: bool = True,
+                 max_triples: int | None = None) -> dict:
+  """:func:`evaluate` of a run opened by ``rundir.open_run`` (its latest
+  checkpoint's committed tables and relation parameters; no trainer is built
+  and nothing is written), plus ``"split"`` and ``"ranking"``
+  (:func:`ranking_kind`). A split without edges is a ValueError."""
+  if run.graph.num_edges(split) == 0:
+    raise ValueError(f"{run.workdir}: the {split} split has no edges "
+                     f"(graph counts {run.graph.manifest.get('counts', {})}); "
+                     "choose another --split")
+  layout = RelationLayout.from_config(run.config)
+  metrics = evaluate(run.graph, run.all_embeddings(), run.relation_params(), layout, run.config,
+                     split, progress=progress, max_triples=max_triples)
+  metrics["split"] = split
+  metrics["ranking"] = ranking_kind(run.config)
+  return metrics

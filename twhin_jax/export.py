@@ -7,16 +7,30 @@
                      local-id order; schema metadata twhin.entity_type/dim
   <type>.npy         float32 [count, d], row i = local id i
   <type>.names.txt   the entity names, one per line, row order of the .npy
-  relations.json     {"format_version", "comparator", "entities": {type:
-                     {count, dim}}, "relations": [{name, source, target,
-                     operator, dim, shape, parameters (nested lists)}]}
-  relations.npz      relation name -> parameter array (float32)
+  relations.json     {"format_version", "comparator", "reciprocal",
+                     "entities": {type: {count, dim}},
+                     "relations": [{name, source, target, operator, dim,
+                     shape, parameters, reverse_parameters (nested lists)}]}
+  relations.npz      relation name -> forward parameter array (float32)
+  relations_reverse.npz  relation name -> reverse parameter array (float32)
 
 A relation's parameters are what ``twhin_jax.model.apply_operator`` takes:
 shape [0] (none), [d] (translation, diagonal, complex_diagonal: real half
-then imaginary half) or [d, d] (linear). Large tables are written in chunks of
-``chunk_rows`` rows, so memory stays bounded for memory-mapped inputs; each
-file is written under a temporary name and renamed when complete.
+then imaginary half) or [d, d] (linear). The files alone score any edge:
+
+  tail query (s, r, ?):  compare(op_r(theta_s), theta_c)              (model.py eq. 1)
+  head query (?, r, t):  reciprocal: compare(op_r'(theta_t), theta_c)  with r' the
+                                     reverse parameters             (model.py eq. 1')
+                         otherwise:  compare(op_r(theta_c), theta_t)
+
+with ``comparator`` one of dot, cos, l2. ``reverse_parameters`` equal
+``parameters`` when the model is not reciprocal. Large tables are written in
+chunks of ``chunk_rows`` rows, so memory stays bounded for memory-mapped
+inputs; each file is written under a temporary name and renamed when complete.
+
+``write_projector`` writes the TensorBoard Embedding Projector files of a
+sample of each type (``<type>.vectors.tsv``, ``<type>.metadata.tsv``,
+``projector_config.pbtxt``): ``tensorboard --logdir DIR`` shows them.
 """
 
 from __future__ import annotations
@@ -29,10 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twhin_jax.model import RelationLayout
+from twhin_jax.model import COMPARATORS, RelationLayout
 
 FORMATS = ("parquet", "npy")
-FORMAT_VERSION = 1
+#: 2: comparator always set, reverse parameters and "reciprocal" added.
+FORMAT_VERSION = 2
 
 
 def _replace_when_done(path: str):
@@ -81,7 +96,7 @@ def _write_npz(path: str, arrays: dict[str, np.ndarray]):
 
 
 def export_embeddings(graph, embeddings: dict, relation_params: dict, layout: RelationLayout,
-                      out_dir: str, formats=FORMATS, *, comparator: str | None = None,
+                      out_dir: str, formats=FORMATS, *, comparator: str,
                       chunk_rows: int = 1 << 20) -> dict:
   """Writes every entity table and the relation parameters (see module doc).
 
@@ -92,13 +107,17 @@ def export_embeddings(graph, embeddings: dict, relation_params: dict, layout: Re
     layout: the relations' parameter layout (config order = graph order).
     out_dir: created if missing; existing files of the same names are replaced.
     formats: any of "parquet", "npy" (tables; relations are always written).
-    comparator: recorded in relations.json when given (config.model.comparator).
+    comparator: config.model.comparator, recorded in relations.json (scoring
+      needs it).
     chunk_rows: rows per Parquet row group and per copy chunk.
 
   Returns:
     {"entities": {type: {"parquet": path, "npy": path, "names": path}},
-     "relations_json": path, "relations_npz": path} (only formats written).
+     "relations_json": path, "relations_npz": path, "relations_reverse_npz": path}
+    (only formats written).
   """
+  if comparator not in COMPARATORS:
+    raise ValueError(f"comparator {comparator!r} not in {COMPARATORS}")
   formats = tuple(formats)
   unknown = set(formats) - set(FORMATS)
   if unknown:
@@ -133,14 +152,17 @@ def export_embeddings(graph, embeddings: dict, relation_params: dict, layout: Re
       _write_npy(paths["npy"], table, chunk_rows)
       _write_names(paths["names"], names)
 
-  arrays, described = {}, []
+  forward, reverse, described = {}, {}, []
   for index, rel in enumerate(graph.relations):
     param = np.asarray(layout.param(relation_params, index), np.float32)
-    arrays[rel.name] = param
+    reverse_param = np.asarray(layout.reverse_param(relation_params, index), np.float32)
+    forward[rel.name], reverse[rel.name] = param, reverse_param
     described.append(dict(name=rel.name, source=rel.source, target=rel.target,
                           operator=layout.operators[index], dim=int(layout.dims[index]),
-                          shape=list(param.shape), parameters=param.tolist()))
+                          shape=list(param.shape), parameters=param.tolist(),
+                          reverse_parameters=reverse_param.tolist()))
   document = {"format_version": FORMAT_VERSION, "comparator": comparator,
+              "reciprocal": bool(layout.reciprocal),
               "entities": {t: {"count": int(tables[t].shape[0]), "dim": int(tables[t].shape[1])}
                            for t in tables},
               "relations": described}
@@ -149,9 +171,102 @@ def export_embeddings(graph, embeddings: dict, relation_params: dict, layout: Re
   with open(tmp, "w") as f:
     json.dump(document, f, indent=1)
   commit()
-  written["relations_npz"] = os.path.join(out_dir, "relations.npz")
-  tmp, commit = _replace_when_done(written["relations_npz"])
-  _write_npz(tmp, arrays)
+  for key, filename, arrays in (("relations_npz", "relations.npz", forward),
+                                ("relations_reverse_npz", "relations_reverse.npz", reverse)):
+    written[key] = os.path.join(out_dir, filename)
+    tmp, commit = _replace_when_done(written[key])
+    _write_npz(tmp, arrays)
+    commit()
+  return written
+
+
+def export_run(run, out_dir: str, formats=FORMATS, *, chunk_rows: int = 1 << 20) -> dict:
+  """Exports a run opened by ``rundir.open_run``: its committed tables, forward
+  and reverse relation parameters and comparator. Writes nothing into the run
+  unless ``out_dir`` is inside it."""
+  layout = RelationLayout.from_config(run.config)
+  return export_embeddings(run.graph, run.all_embeddings(), run.relation_params(), layout,
+                           out_dir, formats, comparator=run.config.model.comparator,
+                           chunk_rows=chunk_rows)
+
+
+def read_relations(export_dir: str) -> dict:
+  """relations.json of an export, with "forward" and "reverse" parameter arrays
+  per relation read from the .npz files."""
+  path = os.path.join(export_dir, "relations.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not a twhin export (no relations.json)")
+  with open(path) as f:
+    document = json.load(f)
+  if document.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path}: export format {document.get('format_version')}, "
+                     f"this code reads {FORMAT_VERSION}")
+  with np.load(os.path.join(export_dir, "relations.npz")) as forward, \
+      np.load(os.path.join(export_dir, "relations_reverse.npz")) as reverse:
+    for rel in document["relations"]:
+      rel["forward"], rel["reverse"] = forward[rel["name"]], reverse[rel["name"]]
+  return document
+
+
+# --------------------------------------------------------------------------
+# TensorBoard Embedding Projector.
+
+
+def _tsv_cell(text: str) -> str:
+  """A metadata cell: tabs and newlines would break the TSV row."""
+  return text.replace("\t", " ").replace("\n", " ").replace("\r", " ")
+
+
+def write_projector(graph, embeddings: dict, out_dir: str, *, sample: int = 5000,
+                    seed: int = 0, types=None) -> dict:
+  """Embedding Projector files for a seeded sample of each entity type.
+
+  Writes, per type, ``<type>.vectors.tsv`` (one row of d tab-separated floats
+  per sampled entity) and ``<type>.metadata.tsv`` (a header ``name<TAB>degree``,
+  then one row per sampled entity, same order), and one
+  ``projector_config.pbtxt`` naming every type's pair (the text format of
+  TensorBoard's ProjectorConfig proto). ``sample`` rows per type at most
+  (uniform without replacement, sorted by id; 0: every row).
+
+  Returns {"config": path, "types": {type: {"vectors", "metadata", "rows"}}}.
+  """
+  if sample < 0:
+    raise ValueError(f"--sample must be >= 0, got {sample}")
+  types = list(graph.entities) if types is None else list(types)
+  os.makedirs(out_dir, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  written, blocks = {"types": {}}, []
+  for entity_type in types:
+    if entity_type not in graph.entities:
+      raise ValueError(f"unknown entity type {entity_type!r} (types: {sorted(graph.entities)})")
+    table = embeddings[entity_type]
+    count = len(table)
+    rows = (np.arange(count) if sample == 0 or count <= sample
+            else np.sort(rng.choice(count, sample, replace=False)))
+    names = graph.names(entity_type)
+    degrees = graph.degrees(entity_type)
+    vectors_path = os.path.join(out_dir, f"{entity_type}.vectors.tsv")
+    metadata_path = os.path.join(out_dir, f"{entity_type}.metadata.tsv")
+    tmp, commit = _replace_when_done(vectors_path)
+    np.savetxt(tmp, np.asarray(table[rows], np.float32), fmt="%.7g", delimiter="\t")
+    commit()
+    tmp, commit = _replace_when_done(metadata_path)
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("name\tdegree\n")
+      f.writelines(f"{_tsv_cell(names[i])}\t{int(degrees[i]) if len(degrees) else 0}\n"
+                   for i in rows)
+    commit()
+    written["types"][entity_type] = {"vectors": vectors_path, "metadata": metadata_path,
+                                     "rows": int(len(rows))}
+    blocks.append("embeddings {\n"
+                  f"  tensor_name: {json.dumps(entity_type)}\n"
+                  f"  tensor_path: {json.dumps(os.path.basename(vectors_path))}\n"
+                  f"  metadata_path: {json.dumps(os.path.basename(metadata_path))}\n"
+                  "}\n")
+  written["config"] = os.path.join(out_dir, "projector_config.pbtxt")
+  tmp, commit = _replace_when_done(written["config"])
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(blocks))
   commit()
   return written
 

@@ -10,11 +10,9 @@ vocabularies, degrees), the Orbax checkpoints under ``checkpoints/<step>/``
 parameters and their Adagrad state) and the TensorStore tables the slot map
 points at. No ``Trainer`` is built, no table is created, nothing is written.
 
-What it offers:
+What it offers (a run is opened by ``rundir.open_run``; vectors come from
+``embedding_set.load_embeddings``):
 
-  open_run(workdir)            -> Run: graph, config, meta, tables on the committed slots
-  load_embeddings(source)      -> EmbeddingSet: {type: [N, d]} with names and degrees, from a
-                                  run dir, an export dir, a compressed dir or in-memory arrays
   versions(workdir)            every checkpoint with its cursor and lineage, and the chain
                                   of parents that can be found on disk
   checkpoint_arrays(dir)       shape, dtype, sharding, bytes of every Orbax leaf (metadata only)
@@ -32,245 +30,18 @@ Relative difference of a leaf (and drift, see drift.py): ||b - a||_F / ||a||_F,
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
 import os
-from typing import Any
 
 import numpy as np
 
-from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
-from twhin_jax import storage
-from twhin_jax.graph import Graph
+from twhin_jax import rundir
+from twhin_jax.embedding_set import load_embeddings
+from twhin_jax.rundir import Run, open_run
 
-GRAPH_DIR = "graph"  # same names as train.py; not imported to keep jax out of `inspect`
-TABLES_DIR = "tables"
-CONFIG_FILE = "config.json"
-#: Rows read per TensorStore request while streaming statistics.
-STAT_BLOCK_ROWS = 1 << 16
 #: Row norms kept for percentiles; beyond this a uniform subsample (seeded).
 MAX_NORMS_FOR_PERCENTILES = 2_000_000
-
-
-# --------------------------------------------------------------------------
-# Opening a run.
-
-
-def _checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of complete checkpoints (Orbax writes to a tmp name, renames when done)."""
-  root = checkpoint_lib.checkpoint_root(workdir)
-  if not os.path.isdir(root):
-    return []
-  steps = []
-  for name in os.listdir(root):
-    if name.isdigit() and os.path.exists(os.path.join(root, name, "meta", "metadata")):
-      steps.append(int(name))
-  return sorted(steps)
-
-
-def checkpoint_dir(workdir: str, step: int | None = None) -> str:
-  """The directory of one checkpoint (the latest when ``step`` is None)."""
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"{workdir}: no such run directory")
-  steps = _checkpoint_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(f"{checkpoint_lib.checkpoint_root(workdir)}: no complete checkpoint "
-                            "(is this a trained run directory?)")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (have {steps})")
-  return os.path.join(checkpoint_lib.checkpoint_root(workdir), str(step))
-
-
-@dataclasses.dataclass
-class Run:
-  """A trained run opened read-only on its latest checkpoint's committed slots."""
-  workdir: str
-  graph: Graph
-  config: Any  # ml_collections.ConfigDict
-  checkpoint_dir: str
-  meta: dict
-  tables: storage.TableStore
-  slots: storage.SlotMap
-
-  @property
-  def entity_types(self) -> list[str]:
-    return list(self.graph.entities)
-
-  def dim(self, entity_type: str) -> int:
-    return config_lib.entity_dim(self.config, entity_type)
-
-  def check_type(self, entity_type: str) -> None:
-    if entity_type not in self.graph.entities:
-      raise KeyError(f"{self.workdir}: unknown entity type {entity_type!r} "
-                     f"(types: {sorted(self.graph.entities)})")
-
-  def blocks(self, entity_type: str):
-    """(partition, rows) of a type, in local-id order."""
-    info = self.graph.entities[entity_type]
-    return [(p, info.partition_rows(p)) for p in range(info.num_partitions)]
-
-  def stream(self, entity_type: str, block_rows: int = STAT_BLOCK_ROWS, adagrad: bool = False):
-    """Yields (first local id, rows [n, d] (, accumulators [n])) over the committed table."""
-    self.check_type(entity_type)
-    first = 0
-    for partition, rows in self.blocks(entity_type):
-      block = (entity_type, partition)
-      slot = self.slots.committed[block]
-      for lo in range(0, rows, block_rows):
-        table, acc = self.tables.read_rows(block, slot, lo, min(lo + block_rows, rows))
-        yield (first + lo, table, acc) if adagrad else (first + lo, table)
-      first += rows
-
-  def embeddings(self, entity_type: str) -> np.ndarray:
-    """The committed table of one type, float32 [count, d]."""
-    self.check_type(entity_type)
-    return self.tables.read_type(entity_type, self.slots, use_committed=True)
-
-
-def open_run(workdir: str, step: int | None = None) -> Run:
-  """Opens a run directory read-only (see the module doc); errors name the path."""
-  ckpt = checkpoint_dir(workdir, step)
-  meta = checkpoint_lib.read_meta(ckpt)
-  graph_path = os.path.join(workdir, GRAPH_DIR)
-  graph = Graph(graph_path)
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      config = config_lib.from_json_dict(json.load(f))
-  else:  # the checkpoint carries its config too
-    config = config_lib.from_json_dict(meta["config"])
-  dims = {t: config_lib.entity_dim(config, t) for t in graph.entities}
-  tables = storage.TableStore(os.path.join(workdir, TABLES_DIR), graph.entities, dims,
-                              int(config.storage.zarr_format))
-  slots = storage.SlotMap.from_json(meta["slots"])
-  missing = [f"{t}/{p}" for t, p in tables.blocks() if (t, p) not in slots.committed]
-  if missing:
-    raise ValueError(f"{ckpt}: slot map lacks partitions {missing[:5]}")
-  return Run(workdir, graph, config, ckpt, meta, tables, slots)
-
-
-# --------------------------------------------------------------------------
-# Embedding sets: what drift, compress and downstream read.
-
-
-@dataclasses.dataclass
-class EmbeddingSet:
-  """Entity vectors with their names, independent of where they came from.
-
-  Attributes:
-    tables: entity type -> float32 [N_t, d_t], row i is entity names[t][i].
-    names: entity type -> N_t names.
-    degrees: entity type -> int [N_t] train degrees (empty when unknown).
-    pq: entity type -> (codes uint8 [N_t, M], compress.PQCodebook) when the
-      vectors are product-quantized (``tables`` then holds the decoded rows).
-    origin: where they came from (a path or a label), for reports.
-  """
-  tables: dict[str, np.ndarray]
-  names: dict[str, list[str]]
-  degrees: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-  pq: dict[str, tuple] = dataclasses.field(default_factory=dict)
-  origin: str = ""
-
-  def __post_init__(self):
-    for entity_type, table in self.tables.items():
-      if entity_type not in self.names:
-        raise ValueError(f"{self.origin or 'embeddings'}: no names for type {entity_type!r}")
-      if table.ndim != 2 or len(table) != len(self.names[entity_type]):
-        raise ValueError(f"{self.origin or 'embeddings'}: {entity_type!r} table {table.shape} "
-                         f"does not match its {len(self.names[entity_type])} names")
-
-  @property
-  def entity_types(self) -> list[str]:
-    return list(self.tables)
-
-  def check_type(self, entity_type: str) -> None:
-    if entity_type not in self.tables:
-      raise KeyError(f"{self.origin or 'embeddings'}: unknown entity type {entity_type!r} "
-                     f"(types: {sorted(self.tables)})")
-
-  def row_index(self, entity_type: str) -> dict[str, int]:
-    self.check_type(entity_type)
-    cache = self.__dict__.setdefault("_row_index", {})
-    if entity_type not in cache:
-      cache[entity_type] = {name: i for i, name in enumerate(self.names[entity_type])}
-    return cache[entity_type]
-
-  def rows(self, entity_type: str, names) -> np.ndarray:
-    """Row of each name (int64 [n]); -1 for names without a vector."""
-    index = self.row_index(entity_type)
-    return np.fromiter((index.get(str(n), -1) for n in names), np.int64, count=len(names))
-
-  def lookup(self, entity_type: str, name: str) -> int:
-    row = self.row_index(entity_type).get(name)
-    if row is None:
-      raise KeyError(f"{self.origin or 'embeddings'}: unknown {entity_type} {name!r}")
-    return row
-
-
-def _from_run(run: Run, types=None) -> EmbeddingSet:
-  types = list(run.graph.entities) if types is None else list(types)
-  for entity_type in types:
-    run.check_type(entity_type)
-  return EmbeddingSet(
-      tables={t: run.embeddings(t) for t in types},
-      names={t: run.graph.names(t) for t in types},
-      degrees={t: run.graph.degrees(t) for t in types},
-      origin=run.workdir)
-
-
-def _from_export(path: str, types=None) -> EmbeddingSet:
-  found = sorted(f[:-len(".npy")] for f in os.listdir(path)
-                 if f.endswith(".npy") and os.path.exists(os.path.join(path, f[:-4] + ".names.txt")))
-  types = found if types is None else list(types)
-  tables, names = {}, {}
-  for entity_type in types:
-    if entity_type not in found:
-      raise KeyError(f"{path}: no exported table for type {entity_type!r} (have {found})")
-    tables[entity_type] = np.load(os.path.join(path, f"{entity_type}.npy"))
-    with open(os.path.join(path, f"{entity_type}.names.txt"), encoding="utf-8") as f:
-      names[entity_type] = [line.rstrip("\n") for line in f]
-  return EmbeddingSet(tables, names, origin=path)
-
-
-def load_embeddings(source, types=None) -> EmbeddingSet:
-  """An :class:`EmbeddingSet` from any source the tools accept.
-
-  Args:
-    source: an ``EmbeddingSet`` (returned as is, restricted to ``types``); a
-      run directory (latest checkpoint, committed slots, graph degrees); a
-      directory written by ``twhin export`` (``<type>.npy`` + ``.names.txt``);
-      a directory written by ``twhin compress`` (``<type>.npz``, decoded); or a
-      dict ``{type: (names, array)}``.
-    types: entity types to load (default: all).
-  """
-  if isinstance(source, EmbeddingSet):
-    if types is None:
-      return source
-    for entity_type in types:
-      source.check_type(entity_type)
-    return EmbeddingSet({t: source.tables[t] for t in types}, {t: source.names[t] for t in types},
-                        {t: source.degrees[t] for t in types if t in source.degrees},
-                        {t: source.pq[t] for t in types if t in source.pq}, source.origin)
-  if isinstance(source, dict):
-    tables, names = {}, {}
-    for entity_type, (type_names, array) in source.items():
-      if types is None or entity_type in types:
-        tables[entity_type] = np.asarray(array, np.float32)
-        names[entity_type] = [str(n) for n in type_names]
-    return EmbeddingSet(tables, names, origin="<arrays>")
-  path = os.fspath(source)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no such run, export or compressed directory")
-  if os.path.isdir(checkpoint_lib.checkpoint_root(path)):
-    return _from_run(open_run(path), types)
-  from twhin_jax import compress  # a compressed dir (lazy: compress imports flax)
-  if compress.is_compressed_dir(path):
-    return compress.load_compressed(path, types)
-  return _from_export(path, types)
 
 
 # --------------------------------------------------------------------------
@@ -285,13 +56,12 @@ def versions(workdir: str) -> dict:
   another run directory (any string value that is a directory with
   checkpoints), as far as those directories exist.
   """
-  steps = _checkpoint_steps(workdir)
+  steps = rundir.checkpoint_steps(workdir)
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"{workdir}: no such run directory")
   entries = []
   for step in steps:
-    meta = checkpoint_lib.read_meta(os.path.join(checkpoint_lib.checkpoint_root(workdir),
-                                                 str(step)))
+    meta = rundir.read_meta(rundir.checkpoint_dir(workdir, step))
     history = meta.get("history", [])
     entries.append({"step": step, "cursor": meta.get("cursor"),
                     "total_steps": meta.get("total_steps"), "lineage": meta.get("lineage", {}),
@@ -300,22 +70,14 @@ def versions(workdir: str) -> dict:
   chain, seen, current = [], set(), workdir
   while current and os.path.abspath(current) not in seen:
     seen.add(os.path.abspath(current))
-    current_steps = _checkpoint_steps(current)
-    if not current_steps:
+    if not rundir.checkpoint_steps(current):
       break
-    lineage = checkpoint_lib.read_meta(os.path.join(checkpoint_lib.checkpoint_root(current),
-                                                    str(current_steps[-1]))).get("lineage", {})
+    lineage = rundir.read_meta(rundir.checkpoint_dir(current)).get("lineage", {})
     chain.append({"workdir": current, **lineage})
     parents = [v for v in lineage.values() if isinstance(v, str) and v != current
-               and os.path.isdir(checkpoint_lib.checkpoint_root(v))]
+               and os.path.isdir(rundir.checkpoint_root(v))]
     current = parents[0] if parents else None
   return {"workdir": workdir, "checkpoints": entries, "chain": chain}
-
-
-def _quiet_absl():
-  # Orbax logs a warning for every read of a checkpoint written by a manager
-  # (the manager keeps _CHECKPOINT_METADATA one level up); it is harmless.
-  logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def checkpoint_arrays(ckpt_dir: str) -> list[dict]:
@@ -323,9 +85,10 @@ def checkpoint_arrays(ckpt_dir: str) -> list[dict]:
 
   Read from Orbax metadata only; no array is restored.
   """
+  # orbax imports jax: only this listing and diffs need it.
   import jax
   import orbax.checkpoint as ocp
-  _quiet_absl()
+  rundir._quiet_absl()
   state_dir = os.path.join(ckpt_dir, "state")
   if not os.path.isdir(state_dir):
     raise FileNotFoundError(f"{ckpt_dir}: no Orbax 'state' item")
@@ -348,19 +111,22 @@ def checkpoint_arrays(ckpt_dir: str) -> list[dict]:
   return out
 
 
-def restore_state(ckpt_dir: str) -> dict:
-  """The Orbax ``state`` item as host numpy arrays (no mesh, no abstract tree)."""
-  import jax
-  import orbax.checkpoint as ocp
-  _quiet_absl()
-  state_dir = os.path.join(ckpt_dir, "state")
-  metadata = ocp.StandardCheckpointer().metadata(state_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = ocp.PyTreeCheckpointer().restore(state_dir, restore_args=restore_args)
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+def _flat_state(ckpt_dir: str) -> dict[str, np.ndarray]:
+  """The Orbax ``state`` item as {"params/<group>": array, ...}."""
+  flat = {}
+
+  def walk(node, prefix):
+    if isinstance(node, dict):
+      for key, value in node.items():
+        walk(value, f"{prefix}{key}/")
+    elif isinstance(node, (list, tuple)):
+      for index, value in enumerate(node):
+        walk(value, f"{prefix}{index}/")
+    elif node is not None:  # optax's empty states restore as None: no leaf
+      flat[prefix[:-1]] = np.asarray(node)
+
+  walk(rundir.restore_state(ckpt_dir), "")
+  return flat
 
 
 def _directory_bytes(path: str) -> int:
@@ -556,7 +322,7 @@ def neighbors(source, entity_type: str, name: str, *, k: int = 10,
 
   Returns [{"name", "score", "row"}], best first.
   """
-  from twhin_jax import drift  # jax-heavy; only when neighbours are asked for
+  from twhin_jax import drift  # imports jax: `twhin inspect` without --neighbors stays light
   target_type = target_type or entity_type
   embeddings = load_embeddings(source, sorted({entity_type, target_type}))
   row = embeddings.lookup(entity_type, name)
@@ -601,7 +367,7 @@ def diff_runs(dir_a: str, dir_b: str) -> dict:
   numbers. For each leaf: shapes, max |b - a|, ||b - a|| / ||a||, NaN counts.
   """
   run_a, run_b = open_run(dir_a), open_run(dir_b)
-  state_a, state_b = restore_state(run_a.checkpoint_dir), restore_state(run_b.checkpoint_dir)
+  state_a, state_b = _flat_state(run_a.checkpoint_dir), _flat_state(run_b.checkpoint_dir)
   leaves = {}
   for name in sorted(set(state_a) | set(state_b)):
     leaves[f"state/{name}"] = _leaf_diff(state_a.get(name), state_b.get(name))

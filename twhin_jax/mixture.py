@@ -36,11 +36,15 @@ import math
 import os
 from typing import Iterable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from twhin_jax import kmeans as kmeans_lib
+from twhin_jax import retrieval
+from twhin_jax import rundir
+from twhin_jax.model import compare_all
 
-MIXTURE_DIR = "mixture"
+MIXTURE_DIR = rundir.MIXTURE_DIR
 REPRESENTATIVES = ("centroid", "medoid")
 FORMAT_VERSION = 1
 
@@ -233,11 +237,9 @@ def build_mixture(workdir: str, target_type: str, *, k: int | None = None, top_m
   source_type defaults to the type with the most training edges into T;
   relations default to every relation from source_type to T.
   """
-  from twhin_jax import retrieval
-  from twhin_jax.graph import Graph
   retriever = retriever or retrieval.Retriever.open(workdir, types=(), progress=progress)
   retriever._check_type(target_type)
-  graph = Graph(os.path.join(workdir, "graph"))
+  graph = rundir.open_graph(workdir)
   into = [r for r in graph.relations if r.target == target_type]
   if not into:
     raise ValueError(f"no relation has target type {target_type!r}")
@@ -313,8 +315,6 @@ def _component_candidates(retriever, target_type: str, mixture: Mixture, order: 
     ids, scores = retriever.search(target_type, mixture.vectors[order], depth, exact=exact,
                                    comparator=comparator)  # [m, depth]
     return list(zip(ids, scores))
-  import jax.numpy as jnp
-  from twhin_jax.model import compare_all
   comparator = comparator or retriever.comparator
   table = retriever.table(target_type)
   out = []

@@ -48,9 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twhin_jax import config as config_lib
-
 _COS_EPS = 1e-9
+#: The operators and comparators a config may name (config.validate reads
+#: these; add a name here with its case in the functions below).
+OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+COMPARATORS = ("dot", "cos", "l2")
 
 
 def init_operator_params(operator: str, num_relations: int, dim: int) -> np.ndarray:
@@ -159,7 +161,8 @@ class RelationLayout:
     names, operators, dims, group, row = [], [], [], [], []
     groups: dict[str, list[int]] = {}
     for index, rel in enumerate(config.relations):
-      dim = config_lib.entity_dim(config, rel["source"])
+      # config.entity_dim, spelled out: config.validate imports this module.
+      dim = int(config.entities[rel["source"]].get("dim", 0) or 0) or int(config.model.dim)
       name = group_name(rel["operator"], dim)
       names.append(rel["name"])
       operators.append(rel["operator"])

@@ -62,14 +62,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twhin_jax import config as config_lib
+from twhin_jax import export as export_lib
 from twhin_jax import model
-from twhin_jax.model import apply_operator
+from twhin_jax import rundir
+from twhin_jax.model import RelationLayout, apply_operator
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-INDEX_DIR = "index"
-EXPORT_DIR = "export"
+INDEX_DIR = rundir.INDEX_DIR
+EXPORT_DIR = rundir.EXPORT_DIR
 RUN_FILE = "run.json"
 RELATIONS_FILE = "relations.npz"
 MANIFEST = "manifest.json"
@@ -272,18 +275,17 @@ def scann_search(searcher, queries, k: int, settings: ScannSettings,
 def checkpoint_identity(workdir: str) -> dict:
   """{step, version_id, total_steps, hash} of the run's latest checkpoint,
   read from its meta JSON without building the model."""
-  from twhin_jax import checkpoint as checkpoint_lib
-  root = checkpoint_lib.checkpoint_root(workdir)
-  steps = sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
-  if not steps:
+  if not rundir.checkpoint_steps(workdir):
     raise FileNotFoundError(f"{workdir}: no checkpoint (train the run first)")
-  meta = checkpoint_lib.read_meta(os.path.join(root, str(steps[-1])))
-  core = {"step": steps[-1], "version_id": meta["lineage"]["version_id"],
+  ckpt = rundir.checkpoint_dir(workdir)
+  step = int(os.path.basename(ckpt))
+  meta = rundir.read_meta(ckpt)
+  core = {"step": step, "version_id": meta["lineage"]["version_id"],
           "total_steps": int(meta["total_steps"]), "slots": meta["slots"]}
   digest = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
-  return {"step": steps[-1], "version_id": core["version_id"],
+  return {"step": step, "version_id": core["version_id"],
           "total_steps": core["total_steps"], "hash": digest,
-          "meta_path": os.path.join(root, str(steps[-1]), "meta", "metadata")}
+          "meta_path": os.path.join(ckpt, "meta", "metadata")}
 
 
 def _write_json(path: str, document: dict) -> None:
@@ -306,10 +308,11 @@ def _export_is_fresh(export_dir: str, entity_types, checkpoint: dict) -> bool:
 def prepare_run(workdir: str, *, progress: bool = True) -> dict:
   """Makes ``<workdir>/index/run.json`` and ``relations.npz`` current.
 
-  Opens the Trainer only when they are missing or older than the latest
-  checkpoint: then exports the tables (.npy) to ``<workdir>/export`` unless an
-  export newer than the checkpoint is there, and copies the forward and
-  reverse relation parameters. Returns the run description.
+  Opens the run (read-only, ``rundir.open_run``) only when they are missing or
+  older than the latest checkpoint: then exports the tables (.npy) to
+  ``<workdir>/export`` unless an export newer than the checkpoint is there,
+  and copies the forward and reverse relation parameters. Returns the run
+  description.
   """
   index_dir = os.path.join(workdir, INDEX_DIR)
   run_path = os.path.join(index_dir, RUN_FILE)
@@ -321,25 +324,18 @@ def prepare_run(workdir: str, *, progress: bool = True) -> dict:
         os.path.join(index_dir, RELATIONS_FILE)):
       return run
 
-  from twhin_jax import export as export_lib
-  from twhin_jax import train as train_lib
-  config = train_lib.load_run_config(workdir)
-  trainer = train_lib.Trainer(config, workdir, progress=progress)
-  try:
-    graph, layout = trainer.graph, trainer.layout
-    export_dir = os.path.join(workdir, EXPORT_DIR)
-    if not _export_is_fresh(export_dir, graph.entities, checkpoint):
-      log.info("exporting %s to %s", workdir, export_dir)
-      export_lib.export_embeddings(graph, trainer.embeddings(), trainer.rel_state["params"],
-                                   layout, export_dir, formats=("npy",),
-                                   comparator=config.model.comparator)
-    params = trainer.rel_state["params"]
-    arrays = {}
-    for index, rel in enumerate(graph.relations):
-      arrays[f"forward/{rel.name}"] = np.asarray(layout.param(params, index), np.float32)
-      arrays[f"reverse/{rel.name}"] = np.asarray(layout.reverse_param(params, index), np.float32)
-  finally:
-    trainer.close()
+  opened = rundir.open_run(workdir)
+  config, graph = opened.config, opened.graph
+  layout = RelationLayout.from_config(config)
+  export_dir = os.path.join(workdir, EXPORT_DIR)
+  if not _export_is_fresh(export_dir, graph.entities, checkpoint):
+    log.info("exporting %s to %s", workdir, export_dir)
+    export_lib.export_run(opened, export_dir, formats=("npy",))
+  params = opened.relation_params()
+  arrays = {}
+  for index, rel in enumerate(graph.relations):
+    arrays[f"forward/{rel.name}"] = np.asarray(layout.param(params, index), np.float32)
+    arrays[f"reverse/{rel.name}"] = np.asarray(layout.reverse_param(params, index), np.float32)
   os.makedirs(index_dir, exist_ok=True)
   export_lib._write_npz(os.path.join(index_dir, RELATIONS_FILE), arrays)
   run = {
@@ -359,7 +355,6 @@ def prepare_run(workdir: str, *, progress: bool = True) -> dict:
 
 
 def config_dim(config, entity_type: str) -> int:
-  from twhin_jax import config as config_lib
   return config_lib.entity_dim(config, entity_type)
 
 

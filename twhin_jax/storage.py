@@ -17,10 +17,20 @@ slot that the last checkpoint does *not* reference (copy-on-write with two
 buffers); the checkpoint records, per partition, which slot holds its
 committed values. A crash at any moment leaves the committed slots intact, and
 resuming reads exactly them. ``SlotMap`` tracks this.
+
+Backends. ``EntityStorage`` is the interface the trainer, the warm start and
+the readers of a run use (modelled on PyTorch-BigGraph's
+AbstractEntityStorage); ``TableStore`` (TensorStore zarr, driver name
+"tensorstore") is its one implementation. A new backend subclasses
+``EntityStorage`` here, registers itself with ``@register_storage("name")``
+and is chosen by ``config.storage.driver``;
+every caller builds a store through :func:`open_storage` with keyword
+arguments.
 """
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import dataclasses
 import math
@@ -92,10 +102,109 @@ class SlotMap:
     return cls(committed, dict(committed))
 
 
-class TableStore:
+class EntityStorage(abc.ABC):
+  """The entity tables of a run: per type and partition, two slots of
+  (embeddings [rows, d], Adagrad accumulators [rows]).
+
+  Attributes every backend sets: ``entities`` (type -> EntityInfo), ``dims``
+  (type -> d), ``chunk`` (type -> rows per storage chunk: hosts of a
+  multi-host run never share one) and ``stored`` (type -> stored rows per
+  partition, >= its partition size).
+  """
+  entities: dict[str, EntityInfo]
+  dims: dict[str, int]
+  chunk: dict[str, int]
+  stored: dict[str, int]
+
+  def blocks(self) -> list[Block]:
+    return [(t, p) for t, info in self.entities.items() for p in range(info.num_partitions)]
+
+  @abc.abstractmethod
+  def read_rows(self, block: Block, slot: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [lo, hi) of one partition: (embeddings [n, d], adagrad [n])."""
+
+  @abc.abstractmethod
+  def write_rows(self, block: Block, slot: int, lo: int, embeddings: np.ndarray,
+                 adagrad: np.ndarray) -> list:
+    """Starts writing rows [lo, lo + n) of one partition; returns futures
+    (objects with ``result()``). Must refuse NaN or inf before writing."""
+
+  def read(self, block: Block, slot: int) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [rows, d], adagrad [rows]) of one partition."""
+    return self.read_rows(block, slot, 0, self.entities[block[0]].partition_rows(block[1]))
+
+  def write(self, block: Block, slot: int, embeddings: np.ndarray, adagrad: np.ndarray) -> list:
+    """Starts writing one whole partition; returns the futures to wait on."""
+    rows = self.entities[block[0]].partition_rows(block[1])
+    if embeddings.shape[0] != rows or adagrad.shape[0] != rows:
+      raise ValueError(f"partition {block}: expected {rows} rows, "
+                       f"got {embeddings.shape[0]} / {adagrad.shape[0]}")
+    return self.write_rows(block, slot, 0, embeddings, adagrad)
+
+  def initialize(self, seed: int, init_scale: float, progress=None) -> None:
+    """Random N(0, init_scale^2) rows and zero accumulators in slot 0,
+    partition by partition (seeded per type and partition)."""
+    for index, block in enumerate(self.blocks()):
+      rows = self.entities[block[0]].partition_rows(block[1])
+      rng = np.random.default_rng([seed, index, 0x1A17])
+      emb = (rng.standard_normal((rows, self.dims[block[0]]), np.float32)
+             * np.float32(init_scale))
+      for future in self.write(block, 0, emb, np.zeros(rows, np.float32)):
+        future.result()
+      if progress is not None:
+        progress.update(1)
+
+  def read_type(self, entity_type: str, slots: SlotMap, use_committed: bool = False) -> np.ndarray:
+    """The whole table of one type [count, d], from the current (or committed) slots."""
+    info = self.entities[entity_type]
+    source = slots.committed if use_committed else slots.current
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      parts = list(pool.map(lambda p: self.read((entity_type, p), source[(entity_type, p)])[0],
+                            range(info.num_partitions)))
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, self.dims[entity_type]))
+
+
+_DRIVERS: dict[str, type[EntityStorage]] = {}
+DEFAULT_DRIVER = "tensorstore"
+
+
+def register_storage(name: str):
+  """Class decorator: makes an ``EntityStorage`` available as ``config.storage.driver``."""
+  def register(cls):
+    if name in _DRIVERS and _DRIVERS[name] is not cls:
+      raise ValueError(f"storage driver {name!r} is already registered ({_DRIVERS[name]})")
+    _DRIVERS[name] = cls
+    return cls
+  return register
+
+
+def storage_drivers() -> tuple[str, ...]:
+  return tuple(sorted(_DRIVERS))
+
+
+def open_storage(driver: str, root: str, *, entities: dict[str, EntityInfo],
+                 dims: dict[str, int], create: bool = False, sub_partitions: int = 1,
+                 num_slots: int = 2, **options) -> EntityStorage:
+  """Opens (or with ``create`` makes, replacing) the tables under ``root``.
+
+  Args:
+    driver: a registered name (``config.storage.driver``).
+    entities, dims: the types' sizes and dimensions.
+    sub_partitions: devices a partition is sharded over (chunks never straddle them).
+    num_slots: 2 for working tables (copy-on-write), 1 for read-only copies.
+    options: backend options (TensorStore: ``zarr_format``).
+  """
+  if driver not in _DRIVERS:
+    raise ValueError(f"config.storage.driver: {driver!r} not in {storage_drivers()}")
+  return _DRIVERS[driver](root, entities, dims, create=create, sub_partitions=sub_partitions,
+                          num_slots=num_slots, **options)
+
+
+@register_storage("tensorstore")
+class TableStore(EntityStorage):
   """The TensorStore arrays of every entity type, read and written by partition."""
 
-  def __init__(self, root: str, entities: dict[str, EntityInfo], dims: dict[str, int],
+  def __init__(self, root: str, entities: dict[str, EntityInfo], dims: dict[str, int], *,
                zarr_format: int = 3, create: bool = False, sub_partitions: int = 1,
                num_slots: int = 2):
     self.root = root
@@ -140,9 +249,6 @@ class TableStore:
     except ValueError:
       return None  # reported by the open below, with the path
 
-  def blocks(self) -> list[Block]:
-    return [(t, p) for t, info in self.entities.items() for p in range(info.num_partitions)]
-
   def _rows(self, block: Block) -> tuple[int, int]:
     entity_type, partition = block
     info = self.entities[entity_type]
@@ -182,42 +288,3 @@ class TableStore:
     lo = start + lo
     return [self._arrays[(entity_type, slot, "embeddings")][lo:lo + n].write(embeddings),
             self._arrays[(entity_type, slot, "adagrad")][lo:lo + n].write(adagrad)]
-
-  def read(self, block: Block, slot: int) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings [rows, d], adagrad [rows]) of one partition."""
-    start, stop = self._rows(block)
-    entity_type = block[0]
-    emb = self._arrays[(entity_type, slot, "embeddings")][start:stop].read()
-    acc = self._arrays[(entity_type, slot, "adagrad")][start:stop].read()
-    return np.asarray(emb.result()), np.asarray(acc.result())
-
-  def write(self, block: Block, slot: int, embeddings: np.ndarray,
-            adagrad: np.ndarray) -> list[ts.Future]:
-    """Starts writing one whole partition; returns the futures to wait on."""
-    start, stop = self._rows(block)
-    if embeddings.shape[0] != stop - start or adagrad.shape[0] != stop - start:
-      raise ValueError(f"partition {block}: expected {stop - start} rows, "
-                       f"got {embeddings.shape[0]} / {adagrad.shape[0]}")
-    return self.write_rows(block, slot, 0, embeddings, adagrad)
-
-  def initialize(self, seed: int, init_scale: float, progress=None) -> None:
-    """Random N(0, init_scale^2) rows and zero accumulators in slot 0,
-    partition by partition (seeded per type and partition)."""
-    for index, block in enumerate(self.blocks()):
-      start, stop = self._rows(block)
-      rng = np.random.default_rng([seed, index, 0x1A17])
-      emb = (rng.standard_normal((stop - start, self.dims[block[0]]), np.float32)
-             * np.float32(init_scale))
-      for future in self.write(block, 0, emb, np.zeros(stop - start, np.float32)):
-        future.result()
-      if progress is not None:
-        progress.update(1)
-
-  def read_type(self, entity_type: str, slots: SlotMap, use_committed: bool = False) -> np.ndarray:
-    """The whole table of one type [count, d], from the current (or committed) slots."""
-    info = self.entities[entity_type]
-    source = slots.committed if use_committed else slots.current
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-      parts = list(pool.map(lambda p: self.read((entity_type, p), source[(entity_type, p)])[0],
-                            range(info.num_partitions)))
-    return np.concatenate(parts, axis=0) if parts else np.zeros((0, self.dims[entity_type]))

@@ -11,7 +11,7 @@ A config file may define ``get_sweep()`` (or ``get_sweep(variant)``) beside
 :func:`grid` builds the list of a grid, so the two compose
 (``grid({...}) + [{...}]``). Keys are config fields as on the command line,
 without ``--config.`` (a leading ``config.`` is accepted). Overrides go
-through ``cli.load_config`` exactly as ``--config.KEY=VALUE`` arguments do,
+through ``config.load_config`` exactly as ``--config.KEY=VALUE`` arguments do,
 so a sweep run and its emitted ``twhin train`` command build the same config.
 
 Layout of a sweep directory::
@@ -36,7 +36,6 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
-import importlib.util
 import inspect
 import itertools
 import json
@@ -46,6 +45,9 @@ import re
 import shlex
 import sys
 import time
+
+from twhin_jax import config as config_lib
+from twhin_jax import rundir
 
 SWEEP_FILE = "sweep.json"
 GRAPHS_DIR = "_graphs"
@@ -115,7 +117,7 @@ def _canonical(overrides: dict) -> str:
 
 def format_value(value) -> str:
   """The VALUE of ``--config.KEY=VALUE``: a Python literal that
-  ``cli.load_config`` parses back to ``value`` (a plain string when that is
+  ``config.load_config`` parses back to ``value`` (a plain string when that is
   unambiguous)."""
   if isinstance(value, str):
     try:
@@ -162,7 +164,6 @@ def _digest(overrides: dict) -> str:
 
 def graph_key(config) -> str:
   """Hash of the config fields the importer reads (see the module docstring)."""
-  from twhin_jax import config as config_lib
   data = config_lib.to_json_dict(config)
   wanted = {
       "entities": {t: int(e["num_partitions"]) for t, e in data["entities"].items()},
@@ -180,12 +181,7 @@ def graph_key(config) -> str:
 def load_sweep(spec: str) -> list[dict]:
   """The runs of ``path/to/config.py[:variant]``'s ``get_sweep``."""
   path, _, variant = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such config file")
-  module_spec = importlib.util.spec_from_file_location(
-      f"twhin_sweep_{abs(hash(os.path.abspath(path)))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_lib.load_module(path, prefix="twhin_sweep")
   get_sweep = getattr(module, "get_sweep", None)
   if get_sweep is None:
     raise ValueError(f"{path} defines no get_sweep(); see docs/sweeps.md")
@@ -197,8 +193,6 @@ class Sweep:
   """The runs of one sweep directory: names, overrides, configs."""
 
   def __init__(self, spec: str, workdir: str, base_overrides: list[str] = ()):
-    from twhin_jax import cli
-    from twhin_jax import config as config_lib
     self.spec = spec
     self.workdir = workdir
     self.base_overrides = list(base_overrides)
@@ -207,7 +201,7 @@ class Sweep:
     self.configs = []
     for name, run in zip(self.names, self.runs):
       try:
-        config = cli.load_config(spec, self.base_overrides + override_args(run))
+        config = config_lib.load_config(spec, self.base_overrides + override_args(run))
         config_lib.validate(config)
       except ValueError as err:
         raise ValueError(f"sweep run {name}: {err}") from None
@@ -231,8 +225,8 @@ class Sweep:
     shared = os.path.join(self.workdir, GRAPHS_DIR, graph_key(config))
     run_dir = self.run_dir(name)
     os.makedirs(run_dir, exist_ok=True)
-    link = os.path.join(run_dir, "graph")
-    target = os.path.relpath(os.path.join(shared, "graph"), run_dir)
+    link = os.path.join(run_dir, rundir.GRAPH_DIR)
+    target = os.path.relpath(os.path.join(shared, rundir.GRAPH_DIR), run_dir)
     if os.path.islink(link):
       if os.readlink(link) != target:
         raise ValueError(f"{link} points at {os.readlink(link)}, expected {target}")
@@ -244,8 +238,7 @@ class Sweep:
     return shared
 
 
-def eval_file(run_dir: str, split: str) -> str:
-  return os.path.join(run_dir, f"eval_{split}.json")
+eval_file = rundir.eval_file
 
 
 def is_done(run_dir: str, split: str) -> bool:
@@ -263,6 +256,7 @@ def run_sweep(spec: str, workdir: str, *, split: str = "valid", metric: str = "m
   A run is finished when ``<run>/eval_<split>.json`` exists; an interrupted
   run resumes from its last checkpoint (``train.train``).
   """
+  # train imports jax; emitting commands and collecting results do not need it.
   from twhin_jax import train as train_lib
   _check_metric(metric)
   sweep = Sweep(spec, workdir, base_overrides)
@@ -307,7 +301,7 @@ def emit_commands(spec: str, workdir: str, *, split: str = "valid",
       continue
     shared = sweep.link_graph(name, config)
     common = ["--config", spec, *sweep.base_overrides, *override_args(run)]
-    if shared not in imported and not os.path.exists(os.path.join(shared, "graph",
+    if shared not in imported and not os.path.exists(os.path.join(shared, rundir.GRAPH_DIR,
                                                                  "manifest.json")):
       imported.add(shared)
       lines.append(_join([twhin, "import", "--quiet", "--workdir", shared] + common))
@@ -378,8 +372,7 @@ def collect(workdir: str, *, split: str = "valid", metric: str = "mrr") -> list[
 
 def _train_seconds(run_dir: str) -> float | None:
   """Sum of the epochs' training seconds in metrics.jsonl (None before any)."""
-  from twhin_jax import train as train_lib
-  path = os.path.join(run_dir, train_lib.METRICS_FILE)
+  path = os.path.join(run_dir, rundir.METRICS_FILE)
   if not os.path.exists(path):
     return None
   seconds = {}

@@ -42,16 +42,15 @@ from twhin_jax import state as state_lib
 from twhin_jax import step as step_lib
 from twhin_jax import storage
 from twhin_jax import versions
-from twhin_jax.checkpoint import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  # noqa: F401
 from twhin_jax.graph import Graph
+from twhin_jax import rundir
+from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  # noqa: F401 (re-exported)
 
 #: Config fields that may change when an existing run is resumed.
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "eval.")
 
 
-def load_run_config(workdir: str):
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return config_lib.from_json_dict(json.load(f))
+load_run_config = rundir.load_config
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -139,9 +138,11 @@ class Trainer:
                          f"({', '.join(diffs)}); use a fresh --workdir or the same config")
 
   def _open_tables(self, create: bool) -> storage.TableStore:
-    return storage.TableStore(os.path.join(self.workdir, TABLES_DIR), self.graph.entities,
-                              self.dims, self.config.storage.zarr_format, create=create,
-                              sub_partitions=self.num_shards)
+    return storage.open_storage(
+        self.config.storage.driver, os.path.join(self.workdir, TABLES_DIR),
+        entities=self.graph.entities, dims=self.dims,
+        zarr_format=self.config.storage.zarr_format, create=create,
+        sub_partitions=self.num_shards)
 
   def _resume(self) -> None:
     meta = self.checkpointer.restore_meta()
@@ -197,10 +198,11 @@ class Trainer:
     self.anchor_strength = float(self.config.warm_start.l2_to_previous)
     anchors = None
     if self.anchor_strength > 0:
-      anchors = storage.TableStore(os.path.join(self.workdir, versions.ANCHORS_DIR),
-                                   self.graph.entities, self.dims,
-                                   self.config.storage.zarr_format, create=False,
-                                   sub_partitions=self.num_shards, num_slots=1)
+      anchors = storage.open_storage(
+          self.config.storage.driver, os.path.join(self.workdir, versions.ANCHORS_DIR),
+          entities=self.graph.entities, dims=self.dims,
+          zarr_format=self.config.storage.zarr_format, create=False,
+          sub_partitions=self.num_shards, num_slots=1)
     return residency_lib.Residency(self.graph, self.dims, self.tables, self.slots, self.mesh,
                                    sub_rows, anchors)
 

@@ -31,14 +31,13 @@ import os
 
 import numpy as np
 
-from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
 from twhin_jax import model
-from twhin_jax import state as state_lib
+from twhin_jax import rundir
 from twhin_jax import storage
 from twhin_jax.graph import Graph
 
-ANCHORS_DIR = "anchors"
+ANCHORS_DIR = rundir.ANCHORS_DIR
 RELATIONS_FILE = "warm_start_relations.npz"
 NEW_ENTITY_INIT = ("random", "neighbors")
 
@@ -49,32 +48,18 @@ class ParentVersion:
   def __init__(self, workdir: str):
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"{workdir}: no such run directory (warm_start.parent)")
-    checkpointer = checkpoint_lib.Checkpointer(workdir)
-    try:
-      if checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"{workdir}: no checkpoint to warm-start from")
-      self.meta = checkpointer.restore_meta()
-      self.config = config_lib.from_json_dict(self.meta["config"])
-      self.graph = Graph(os.path.join(workdir, checkpoint_lib.GRAPH_DIR))
-      self.layout = model.RelationLayout.from_config(self.config)
-      abstract = state_lib.abstract_relation_state(self.layout, self.config.train.relation_lr)
-      state = checkpointer.restore_state(abstract)
-      self.relation_params = {g: np.asarray(p) for g, p in state["params"].items()}
-    finally:
-      checkpointer.close()
+    if not rundir.checkpoint_steps(workdir):
+      raise FileNotFoundError(f"{workdir}: no checkpoint to warm-start from")
+    self.run = rundir.open_run(workdir)
+    self.meta, self.config, self.graph = self.run.meta, self.run.config, self.run.graph
+    self.layout = model.RelationLayout.from_config(self.config)
+    self.relation_params = self.run.relation_params()
     self.dims = {t: config_lib.entity_dim(self.config, t) for t in self.graph.entities}
-    self.tables = storage.TableStore(os.path.join(workdir, checkpoint_lib.TABLES_DIR),
-                                     self.graph.entities, self.dims,
-                                     self.config.storage.zarr_format, create=False)
-    self.slots = storage.SlotMap.from_json(self.meta["slots"])
-    self.version_id = self.meta["lineage"]["version_id"]
+    self.version_id = self.run.version_id
 
   def read_type(self, entity_type: str) -> tuple[np.ndarray, np.ndarray]:
     """The committed table [V, d] and accumulators [V] of one type."""
-    info = self.graph.entities[entity_type]
-    parts = [self.tables.read((entity_type, p), self.slots.committed[(entity_type, p)])
-             for p in range(info.num_partitions)]
-    return (np.concatenate([t for t, _ in parts]), np.concatenate([a for _, a in parts]))
+    return self.run.read_type(entity_type)
 
   def relation(self, name: str) -> tuple[str, np.ndarray, np.ndarray] | None:
     """(group, forward params, reverse params) of a relation, or None if absent."""
@@ -169,9 +154,10 @@ def warm_start(trainer, parent_dir: str) -> dict:
     inits = neighbor_init(graph, parent, config, mapping, old_tables)
   anchors = None
   if alpha > 0:
-    anchors = storage.TableStore(os.path.join(trainer.workdir, ANCHORS_DIR), graph.entities,
-                                 trainer.dims, config.storage.zarr_format, create=True,
-                                 sub_partitions=trainer.num_shards, num_slots=1)
+    anchors = storage.open_storage(
+        config.storage.driver, os.path.join(trainer.workdir, ANCHORS_DIR),
+        entities=graph.entities, dims=trainer.dims, zarr_format=config.storage.zarr_format,
+        create=True, sub_partitions=trainer.num_shards, num_slots=1)
   for t, info in graph.entities.items():
     shared_total, neighbor_total = 0, 0
     for p in range(info.num_partitions):

@@ -104,7 +104,7 @@ class DownstreamModel(nnx.Module):
 def build_model(embeddings, num_dense: int, id_features: list[IdFeature],
                 products=(), num_outputs: int = 1, hidden=(128, 64), use_pq: bool = True,
                 seed: int = 0) -> DownstreamModel:
-  """A DownstreamModel whose lookups come from an ``inspection.EmbeddingSet``.
+  """A DownstreamModel whose lookups come from an ``embedding_set.EmbeddingSet``.
 
   A type with PQ codes (``embeddings.pq``) gets a PQEmbed when ``use_pq``,
   else the (decoded or full) table.

@@ -1,7 +1,7 @@
 """Downstream tasks on the public datasets, each a function returning a metrics dict.
 
 Every task takes an *embedding source*: anything
-``inspection.load_embeddings`` reads (a run directory, an export or
+``load_embeddings`` reads (a run directory, an export or
 compressed directory, an ``EmbeddingSet``, or ``{type: (names, array)}``),
 and a ``feature_set`` naming which entity embeddings are added to id-free
 baseline features (paper Table 2 style; "none" is the baseline alone).
@@ -39,8 +39,9 @@ import time
 import numpy as np
 
 from twhin_jax import config as config_lib
-from twhin_jax import inspection
-from twhin_jax.downstream import metrics as metrics_lib
+from twhin_jax import rundir
+from twhin_jax.embedding_set import load_embeddings
+import twhin_jax.downstream.metrics as metrics_lib
 from twhin_jax.downstream.model import (Examples, IdFeature, TrainConfig, build_model, predict,
                                         train_model)
 from twhin_jax.graph import Graph
@@ -121,8 +122,7 @@ def ciao_ratings(data_dir: str | None = None) -> np.ndarray:
 def ciao_config_without_category(spec: str = "configs/ciao.py", overrides=()):
   """configs/ciao.py without in_category (and the category type): the product
   category must not be an input of the embeddings that predict it."""
-  from twhin_jax import cli
-  config = cli.load_config(spec, list(overrides))
+  config = config_lib.load_config(spec, list(overrides))
   config.relations = [r for r in config.relations if r["name"] != "in_category"]
   config.data.files = [f for f in config.data.files if f["relation_name"] != "in_category"]
   del config.entities["category"]
@@ -132,8 +132,8 @@ def ciao_config_without_category(spec: str = "configs/ciao.py", overrides=()):
 
 
 def _no_category_relation(embeddings, run_dir: str | None) -> None:
-  if run_dir and os.path.exists(os.path.join(run_dir, "graph", "manifest.json")):
-    graph = Graph(os.path.join(run_dir, "graph"))
+  if run_dir and os.path.exists(os.path.join(run_dir, rundir.GRAPH_DIR, "manifest.json")):
+    graph = rundir.open_graph(run_dir)
     if "in_category" in graph.relation_index:
       raise ValueError(f"{run_dir}: the run was trained with the in_category relation, so its "
                        "product vectors encode the label; use ciao_config_without_category()")
@@ -148,9 +148,9 @@ def ciao_category(source, *, feature_set: str = "P", data_dir: str | None = None
                   progress: bool = False) -> dict:
   """Product category classification (see the module doc); returns metrics."""
   _check_feature_set(feature_set, CATEGORY_FEATURE_SETS, "ciao_category")
-  embeddings = inspection.load_embeddings(source, ["product"])
+  embeddings = load_embeddings(source, ["product"])
   run_dir = run_dir or (source if isinstance(source, str) and
-                        os.path.isdir(os.path.join(source, "graph")) else None)
+                        os.path.isdir(os.path.join(source, rundir.GRAPH_DIR)) else None)
   _no_category_relation(embeddings, run_dir)
   ratings = ciao_ratings(data_dir)
   products, inverse = np.unique(ratings[:, 1], return_inverse=True)
@@ -206,14 +206,14 @@ def ciao_rating(source, *, feature_set: str = "U+P", run_dir: str | None = None,
   """
   _check_feature_set(feature_set, RATING_FEATURE_SETS, "ciao_rating")
   run_dir = run_dir or (source if isinstance(source, str) else None)
-  if run_dir is None or not os.path.exists(os.path.join(run_dir, "graph", "manifest.json")):
+  if run_dir is None or not os.path.exists(os.path.join(run_dir, rundir.GRAPH_DIR, "manifest.json")):
     raise FileNotFoundError(f"{run_dir}: ciao_rating needs the Ciao embedding run directory "
                             "(its held-out ratings are the examples); pass run_dir=")
-  graph = Graph(os.path.join(run_dir, "graph"))
+  graph = rundir.open_graph(run_dir)
   if "user" not in graph.entities or "product" not in graph.entities:
     raise ValueError(f"{run_dir}: not a Ciao run (entity types {sorted(graph.entities)})")
   types = {"none": [], "U": ["user"], "P": ["product"], "U+P": ["user", "product"]}[feature_set]
-  embeddings = inspection.load_embeddings(source if types else run_dir, types or ["user"])
+  embeddings = load_embeddings(source if types else run_dir, types or ["user"])
   user_names, product_names = graph.names("user"), graph.names("product")
   # Baseline features from the train edges only (no held-out rating leaks into them).
   train_users, train_products, train_stars = _rated_edges(graph, "train")
@@ -281,8 +281,7 @@ def write_lastfm_train_friends(path: str, data_dir: str | None = None,
 def lastfm_config_with_held_out_friends(friends_path: str, spec: str = "configs/lastfm.py",
                                         overrides=()):
   """configs/lastfm.py reading its friend edges from ``friends_path``."""
-  from twhin_jax import cli
-  config = cli.load_config(spec, list(overrides))
+  config = config_lib.load_config(spec, list(overrides))
   files = [dict(f) for f in config.data.files]
   for f in files:
     if f["relation_name"] == "friend":
@@ -294,7 +293,7 @@ def lastfm_config_with_held_out_friends(friends_path: str, spec: str = "configs/
 
 
 def _check_no_leak(run_dir: str, held: np.ndarray) -> None:
-  graph = Graph(os.path.join(run_dir, "graph"))
+  graph = rundir.open_graph(run_dir)
   if "friend" not in graph.relation_index:
     raise ValueError(f"{run_dir}: no friend relation; not a Last.fm run")
   names = np.array(graph.names("user"))
@@ -319,9 +318,9 @@ def lastfm_friends(source, *, feature_set: str = "U", run_dir: str | None = None
   """Held-out friendship prediction (see the module doc); returns metrics."""
   _check_feature_set(feature_set, FRIEND_FEATURE_SETS, "lastfm_friends")
   run_dir = run_dir or (source if isinstance(source, str) else None)
-  if run_dir is not None and os.path.exists(os.path.join(run_dir, "graph", "manifest.json")):
+  if run_dir is not None and os.path.exists(os.path.join(run_dir, rundir.GRAPH_DIR, "manifest.json")):
     _check_no_leak(run_dir, lastfm_friend_split(data_dir, holdout_fraction, seed)[1])
-  embeddings = inspection.load_embeddings(source, ["user"])
+  embeddings = load_embeddings(source, ["user"])
   kept, held = lastfm_friend_split(data_dir, holdout_fraction, seed)
   everyone = np.unique(np.concatenate([kept.ravel(), held.ravel()]))
   known = {(int(a), int(b)) for a, b in np.concatenate([kept, held])}
