@@ -120,6 +120,7 @@ def test_pbg_layout_reads_back_with_pbg_storage(tmp_path):
   graph, workdir = tiny_graph(tmp_path, reciprocal=False, partitions=2)
   out = tmp_path / "pbg-data"
   settings = json.dumps({"relations": "single"})
+  bench.write_names_for_pbg(graph.path, str(out))
   subprocess.run([PBG_PYTHON, TOOL, "--phase", "pbg-write", "--settings", settings,
                   "--graph-dir", graph.path, "--pbg-data", str(out)],
                  check=True, capture_output=True, timeout=60)

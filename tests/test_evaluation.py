@@ -12,6 +12,7 @@ import pytest
 
 from twhin_jax import config as config_lib
 from twhin_jax import evaluation
+from twhin_jax import vocabulary
 from twhin_jax.graph import FORMAT_VERSION, Graph
 from twhin_jax.model import RelationLayout
 
@@ -48,8 +49,7 @@ def write_graph(root, entities: dict[str, int], relations: list[tuple[str, str, 
     np.add.at(degrees[source], src[rel == r], 1)
     np.add.at(degrees[target], dst[rel == r], 1)
   for t, n in entities.items():
-    with open(os.path.join(root, "vocab", f"{t}.txt"), "w") as f:
-      f.writelines(f"{t}_{i}\n" for i in range(n))
+    vocabulary.write_vocabulary(root, t, [f"{t}_{i}" for i in range(n)])
     np.save(os.path.join(root, "degrees", f"{t}.npy"), degrees[t])
   for key, x in zip(("src", "rel", "dst"), (src, rel, dst)):
     np.save(os.path.join(root, "buckets", "0_0", f"{key}.npy"), x.astype(np.int32))

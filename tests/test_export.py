@@ -12,6 +12,7 @@ import pytest
 
 from twhin_jax import config as config_lib
 from twhin_jax import export
+from twhin_jax import vocabulary
 from twhin_jax.graph import FORMAT_VERSION, Graph
 from twhin_jax.model import RelationLayout
 
@@ -37,8 +38,7 @@ def write_graph(root) -> Graph:
   with open(os.path.join(root, "manifest.json"), "w") as f:
     json.dump(manifest, f)
   for t, names in NAMES.items():
-    with open(os.path.join(root, "vocab", f"{t}.txt"), "w", encoding="utf-8") as f:
-      f.writelines(name + "\n" for name in names)
+    vocabulary.write_vocabulary(str(root), t, names)
   return Graph(str(root))
 
 

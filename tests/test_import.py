@@ -493,3 +493,233 @@ def test_kinship(tmp_path):
     valid = {tuple(line.rstrip("\n").split("\t")) for line in f}
   assert named_split(graph, "valid") == valid
   assert graph.degrees("entity").sum() == 2 * 8544
+
+
+# ----------------------------------------------------------------------------
+# Issue 15: bad input the importer used to accept or crash on
+
+
+def test_truncated_gz_names_the_file(tmp_path):
+  lines = [f"n{i}\tlikes\tn{i + 1}" for i in range(200_000)]
+  whole = gzip.compress("".join(line + "\n" for line in lines).encode())
+  for name, cut in (("short.tsv.gz", 100), ("long.tsv.gz", len(whole) // 2)):
+    path = tmp_path / name
+    path.write_bytes(whole[:cut])  # 100 bytes: cut inside the first lines
+    with pytest.raises(GraphImportError, match=rf"^{path}: truncated or corrupt gzip file"):
+      import_graph(make_config([config_lib.file_spec(str(path))]), str(tmp_path / "g"),
+                   progress=False)
+    assert not glob.glob(str(tmp_path / "g*"))
+  path = tmp_path / "adjacency.txt.gz"
+  path.write_bytes(whole[:len(whole) // 2])
+  config = make_config([config_lib.file_spec(str(path), format="adjacency", relation=None,
+                                             relation_name="likes")])
+  with pytest.raises(GraphImportError, match=rf"^{path}: truncated or corrupt gzip file"):
+    import_graph(config, str(tmp_path / "g"), progress=False)
+
+
+def test_empty_train_split_is_an_error(tmp_path):
+  valid = write_text(tmp_path / "valid.tsv", ["a\tlikes\tb"])
+  header_only = write_text(tmp_path / "train.tsv", [], header="h\tr\tt")
+  config = make_config([config_lib.file_spec(header_only, header=True),
+                        config_lib.file_spec(valid, split="valid")])
+  with pytest.raises(GraphImportError, match=r"train.tsv: no train edges"):
+    import_graph(config, str(tmp_path / "g"), progress=False)
+  # Every train line bad and skipped: also empty.
+  bad = write_text(tmp_path / "bad.tsv", ["a\thates\tb"])
+  config = make_config([config_lib.file_spec(bad), config_lib.file_spec(valid, split="valid")],
+                       on_error="skip")
+  with pytest.raises(GraphImportError, match=r"no train edges.*unknown_relation"):
+    import_graph(config, str(tmp_path / "g"), progress=False)
+  assert not glob.glob(str(tmp_path / "g*"))
+
+
+def test_unseen_eval_entities_are_counted_and_can_be_dropped(tmp_path):
+  train = write_text(tmp_path / "train.tsv", ["a\tlikes\tb", "b\tlikes\tc"])
+  valid = write_text(tmp_path / "valid.tsv", ["a\tlikes\tc", "a\tlikes\tnew1"])
+  test = write_text(tmp_path / "test.tsv", ["new2\tknows\tnew3", "c\tknows\ta"])
+  files = [config_lib.file_spec(train), config_lib.file_spec(valid, split="valid"),
+           config_lib.file_spec(test, split="test")]
+  graph = import_graph(make_config(files), str(tmp_path / "kept"), progress=False)
+  quality = graph.manifest["quality"]
+  assert quality["entities_without_train_edges"] == {"node": 3}
+  assert quality["eval_edges_with_unseen_entities"] == {"valid": 1, "test": 1}
+  assert quality["dropped_unseen_eval_edges"] == {"valid": 0, "test": 0}
+  assert graph.manifest["counts"] == {"train": 2, "valid": 2, "test": 2}
+  assert "valid 1, test 1" in importer.summarize(graph)
+
+  config = make_config(files, drop_unseen_eval_entities=True)
+  graph = import_graph(config, str(tmp_path / "dropped"), progress=False)
+  assert sorted(graph.names("node")) == ["a", "b", "c"]
+  assert graph.manifest["counts"] == {"train": 2, "valid": 1, "test": 1}
+  assert named_split(graph, "valid") == {("a", "likes", "c")}
+  assert named_split(graph, "test") == {("c", "knows", "a")}
+  quality = graph.manifest["quality"]
+  assert quality["dropped_unseen_eval_edges"] == {"valid": 1, "test": 1}
+  assert quality["entities_without_train_edges"] == {"node": 0}
+  assert graph.manifest["options"]["drop_unseen_eval_entities"] is True
+
+
+def test_self_loops_duplicates_and_coverage_are_in_the_manifest(tmp_path):
+  users = write_text(tmp_path / "follows.tsv",
+                     ["u1\tu1", "u1\tu2", "u1\tu2", "u1\tu2", "u2\tu2", "u3\tu1"])
+  clicks = write_text(tmp_path / "clicks.tsv", ["u1\tx", "u2\tx", "u2\tx"])
+  valid = write_text(tmp_path / "valid.tsv", ["u3\tu3"])
+  files = [config_lib.file_spec(users, source=0, target=1, relation=None,
+                                relation_name="follows"),
+           config_lib.file_spec(clicks, source=0, target=1, relation=None,
+                                relation_name="clicks"),
+           config_lib.file_spec(valid, source=0, target=1, relation=None,
+                                relation_name="follows", split="valid")]
+  config = make_config(files, entities={"user": 2, "item": 1},
+                       relations=[("follows", "user", "user"), ("clicks", "user", "item"),
+                                  ("unused", "item", "user")], names_global=False)
+  graph = import_graph(config, str(tmp_path / "g"), progress=False)
+  quality = graph.manifest["quality"]
+  assert quality["self_loops"] == {"train": 2, "valid": 1, "test": 0}
+  # u1->u2 three times (2 extra copies), u2->x twice (1 extra).
+  assert quality["duplicate_edges"] == {"train": 3, "valid": 0, "test": 0}
+  # Duplicates are kept, as before.
+  assert graph.num_edges("train") == 9
+  coverage = graph.manifest["coverage"]
+  # follows: sources u1, u2, u3 of 3 users; targets u1, u2.
+  assert coverage["follows"]["source"] == {"type": "user", "entities": 3, "share": 1.0}
+  assert coverage["follows"]["target"] == {"type": "user", "entities": 2,
+                                           "share": round(2 / 3, 6)}
+  assert coverage["clicks"]["source"]["share"] == round(2 / 3, 6)
+  assert coverage["clicks"]["target"] == {"type": "item", "entities": 1, "share": 1.0}
+  assert coverage["unused"]["source"]["entities"] == 0
+
+
+def test_kg_relation_names_get_the_importers_checks(tmp_path):
+  from twhin_jax import datasets
+  folder = tmp_path / "kg"
+  folder.mkdir()
+  write_text(folder / "train.txt", ["a\tr1\tb", "b\tr2\tc", "c\tr1\ta"])
+  write_text(folder / "valid.txt", ["a\tr1\tc", "a\tonly_in_valid\tb"])
+  write_text(folder / "test.txt", ["b\tr2\ta"])
+  specs = datasets.kg_split_files(str(folder))
+  # Relations come from train only: 'only_in_valid' is not declared ...
+  assert datasets.read_relation_names(specs) == ["r1", "r2"]
+  config = datasets.kg_config("kg", str(folder))
+  assert [r["name"] for r in config.relations] == ["r1", "r2"]
+  # ... so the import rejects that valid line with its file and line.
+  with pytest.raises(GraphImportError,
+                     match=rf"^{folder / 'valid.txt'}:2: unknown relation 'only_in_valid'"):
+    import_graph(config, str(tmp_path / "g"), progress=False)
+
+  # A line with a missing field: file and line, not a pyarrow traceback.
+  write_text(folder / "train.txt", ["a\tr1\tb", "b\tr2", "c\tr1\ta"])
+  with pytest.raises(GraphImportError, match=rf"^{folder / 'train.txt'}:2: expected 3 columns"):
+    datasets.read_relation_names(specs)
+  write_text(folder / "train.txt", ["a\tr1\tb", "b\t\tc"])
+  with pytest.raises(GraphImportError, match=rf"^{folder / 'train.txt'}:2: empty relation"):
+    datasets.read_relation_names(specs)
+  # A stray header is not taken for an edge of a relation named 'relation'.
+  write_text(folder / "train.txt", ["a\tr1\tb", "b\tr2\tc"], header="head\trelation\ttail")
+  with pytest.raises(GraphImportError, match=rf"^{folder / 'train.txt'}:1: relation "
+                     "'relation' occurs only on the first line: a header"):
+    datasets.read_relation_names(specs)
+
+
+# ----------------------------------------------------------------------------
+# Issue 14: adjacency lists
+
+
+def test_adjacency_lists(tmp_path):
+  lines = ["u1 i1 i2  i3", "u2", "", "  u3\ti1 ", "u1 i4"]
+  plain = write_text(tmp_path / "train.txt", lines)
+  packed = write_text(tmp_path / "train.txt.gz", lines, newline="\r\n", compress=True)
+  expected = collections.Counter(
+      [("u1", "likes", i) for i in ("i1", "i2", "i3", "i4")] + [("u3", "likes", "i1")])
+  for name, path in (("plain", plain), ("gz", packed)):
+    spec = config_lib.file_spec(path, format="adjacency", relation=None, relation_name="likes")
+    config = make_config([spec], entities={"user": 1, "item": 1},
+                         relations=[("likes", "user", "item")])
+    graph = import_graph(config, str(tmp_path / name), progress=False)
+    assert train_triples_from_buckets(graph) == expected
+    # u2 has no items, so no edge: it is not an entity of the graph.
+    assert sorted(graph.names("user")) == ["u1", "u3"] and graph.entities["item"].count == 4
+
+  # An explicit delimiter: an empty field is reported with its line.
+  bad = write_text(tmp_path / "bad.tsv", ["user\titems", "u1\ti1\ti2", "u2\ti1\t\ti3"])
+  spec = config_lib.file_spec(bad, format="adjacency", relation=None, relation_name="likes",
+                              header=True)
+  config = make_config([spec], entities={"user": 1, "item": 1},
+                       relations=[("likes", "user", "item")], delimiter="\t")
+  with pytest.raises(GraphImportError, match=rf"^{bad}:3: empty target field"):
+    import_graph(config, str(tmp_path / "bad"), progress=False)
+  config.data.on_error = "skip"
+  with pytest.warns(importer.SkippedLinesWarning):
+    graph = import_graph(config, str(tmp_path / "skipped"), progress=False)
+  assert graph.num_edges("train") == 4 and graph.manifest["skipped"] == {"empty_field": 1}
+  # A type conflict in an adjacency file names the line of the pair.
+  mixed = write_text(tmp_path / "mixed.txt", ["u1 i1", "u2 i2 u1"])
+  config = make_config([config_lib.file_spec(mixed, format="adjacency", relation=None,
+                                             relation_name="likes")],
+                       entities={"user": 1, "item": 1}, relations=[("likes", "user", "item")])
+  with pytest.raises(GraphImportError, match=rf"^{mixed}:2: 'u1' is used as entity type 'item'"):
+    import_graph(config, str(tmp_path / "mixed"), progress=False)
+  with pytest.raises(GraphImportError, match="holds one relation"):
+    import_graph(make_config([config_lib.file_spec(plain, format="adjacency")]),
+                 str(tmp_path / "g"), progress=False)
+
+
+# ----------------------------------------------------------------------------
+# The on-disk vocabulary and the per-host reader
+
+
+def test_vocabulary_lookups_read_only_row_groups(tmp_path, monkeypatch):
+  from twhin_jax import vocabulary
+  monkeypatch.setattr(vocabulary, "ROW_GROUP_ROWS", 7)  # many row groups
+  triples = kg_triples(400, 90)
+  path = write_text(tmp_path / "e.tsv", ["\t".join(t) for t in triples])
+  graph = import_graph(make_config([config_lib.file_spec(path)], entities={"node": 2}),
+                       str(tmp_path / "g"), progress=False)
+  names = graph.names("node")
+  assert len(names) == graph.entities["node"].count == len(set(names))
+  by_name = pq.ParquetFile(os.path.join(graph.path, "vocab", "node.by_name.parquet"))
+  assert by_name.metadata.num_row_groups == math.ceil(len(names) / 7)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, len(names), 500)
+  assert graph.names_of("node", ids) == [names[i] for i in ids]
+  queries = [names[i] for i in ids] + ["nobody", "", "zzzz", "\x00"]
+  found = graph.lookup_ids("node", queries, missing=-1)
+  np.testing.assert_array_equal(found, np.concatenate([ids, [-1, -1, -1, -1]]))
+  with pytest.raises(KeyError, match="unknown node 'nobody'"):
+    graph.lookup_ids("node", [names[0], "nobody"])
+  with pytest.raises(IndexError, match="out of range"):
+    graph.names_of("node", [len(names)])
+  assert all(graph.lookup("node", n) == i for i, n in enumerate(names))
+  # The by-name file is sorted (byte order) and holds each id once.
+  table = by_name.read()
+  assert table.column("name").to_pylist() == sorted(names)
+  assert sorted(table.column("id").to_pylist()) == list(range(len(names)))
+
+
+def test_old_graph_format_is_refused(tmp_path):
+  (tmp_path / "manifest.json").write_text('{"format_version": 1}')
+  with pytest.raises(ValueError, match=r"graph format 1, this code reads 2.*older twhin-jax"):
+    graph_lib.Graph(str(tmp_path))
+
+
+def test_host_slices_cover_every_bucket_once(tmp_path):
+  lines = [f"n{i % 97}\tlikes\tn{(i * 13) % 89}" for i in range(1000)]
+  graph = import_graph(make_config([config_lib.file_spec(write_text(tmp_path / "e.tsv", lines))],
+                                   entities={"node": 3}), str(tmp_path / "g"), progress=False)
+  for count in (1, 2, 3, 7):
+    shares = [graph.host_slices(k, count) for k in range(count)]
+    for (i, j), size in graph.bucket_sizes().items():
+      if not size:
+        assert all((i, j) not in {(s.lhs, s.rhs) for s in share} for share in shares)
+        continue
+      pieces = [next(s for s in share if (s.lhs, s.rhs) == (i, j)) for share in shares]
+      assert pieces[0].start == 0 and pieces[-1].stop == size
+      assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:]))
+      assert max(p.stop - p.start for p in pieces) - min(p.stop - p.start for p in pieces) <= 1
+      whole = graph.bucket_edges(i, j)
+      for piece in pieces:
+        part = graph.bucket_edges(i, j, rows=piece.rows)
+        for key in ("src", "dst", "rel", "weight"):
+          np.testing.assert_array_equal(part[key], whole[key][piece.rows])
+  with pytest.raises(ValueError, match="process_index"):
+    graph.host_slices(2, 2)

@@ -218,6 +218,17 @@ def pbg_config(settings: dict, graph_manifest: dict, data_dir: str, run_dir: str
 # PBG's input layout (runs in the PBG venv: numpy + h5py, no twhin_jax).
 
 
+def write_names_for_pbg(graph_dir: str, out_dir: str) -> None:
+  """Entity names as text for write_pbg_layout (the PBG venv has no pyarrow
+  to read our Parquet vocabulary); runs in our venv."""
+  from twhin_jax.graph import Graph
+  graph = Graph(graph_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  for name in graph.entities:
+    with open(os.path.join(out_dir, f"names_{name}.txt"), "w", encoding="utf-8") as f:
+      f.writelines(n + "\n" for n in graph.names(name))
+
+
 def write_pbg_layout(graph_dir: str, out_dir: str, dynamic: bool) -> dict:
   """Writes PBG's entity and edge files from one of our imported graphs.
 
@@ -236,8 +247,8 @@ def write_pbg_layout(graph_dir: str, out_dir: str, dynamic: bool) -> dict:
   for name, entity in schema["entities"].items():
     count, parts = int(entity["count"]), int(entity["num_partitions"])
     size = max(1, -(-count // parts))
-    with open(os.path.join(graph_dir, "vocab", f"{name}.txt"), encoding="utf-8") as f:
-      names = [line.rstrip("\n") for line in f]
+    with open(os.path.join(out_dir, f"names_{name}.txt"), encoding="utf-8") as f:
+      names = [line.rstrip("\n") for line in f]  # from write_names_for_pbg
     for p in range(parts):
       part_names = names[p * size:min(count, (p + 1) * size)]
       with open(os.path.join(out_dir, f"entity_count_{name}_{p}.txt"), "w") as f:
@@ -584,6 +595,7 @@ def bench_graph(args, graph: str, pbg_python: str, scratch: str) -> dict:
                          "--pbg-run", pbg_run]
   if not os.path.exists(os.path.join(pbg_data, "written.json")):
     shutil.rmtree(pbg_data, ignore_errors=True)
+    write_names_for_pbg(graph_dir, pbg_data)
     written = run_phase(pbg_python, "pbg-write", pbg_common)
     with open(os.path.join(pbg_data, "written.json"), "w") as f:
       json.dump(written, f)

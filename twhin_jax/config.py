@@ -35,6 +35,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -42,14 +43,17 @@ import ml_collections
 from twhin_jax import storage
 
 BUCKET_ORDERS = ("random", "inside_out", "outside_in", "affinity", "sequential")
-FILE_FORMATS = ("tsv", "csv", "parquet")
+FILE_FORMATS = ("tsv", "csv", "parquet", "adjacency")
+IMPORT_ENGINES = ("duckdb", "spark")
 SPLITS = ("train", "valid", "test")
 ON_ERROR = ("raise", "skip")
 
 #: Keys of one entry of ``config.data.files``. An entry reads one file (plain,
 #: ``.gz`` or Parquet) and maps its columns to edges:
 #:   path            file path; ``$TWHIN_DATA_DIR`` and ``~`` are expanded.
-#:   format          "tsv" | "csv" | "parquet" (default: from the suffix).
+#:   format          "tsv" | "csv" | "parquet" (default: from the suffix), or
+#:                   "adjacency": lines "source target target ..." of one
+#:                   relation (relation=None, relation_name set).
 #:   header          the first line is a header to skip (text formats).
 #:   split           "train" | "valid" | "test": which edge set it feeds.
 #:   source, target  column index (int) or name (Parquet) of the endpoints.
@@ -97,6 +101,17 @@ def base_config() -> ml_collections.ConfigDict:
   # split of its own (fractions, seeded by train.seed).
   c.data.valid_fraction = 0.0
   c.data.test_fraction = 0.0
+  # The import (docs/import.md): "duckdb" (one machine, out of core) or
+  # "spark" (pyspark; a cluster, or local[*]).
+  c.data.import_engine = "duckdb"
+  # DuckDB's memory limit; it spills to disk under the graph's work dir.
+  c.data.import_memory_limit = "1GB"
+  c.data.import_threads = 0  # DuckDB threads; 0: every core
+  # Spark master for import_engine "spark" ("" -> local[*]).
+  c.data.spark_master = ""
+  # Drop valid/test edges whose entity has no train edge (such entities get
+  # no id); they are counted in the manifest either way.
+  c.data.drop_unseen_eval_entities = False
 
   c.model = ml_collections.ConfigDict()
   c.model.dim = 100
@@ -304,6 +319,15 @@ def validate(config) -> None:
     value = config.data[key]
     if not 0.0 <= value < 0.5:
       _fail(f"data.{key}", f"must be in [0, 0.5), got {value}")
+  if config.data.import_engine not in IMPORT_ENGINES:
+    _fail("data.import_engine", f"{config.data.import_engine!r} not in {IMPORT_ENGINES}")
+  if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", str(config.data.import_memory_limit)):
+    _fail("data.import_memory_limit", "must be a size such as '1GB' or '512MiB', got "
+          f"{config.data.import_memory_limit!r}")
+  if not isinstance(config.data.import_threads, int) or config.data.import_threads < 0:
+    _fail("data.import_threads", f"must be an int >= 0, got {config.data.import_threads!r}")
+  if not isinstance(config.data.drop_unseen_eval_entities, bool):
+    _fail("data.drop_unseen_eval_entities", "must be True or False")
 
   if config.model.dim < 1:
     _fail("model.dim", f"must be >= 1, got {config.model.dim}")

@@ -8,16 +8,13 @@ own files with :func:`entity_type`, :func:`relation` and :func:`apply_variant`.
 
 Relations must be declared in a config, but a KG has dozens or hundreds
 (FB15k-237: 237), so :func:`kg_config` reads their names from the split files
-when the config is built. That needs ``$TWHIN_DATA_DIR``; it is cheap (the
-relation column only, read by pyarrow).
+when the config is built (train files only, with the importer's checks).
+That needs ``$TWHIN_DATA_DIR``.
 """
 
 from __future__ import annotations
 
 import ml_collections
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from twhin_jax import config as config_lib
 
@@ -47,23 +44,16 @@ def kg_split_files(folder: str, suffix: str = ".txt") -> list[dict]:
 
 
 def read_relation_names(specs: list[dict]) -> list[str]:
-  """Sorted distinct names in the relation column of some TSV files.
+  """Sorted distinct relation names of the train files among ``specs``.
 
   Sorted rather than in order of appearance, so the relation order (and a
-  checkpoint's relation parameters) does not depend on file order.
+  checkpoint's relation parameters) does not depend on file order. Read by
+  the importer's own readers (``importer.relation_names_from_files``): a bad
+  line fails with its file and line, a relation seen only in valid/test is
+  not declared, and an undeclared header line is refused.
   """
-  names = set()
-  for spec in specs:
-    column = f"f{spec['relation']}"
-    table = pacsv.read_csv(  # gzip is detected from the suffix
-        config_lib.resolve_path(spec["path"]),
-        read_options=pacsv.ReadOptions(autogenerate_column_names=True,
-                                       skip_rows=1 if spec.get("header") else 0),
-        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=pacsv.ConvertOptions(include_columns=[column],
-                                             column_types={column: pa.string()}))
-    names.update(pc.unique(table.column(column)).to_pylist())
-  return sorted(names)
+  from twhin_jax import importer  # pyarrow; only when a config reads files
+  return importer.relation_names_from_files(specs)
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:

@@ -3,7 +3,8 @@
 An import (``twhin_jax.importer``) writes a directory::
 
   manifest.json                 schema, counts, source hashes, format version
-  vocab/<type>.txt              entity names, one per line, in local-id order
+  vocab/<type>.parquet          entity names in local-id order (see vocabulary.py)
+  vocab/<type>.by_name.parquet  (name, id) sorted by name, for name -> id lookups
   degrees/<type>.npy            int64 [count]: train degree of every entity
   buckets/<i>_<j>/src.npy       int32 [E_ij]: source offsets inside partition i
   buckets/<i>_<j>/dst.npy       int32 [E_ij]: target offsets inside partition j
@@ -15,6 +16,14 @@ Local ids of a type are 0..count-1; partition p of a type with P partitions
 holds the contiguous ids [p * S, min((p + 1) * S, count)) with S = ceil(count /
 P), so ``local_id = partition * S + offset``. Unpartitioned types (P = 1) put
 every edge of theirs into bucket row or column 0.
+
+Format history: 1 kept the vocabulary as ``vocab/<type>.txt`` (read whole
+into a dict for lookups); 2 (this code) keeps it in Parquet and looks names
+up without loading it. A format-1 directory must be imported again.
+
+Several hosts: :func:`host_slices` gives each process an equal, contiguous
+share of every bucket's edges, and ``Graph.bucket_edges(i, j, rows=...)``
+reads only that share (the ``.npy`` files are memory-mapped).
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from functools import cached_property
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from twhin_jax import vocabulary as vocabulary_lib
+
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -72,7 +83,11 @@ class Graph:
       self.manifest = json.load(f)
     version = self.manifest.get("format_version")
     if version != FORMAT_VERSION:
-      raise ValueError(f"{manifest_path}: graph format {version}, this code reads {FORMAT_VERSION}")
+      older = isinstance(version, int) and version < FORMAT_VERSION
+      raise ValueError(
+          f"{manifest_path}: graph format {version}, this code reads {FORMAT_VERSION}"
+          + ("; it was written by an older twhin-jax: remove the directory and import "
+             "again (`twhin import`, or `twhin train` on a fresh workdir)" if older else ""))
     schema = self.manifest["schema"]
     self.entities = {name: EntityInfo(name=name, count=int(e["count"]),
                                       num_partitions=int(e["num_partitions"]))
@@ -101,10 +116,14 @@ class Graph:
     return int(self.manifest["counts"][split])
 
   def bucket_edges(self, lhs_partition: int, rhs_partition: int,
-                   mmap: bool = True) -> dict[str, np.ndarray]:
-    """Edges of one bucket: src/dst are offsets inside their partitions."""
+                   mmap: bool = True, rows: slice | None = None) -> dict[str, np.ndarray]:
+    """Edges of one bucket: src/dst are offsets inside their partitions.
+
+    ``rows`` (a slice, e.g. from :func:`host_slices`) reads only those edges:
+    the files are memory-mapped, so only their pages are read.
+    """
     directory = bucket_dir(self.path, lhs_partition, rhs_partition)
-    mode = "r" if mmap else None
+    mode = "r" if mmap or rows is not None else None
     if not os.path.exists(os.path.join(directory, "src.npy")):
       empty = np.zeros(0, np.int32)
       return dict(src=empty, dst=empty, rel=empty, weight=np.zeros(0, np.float32))
@@ -115,7 +134,15 @@ class Graph:
       edges["weight"] = np.load(weight_path, mmap_mode=mode)
     else:
       edges["weight"] = np.ones(len(edges["src"]), np.float32)
+    if rows is not None:
+      edges = {key: values[rows] for key, values in edges.items()}
+      if not mmap:
+        edges = {key: np.array(values) for key, values in edges.items()}
     return edges
+
+  def host_slices(self, process_index: int, process_count: int) -> list["BucketSlice"]:
+    """This process's share of every non-empty bucket (see :func:`host_slices`)."""
+    return host_slices(self.bucket_sizes(), process_index, process_count)
 
   def bucket_sizes(self) -> dict[tuple[int, int], int]:
     return {tuple(int(x) for x in key.split("_")): int(n)
@@ -148,20 +175,77 @@ class Graph:
     return {k: np.load(os.path.join(directory, f"{k}.npy")).astype(np.int64)
             for k in ("src", "dst", "rel")}
 
+  def vocabulary(self, entity_type: str) -> vocabulary_lib.Vocabulary:
+    """The on-disk vocabulary of a type: batch lookups without loading it."""
+    if entity_type not in self.entities:
+      raise KeyError(f"unknown entity type {entity_type!r} (types: {sorted(self.entities)})")
+    cache = self.__dict__.setdefault("_vocabularies", {})
+    if entity_type not in cache:
+      cache[entity_type] = vocabulary_lib.Vocabulary(self.path, entity_type)
+    return cache[entity_type]
+
   def names(self, entity_type: str) -> list[str]:
-    with open(os.path.join(self.path, "vocab", f"{entity_type}.txt"), encoding="utf-8") as f:
-      return [line.rstrip("\n") for line in f]
+    """Every name of a type in local-id order. Materialises the whole
+    vocabulary: prefer :meth:`names_of` / :meth:`lookup_ids` for large graphs."""
+    names = []
+    for chunk in self.vocabulary(entity_type).iter_names():
+      names.extend(chunk.to_pylist())
+    return names
+
+  def names_of(self, entity_type: str, ids) -> list[str]:
+    """Names of local ids (vectorised; reads only the row groups needed)."""
+    return self.vocabulary(entity_type).names(ids)
+
+  def lookup_ids(self, entity_type: str, names, missing: int | None = None) -> np.ndarray:
+    """Local ids of names (vectorised). Unknown names raise KeyError, or get
+    ``missing`` (e.g. -1) if given."""
+    return self.vocabulary(entity_type).ids(names, missing=missing)
 
   @cached_property
   def _name_index(self) -> dict[str, dict[str, int]]:
+    """Whole vocabularies as dicts. Memory grows with the entity count; kept
+    for callers not yet moved to :meth:`lookup_ids`."""
     return {t: {name: i for i, name in enumerate(self.names(t))} for t in self.entities}
 
   def lookup(self, entity_type: str, name: str) -> int:
     """Local id of a named entity; KeyError naming the type if unknown."""
-    try:
-      return self._name_index[entity_type][name]
-    except KeyError:
-      raise KeyError(f"unknown {entity_type} {name!r}") from None
+    return int(self.vocabulary(entity_type).ids([name])[0])
 
   def degrees(self, entity_type: str) -> np.ndarray:
     return np.load(os.path.join(self.path, "degrees", f"{entity_type}.npy"))
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSlice:
+  """Rows ``[start, stop)`` of bucket (lhs, rhs), the part one host reads."""
+  lhs: int
+  rhs: int
+  start: int
+  stop: int
+
+  @property
+  def rows(self) -> slice:
+    return slice(self.start, self.stop)
+
+
+def host_slices(bucket_sizes: dict[tuple[int, int], int], process_index: int,
+                process_count: int) -> list[BucketSlice]:
+  """The share of the bucket files that process ``process_index`` of
+  ``process_count`` reads: of every non-empty bucket (in (lhs, rhs) order),
+  the contiguous rows ``[n * k // K, n * (k + 1) // K)`` for process k of K.
+
+  The shares of one bucket are disjoint and cover it, and their sizes differ
+  by at most one edge, so every host gets the same work per bucket; each
+  host reads ``1 / K`` of every file (``Graph.bucket_edges(i, j,
+  rows=share.rows)``).
+  """
+  if not isinstance(process_count, int) or process_count < 1:
+    raise ValueError(f"process_count must be an int >= 1, got {process_count!r}")
+  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+  shares = []
+  for (lhs, rhs), size in sorted(bucket_sizes.items()):
+    if size:
+      shares.append(BucketSlice(lhs, rhs, size * process_index // process_count,
+                                size * (process_index + 1) // process_count))
+  return shares

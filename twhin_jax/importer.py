@@ -1,29 +1,31 @@
 """Importer: edge files -> the graph directory that ``twhin_jax.graph`` reads.
 
 The input is the list of file specs of ``config.data.files`` (TSV/CSV, plain
-or gzipped, or Parquet; see ``config.FILE_SPEC_FIELDS``); the output is the
-directory format documented in ``twhin_jax/graph.py``. The import runs in two
-streaming passes so that memory grows with the number of *entities* (the
-vocabularies), never with the number of edges:
+or gzipped, Parquet, or adjacency lists; see ``config.FILE_SPEC_FIELDS``);
+the output is the directory format documented in ``twhin_jax/graph.py``.
+No vocabulary is ever held in memory: memory is bounded by the block size
+and ``data.import_memory_limit``, whatever the number of entities or edges.
+``data.import_engine`` picks the engine (docs/import.md):
 
-Pass 1 (read): every file is read in blocks (pyarrow's streaming CSV reader,
-  or Parquet record batches). Each block is validated with vectorised checks,
-  and its entity names are mapped to *arrival ids*: per-type dicts that hand
-  out 0, 1, 2, ... in order of first appearance. Only the distinct names of a
-  block go through Python (the block is dictionary-encoded first). The edges,
-  as (src, dst, rel, split, weight) arrival ids, are appended to flat binary
-  spool files.
+"duckdb" (default, one machine), in two stages:
 
-Between the passes every type's arrival ids are shuffled with a seeded random
-  permutation (``config.train.seed``). Arrival order is strongly correlated
-  with degree and with file order (a user file sorted by id, a KG whose first
-  lines are its hubs); shuffling makes the contiguous partitions of
-  ``graph.py`` hold a balanced share of entities and edges.
+Pass 1 (read and validate): every file is read in blocks (pyarrow's
+  streaming CSV reader, Parquet record batches, or whitespace-split lines for
+  adjacency lists). Each block is validated with vectorised checks, and its
+  good rows are appended, still as names, to a Parquet spool: source and
+  target name and type, relation index, split, weight, and ``pos``, the
+  row's position in the input (file order, then row order).
 
-Pass 2 (bucket): the spool is read back in chunks; ids are remapped through
-  the permutation, split into (partition, offset), and each chunk's edges are
-  appended to their bucket's ``.npy`` files (see :class:`_NpyAppender`), while
-  train degrees accumulate with ``np.bincount``.
+Stage 2 (``import_duckdb.py``): an embedded DuckDB database in the work
+  directory checks names against types (``data.names_global``), assigns ids
+  (a seeded hash order, eq. (1) there), joins them onto the edges, and
+  streams buckets (sorted by bucket, then ``pos``), eval splits, degrees,
+  the vocabulary files and the statistics of the manifest
+  (``graph_writer.py`` writes the files). It runs on all cores and spills to
+  disk under the memory limit.
+
+"spark" (``import_spark.py``): the same graph computed by Spark, for inputs
+  no single machine holds.
 
 Bad input is reported as :class:`GraphImportError` with a ``path:line:``
 prefix (1-based physical lines of the source file, header included; for
@@ -31,7 +33,10 @@ Parquet the 1-based row number). pyarrow does not report line numbers, so on
 an error the file is re-scanned in Python up to the offending row (see
 :meth:`_TextReader.locate`); the fast path never pays for this. With
 ``config.data.on_error == "skip"`` bad lines are dropped and counted per
-reason in the manifest instead.
+reason in the manifest instead. A name used under two entity types
+(``data.names_global``) is found in stage 2, after every file is read: when
+a file has both such a conflict and another bad line, the other one is
+reported first even if it comes later.
 
 The import is atomic: everything is built in ``<graph_dir>.tmp-<pid>`` and
 renamed into place only once complete; a failure removes the temporary
@@ -40,6 +45,7 @@ directory and leaves any existing ``graph_dir`` alone.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import csv
 import dataclasses
@@ -47,11 +53,12 @@ import datetime
 import gzip
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
+import re
 import shutil
+import time
 import warnings
 import zlib
 from typing import Callable, Iterator
@@ -71,16 +78,14 @@ from twhin_jax import graph as graph_lib
 TEXT_BLOCK_BYTES = 32 << 20
 #: Rows per record batch for Parquet inputs.
 PARQUET_BATCH_ROWS = 1 << 20
-#: Edges per chunk in pass 2 (about 25 bytes each in the spool).
-BUCKET_CHUNK_EDGES = 1 << 21
 #: Lines sampled at the start of a text file to learn its column count.
 COLUMN_COUNT_SAMPLE_LINES = 1000
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+ENGINES = ("duckdb", "spark")
 
 # Independent random streams derived from config.train.seed.
 _HOLDOUT_STREAM = 1
-_PERMUTATION_STREAM = 2
 
 # Reasons a line is rejected: the keys of manifest["skipped"]. A row's reason
 # code is its index here plus one (0 means the row is fine).
@@ -106,6 +111,9 @@ _SUFFIX_FORMATS = {".tsv": "tsv", ".txt": "tsv", ".dat": "tsv", ".csv": "csv",
 _NAME_ROLES = ("source", "target")
 # Not a key of manifest["skipped"]: undecodable text always fails the import.
 INVALID_UTF8 = "invalid_utf8"
+#: Errors of a damaged gzip stream, from the gzip module and from pyarrow.
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
 
 
 class GraphImportError(ValueError):
@@ -119,6 +127,11 @@ class GraphImportError(ValueError):
     self.reason = reason
     where = path if line is None else f"{path}:{line}"
     super().__init__(f"{where}: {message}")
+
+
+def _gzip_failure(path: str, error: Exception) -> "GraphImportError":
+  return GraphImportError(path, None, f"truncated or corrupt gzip file ({error}); "
+                          "the download or copy was probably cut short", reason="bad_gzip")
 
 
 class SkippedLinesWarning(UserWarning):
@@ -205,6 +218,12 @@ def _resolve_source(spec, schema: _Schema) -> _Source:
   split = spec.get("split") or "train"
   if split not in SPLIT_CODES:
     raise GraphImportError(path, None, f"split {split!r} not in {config_lib.SPLITS}")
+  if fmt == "adjacency":
+    if spec.get("relation") is not None or spec.get("weight") is not None:
+      raise GraphImportError(path, None, "an adjacency list ('source target target ...') "
+                             "holds one relation and no weights: set relation=None, "
+                             "weight=None and relation_name")
+    spec["source"], spec["target"] = 0, 1
   columns = {"source": spec.get("source", 0), "target": spec.get("target", 2)}
   for role in ("relation", "weight"):
     if spec.get(role) is not None:
@@ -318,6 +337,12 @@ class _TextReader:
   def _inspect(self) -> tuple[int | None, int | None, list[str] | None]:
     """(column count, line number of the first data line, header names)."""
     counts = collections.Counter()
+    try:
+      return self._sample_lines(counts)
+    except _GZIP_ERRORS as error:
+      raise _gzip_failure(self.path, error) from None
+
+  def _sample_lines(self, counts) -> tuple[int | None, int | None, list[str] | None]:
     first_line = None
     header_names = None
     with self._open_binary() as f:
@@ -380,13 +405,20 @@ class _TextReader:
         first_row += batch.num_rows
     except pa.ArrowInvalid as error:
       raise self._parse_failure(error) from None
+    except OSError as error:  # pyarrow: "Truncated compressed stream"
+      if self.source.compressed:
+        raise _gzip_failure(self.path, error) from None
+      raise
 
   def _parse_failure(self, error: Exception) -> GraphImportError:
     """pyarrow gave up on a block (invalid UTF-8, an over-long line): find the
     line in Python. Malformed lines are not the cause here (pyarrow skips
     them), so only undecodable fields are looked for, unless malformed
     lines are errors themselves."""
-    found = self.locate(None, column_count_is_error=not self.skip_errors)
+    try:
+      found = self.locate(None, column_count_is_error=not self.skip_errors)
+    except _GZIP_ERRORS as gzip_error:
+      return _gzip_failure(self.path, gzip_error)
     if found is not None:
       return GraphImportError(self.path, found[0], found[2], found[1])
     return GraphImportError(self.path, None, f"cannot parse: {error}")
@@ -479,6 +511,106 @@ def _hash_file(path: str) -> str:
   return sha.hexdigest()
 
 
+class _AdjacencyReader:
+  """Adjacency lists (format "adjacency"): one line per source entity,
+  ``source target target ...`` (the user-item files of recommender
+  benchmarks), all edges of one relation (the spec's relation_name).
+
+  Fields are split at runs of whitespace (``data.delimiter`` "", the
+  default; leading and trailing whitespace ignored) or at every occurrence
+  of ``data.delimiter``. A line holding only a source has no edges; blank
+  lines are ignored. Each emitted row is one (source, target) pair; line
+  numbers are kept per block, so errors name the line of the pair.
+  """
+
+  def __init__(self, source: _Source, delimiter: str, skip_errors: bool):
+    self.source = source
+    self.path = source.path
+    self.delimiter = delimiter
+    self.invalid_rows = 0  # every line parses
+    self._block_lines = np.zeros(0, np.int64)
+
+  def _open_binary(self):
+    return gzip.open(self.path, "rb") if self.source.compressed else open(self.path, "rb")
+
+  def blocks(self, tap) -> Iterator[_Block]:
+    stream = gzip.GzipFile(fileobj=tap, mode="rb") if self.source.compressed else tap
+    try:
+      yield from self._blocks(stream)
+    except _GZIP_ERRORS as error:
+      raise _gzip_failure(self.path, error) from None
+
+  def _chunks(self, stream) -> Iterator[tuple[int, bytes]]:
+    """(number of lines before it, text) pieces ending at a line break."""
+    pending = b""
+    lines_before = 0
+    while True:
+      data = stream.read(TEXT_BLOCK_BYTES)
+      text = pending + data
+      if not data:
+        if text:
+          yield lines_before, text + b"\n"
+        return
+      cut = text.rfind(b"\n")
+      if cut < 0:
+        cut = text.rfind(b"\r")
+      if cut < 0:
+        pending = text
+        continue
+      piece, pending = text[:cut + 1], text[cut + 1:]
+      yield lines_before, piece
+      lines_before += piece.count(b"\n") + len(re.findall(rb"\r(?!\n)", piece))
+
+  def _blocks(self, stream) -> Iterator[_Block]:
+    first_row = 0
+    for lines_before, piece in self._chunks(stream):
+      try:
+        text = piece.decode("utf-8")
+      except UnicodeDecodeError as error:
+        line = lines_before + 1 + len(re.findall(rb"\r\n|\n|\r", piece[:error.start]))
+        raise GraphImportError(self.path, line, "not valid UTF-8 text", INVALID_UTF8) from None
+      lines = pc.split_pattern_regex(pa.array([text]), r"\r\n|\n|\r").flatten()
+      lines = lines.slice(0, len(lines) - 1)  # after the final line break
+      line_numbers = lines_before + 1 + np.arange(len(lines))
+      if self.source.header and lines_before == 0 and len(lines):
+        lines, line_numbers = lines.slice(1), line_numbers[1:]
+      if self.delimiter:
+        fields = pc.split_pattern(lines, self.delimiter)
+      else:
+        fields = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(lines))
+      has_targets = _numpy(pc.greater(pc.list_value_length(fields), 1))
+      rows = np.flatnonzero(has_targets)
+      if not len(rows):
+        continue
+      fields = fields.take(pa.array(rows))
+      targets = pc.list_slice(fields, 1)
+      parent = _numpy(pc.list_parent_indices(targets))
+      columns = {"source": pc.list_element(fields, 0).take(pa.array(parent)),
+                 "target": pc.list_flatten(targets)}
+      self._block_lines = line_numbers[rows][parent]
+      yield _Block(first_row, len(parent), columns)
+      first_row += len(parent)
+
+  def line_of(self, block: _Block, row: int) -> int:
+    return int(self._block_lines[row - block.first_row])
+
+  def locate(self, row: int | None, column_count_is_error: bool = True):
+    """(line, None, None) of emitted row ``row``: re-reads the file."""
+    if row is None:
+      return None
+    with self._open_binary() as f:
+      for block in self._blocks(f):
+        if row < block.first_row + block.num_rows:
+          return self.line_of(block, row), None, None
+    return None
+
+
+
+# ----------------------------------------------------------------------------
+# Pass 1: blocks -> validated rows in the spool
+
+
+
 # ----------------------------------------------------------------------------
 # Pass 1: blocks -> validated arrival-id edges
 
@@ -522,115 +654,74 @@ def _flag(reasons: np.ndarray, bad: np.ndarray, reason: str) -> None:
   reasons[bad & (reasons == 0)] = _CODE[reason]
 
 
-class _Vocabulary:
-  """The names of one entity type, numbered by first appearance (arrival ids).
+class _Spool:
+  """Pass-1 output: validated edges, still as names, in one Parquet file
+  (a row group per block) that stage 2 reads."""
 
-  A dict does the lookups (only a block's distinct names reach it); the
-  names are also kept as Arrow arrays in arrival order, so pass 2 can write
-  the vocabulary file without going through Python strings again.
-  """
-
-  def __init__(self):
-    self._ids: dict[str, int] = {}
-    self._chunks: list[pa.Array] = []
-
-  def __len__(self) -> int:
-    return len(self._ids)
-
-  def lookup(self, names: list[str]) -> np.ndarray:
-    """Arrival ids of ``names``; -1 for names not seen yet."""
-    return np.fromiter(map(self._ids.get, names, itertools.repeat(-1)), np.int64, len(names))
-
-  def add(self, names: pa.Array, names_list: list[str], ids: np.ndarray) -> np.ndarray:
-    """Numbers the names whose ``ids`` (from :meth:`lookup`) are -1, in
-    place, and returns ``ids``. ``names`` must be distinct."""
-    new = np.flatnonzero(ids < 0)
-    if len(new):
-      start = len(self._ids)
-      ids[new] = np.arange(start, start + len(new))
-      self._ids.update(zip([names_list[i] for i in new.tolist()], range(start, start + len(new))))
-      self._chunks.append(names.take(pa.array(new)))
-    return ids
-
-  def names_by_arrival(self) -> pa.Array:
-    if not self._chunks:
-      return pa.array([], pa.large_string())
-    return pa.concat_arrays([chunk.cast(pa.large_string()) for chunk in self._chunks])
-
-
-@dataclasses.dataclass
-class _TypeGroup:
-  """The names of one entity type in a block, both sides pooled (a KG's
-  heads and tails share one dictionary lookup).
-
-  ``sides`` lists (role, block rows) in pooled order; rows is None when the
-  side covers every row of the block (the common case, no indexing needed).
-  """
-  sides: list
-  names: pa.Array          # distinct names
-  names_list: list         # the same, as Python strings
-  codes: np.ndarray        # per pooled occurrence: index into names
-  ids: np.ndarray          # per distinct name: arrival id, -1 if new
-
-  def occurrence_rows(self, num_rows: int) -> np.ndarray:
-    return np.concatenate([np.arange(num_rows) if rows is None else rows
-                           for _, rows in self.sides])
-
-
-class _EdgeSpool:
-  """Pass-1 output: edges as arrival ids in flat binary files, one per column,
-  appended block by block and read back in chunks by pass 2."""
-
-  COLUMNS = (("src", np.int64), ("dst", np.int64), ("rel", np.int32),
-             ("split", np.int8), ("weight", np.float32))
-
-  def __init__(self, directory: str, weighted: bool):
-    os.makedirs(directory, exist_ok=True)
-    self.columns = [(n, d) for n, d in self.COLUMNS if weighted or n != "weight"]
-    self.paths = {name: os.path.join(directory, f"{name}.bin") for name, _ in self.columns}
-    self._files = {name: open(path, "wb") for name, path in self.paths.items()}
+  def __init__(self, path: str, weighted: bool):
+    fields = [("src", pa.string()), ("dst", pa.string()), ("stype", pa.int16()),
+              ("dtype", pa.int16()), ("rel", pa.int32()), ("split", pa.int8()),
+              ("pos", pa.int64())]
+    if weighted:
+      fields.append(("weight", pa.float32()))
+    self.path = path
+    self.schema = pa.schema(fields)
     self.num_edges = 0
+    self._writer = pq.ParquetWriter(path, self.schema, compression="lz4")
 
-  def append(self, **arrays: np.ndarray) -> None:
-    for name, dtype in self.columns:
-      np.ascontiguousarray(arrays[name], dtype).tofile(self._files[name])
-    self.num_edges += len(arrays["src"])
+  def append(self, table: pa.Table) -> None:
+    if table.num_rows:
+      self._writer.write_table(table.cast(self.schema))
+      self.num_edges += table.num_rows
 
   def close(self) -> None:
-    for f in self._files.values():
-      f.close()
+    self._writer.close()
 
-  def chunks(self, chunk_edges: int) -> Iterator[dict[str, np.ndarray]]:
-    files = {name: open(self.paths[name], "rb") for name, _ in self.columns}
-    try:
-      for _ in range(0, self.num_edges, chunk_edges):
-        yield {name: np.fromfile(files[name], dtype, count=chunk_edges)
-               for name, dtype in self.columns}
-    finally:
-      for f in files.values():
-        f.close()
+
+def _as_names(column) -> pa.Array:
+  """A name column as Arrow strings (Parquet ids may be integers)."""
+  if isinstance(column, pa.ChunkedArray):
+    column = column.combine_chunks()
+  if not pa.types.is_string(column.type):
+    column = pc.cast(column, pa.string())
+  return column
 
 
 class _Reader:
-  """Pass 1: validates blocks, assigns arrival ids, spools edges."""
+  """Pass 1: validates blocks and spools their good rows.
 
-  def __init__(self, schema: _Schema, spool: _EdgeSpool, *, names_global: bool,
-               skip_errors: bool, weighted: bool, holdout: tuple[float, float], seed: int):
+  ``pos`` numbers rows across files: file k's row r (0-based, counting the
+  rows its reader emitted) gets ``file_start[k] + r``, so sorting by pos is
+  input order, and a pos maps back to (file, row) for error messages.
+  """
+
+  def __init__(self, schema: _Schema, spool: _Spool, *, skip_errors: bool, weighted: bool,
+               holdout: tuple[float, float], seed: int):
     self.schema = schema
     self.spool = spool
     self.skip_errors = skip_errors
     self.weighted = weighted
-    self.vocab = [_Vocabulary() for _ in schema.types]
-    self.check_type_conflicts = names_global and len(schema.types) > 1
     self.skipped = collections.Counter()
     self.valid_fraction, self.test_fraction = holdout
     self._holdout_rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
+    self.file_starts: list[int] = []  # pos of row 0 of each file read, in order
+    self._next_pos = 0
+
+  def source_of(self, pos: int) -> tuple[int, int]:
+    """(index of the file read, its row) of a pos."""
+    index = bisect.bisect_right(self.file_starts, pos) - 1
+    return index, pos - self.file_starts[index]
 
   def read_file(self, source: _Source, reader, blocks: Iterator[_Block]) -> None:
     fixed_relation = (None if "relation" in source.columns
                       else self.schema.relation_index[source.relation_name])
+    start = self._next_pos
+    self.file_starts.append(start)
+    rows = 0
     for block in blocks:
-      self._read_block(source, reader, block, fixed_relation)
+      self._read_block(source, reader, block, fixed_relation, start)
+      rows = block.first_row + block.num_rows
+    self._next_pos = start + rows
     if reader.invalid_rows:
       if not self.skip_errors:  # no bad row before it, or we would have raised
         found = reader.locate(None)
@@ -638,7 +729,8 @@ class _Reader:
                                found[2] if found else "malformed line", COLUMN_COUNT)
       self.skipped[COLUMN_COUNT] += reader.invalid_rows
 
-  def _read_block(self, source: _Source, reader, block: _Block, fixed_relation) -> None:
+  def _read_block(self, source: _Source, reader, block: _Block, fixed_relation,
+                  start: int) -> None:
     columns = block.columns
     reasons = self._check_fields(source, columns, block.num_rows)
     rel, relation_names = self._relation_indices(source, columns, fixed_relation, reasons)
@@ -647,7 +739,6 @@ class _Reader:
       weight, weight_reasons = _parse_weights(columns["weight"])
       unflagged = reasons == 0
       reasons[unflagged] = weight_reasons[unflagged]
-    groups, conflict_note = self._resolve_names(columns, reasons, rel)
 
     # Malformed lines (reader.invalid_rows) are not raised here: pyarrow
     # parses ahead, so the one it just reported may lie after a bad row of
@@ -655,20 +746,24 @@ class _Reader:
     bad = np.flatnonzero(reasons)
     if len(bad):
       if not self.skip_errors:
-        raise self._error(source, reader, block, bad, reasons, relation_names, conflict_note)
+        raise self._error(source, reader, block, bad, reasons, relation_names)
       self.skipped.update({REASONS[code - 1]: int(count)
                            for code, count in enumerate(np.bincount(reasons[bad])) if count})
 
-    ids = self._assign_ids(groups, block.num_rows)
-    keep = None if not len(bad) else reasons == 0
-    def kept(values: np.ndarray) -> np.ndarray:
-      return values if keep is None else values[keep]
-    num_kept = block.num_rows - len(bad)
-    edges = dict(src=kept(ids["source"]), dst=kept(ids["target"]), rel=kept(rel),
-                 split=self._split_codes(source, num_kept))
+    first = start + block.first_row
+    table = pa.table({
+        "src": _as_names(columns["source"]), "dst": _as_names(columns["target"]),
+        "stype": self.schema.source_type[rel].astype(np.int16),
+        "dtype": self.schema.target_type[rel].astype(np.int16),
+        "rel": rel, "pos": np.arange(first, first + block.num_rows, dtype=np.int64)})
     if self.weighted:
-      edges["weight"] = kept(weight) if weight is not None else np.ones(num_kept, np.float32)
-    self.spool.append(**edges)
+      table = table.append_column("weight", pa.array(
+          weight.astype(np.float32) if weight is not None else np.ones(block.num_rows,
+                                                                        np.float32)))
+    if len(bad):
+      table = table.filter(pa.array(reasons == 0))
+    split = self._split_codes(source, table.num_rows)
+    self.spool.append(table.add_column(5, "split", pa.array(split)))
 
   def _check_fields(self, source: _Source, columns: dict, num_rows: int) -> np.ndarray:
     """Reason codes per row (0: fine) for problems visible in one field."""
@@ -697,42 +792,6 @@ class _Reader:
     rel[rel < 0] = 0  # keeps type lookups in range; these rows are dropped
     return rel, (names, codes)
 
-  def _resolve_names(self, columns: dict, reasons: np.ndarray, rel: np.ndarray
-                     ) -> tuple[dict[int, "_TypeGroup"], tuple[int, str] | None]:
-    """Groups the names of the valid rows by entity type, and with
-    names_global flags rows whose names clash with another type."""
-    source_type = self.schema.source_type[rel]
-    target_type = self.schema.target_type[rel]
-    conflict_note = None
-    while True:
-      groups = self._group_names(columns, reasons, source_type, target_type)
-      if not self.check_type_conflicts:
-        return groups, None
-      conflicts, note = self._find_type_conflicts(groups, len(reasons))
-      if not conflicts.any():
-        return groups, conflict_note
-      conflict_note = note
-      _flag(reasons, conflicts, ENTITY_TYPE_CONFLICT)
-      if not self.skip_errors:
-        return groups, conflict_note
-      # Group again without the dropped rows, so that their names stay out
-      # of the vocabularies.
-
-  def _assign_ids(self, groups: dict[int, "_TypeGroup"], num_rows: int) -> dict[str, np.ndarray]:
-    """Arrival ids per row for both roles (rows dropped as bad: undefined)."""
-    ids = {role: np.empty(num_rows, np.int64) for role in _NAME_ROLES}
-    for type_index, group in groups.items():
-      arrival = self.vocab[type_index].add(group.names, group.names_list, group.ids)[group.codes]
-      start = 0
-      for role, rows in group.sides:
-        count = num_rows if rows is None else len(rows)
-        if rows is None:
-          ids[role] = arrival[start:start + count]
-        else:
-          ids[role][rows] = arrival[start:start + count]
-        start += count
-    return ids
-
   def _split_codes(self, source: _Source, num_edges: int) -> np.ndarray:
     """The split of each edge: the file's, or for train files with holdout
     fractions a seeded draw (a Bernoulli draw per edge: streaming, so the
@@ -744,107 +803,13 @@ class _Reader:
       split[draw < self.valid_fraction] = SPLIT_CODES["valid"]
     return split
 
-  def _group_names(self, columns, reasons, source_type, target_type) -> dict[int, _TypeGroup]:
-    """Pools the names of every type over the rows still valid and
-    dictionary-encodes them, so each distinct name is looked up once."""
-    ok = reasons == 0
-    every_row = len(self.schema.types) == 1 and bool(ok.all())
-    groups = {}
-    for type_index, vocab in enumerate(self.vocab):
-      sides, pieces = [], []
-      for role, side_type in (("source", source_type), ("target", target_type)):
-        if every_row:
-          rows, piece = None, columns[role]
-        else:
-          rows = np.flatnonzero(ok & (side_type == type_index))
-          if not len(rows):
-            continue
-          piece = columns[role].take(pa.array(rows))
-        sides.append((role, rows))
-        pieces.append(piece)
-      if not sides:
-        continue
-      encoded = pc.dictionary_encode(pa.concat_arrays(pieces) if len(pieces) > 1 else pieces[0])
-      names_list = encoded.dictionary.to_pylist()
-      groups[type_index] = _TypeGroup(sides=sides, names=encoded.dictionary,
-                                      names_list=names_list,
-                                      codes=_numpy(encoded.indices),
-                                      ids=vocab.lookup(names_list))
-    return groups
-
-  def _find_type_conflicts(self, groups: dict[int, _TypeGroup], num_rows: int
-                           ) -> tuple[np.ndarray, tuple[int, str] | None]:
-    """Rows where a name shows up under a second entity type (names_global).
-
-    A name already in another type's vocabulary conflicts wherever it shows
-    up under a new type; a name new to several types in this block belongs
-    to the type of its earliest row. Returns the conflicting rows, and
-    (row, message) for the earliest one. Only names new to a type are
-    examined, with C-speed dict and set operations: free when clean.
-
-    With on_error="skip", every conflicting row is dropped at once, judged
-    against the rows that had no other problem: a row that claimed a name
-    first still wins that name even if it is dropped for a conflict over
-    another of its names (resolving that exactly would take one pass per
-    conflict).
-    """
-    new = {}  # type -> (codes of the names new to it, those names)
-    for type_index, group in groups.items():
-      codes = np.flatnonzero(group.ids < 0)
-      if len(codes):
-        new[type_index] = (codes, [group.names_list[c] for c in codes.tolist()])
-    losers = {type_index: {} for type_index in new}  # type -> {code: owner type}
-    # Names that another type already has.
-    for type_index, (codes, names) in new.items():
-      for owner, vocab in enumerate(self.vocab):
-        if owner != type_index and len(vocab):
-          for i in np.flatnonzero(vocab.lookup(names) >= 0).tolist():
-            losers[type_index].setdefault(int(codes[i]), owner)
-    # Names new to several types at once: the type of the earliest row wins.
-    first_rows = {}
-    def first_row(type_index: int) -> np.ndarray:
-      if type_index not in first_rows:
-        group = groups[type_index]
-        first = np.full(len(group.names_list), num_rows, np.int64)
-        np.minimum.at(first, group.codes, group.occurrence_rows(num_rows))
-        first_rows[type_index] = first
-      return first_rows[type_index]
-    new_sets = {t: set(names) for t, (_, names) in new.items()}
-    shared = set()
-    for a, b in itertools.combinations(new_sets.values(), 2):
-      shared |= a & b
-    shared -= {groups[t].names_list[c] for t, lost in losers.items() for c in lost}
-    if shared:
-      code_of = {t: {n: int(c) for c, n in zip(*new[t]) if n in shared} for t in new}
-      for name in shared:
-        claims = sorted((int(first_row(t)[code_of[t][name]]), t)
-                        for t in new if name in code_of[t])
-        for _, type_index in claims[1:]:
-          losers[type_index][code_of[type_index][name]] = claims[0][1]
-
-    conflicts = np.zeros(num_rows, bool)
-    earliest = None
-    types = self.schema.types
-    for type_index, lost in losers.items():
-      if not lost:
-        continue
-      group = groups[type_index]
-      lost_codes = np.zeros(len(group.names_list), bool)
-      lost_codes[list(lost)] = True
-      conflicts[group.occurrence_rows(num_rows)[lost_codes[group.codes]]] = True
-      for code, owner in lost.items():
-        row = int(first_row(type_index)[code])
-        if earliest is None or row < earliest[0]:
-          earliest = (row, f"{group.names_list[code]!r} is used as entity type "
-                      f"{types[type_index]!r} here but is already of type {types[owner]!r} "
-                      "(data.names_global: a name has one entity type)")
-    return conflicts, earliest
-
-  def _error(self, source, reader, block, bad, reasons, relation_names,
-             conflict_note) -> GraphImportError:
+  def _error(self, source, reader, block, bad, reasons, relation_names) -> GraphImportError:
     """The error for the first bad line of the file, with its line number."""
     row = int(bad[0])
-    found = reader.locate(block.first_row + row)
+    if isinstance(reader, _AdjacencyReader):  # knows its lines without a re-scan
+      found = (reader.line_of(block, block.first_row + row), None, None)
+    else:
+      found = reader.locate(block.first_row + row)
     if found is not None and found[2] is not None:  # an earlier malformed line
       return GraphImportError(source.path, found[0], found[2], found[1])
     line = found[0] if found is not None else None  # None: the scan disagreed
@@ -865,7 +830,7 @@ class _Reader:
                  WEIGHT_NEGATIVE: "is negative"}[reason]
       message = f"weight {value!r} {problem}"
     else:
-      message = conflict_note[1]
+      raise AssertionError(reason)
     return GraphImportError(source.path, line, message, reason)
 
 
@@ -874,169 +839,43 @@ def _preview(names: list[str], limit: int = 8) -> str:
   return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-# ----------------------------------------------------------------------------
-# Pass 2: arrival ids -> shuffled local ids -> bucket files
 
 
-class _NpyAppender:
-  """A 1-D ``.npy`` file written in pieces.
-
-  The header is reserved first and rewritten with the final length on
-  :meth:`close`; numpy pads 1-D headers to a fixed size (room for 21 digits),
-  so the rewrite never moves the data. This lets pass 2 stream edges straight
-  into their final files without knowing bucket sizes in advance.
-  """
-
-  def __init__(self, path: str, dtype):
-    self.path = path
-    self.dtype = np.dtype(dtype)
-    self.count = 0
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    header = self._header(0)
-    self._header_size = len(header)
-    with open(path, "wb") as f:
-      f.write(header)
-
-  def _header(self, length: int) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {
-        "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-        "shape": (length,)})
-    return buffer.getvalue()
-
-  def append(self, values: np.ndarray) -> None:
-    with open(self.path, "ab") as f:
-      np.ascontiguousarray(values, self.dtype).tofile(f)
-    self.count += len(values)
-
-  def close(self) -> None:
-    header = self._header(self.count)
-    if len(header) != self._header_size:
-      raise RuntimeError(f"{self.path}: npy header size changed")  # > 10**21 rows
-    with open(self.path, "r+b") as f:
-      f.write(header)
+def _open_reader(source: _Source, data):
+  """The reader of one source, by format."""
+  if source.format == "parquet":
+    return _ParquetReader(source)
+  if source.format == "adjacency":
+    return _AdjacencyReader(source, data.delimiter, data.on_error == "skip")
+  return _TextReader(source, data.delimiter, data.on_error == "skip")
 
 
-class _Bucketer:
-  """Pass 2: remaps spooled edges to shuffled local ids and writes buckets,
-  eval splits and train degrees."""
-
-  def __init__(self, schema: _Schema, counts: list[int], seed: int, graph_dir: str,
-               weighted: bool):
-    self.schema = schema
-    self.graph_dir = graph_dir
-    self.weighted = weighted
-    self.counts = counts
-    # perm[type][arrival id] = local id.
-    self.permutations = [
-        np.random.default_rng([seed, _PERMUTATION_STREAM, zlib.crc32(t.encode())]).permutation(n)
-        for t, n in zip(schema.types, counts)]
-    sizes = [graph_lib.EntityInfo(t, n, p).partition_size
-             for t, n, p in zip(schema.types, counts, schema.num_partitions)]
-    # Per relation: partition size of its source / target type.
-    self.source_size = np.array(sizes, np.int64)[schema.source_type]
-    self.target_size = np.array(sizes, np.int64)[schema.target_type]
-    self.degrees = [np.zeros(n, np.int64) for n in counts]
-    num_relations = len(schema.relations)
-    self.relation_counts = {split: np.zeros(num_relations, np.int64) for split in SPLIT_CODES}
-    lhs, rhs = schema.grid
-    self.bucket_sizes = np.zeros(lhs * rhs, np.int64)
-    self._files: dict[str, _NpyAppender] = {}
-
-  def _append(self, relpath: str, dtype, values: np.ndarray) -> None:
-    if relpath not in self._files:
-      self._files[relpath] = _NpyAppender(os.path.join(self.graph_dir, relpath), dtype)
-    self._files[relpath].append(values)
-
-  def _to_local(self, arrival: np.ndarray, edge_types: np.ndarray) -> np.ndarray:
-    if len(self.permutations) == 1:
-      return self.permutations[0][arrival]
-    local = np.empty_like(arrival)
-    for type_index, perm in enumerate(self.permutations):
-      mask = edge_types == type_index
-      if mask.any():
-        local[mask] = perm[arrival[mask]]
-    return local
-
-  def add(self, chunk: dict[str, np.ndarray]) -> None:
-    rel = chunk["rel"]
-    src = self._to_local(chunk["src"], self.schema.source_type[rel])
-    dst = self._to_local(chunk["dst"], self.schema.target_type[rel])
-    split = chunk["split"]
-    for name, code in SPLIT_CODES.items():
-      in_split = split == code
-      if name != "train" and in_split.any():
-        for key, values in (("src", src), ("dst", dst), ("rel", rel)):
-          self._append(f"splits/{name}/{key}.npy", np.int64, values[in_split])
-      self.relation_counts[name] += np.bincount(rel[in_split],
-                                                minlength=len(self.schema.relations))
-    train = split == SPLIT_CODES["train"]
-    if not train.all():
-      src, dst, rel = src[train], dst[train], rel[train]
-    weight = chunk["weight"][train] if self.weighted else None
-    if not len(src):
-      return
-    self._count_degrees(src, dst, rel)
-    self._write_buckets(src, dst, rel, weight)
-
-  def _count_degrees(self, src, dst, rel) -> None:
-    for type_index, count in enumerate(self.counts):
-      for ids, types in ((src, self.schema.source_type), (dst, self.schema.target_type)):
-        if len(self.counts) > 1:
-          ids = ids[types[rel] == type_index]
-        self.degrees[type_index] += np.bincount(ids, minlength=count)
-
-  def _write_buckets(self, src, dst, rel, weight) -> None:
-    lhs, rhs = self.schema.grid
-    src_size, dst_size = self.source_size[rel], self.target_size[rel]
-    src_part, dst_part = src // src_size, dst // dst_size
-    src_offset, dst_offset = src - src_part * src_size, dst - dst_part * dst_size
-    bucket = src_part * rhs + dst_part
-    sizes = np.bincount(bucket, minlength=lhs * rhs)
-    self.bucket_sizes += sizes
-    if lhs * rhs > 1:
-      # 16-bit keys let numpy use a radix sort; stable keeps the file order.
-      key = bucket.astype(np.int16) if lhs * rhs < 2 ** 15 else bucket
-      order = np.argsort(key, kind="stable")
-      src_offset, dst_offset, rel = src_offset[order], dst_offset[order], rel[order]
-      weight = weight[order] if weight is not None else None
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    for b in np.flatnonzero(sizes):
-      i, j = divmod(int(b), rhs)
-      piece = slice(starts[b], starts[b + 1])
-      prefix = f"buckets/{i}_{j}"
-      self._append(f"{prefix}/src.npy", np.int32, src_offset[piece])
-      self._append(f"{prefix}/dst.npy", np.int32, dst_offset[piece])
-      self._append(f"{prefix}/rel.npy", np.int32, rel[piece])
-      if weight is not None:
-        self._append(f"{prefix}/weight.npy", np.float32, weight[piece])
-
-  def finish(self, vocab: list[_Vocabulary]) -> None:
-    """Closes the bucket files; writes vocabularies (names in local-id
-    order) and degrees."""
-    for appender in self._files.values():
-      appender.close()
-    for directory in ("vocab", "degrees"):
-      os.makedirs(os.path.join(self.graph_dir, directory), exist_ok=True)
-    for type_name, names, perm, degrees in zip(self.schema.types, vocab, self.permutations,
-                                               self.degrees):
-      arrival_of_local = np.empty_like(perm)
-      arrival_of_local[perm] = np.arange(len(perm))
-      _write_lines(os.path.join(self.graph_dir, "vocab", f"{type_name}.txt"),
-                   names.names_by_arrival(), arrival_of_local)
-      np.save(os.path.join(self.graph_dir, "degrees", f"{type_name}.npy"), degrees)
+def _read_sources(reader_pass: "_Reader", sources: list[_Source], data, progress: bool
+                  ) -> list[dict]:
+  """Pass 1 over every source; returns the manifest's source records."""
+  records = []
+  total_bytes = sum(os.path.getsize(s.path) for s in sources)
+  with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="import: read",
+            disable=not progress) as bar:
+    for source in sources:
+      reader = _open_reader(source, data)
+      if source.format == "parquet":
+        reader_pass.read_file(source, reader, reader.blocks(bar.update))
+        digest = _hash_file(source.path)
+      else:
+        with open(source.path, "rb") as raw:
+          tap = _ByteTap(raw, bar.update)
+          reader_pass.read_file(source, reader, reader.blocks(tap))
+          tap.drain()
+        digest = tap.sha256.hexdigest()
+      records.append(source_record(source, digest))
+  return records
 
 
-def _write_lines(path: str, names: pa.Array, order: np.ndarray, piece: int = 1 << 20) -> None:
-  """Writes ``names[order]`` one per line, straight from Arrow buffers."""
-  with open(path, "wb") as f:
-    for start in range(0, len(order), piece):
-      lines = pc.binary_join_element_wise(  # name + "\n" + ""
-          names.take(pa.array(order[start:start + piece])),
-          pa.scalar("", pa.large_string()), pa.scalar("\n", pa.large_string()))
-      offsets = np.frombuffer(lines.buffers()[1], np.int64, count=len(lines) + 1,
-                              offset=lines.offset * 8)
-      f.write(memoryview(lines.buffers()[2])[offsets[0]:offsets[-1]])
+def source_record(source: _Source, digest: str) -> dict:
+  return dict(path=source.spec["path"], sha256=digest, bytes=os.path.getsize(source.path),
+              split=source.split,
+              spec={k: source.spec.get(k) for k in config_lib.FILE_SPEC_FIELDS})
 
 
 # ----------------------------------------------------------------------------
@@ -1044,13 +883,22 @@ def _write_lines(path: str, names: pa.Array, order: np.ndarray, piece: int = 1 <
 
 
 def _manifest_hash(manifest: dict) -> str:
-  content = {k: v for k, v in manifest.items() if k not in ("hash", "created")}
+  content = {k: v for k, v in manifest.items() if k not in ("hash", "created", "build")}
   text = json.dumps(content, sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def import_options(config) -> dict:
+  """The import settings that change the resulting graph (hashed)."""
+  data = config.data
+  return dict(seed=int(config.train.seed), valid_fraction=float(data.valid_fraction),
+              test_fraction=float(data.test_fraction), names_global=bool(data.names_global),
+              on_error=data.on_error, delimiter=data.delimiter,
+              drop_unseen_eval_entities=bool(data.get("drop_unseen_eval_entities", False)))
+
+
 def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
-                 progress: bool = True) -> graph_lib.Graph:
+                 progress: bool = True, engine: str | None = None) -> graph_lib.Graph:
   """Imports edge files into a new graph directory and returns its reader.
 
   Args:
@@ -1059,11 +907,13 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
     graph_dir: the directory to create; it must not exist yet.
     files: file specs to read instead of ``config.data.files`` (generators).
     progress: show tqdm progress bars on stderr.
+    engine: "duckdb" or "spark"; default ``config.data.import_engine``.
 
   Raises:
     FileExistsError: ``graph_dir`` already exists (it is left untouched).
     GraphImportError: a missing file or, unless ``data.on_error == "skip"``,
-      a bad line; the message starts with ``path:line:``.
+      a bad line; the message starts with ``path:line:``. Also an import
+      without any train edge.
   """
   graph_dir = os.path.normpath(graph_dir)
   if os.path.exists(graph_dir):
@@ -1076,6 +926,9 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
   data = config.data
   if data.on_error not in config_lib.ON_ERROR:
     raise ValueError(f"config.data.on_error: {data.on_error!r} not in {config_lib.ON_ERROR}")
+  engine = engine or data.get("import_engine", "duckdb") or "duckdb"
+  if engine not in ENGINES:
+    raise ValueError(f"config.data.import_engine: {engine!r} not in {ENGINES}")
 
   parent = os.path.dirname(os.path.abspath(graph_dir))
   os.makedirs(parent, exist_ok=True)
@@ -1083,7 +936,13 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
   shutil.rmtree(work_dir, ignore_errors=True)  # a crashed run with our pid
   try:
     os.makedirs(work_dir)
-    manifest = _build(config, schema, sources, work_dir, progress)
+    started = time.perf_counter()
+    if engine == "spark":
+      from twhin_jax import import_spark  # heavy (a JVM); only when asked for
+      manifest = import_spark.build(config, schema, sources, work_dir, progress)
+    else:
+      manifest = _build(config, schema, sources, work_dir, progress)
+    manifest["build"] = dict(engine=engine, seconds=round(time.perf_counter() - started, 2))
     with open(os.path.join(work_dir, graph_lib.MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     if os.path.exists(graph_dir):
@@ -1095,80 +954,192 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
   return graph_lib.Graph(graph_dir)
 
 
+def _conflict_error(first: dict, reader_pass: "_Reader", sources: list[_Source], data,
+                    types: list[str]) -> GraphImportError:
+  """The error for the earliest row that uses a name under a second type."""
+  index, row = reader_pass.source_of(first["pos"])
+  source = sources[index]
+  found = _open_reader(source, data).locate(row)
+  line = found[0] if found is not None else None
+  return GraphImportError(
+      source.path, line,
+      f"{first['name']!r} is used as entity type {types[first['type']]!r} here but is "
+      f"already of type {types[first['owner']]!r} (data.names_global: a name has one "
+      "entity type)", ENTITY_TYPE_CONFLICT)
+
+
 def _build(config, schema: _Schema, sources: list[_Source], work_dir: str,
            progress: bool) -> dict:
-  """Both passes, into ``work_dir``; returns the manifest."""
+  """Pass 1 and the DuckDB stage, into ``work_dir``; returns the manifest."""
+  from twhin_jax import import_duckdb  # the engine's own dependency
   data = config.data
   seed = int(config.train.seed)
   weighted = any("weight" in s.columns for s in sources)
-  spool = _EdgeSpool(os.path.join(work_dir, "spool"), weighted)
-  reader_pass = _Reader(schema, spool, names_global=bool(data.names_global),
-                        skip_errors=data.on_error == "skip", weighted=weighted,
+  spool_path = os.path.join(work_dir, "spool.parquet")
+  spool = _Spool(spool_path, weighted)
+  reader_pass = _Reader(schema, spool, skip_errors=data.on_error == "skip", weighted=weighted,
                         holdout=(float(data.valid_fraction), float(data.test_fraction)),
                         seed=seed)
-  source_records = []
-  total_bytes = sum(os.path.getsize(s.path) for s in sources)
-  with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="import: read",
-            disable=not progress) as bar:
-    for source in sources:
-      if source.format == "parquet":
-        reader = _ParquetReader(source)
-        reader_pass.read_file(source, reader, reader.blocks(bar.update))
-        digest = _hash_file(source.path)
-      else:
-        reader = _TextReader(source, data.delimiter, data.on_error == "skip")
-        with open(source.path, "rb") as raw:
-          tap = _ByteTap(raw, bar.update)
-          reader_pass.read_file(source, reader, reader.blocks(tap))
-          tap.drain()
-        digest = tap.sha256.hexdigest()
-      source_records.append(dict(path=source.spec["path"], sha256=digest,
-                                 bytes=os.path.getsize(source.path), split=source.split,
-                                 spec={k: source.spec.get(k) for k in config_lib.FILE_SPEC_FIELDS}))
-  spool.close()
+  try:
+    source_records = _read_sources(reader_pass, sources, data, progress)
+  finally:
+    spool.close()
+  skipped = collections.Counter(reader_pass.skipped)
 
-  counts = [len(v) for v in reader_pass.vocab]
-  bucketer = _Bucketer(schema, counts, seed, work_dir, weighted)
-  with tqdm(total=spool.num_edges, unit="edge", unit_scale=True, desc="import: bucket",
-            disable=not progress) as bar:
-    for chunk in spool.chunks(BUCKET_CHUNK_EDGES):
-      bucketer.add(chunk)
-      bar.update(len(chunk["src"]))
-  bucketer.finish(reader_pass.vocab)
-  shutil.rmtree(os.path.join(work_dir, "spool"))
+  stage_dir = os.path.join(work_dir, "duckdb")
+  os.makedirs(stage_dir)
+  con = import_duckdb.connect(stage_dir, data.get("import_memory_limit", "1GB"),
+                              int(data.get("import_threads", 0)))
+  try:
+    conflicts_dropped = False
+    if bool(data.names_global) and len(schema.types) > 1:
+      count, first = import_duckdb.find_type_conflicts(con, spool_path,
+                                                       skip=data.on_error == "skip")
+      if count and data.on_error != "skip":
+        raise _conflict_error(first, reader_pass, sources, data, schema.types)
+      if count:
+        skipped[ENTITY_TYPE_CONFLICT] += count
+        conflicts_dropped = True
+    with tqdm(total=7, desc="import: build", disable=not progress) as bar:
+      def step(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+      stats = import_duckdb.build(
+          con, spool_path, work_dir, types=schema.types, num_partitions=schema.num_partitions,
+          source_type=schema.source_type, target_type=schema.target_type,
+          num_relations=len(schema.relations), grid=schema.grid, weighted=weighted, seed=seed,
+          drop_unseen=bool(data.get("drop_unseen_eval_entities", False)),
+          conflicts_dropped=conflicts_dropped, step=step)
+  finally:
+    con.close()
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    os.remove(spool_path) if os.path.exists(spool_path) else None
+  return make_manifest(config, schema, stats, source_records, dict(skipped), weighted)
 
-  skipped = dict(sorted(reader_pass.skipped.items()))
+
+def make_manifest(config, schema: _Schema, stats: dict, source_records: list[dict],
+                  skipped: dict, weighted: bool) -> dict:
+  """The manifest from an engine's statistics (the same keys for both)."""
+  skipped = dict(sorted((k, int(v)) for k, v in skipped.items() if v))
+  relation_counts = stats["relation_counts"]
+  counts = {split: int(sum(c)) for split, c in relation_counts.items()}
+  if counts["train"] == 0:
+    where = ", ".join(r["path"] for r in source_records if r["split"] == "train") or "none"
+    raise GraphImportError(where, None, "no train edges: the train split is empty"
+                           + (f" (skipped bad lines: {skipped})" if skipped else "")
+                           + "; check the file specs' split and the input files")
   if skipped:
     warnings.warn(f"import skipped {sum(skipped.values())} bad lines: "
                   + ", ".join(f"{k} {v}" for k, v in skipped.items()),
-                  SkippedLinesWarning, stacklevel=3)
-  lhs, rhs = schema.grid
+                  SkippedLinesWarning, stacklevel=4)
+  entity_counts = stats["counts"]
   names = [r["name"] for r in schema.relations]
+  coverage = {}
+  for i, rel in enumerate(schema.relations):
+    coverage[rel["name"]] = {}
+    for side, type_index, covered in (("source", schema.source_type[i], stats["coverage"][i][0]),
+                                      ("target", schema.target_type[i], stats["coverage"][i][1])):
+      total = entity_counts[type_index]
+      coverage[rel["name"]][side] = dict(type=schema.types[type_index], entities=int(covered),
+                                         share=round(covered / total, 6) if total else 0.0)
   manifest = dict(
       format_version=graph_lib.FORMAT_VERSION,
       schema=dict(
-          entities={t: dict(count=n, num_partitions=p)
-                    for t, n, p in zip(schema.types, counts, schema.num_partitions)},
+          entities={t: dict(count=int(n), num_partitions=p)
+                    for t, n, p in zip(schema.types, entity_counts, schema.num_partitions)},
           relations=[dict(name=r["name"], source=r["source"], target=r["target"],
                           operator=r["operator"], weight=float(r.get("weight", 1.0)))
                      for r in schema.relations]),
-      counts={split: int(c.sum()) for split, c in bucketer.relation_counts.items()},
-      relation_counts={name: {split: int(c[i]) for split, c in bucketer.relation_counts.items()}
+      counts=counts,
+      relation_counts={name: {split: int(c[i]) for split, c in relation_counts.items()}
                        for i, name in enumerate(names)},
       skipped=skipped,
+      # What the data holds, beyond its size (see docs/import.md).
+      quality=dict(
+          self_loops={k: int(v) for k, v in stats["self_loops"].items()},
+          duplicate_edges={k: int(v) for k, v in stats["duplicates"].items()},
+          entities_without_train_edges={t: int(n) for t, n in
+                                        zip(schema.types, stats["without_train"])},
+          eval_edges_with_unseen_entities={k: int(v) for k, v in
+                                           stats["eval_edges_with_unseen"].items()},
+          dropped_unseen_eval_edges={k: int(v) for k, v in
+                                     stats["dropped_unseen_eval_edges"].items()}),
+      coverage=coverage,
       sources=source_records,
       # Everything besides the sources that shapes the result, so that the
       # hash changes whenever the graph would.
-      options=dict(seed=seed, valid_fraction=float(data.valid_fraction),
-                   test_fraction=float(data.test_fraction),
-                   names_global=bool(data.names_global), on_error=data.on_error,
-                   delimiter=data.delimiter),
-      bucket_sizes={f"{i}_{j}": int(bucketer.bucket_sizes[i * rhs + j])
-                    for i in range(lhs) for j in range(rhs)},
+      options=import_options(config),
+      bucket_sizes=stats["bucket_sizes"],
       weighted=weighted,
       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   manifest["hash"] = _manifest_hash(manifest)
   return manifest
+
+
+def relation_names_from_files(specs: list[dict], *, delimiter: str = "") -> list[str]:
+  """Sorted distinct relation names in the relation column of the train
+  files among ``specs`` (used while building a config, e.g. a KG's 237
+  relations, see datasets.kg_config).
+
+  The files go through the importer's own readers and field checks, so a bad
+  line fails here with ``path:line:`` as it would in the import. Only train
+  files count: a relation seen only in valid or test has nothing to learn
+  from (the import then rejects those lines as unknown relations). A
+  relation whose only occurrence is line 1 of a file is taken for a header
+  the spec does not declare, and rejected.
+  """
+  names = collections.Counter()
+  first_line_relation = {}
+  data = config_lib.base_config().data
+  data.delimiter = delimiter
+  for spec in specs:
+    if (spec.get("split") or "train") != "train":
+      continue
+    if spec.get("relation") is None:
+      raise ValueError(f"{spec.get('path')}: relation names are read from a relation "
+                       "column; this spec has none")
+    source = _resolve_source(
+        spec, _RelationFreeSchema())
+    reader = _open_reader(source, data)
+    blocks = (reader.blocks(lambda _: None) if source.format == "parquet" else None)
+    with open(source.path, "rb") as raw:
+      if blocks is None:
+        blocks = reader.blocks(_ByteTap(raw, lambda _: None))
+      for block in blocks:
+        reasons = np.zeros(block.num_rows, np.int8)
+        for column in block.columns.values():
+          _flag(reasons, _is_empty(column), EMPTY_FIELD)
+        bad = np.flatnonzero(reasons)
+        if len(bad):
+          row = int(bad[0])
+          found = reader.locate(block.first_row + row)
+          role = next(r for r in block.columns if _is_empty(block.columns[r].slice(row, 1))[0])
+          raise GraphImportError(source.path, found[0] if found else None,
+                                 f"empty {role} field", EMPTY_FIELD)
+        column = pc.fill_null(block.columns["relation"], "")
+        if block.first_row == 0 and block.num_rows:
+          first_line_relation[source.path] = column[0].as_py()
+        names.update(dict(zip(*[x.to_pylist() for x in
+                                pc.value_counts(column).flatten()])))
+      if reader.invalid_rows:
+        found = reader.locate(None)
+        raise GraphImportError(source.path, found[0] if found else None,
+                               found[2] if found else "malformed line", COLUMN_COUNT)
+  for path, name in first_line_relation.items():
+    if names[name] == 1:
+      found = None
+      raise GraphImportError(path, 1, f"relation {name!r} occurs only on the first line: "
+                             "a header? Set header=True in the file spec")
+  if not names:
+    raise ValueError("no relation names: no train file among the specs, or they are empty")
+  return sorted(names)
+
+
+class _RelationFreeSchema:
+  """Stands in for _Schema when reading relation names before a config has
+  its relations: every relation name is accepted."""
+  relation_index = collections.defaultdict(int)
+
 
 
 def summarize(graph: graph_lib.Graph) -> str:
@@ -1195,6 +1166,18 @@ def summarize(graph: graph_lib.Graph) -> str:
     values = np.array(list(sizes.values()))
     lines.append(f"buckets: {len(sizes)}  edges per bucket min {values.min():,} "
                  f"max {values.max():,}")
+  quality = m.get("quality", {})
+  if quality:
+    lines.append("self-loops: " + ", ".join(f"{k} {v:,}" for k, v in quality["self_loops"].items())
+                 + "   duplicate edges: "
+                 + ", ".join(f"{k} {v:,}" for k, v in quality["duplicate_edges"].items()))
+    unseen = quality["eval_edges_with_unseen_entities"]
+    dropped = quality["dropped_unseen_eval_edges"]
+    if any(unseen.values()) or any(dropped.values()):
+      lines.append("valid/test edges with an entity that has no train edge: "
+                   + ", ".join(f"{k} {v:,}" for k, v in unseen.items())
+                   + ("  (dropped: " + ", ".join(f"{k} {v:,}" for k, v in dropped.items()) + ")"
+                      if any(dropped.values()) else ""))
   if m.get("skipped"):
     lines.append("skipped lines: " + ", ".join(f"{k} {v:,}" for k, v in m["skipped"].items()))
   return "\n".join(lines)

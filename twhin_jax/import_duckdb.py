@@ -1,0 +1,240 @@
+"""The DuckDB stage of the default import engine: validated name edges ->
+ids, shuffle, buckets, degrees and statistics, out of core.
+
+Input: the spool written by pass 1 of ``importer.py`` (one Parquet file of
+validated edges: ``src``, ``dst`` names, their types ``stype``/``dtype``,
+``rel``, ``split``, ``pos`` (input order), and ``weight`` if weighted).
+Everything else happens in an embedded DuckDB database file inside the
+import's work directory, on all cores (``data.import_threads``), under
+``data.import_memory_limit``; what does not fit spills to a temporary
+directory there. No name passes through Python.
+
+Ids (shared with ``import_spark.py``, so both engines give the same graph):
+the local id of a name of type T is its rank among the distinct names of T
+ordered by
+
+    key(name) = md5("<seed>\\x1f<T>\\x1f" + name)   (hex), ties by name     (1)
+
+A cryptographic hash makes the order a seeded uniform shuffle, unrelated
+to the names' order in the files (hubs first, sorted ids...), so the
+contiguous partitions of graph.py get a balanced share; any engine can
+compute (1) row by row, in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from twhin_jax import graph_writer
+
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+#: Rows per Arrow batch fetched from DuckDB.
+FETCH_ROWS = 1 << 20
+
+
+def type_prefix(seed: int, type_name: str) -> str:
+  """The salt of eq. (1) for one entity type."""
+  return f"{seed}\x1f{type_name}\x1f"
+
+
+def connect(work_dir: str, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
+  """A DuckDB database file in ``work_dir``, spilling to ``work_dir/spill``."""
+  spill = os.path.join(work_dir, "spill")
+  os.makedirs(spill, exist_ok=True)
+  con = duckdb.connect(os.path.join(work_dir, "import.duckdb"))
+  con.execute(f"SET memory_limit = '{_quote(memory_limit)}'")
+  con.execute(f"SET temp_directory = '{_quote(spill)}'")
+  con.execute(f"SET threads = {int(threads) or os.cpu_count() or 1}")
+  con.execute("SET preserve_insertion_order = false")
+  con.execute("SET enable_progress_bar = false")
+  return con
+
+
+def _quote(text: str) -> str:
+  return str(text).replace("'", "''")
+
+
+def _stream(con, sql: str):
+  """The result of a query as Arrow batches, run only once iterated (one
+  open result per connection)."""
+  yield from con.sql(sql).to_arrow_reader(FETCH_ROWS)
+
+
+def _scalar(con, sql: str, *params):
+  return con.execute(sql, list(params)).fetchone()[0]
+
+
+def find_type_conflicts(con, spool: str, skip: bool) -> tuple[int, dict | None]:
+  """names_global with several types: a name belongs to the type of its
+  earliest use (lowest pos; in one row, the lower type index); rows that use
+  it under another type conflict.
+
+  Returns (number of conflicting rows, the earliest one as {pos, name, type,
+  owner}). With ``skip`` the conflicting rows are recorded in table
+  ``dropped`` (pos) for the later stages to leave out.
+  """
+  con.execute(f"""
+    CREATE TEMP TABLE contested AS
+    SELECT name, arg_min(type, first * 65536 + type) AS owner FROM (
+      SELECT name, type, min(pos) AS first FROM (
+        SELECT src AS name, stype AS type, pos FROM read_parquet('{_quote(spool)}')
+        UNION ALL
+        SELECT dst, dtype, pos FROM read_parquet('{_quote(spool)}'))
+      GROUP BY name, type)
+    GROUP BY name HAVING count(*) > 1""")
+  if not _scalar(con, "SELECT count(*) FROM contested"):
+    return 0, None
+  con.execute(f"""
+    CREATE TEMP TABLE conflicts AS
+    SELECT s.pos, c.name, s.stype AS type, c.owner, 0 AS side
+      FROM read_parquet('{_quote(spool)}') s JOIN contested c
+      ON s.src = c.name AND s.stype <> c.owner
+    UNION ALL
+    SELECT s.pos, c.name, s.dtype, c.owner, 1
+      FROM read_parquet('{_quote(spool)}') s JOIN contested c
+      ON s.dst = c.name AND s.dtype <> c.owner""")
+  row = con.execute("SELECT pos, name, type, owner FROM conflicts "
+                    "ORDER BY pos, side LIMIT 1").fetchone()
+  count = _scalar(con, "SELECT count(DISTINCT pos) FROM conflicts")
+  if skip:
+    con.execute("CREATE TEMP TABLE dropped AS SELECT DISTINCT pos FROM conflicts")
+  first = None if row is None else dict(pos=int(row[0]), name=row[1], type=int(row[2]),
+                                        owner=int(row[3]))
+  return int(count), first
+
+
+def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: list[int],
+          source_type: np.ndarray, target_type: np.ndarray, num_relations: int,
+          grid: tuple[int, int], weighted: bool, seed: int, drop_unseen: bool,
+          conflicts_dropped: bool, step: Callable[[str], None] = lambda _: None) -> dict:
+  """Writes vocab/, buckets/, splits/ and degrees/ into ``graph_dir`` from
+  the spool; returns the statistics for the manifest (see
+  ``importer._manifest``)."""
+  read = f"read_parquet('{_quote(spool)}')"
+  if conflicts_dropped:
+    con.execute(f"CREATE TEMP VIEW kept AS SELECT * FROM {read} "
+                "WHERE pos NOT IN (SELECT pos FROM dropped)")
+  else:
+    con.execute(f"CREATE TEMP VIEW kept AS SELECT * FROM {read}")
+  con.register("type_table", pa.table({
+      "type": pa.array(range(len(types)), pa.int16()),
+      "prefix": pa.array([type_prefix(seed, t) for t in types], pa.string())}))
+  con.execute("CREATE TEMP TABLE types AS SELECT * FROM type_table")
+  con.unregister("type_table")
+
+  # Vocabulary: distinct (type, name), ranked by eq. (1). With drop_unseen
+  # only train edges contribute names.
+  step("vocabulary")
+  train_only = "WHERE split = 0" if drop_unseen else ""
+  con.execute(f"""
+    CREATE TABLE vocab AS
+    SELECT n.type, n.name,
+           (row_number() OVER (PARTITION BY n.type ORDER BY md5(t.prefix || n.name), n.name)
+            - 1)::BIGINT AS id
+    FROM (SELECT stype AS type, src AS name FROM kept {train_only}
+          UNION SELECT dtype, dst FROM kept {train_only}) n
+    JOIN types t ON t.type = n.type""")
+  counts = [0] * len(types)
+  for t, n in con.execute("SELECT type, count(*) FROM vocab GROUP BY type").fetchall():
+    counts[int(t)] = int(n)
+
+  # Edges as ids. Inner joins: with drop_unseen, valid/test edges with a
+  # name outside the train vocabulary fall out here.
+  step("ids")
+  weight = ", e.weight" if weighted else ""
+  con.execute(f"""
+    CREATE TABLE edges AS
+    SELECT e.pos, e.split, e.rel, e.stype, e.dtype, s.id AS src_id, d.id AS dst_id{weight}
+    FROM kept e
+    JOIN vocab s ON s.type = e.stype AND s.name = e.src
+    JOIN vocab d ON d.type = e.dtype AND d.name = e.dst""")
+
+  step("vocabulary files")
+  for t, name in enumerate(types):
+    by_id = _stream(con, f"SELECT name FROM vocab WHERE type = {t} ORDER BY id")
+    by_name = _stream(con, f"SELECT name, id FROM vocab WHERE type = {t} ORDER BY name")
+    graph_writer.write_vocabulary(graph_dir, name, by_id, by_name)
+  con.execute("DROP TABLE vocab")
+
+  sizes = [max(1, -(-n // p)) for n, p in zip(counts, num_partitions)]
+  con.register("rel_table", pa.table({
+      "rel": pa.array(range(num_relations), pa.int32()),
+      "src_size": pa.array([sizes[t] for t in source_type], pa.int64()),
+      "dst_size": pa.array([sizes[t] for t in target_type], pa.int64())}))
+  con.execute("CREATE TEMP TABLE rels AS SELECT * FROM rel_table")
+  con.unregister("rel_table")
+
+  step("buckets")
+  weight = ", e.weight" if weighted else ""
+  stream = _stream(con, f"""
+    SELECT (e.src_id // r.src_size)::INTEGER AS lhs, (e.dst_id // r.dst_size)::INTEGER AS rhs,
+           (e.src_id % r.src_size)::INTEGER AS src, (e.dst_id % r.dst_size)::INTEGER AS dst,
+           e.rel::INTEGER AS rel{weight}
+    FROM edges e JOIN rels r ON r.rel = e.rel
+    WHERE e.split = 0 ORDER BY lhs, rhs, e.pos""")
+  bucket_sizes = graph_writer.write_buckets(graph_dir, stream, grid, weighted)
+
+  step("splits")
+  for split in ("valid", "test"):
+    stream = _stream(con, f"SELECT src_id AS src, dst_id AS dst, rel FROM edges "
+                     f"WHERE split = {SPLIT_CODES[split]} ORDER BY pos")
+    graph_writer.write_split(graph_dir, split, stream)
+
+  step("degrees")
+  con.execute("""
+    CREATE TEMP TABLE degree AS
+    SELECT type, id, count(*) AS degree FROM (
+      SELECT stype AS type, src_id AS id FROM edges WHERE split = 0
+      UNION ALL SELECT dtype, dst_id FROM edges WHERE split = 0)
+    GROUP BY ALL""")
+  without_train = []
+  for t, name in enumerate(types):
+    stream = _stream(con, f"SELECT id, degree FROM degree WHERE type = {t} ORDER BY id")
+    without_train.append(graph_writer.write_degrees(graph_dir, name, counts[t], stream))
+
+  step("statistics")
+  return dict(counts=counts, bucket_sizes=bucket_sizes, without_train=without_train,
+              **statistics(con, num_relations))
+
+
+def statistics(con, num_relations: int) -> dict:
+  """Counts over table ``edges`` (and ``kept``, ``degree``) for the manifest."""
+  relation_counts = {s: [0] * num_relations for s in SPLIT_CODES}
+  self_loops = {s: 0 for s in SPLIT_CODES}
+  names = {code: s for s, code in SPLIT_CODES.items()}
+  for split, rel, n, loops in con.execute("""
+      SELECT split, rel, count(*), count(*) FILTER (WHERE stype = dtype AND src_id = dst_id)
+      FROM edges GROUP BY ALL""").fetchall():
+    relation_counts[names[int(split)]][int(rel)] = int(n)
+    self_loops[names[int(split)]] += int(loops)
+  duplicates = {s: 0 for s in SPLIT_CODES}
+  for split, extra in con.execute("""
+      SELECT split, sum(n - 1) FROM (
+        SELECT split, rel, src_id, dst_id, count(*) AS n FROM edges
+        GROUP BY ALL HAVING count(*) > 1) GROUP BY split""").fetchall():
+    duplicates[names[int(split)]] = int(extra)
+  coverage = [(0, 0)] * num_relations
+  for rel, sources, targets in con.execute("""
+      SELECT rel, count(DISTINCT src_id), count(DISTINCT dst_id) FROM edges
+      WHERE split = 0 GROUP BY rel""").fetchall():
+    coverage[int(rel)] = (int(sources), int(targets))
+  with_unseen = {s: 0 for s in ("valid", "test")}
+  for split, n in con.execute("""
+      SELECT split, count(*) FROM edges e
+      WHERE split > 0 AND (
+        NOT EXISTS (SELECT 1 FROM degree d WHERE d.type = e.stype AND d.id = e.src_id)
+        OR NOT EXISTS (SELECT 1 FROM degree d WHERE d.type = e.dtype AND d.id = e.dst_id))
+      GROUP BY split""").fetchall():
+    with_unseen[names[int(split)]] = int(n)
+  kept = {s: 0 for s in SPLIT_CODES}
+  for split, n in con.execute("SELECT split, count(*) FROM kept GROUP BY split").fetchall():
+    kept[names[int(split)]] = int(n)
+  dropped = {s: kept[s] - sum(relation_counts[s]) for s in ("valid", "test")}
+  return dict(relation_counts=relation_counts, self_loops=self_loops, duplicates=duplicates,
+              coverage=coverage, eval_edges_with_unseen=with_unseen,
+              dropped_unseen_eval_edges=dropped)
