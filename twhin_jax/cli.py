@@ -68,7 +68,7 @@ def load_config(spec: str, overrides: list[str] = ()):
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
-  from twhin_jax import reporting
+  from twhin_jax import run_report as reporting
   print(f"\n{title}\n")
   print(reporting.metrics_table(metrics))
 
@@ -218,7 +218,7 @@ def cmd_serve(args, overrides):
 
 def cmd_report(args, overrides):
   del overrides
-  from twhin_jax import report
+  from twhin_jax import reproduction_report as report
   sections = args.sections.split(",") if args.sections else report.SECTIONS
   path = report.run_report(args.out, budget=args.budget, data_dir=args.data_dir,
                            runs_dir=args.runs_dir, seed=args.seed, progress=not args.quiet,
