@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="datasets folder (default $TWHIN_DATA_DIR, else ../shared/data)")
   p.add_argument("--runs-dir", default=None, help="embedding runs (default <out>/runs)")
   p.add_argument("--sections", default="",
-                 help="comma-separated subset of ablation,heterogeneity,compression,drift,"
-                      "link_prediction (default all)")
+                 help="comma-separated subset of who_to_follow,ablation,low_coverage,"
+                      "networks,compression,drift (default all)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
   p.set_defaults(func=cmd_report)

@@ -1,75 +1,149 @@
 """The reproduction report: `twhin report --out DIR [--budget small|full]`.
 
 Runs the paper's experiments on the public datasets at a stated budget and
-writes DIR/report.md, PNG plots and DIR/results.json. Embedding runs and
-intermediate files go to DIR/runs (``runs_dir``); finished runs are resumed
-or skipped when the command is run again.
+writes DIR/report.md, PNG plots and DIR/results.json. Each claim is stated as
+the paper makes it, with the paper's numbers beside ours (``CLAIMS``).
+Embedding runs and intermediate files go to DIR/runs (``runs_dir``);
+finished runs are resumed or skipped when the command is run again.
 
-  1 downstream ablation (paper Table 2 style)   Ciao rating >= 4 (none/U/P/U+P),
-                                                Ciao category (none/P), Last.fm
-                                                friends (none/U)
-  2 heterogeneity                               the same tasks with embeddings from
-                                                one relation only
-  3 compression (paper Fig. 4a)                 PQ recall@10 at 4x-64x, downstream
-                                                metrics on PQ-decoded vectors at 16x
-  4 drift (paper Table 5, Fig. 4c)              tools/drift_experiment.py: cold vs
-                                                warm start vs L2-to-previous
-  5 link prediction summary                     quoted from docs/results.md,
-                                                docs/who_to_follow.md, docs/bench_vs_pbg.md
+  who_to_follow  Table 1: TwHIN-Follow vs sparse follow cosine vs follow-
+                 sequence SkipGram, R@10 and MRR over seeds
+                 (twhin_jax.who_to_follow)
+  ablation       Table 2 style: downstream models without / with user and
+                 item embeddings (twhin_jax.downstream)
+  low_coverage   the remark after Table 2: a low-coverage relation embedded
+                 alone vs co-embedded with follows (twhin_jax.low_coverage)
+  networks       Section 4.3: two high-coverage relations in one network vs
+                 one relation alone
+  compression    Fig. 4a: PQ recall@10 at 4x-64x, downstream metrics on
+                 PQ-decoded vectors
+  drift          Fig. 4c and Table 5: cold retrain vs warm start vs
+                 L2-to-previous (twhin_jax.drift_experiment)
 
-The paper's exact numbers are not available here: each section states the
-paper's claim qualitatively (with its table / figure) beside our numbers,
-and a verdict (reproduced / partly / not) computed from our numbers by the
-rules printed in the report (``verdict``, ``no_worse``, ``combine_verdicts``).
+Tables 3 and 4 (search ranking, offensive-content detection) need Twitter's
+logs and labelled tweets: they are listed as "untested". Everything the
+report runs is package code, and the dataset configs it reads ship with the
+package (twhin_jax.shipped_configs): it reads nothing relative to a source
+checkout, so it runs the same from an installed wheel.
+
+Verdicts compare our numbers with the direction of the paper's claim by
+the rule printed beside each check (``verdict``, ``no_worse``,
+``combine_verdicts``): "reproduced", "within noise", "not reproduced",
+"mixed" (a section whose checks disagree), "untested" (public data cannot
+test the claim) or "not assessed" (the data or the section did not run).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 import traceback
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("ablation", "heterogeneity", "compression", "drift", "link_prediction")
+from twhin_jax import shipped_configs
+
+SECTIONS = ("who_to_follow", "ablation", "low_coverage", "networks", "compression", "drift")
 CIAO = "social/ciao-tang2012"
 LASTFM = "social/hetrec2011-lastfm-2k"
 
-# dim/epochs: every embedding run; drift_epochs: tools/drift_experiment.py.
+# dim/epochs: the ablation, networks and compression runs; drift_epochs: the
+# drift experiment; who_to_follow / low_coverage: those experiments' grids.
 BUDGETS = {
     "small": {"dim": 64, "epochs": 20, "drift_epochs": 10, "factors": (4, 8, 16, 32, 64),
-              "pq_factor": 16, "recall_queries": 1000},
+              "pq_factor": 16, "recall_queries": 1000,
+              "who_to_follow": {"datasets": ("lastfm", "flickr"), "seeds": 3,
+                                "grid": {"twhin_lr": (0.025,), "twhin_epochs": (10, 20),
+                                         "skipgram_window": (5,),
+                                         "skipgram_epochs": (10, 30)}},
+              "low_coverage": {"datasets": ("lastfm", "flickr"), "seeds": 3,
+                               "max_epochs": 20, "eval_every": 5}},
     # Not a CLI choice: a few-minute end-to-end check of the code paths.
     "smoke": {"dim": 16, "epochs": 2, "drift_epochs": 1, "factors": (4, 16, 64),
-              "pq_factor": 16, "recall_queries": 200},
+              "pq_factor": 16, "recall_queries": 200,
+              "who_to_follow": {"datasets": ("lastfm",), "seeds": 1,
+                                "grid": {"twhin_lr": (0.025,), "twhin_epochs": (2,),
+                                         "twhin_dim": 16, "skipgram_window": (5,),
+                                         "skipgram_epochs": (2,), "skipgram_dim": 16}},
+              "low_coverage": {"datasets": ("lastfm",), "seeds": 1, "max_epochs": 2,
+                               "eval_every": 1, "dim": 16}},
     "full": {"dim": 128, "epochs": 50, "drift_epochs": 30, "factors": (2, 4, 8, 16, 32, 64),
-             "pq_factor": 16, "recall_queries": 5000},
-}
-
-PAPER = {
-    "table1": "Table 1: heterogeneous TwHIN embeddings beat follow-only embeddings and sparse "
-              "(collaborative-filtering) baselines for who-to-follow candidate retrieval",
-    "table2": "Table 2: adding TwHIN embeddings to a downstream model improves RCE / ROC-AUC "
-              "over the model without them, and using more entity types helps more",
-    "hetero": "Tables 1-2: embeddings trained on the heterogeneous graph (several relations) "
-              "serve a task better than embeddings from one relation alone",
-    "fig4a": "Fig. 4a: product quantization keeps recall high at moderate compression and "
-             "degrades at high compression factors",
-    "table5": "Table 5 / Fig. 4c: warm start and L2-to-previous reduce embedding drift against "
-              "a cold retrain, most for high-degree entities, at small or no quality cost",
+             "pq_factor": 16, "recall_queries": 5000,
+             "who_to_follow": {"datasets": ("lastfm", "flickr"), "seeds": 5, "grid": {}},
+             "low_coverage": {"datasets": ("lastfm", "flickr"), "seeds": 5,
+                              "max_epochs": 40, "eval_every": 5}},
 }
 
 
-# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """One claim of the paper, in its words, with its numbers."""
+  key: str
+  where: str
+  claim: str
+  paper: str  # the paper's numbers (or why it has none)
+  section: str | None  # the report section that tests it; None: untested here
+  why_untested: str = ""
+
+
+CLAIMS = (
+    Claim("table1", "Table 1 (Sec. 6.1)",
+          "TwHIN-Follow user embeddings retrieve who-to-follow candidates better than sparse "
+          "follow vectors with cosine and than SkipGram on each user's sequence of follows",
+          "R@10 21.70% / 19.78% / 18.55%; MRR 0.0635 / 0.058 / 0.051 "
+          "(TwHIN-Follow / cosine / SkipGram)", "who_to_follow"),
+    Claim("table2", "Table 2 (Sec. 6.2)",
+          "adding TwHIN embeddings to ads models raises offline RCE; user embeddings give most "
+          "of the gain; advertiser and target embeddings add a little, not monotonically",
+          "RCE baseline -> +U -> +U+A+T: Ads1 21.23 -> 21.32 -> 21.48; Ads2 13.53 -> 13.61 -> "
+          "13.59; Ads3 17.11 -> 17.26 -> 17.26", "ablation"),
+    Claim("low_coverage", "after Table 2",
+          "low-coverage relations embedded alone, without a dense relation, \"yielded much "
+          "lower improvements, and sometimes even model degradation\"",
+          "no number (the experiment is not shown)", "low_coverage"),
+    Claim("networks", "Sec. 4.3",
+          "high-coverage relations (follows, engagements) are co-embedded with low-coverage "
+          "ones but never with each other, to avoid \"cross-entity type interference\"",
+          "a design choice; no number", "networks"),
+    Claim("table3", "Table 3 (Sec. 6.3)",
+          "search ranking: user (TwHIN-Follow, TwHIN-Engagement) and author embeddings raise "
+          "MAP and ROC; author embeddings help only with user embeddings",
+          "MAP 55.7 -> 57.0, ROC 57.9 -> 59.6 (+U_f+U_e+A)", None,
+          "needs Twitter's search logs; no public dataset has queries, engagements and the "
+          "follow/engagement graph of the same users"),
+    Claim("table4", "Table 4 (Sec. 6.4)",
+          "offensive-content detection: TwHIN author embeddings beside BERTweet raise PR-AUC "
+          "on collection 1 and are neutral on collection 2",
+          "PR-AUC 0.4692 -> 0.5161 (collection 1), 0.7274 -> 0.7174 (collection 2)", None,
+          "needs labelled tweets with their authors' follow/engagement graph"),
+    Claim("fig4a", "Fig. 4a/4b (Sec. 7.1)",
+          "with product quantization, k-NN recall@10 stays \"reasonable\" at high (20x) "
+          "compression; search ROC is essentially unchanged up to 30x",
+          "recall@10 \"reasonable\" at 20x (plot only); ROC unchanged to 30x", "compression"),
+    Claim("fig4c", "Fig. 4c (Sec. 7.2)",
+          "warm start keeps embedding deviation lower than the L2 regulariser except for very "
+          "high-degree vertices, which overwhelm the regulariser; maximum deviation about 0.05%",
+          "maximum deviation ~0.05% (plot only)", "drift"),
+    Claim("table5", "Table 5 (Sec. 7.2)",
+          "after an update, who-to-follow quality is the same with warm start or the "
+          "regulariser as with the control",
+          "R@10 21.71 / 21.75 / 21.74; MRR 0.0635 / 0.0635 / 0.0638 (control / warm start / "
+          "regulariser)", "drift"),
+    Claim("mixtures", "Secs. 4.4, 5.1",
+          "k-means mixtures of a user's engagements embed new entities and diversify retrieval",
+          "no number", None, "the paper reports no number to compare with "
+          "(tools/diverse_eval.py and tools/inductive_eval.py measure ours)"),
+)
+
+#: Table 1's numbers, for the columns beside ours.
+PAPER_TABLE1 = {"twhin_follow": (0.2170, 0.0635), "cosine": (0.1978, 0.058),
+                "skipgram": (0.1855, 0.051)}
 # Markdown and verdict helpers (tested in tests/test_report.py).
 
 
@@ -105,37 +179,41 @@ def markdown_table(headers, rows, align=None) -> str:
 
 
 def verdict(ours, baseline, *, higher_is_better: bool = True, noise: float = 0.0) -> str:
-  """'reproduced' when ours beats the baseline by more than ``noise``, 'partly'
-  when it is better by at most ``noise`` (within noise), else 'not'."""
+  """'reproduced' when ours beats the baseline by more than ``noise``,
+  'within noise' when it is better by at most ``noise``, else 'not reproduced'."""
   if ours is None or baseline is None or not (math.isfinite(ours) and math.isfinite(baseline)):
     return "not assessed"
   gain = (ours - baseline) if higher_is_better else (baseline - ours)
   if gain > noise:
     return "reproduced"
   if gain > 0:
-    return "partly"
-  return "not"
+    return "within noise"
+  return "not reproduced"
 
 
 def no_worse(ours, reference, *, higher_is_better: bool = True, tolerance: float = 0.0) -> str:
-  """'reproduced' when ours loses at most ``tolerance`` against the reference, else 'not'."""
+  """'reproduced' when ours loses at most ``tolerance`` against the reference,
+  else 'not reproduced'."""
   if ours is None or reference is None or not (math.isfinite(ours) and math.isfinite(reference)):
     return "not assessed"
   loss = (reference - ours) if higher_is_better else (ours - reference)
-  return "reproduced" if loss <= tolerance else "not"
+  return "reproduced" if loss <= tolerance else "not reproduced"
 
 
 def combine_verdicts(verdicts) -> str:
-  """One verdict for a section: 'reproduced' if every check is, 'not' if none is
-  even partly, else 'partly'; 'not assessed' without assessed checks."""
+  """One verdict for a claim: 'reproduced' if every check is, 'not reproduced'
+  if none is even within noise, 'within noise' if every check is at least
+  that, else 'mixed'; 'not assessed' without assessed checks."""
   verdicts = [v for v in verdicts if v != "not assessed"]
   if not verdicts:
     return "not assessed"
   if all(v == "reproduced" for v in verdicts):
     return "reproduced"
-  if all(v == "not" for v in verdicts):
-    return "not"
-  return "partly"
+  if all(v == "not reproduced" for v in verdicts):
+    return "not reproduced"
+  if all(v in ("reproduced", "within noise") for v in verdicts):
+    return "within noise"
+  return "mixed"
 
 
 def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
@@ -163,12 +241,30 @@ def binary_auc_se(result: dict) -> float:
   return auc_standard_error(result.get("roc_auc", math.nan), positives, n - positives)
 
 
-def check_row(claim: str, ours, baseline, result: str, noise=None) -> list:
+def check_row(claim: str, ours, baseline, result: str, noise=None, key: str = "") -> list:
+  """One row of a checks table; ``key`` names the paper claim (``CLAIMS``)
+  it counts toward (kept out of the printed table)."""
   gain = None if ours is None or baseline is None else ours - baseline
-  return [claim, ours, baseline, gain, noise, result]
+  return [claim, ours, baseline, gain, noise, result, key]
 
 
-CHECK_HEADERS = ["check", "ours", "compared with", "difference", "noise (1 SE / tol.)", "verdict"]
+CHECK_HEADERS = ["check", "ours", "compared with", "difference", "noise (SE / spread / tol.)",
+                 "verdict"]
+
+
+def checks_table(checks) -> str:
+  return markdown_table(CHECK_HEADERS, [c[:6] for c in checks])
+
+
+def claim_verdicts(checks) -> dict[str, str]:
+  """Combined verdict per claim key of a section's checks."""
+  keys = dict.fromkeys(c[6] for c in checks)
+  return {k: combine_verdicts(c[5] for c in checks if c[6] == k) for k in keys}
+
+
+def mean_spread(row: dict, key: str, digits: int = 4) -> str:
+  """'mean ± std' of a seeded result row (keys ``key`` and ``key_std``)."""
+  return f"{row[key]:.{digits}f} ± {row.get(key + '_std', 0.0):.{digits}f}"
 
 
 def single_relation_config(config, keep):
@@ -207,78 +303,19 @@ def _file_has_relation(relation_name: str, keep) -> bool:
   return any(re.match(pattern, name) for name in keep)
 
 
-def markdown_sections(text: str) -> list[tuple[str, str]]:
-  """(heading, body) of every ``#`` section of a Markdown document."""
-  out, heading, body = [], "", []
-  in_code = False
-  for line in text.splitlines():
-    if line.startswith("```"):
-      in_code = not in_code
-    if not in_code and re.match(r"^#{1,6} ", line):
-      out.append((heading, "\n".join(body)))
-      heading, body = line.lstrip("#").strip(), []
-    else:
-      body.append(line)
-  out.append((heading, "\n".join(body)))
-  return [(h, b) for h, b in out if h or b.strip()]
+
+def claim(key: str) -> Claim:
+  return next(c for c in CLAIMS if c.key == key)
 
 
-def markdown_tables(text: str) -> list[str]:
-  """Every Markdown table (consecutive lines starting with '|') in ``text``."""
-  tables, current = [], []
-  for line in text.splitlines() + [""]:
-    if line.lstrip().startswith("|"):
-      current.append(line.strip())
-    else:
-      if len(current) >= 2:
-        tables.append("\n".join(current))
-      current = []
-  return tables
+def claim_text(key: str) -> str:
+  c = claim(key)
+  return f"**Paper, {c.where}:** {c.claim}. **Paper's numbers:** {c.paper}."
 
 
-def parse_table(table: str) -> tuple[list[str], list[list[str]]]:
-  lines = [l for l in table.splitlines() if not re.match(r"^\|[\s:|-]+\|$", l.strip())]
-  split = lambda l: [c.strip() for c in l.strip().strip("|").split("|")]
-  return split(lines[0]), [split(l) for l in lines[1:]]
-
-
-def _number(cell: str):
-  match = re.search(r"-?\d+(?:\.\d+)?", cell.replace(",", "").replace("*", ""))
-  return float(match.group()) if match else None
-
-
-def who_to_follow_comparisons(text: str, metric: str = "recall@10") -> list[dict]:
-  """From the tables of docs/who_to_follow.md: per (dataset, path) the best
-  ``metric`` of the hetero, follow-only and cosine methods (best effort: rows
-  are recognised by the words hetero / follow / cosine and lastfm / flickr)."""
-  found: dict[tuple, dict] = {}
-  for table in markdown_tables(text):
-    headers, rows = parse_table(table)
-    column = next((i for i, h in enumerate(headers)
-                   if metric.replace("@", "").lower() in h.lower().replace("@", "").replace(" ", "")),
-                  None)
-    if column is None:
-      continue
-    previous: list[str] = []
-    for row in rows:
-      if column >= len(row):
-        continue
-      # Empty cells repeat the row above (tables that group rows by dataset).
-      row = [cell or (previous[i] if i < len(previous) else "") if i < column else cell
-             for i, cell in enumerate(row)]
-      previous = row
-      joined = " ".join(row[:column]).lower()
-      method = ("hetero" if "hetero" in joined else "cosine" if "cosine" in joined
-                else "follow" if "follow" in joined else None)
-      value = _number(row[column])
-      if method is None or value is None:
-        continue
-      dataset = ("lastfm" if re.search(r"last\.?fm", joined) else
-                 "flickr" if "flickr" in joined else "")
-      path = "exact" if "exact" in joined else "scann" if "scann" in joined else ""
-      entry = found.setdefault((dataset, path), {"dataset": dataset, "path": path})
-      entry[method] = max(entry.get(method, -math.inf), value)
-  return [e for e in found.values() if "hetero" in e]
+def verdict_line(checks) -> str:
+  verdicts = claim_verdicts(checks)
+  return "**Verdict:** " + "; ".join(f"{claim(k).where}: {v}" for k, v in verdicts.items()) + "."
 
 
 # --------------------------------------------------------------------------
@@ -305,8 +342,10 @@ class Report:
     self.out = os.path.abspath(out)
     self.runs_dir = os.path.abspath(runs_dir or os.path.join(out, "runs"))
     self.budget_name, self.budget = budget, dict(BUDGETS[budget])
-    self.data_dir = os.path.abspath(data_dir or os.environ.get("TWHIN_DATA_DIR")
-                                    or os.path.join(os.path.dirname(REPO), "shared", "data"))
+    data_dir = data_dir or os.environ.get("TWHIN_DATA_DIR")
+    if not data_dir:
+      raise ValueError("no datasets folder: pass --data-dir or set TWHIN_DATA_DIR")
+    self.data_dir = os.path.abspath(data_dir)
     os.environ["TWHIN_DATA_DIR"] = self.data_dir
     self.seed, self.progress, self.sections = seed, progress, tuple(sections)
     self.started = time.perf_counter()
@@ -316,6 +355,7 @@ class Report:
     self.results: dict = {}
     self.markdown: dict[str, str] = {}
     self.timings: dict[str, float] = {}
+    self.summary: dict[str, dict] = {}  # claim key -> {"ours": text, "verdict": ...}
 
   # -- small utilities ------------------------------------------------------
 
@@ -332,6 +372,10 @@ class Report:
             f"--config.train.epochs={self.budget['epochs']}",
             "--config.train.eval_every_epochs=0", "--config.train.checkpoint_every_buckets=0",
             f"--config.train.seed={self.seed}"]
+
+  def ours(self, key: str, text: str) -> None:
+    """Our headline numbers for a claim, for the summary table."""
+    self.summary.setdefault(key, {})["ours"] = text
 
   def train(self, name: str, config) -> str:
     from twhin_jax import train as train_lib
@@ -370,14 +414,14 @@ class Report:
     from twhin_jax import downstream
     if "ciao" not in self.runs:
       self.train("ciao", downstream.ciao_config_without_category(
-          os.path.join(REPO, "configs", "ciao.py"), self.overrides()))
+          shipped_configs.config_path("ciao"), self.overrides()))
     return self.runs["ciao"]
 
   def ciao_ratings_only_run(self) -> str:
     from twhin_jax import downstream
     if "ciao_ratings_only" not in self.runs:
       config = downstream.ciao_config_without_category(
-          os.path.join(REPO, "configs", "ciao.py"), self.overrides())
+          shipped_configs.config_path("ciao"), self.overrides())
       keep = [r["name"] for r in config.relations if r["name"].startswith("rated_")]
       self.train("ciao_ratings_only", single_relation_config(config, keep))
     return self.runs["ciao_ratings_only"]
@@ -387,7 +431,7 @@ class Report:
     friends = downstream.write_lastfm_train_friends(
         os.path.join(self.runs_dir, "lastfm_friends_train.dat"), seed=self.seed)
     return downstream.lastfm_config_with_held_out_friends(
-        friends, os.path.join(REPO, "configs", "lastfm.py"), self.overrides())
+        friends, shipped_configs.config_path("lastfm"), self.overrides())
 
   def lastfm_run(self) -> str:
     if "lastfm" not in self.runs:
@@ -401,12 +445,77 @@ class Report:
 
   # -- sections --------------------------------------------------------------
 
-  def section_ablation(self) -> tuple[dict, str, str]:
+  def section_who_to_follow(self) -> tuple[dict, list, str]:
+    from twhin_jax import who_to_follow as wtf
+    setting = self.budget["who_to_follow"]
+    seeds = tuple(self.seed + i for i in range(setting["seeds"]))
+    rows, checks, notes, results, headline = [], [], [], {}, []
+    for name in setting["datasets"]:
+      dataset = wtf.DATASETS[name]
+      if not self.has(dataset.folder):
+        notes.append(f"{name} skipped: {self.data_dir}/{dataset.folder} not found.")
+        continue
+      self.log(f"who-to-follow on {name}, seeds {list(seeds)}")
+      result = wtf.run_table1(dataset, seeds=seeds, grid=wtf.Grid(**setting["grid"]),
+                              workdir=os.path.join(self.runs_dir, "who_to_follow", name),
+                              log=self.log)
+      results[name] = result
+      by_method = {r["method"]: r for r in result["rows"]}
+      for method in ("twhin_follow", "cosine", "skipgram"):
+        r = by_method[method]
+        rows.append([name if method == "twhin_follow" else "",
+                     {"twhin_follow": "TwHIN-Follow", "cosine": "sparse follow cosine",
+                      "skipgram": "follow-sequence SkipGram"}[method],
+                     mean_spread(r, "recall_at_10"), mean_spread(r, "mrr"),
+                     mean_spread(r, "scann_recall_at_10") if "scann_mrr" in r else "exact only",
+                     mean_spread(r, "scann_mrr") if "scann_mrr" in r else "",
+                     f"{100 * PAPER_TABLE1[method][0]:.2f}%", PAPER_TABLE1[method][1],
+                     ", ".join(f"{k} {v}" for k, v in r["settings"].items()) or "-"])
+      mine = by_method["twhin_follow"]
+      for other in ("cosine", "skipgram"):
+        for metric, label in (("recall_at_10", "R@10"), ("mrr", "MRR")):
+          noise = max(mine[metric + "_std"], by_method[other][metric + "_std"])
+          checks.append(check_row(f"{name}: TwHIN-Follow beats {other} ({label}, exact; noise "
+                                  "= the larger seed std)", mine[metric],
+                                  by_method[other][metric],
+                                  verdict(mine[metric], by_method[other][metric], noise=noise),
+                                  noise, "table1"))
+      headline.append(f"{name} R@10 {mine['recall_at_10']:.3f} / "
+                      f"{by_method['cosine']['recall_at_10']:.3f} / "
+                      f"{by_method['skipgram']['recall_at_10']:.3f}, MRR {mine['mrr']:.3f} / "
+                      f"{by_method['cosine']['mrr']:.3f} / {by_method['skipgram']['mrr']:.3f}")
+    if not rows:
+      return {}, [], "\n".join(f"> {n}" for n in notes)
+    self.ours("table1", "; ".join(headline) + " (TwHIN-Follow / cosine / SkipGram, "
+              f"mean of {len(seeds)} seeds)")
+    md = [claim_text("table1"), "",
+          "`twhin_jax.who_to_follow` (also `tools/who_to_follow.py`): per seed, 10% of each "
+          "user's follows are held out for test and 10% for validation (a held-out pair leaves "
+          "in both directions). Learning rate and epochs (TwHIN) and window and epochs "
+          "(SkipGram) are chosen on the validation share of the first seed; every seed then "
+          "trains on train + validation and is scored on test. TwHIN-Follow is the follow "
+          "relation plus the dataset's low-coverage relations; these graphs have none (every "
+          "relation covers nearly every user), so it is the follows alone, as Section 4.3 "
+          "prescribes (no second high-coverage relation). Neither graph has follow "
+          "timestamps: SkipGram's sequences are in a seeded random order. R@10 and MRR@100 "
+          "are micro-averaged over held-out edges; ScaNN uses the retrieval library's "
+          "settings; cosine is exact only (sparse vectors as wide as the user count).", ""]
+    md += [f"> {n}" for n in notes]
+    md += [markdown_table(["dataset", "method", "R@10 exact", "MRR exact", "R@10 ScaNN",
+                           "MRR ScaNN", "paper R@10", "paper MRR", "chosen on validation"],
+                          rows), "",
+           "Mean ± sample standard deviation over seeds. The paper's numbers are Twitter's "
+           "(30M candidate accounts, HNSW); public graphs test the ordering, not the values.",
+           "", checks_table(checks), "", verdict_line(checks)]
+    return {"datasets": results, "checks": checks}, checks, "\n".join(md)
+  def section_ablation(self) -> tuple[dict, list, str]:
     from twhin_jax import downstream
     rows, cat_rows, checks, results = [], [], [], {}
     notes = []
-    rating_claim = {"none": "baseline", "U": "better than none", "P": "better than none",
-                    "U+P": "best (more entity types help)"}
+    rating_claim = {"none": "baseline (Ads1-3 RCE 21.23 / 13.53 / 17.11)",
+                    "U": "better than none; most of the gain (21.32 / 13.61 / 17.26)",
+                    "P": "a little more with U (A or T: 21.43-21.46 / 13.54-13.63 / 17.27)",
+                    "U+P": "best or close, not monotonic (U+A+T: 21.48 / 13.59 / 17.26)"}
     if self.has(CIAO):
       self.ciao_run()
       rating = {fs: self.task("ciao_rating", "ciao", fs) for fs in downstream.RATING_FEATURE_SETS}
@@ -421,15 +530,17 @@ class Report:
                      None if fs == "none" else r["roc_auc"] - base["roc_auc"],
                      None if fs == "none" else r["rce"] - base["rce"], rating_claim[fs]])
       se = binary_auc_se(base)
-      for fs in ("U", "P", "U+P"):
+      for fs in ("U", "U+P"):
         checks.append(check_row(f"Ciao rating: + {fs} beats none (ROC-AUC)",
                                 rating[fs]["roc_auc"], base["roc_auc"],
-                                verdict(rating[fs]["roc_auc"], base["roc_auc"], noise=se), se))
-      best_single = max(("U", "P"), key=lambda fs: rating[fs]["roc_auc"])
-      checks.append(check_row(f"Ciao rating: U+P beats the better single type ({best_single})",
-                              rating["U+P"]["roc_auc"], rating[best_single]["roc_auc"],
-                              verdict(rating["U+P"]["roc_auc"], rating[best_single]["roc_auc"],
-                                      noise=se), se))
+                                verdict(rating[fs]["roc_auc"], base["roc_auc"], noise=se), se,
+                                "table2"))
+      gain_u = rating["U"]["roc_auc"] - base["roc_auc"]
+      gain_up = rating["U+P"]["roc_auc"] - base["roc_auc"]
+      checks.append(check_row("Ciao rating: U gives most of U+P's gain (U - none >= half of "
+                              "U+P - none)", gain_u, 0.5 * gain_up,
+                              no_worse(gain_u, 0.5 * gain_up) if gain_up > 0 else "not assessed",
+                              None, "table2"))
       for fs, r in category.items():
         cat_rows.append(["Ciao category (28 classes)" if fs == "none" else "",
                          "none (count, stars, helpfulness)" if fs == "none" else "+ P",
@@ -439,7 +550,7 @@ class Report:
       checks.append(check_row("Ciao category: + P beats none (accuracy)",
                               category["P"]["accuracy"], category["none"]["accuracy"],
                               verdict(category["P"]["accuracy"], category["none"]["accuracy"],
-                                      noise=se), se))
+                                      noise=se), se, "table2"))
     else:
       notes.append(f"Ciao skipped: {self.data_dir}/{CIAO} not found.")
     if self.has(LASTFM):
@@ -458,14 +569,17 @@ class Report:
       se = binary_auc_se(base)
       checks.append(check_row("Last.fm friends: + U beats none (ROC-AUC)",
                               friends["U"]["roc_auc"], base["roc_auc"],
-                              verdict(friends["U"]["roc_auc"], base["roc_auc"], noise=se), se))
+                              verdict(friends["U"]["roc_auc"], base["roc_auc"], noise=se), se,
+                              "table2"))
     else:
       notes.append(f"Last.fm skipped: {self.data_dir}/{LASTFM} not found.")
     if not rows and not cat_rows:
-      return {}, "not assessed", "\n".join(notes)
+      return {}, [], "\n".join(notes)
     self.plot_ablation(results, os.path.join(self.out, "ablation.png"))
-    section_verdict = combine_verdicts(c[-1] for c in checks)
-    md = [f"**Paper:** {PAPER['table2']}.", ""]
+    md = [claim_text("table2"), "",
+          "Public analogue: Ciao rating >= 4 of held-out (user, product) pairs with user (U) "
+          "and product (P) embeddings (U plays the paper's U, P its A/T); Ciao product "
+          "category; Last.fm held-out friendships with user embeddings.", ""]
     md += [f"> {n}" for n in notes]
     if rows:
       md += [markdown_table(["task", "features", "ROC-AUC", "PR-AUC", "RCE", "ΔAUC vs none",
@@ -474,14 +588,147 @@ class Report:
       md += [markdown_table(["task", "features", "accuracy", "macro ROC-AUC", "test products",
                              "paper (Table 2)"], cat_rows), ""]
     md += ["![downstream ablation](ablation.png)", "", "Checks (noise: Hanley-McNeil standard "
-           "error of the baseline's ROC-AUC, or the binomial SE of its accuracy; 'partly' = "
-           "better but by less than 1 SE):", "",
-           markdown_table(CHECK_HEADERS, checks), "",
-           f"**Verdict: {section_verdict}.**"]
+           "error of the baseline's ROC-AUC, or the binomial SE of its accuracy; 'within noise' "
+           "= better but by less than 1 SE):", "",
+           checks_table(checks), "", verdict_line(checks)]
     results["checks"] = checks
-    return results, section_verdict, "\n".join(md)
+    return results, checks, "\n".join(md)
 
-  def section_heterogeneity(self) -> tuple[dict, str, str]:
+
+  def section_low_coverage(self) -> tuple[dict, list, str]:
+    from twhin_jax import low_coverage
+    setting = self.budget["low_coverage"]
+    seeds = tuple(self.seed + i for i in range(setting["seeds"]))
+    settings = low_coverage.Settings(dim=setting.get("dim", self.budget["dim"]),
+                                     max_epochs=setting["max_epochs"],
+                                     eval_every=setting["eval_every"])
+    rows, checks, notes, results, headline = [], [], [], {}, []
+    for name in setting["datasets"]:
+      dataset = low_coverage.DATASETS[name]
+      if not self.has(dataset.folder):
+        notes.append(f"{name} skipped: {self.data_dir}/{dataset.folder} not found.")
+        continue
+      self.log(f"low coverage on {name}: {dataset.relation} for {settings.coverage:.0%} of "
+               f"users, alone vs with {dataset.follow}; seeds {list(seeds)}")
+      result = low_coverage.run(dataset, seeds=seeds, settings=settings,
+                                workdir=os.path.join(self.runs_dir, "low_coverage", name),
+                                log=self.log)
+      results[name] = result
+      rows += result["rows"]
+      get = {(r["setup"], r["measure"]): r for r in result["rows"]}
+      alone, co = get[("alone", "downstream")], get[("co_embedded", "downstream")]
+      none = get[("none", "downstream")]
+      for measure, key, label in (("link", "mrr", "link prediction test MRR"),
+                                  ("downstream", "roc_auc", "downstream ROC-AUC")):
+        a, c = get[("alone", measure)], get[("co_embedded", measure)]
+        noise = max(a[key + "_std"], c[key + "_std"])
+        checks.append(check_row(f"{name}: co-embedded beats alone ({label}; noise = the "
+                                "larger seed std)", c[key], a[key],
+                                verdict(c[key], a[key], noise=noise), noise, "low_coverage"))
+      headline.append(f"{name} ROC-AUC none {none['roc_auc']:.3f}, alone {alone['roc_auc']:.3f}, "
+                      f"co-embedded {co['roc_auc']:.3f}; MRR alone "
+                      f"{get[('alone', 'link')]['mrr']:.3f}, co-embedded "
+                      f"{get[('co_embedded', 'link')]['mrr']:.3f}")
+    if not rows:
+      return {}, [], "\n".join(f"> {n}" for n in notes)
+    self.ours("low_coverage", "; ".join(headline))
+    first = rows[0]
+    md = [claim_text("low_coverage"), "",
+          "`twhin_jax.low_coverage` (also `tools/low_coverage.py`, docs/low_coverage.md): the "
+          "public graphs have no low-coverage relation, so the engagement relation (Last.fm "
+          "`listened`, Flickr `interacts`) is kept for a seeded "
+          f"{settings.coverage:.0%} of its users and split 80/10/10 for them. *alone* trains "
+          "on it only; *co-embedded* adds the whole follow relation (the paper's TwHIN-Follow "
+          "recipe). Both are scored for the covered users: the run's filtered test MRR / "
+          "Hits@10 of the relation, and a downstream classifier (twhin_jax.downstream's model "
+          "and metrics) of held-out engagements against 4 random items each, features none or "
+          "+ user and item embeddings. Epochs are chosen per setup on the validation share "
+          f"(d = {settings.dim}).", ""]
+    md += [f"> {n}" for n in notes]
+    md += [markdown_table(["dataset", "embeddings", "link MRR", "link Hits@10",
+                           "downstream ROC-AUC", "downstream RCE"],
+                          low_coverage.table_rows(rows)), "",
+           f"Mean ± standard deviation over seeds {list(seeds)}; {first['covered_users']} of "
+           f"{first['users']} users covered on {first['dataset']}. The paper: alone \"yielded "
+           "much lower improvements, and sometimes even model degradation\" (no numbers).", "",
+           checks_table(checks), "", verdict_line(checks)]
+    return {"datasets": results, "checks": checks}, checks, "\n".join(md)
+
+  def section_drift(self) -> tuple[dict, list, str]:
+    from twhin_jax import drift_experiment
+    if not self.has(LASTFM):
+      return {}, [], f"> Skipped: {self.data_dir}/{LASTFM} not found."
+    out = os.path.join(self.runs_dir, "drift")
+    settings = drift_experiment.Settings(dim=self.budget["dim"],
+                                         epochs=self.budget["drift_epochs"], seed=self.seed)
+    self.log(f"drift experiment: {settings}")
+    results = drift_experiment.run(out, settings, progress=self.progress, log=self.log)
+    shutil.copy(os.path.join(out, "drift_by_degree.png"),
+                os.path.join(self.out, "drift_by_degree.png"))
+    paper = {"cold": "control: R@10 21.71, MRR 0.0635",
+             "warm_start": "R@10 21.75, MRR 0.0635; deviation below the regulariser's",
+             "l2_to_previous": "R@10 21.74, MRR 0.0638"}
+    rows = [[name, r["mean_rel_l2"], r["p99_rel_l2"], r["overlap_at_10"], r["test_mrr"],
+             r["friend_roc_auc"], r["friend_rce"], paper.get(name, "")]
+            for name, r in results.items()]
+    cold, warm, l2 = results["cold"], results["warm_start"], results["l2_to_previous"]
+    checks = []
+    low, high = degree_halves(l2["drift"]["per_degree_bucket"], warm["drift"]["per_degree_bucket"])
+    if low and high:
+      checks.append(check_row(
+          f"Fig. 4c: warm start drifts less than the regulariser for degree 1-"
+          f"{low['degree_hi'] - 1} ({low['count']:,} entities; mean rel. L2)",
+          low["mean_rel_l2"], low["cold_mean_rel_l2"],
+          verdict(low["mean_rel_l2"], low["cold_mean_rel_l2"], higher_is_better=False),
+          None, "fig4c"))
+      _, top = degree_extremes(l2["drift"]["per_degree_bucket"],
+                               warm["drift"]["per_degree_bucket"])
+      if top:
+        top_l2 = next(b for b in l2["drift"]["per_degree_bucket"] if b["bucket"] == top["bucket"])
+        checks.append(check_row(
+            f"Fig. 4c: except the highest degrees: there the regulariser drifts no more than "
+            f"warm start (degree [{top['degree_lo']}, {top['degree_hi']}), {top['count']:,} "
+            "entities)", top_l2["mean_rel_l2"], top["mean_rel_l2"],
+            no_worse(top_l2["mean_rel_l2"], top["mean_rel_l2"], higher_is_better=False),
+            None, "fig4c"))
+    for name, r in (("warm_start", warm), ("l2_to_previous", l2)):
+      tol = 0.05 * cold["test_mrr"]
+      checks.append(check_row(f"Table 5: {name} test MRR within 5% of the cold retrain",
+                              r["test_mrr"], cold["test_mrr"],
+                              no_worse(r["test_mrr"], cold["test_mrr"], tolerance=tol), tol,
+                              "table5"))
+      friends = self.cache.get(("lastfm_friends", "lastfm", "U", "full"))
+      se = binary_auc_se(friends) if friends else 0.0
+      checks.append(check_row(f"Table 5: {name} friend ROC-AUC within 1 SE of the cold retrain",
+                              r["friend_roc_auc"], cold["friend_roc_auc"],
+                              no_worse(r["friend_roc_auc"], cold["friend_roc_auc"],
+                                       tolerance=se), se or None, "table5"))
+    self.ours("fig4c", f"mean rel. L2 warm start {warm['mean_rel_l2']:.3f}, regulariser "
+              f"{l2['mean_rel_l2']:.3f}, cold {cold['mean_rel_l2']:.3f} (max-deviation value "
+              "not comparable: Twitter-scale graph)")
+    self.ours("table5", f"Last.fm test MRR cold {cold['test_mrr']:.4f}, warm start "
+              f"{warm['test_mrr']:.4f}, regulariser {l2['test_mrr']:.4f}")
+    budget = settings
+    md = [claim_text("fig4c"), "", claim_text("table5"), "",
+          f"`twhin_jax.drift_experiment` (Last.fm; d = {budget.dim}, {budget.epochs} epochs "
+          f"per version): version 1 on 95% of the lines, version 2 with the "
+          f"{budget.new_fraction:.0%} back, trained cold (another seed: the control), "
+          "warm-started from version 1, or warm-started with L2-to-previous (alpha = "
+          f"{budget.alpha}). Drift = ||theta_v2 - theta_v1|| / ||theta_v1|| per shared entity; "
+          "overlap@10 of exact cosine neighbours; test MRR of version 2; friend-prediction "
+          "ROC-AUC / RCE with version 2's user vectors. The paper's maximum deviation (about "
+          "0.05%) is a Twitter-scale value and is not compared.", "",
+          markdown_table(["strategy", "mean rel. L2", "p99 rel. L2", "overlap@10", "test MRR",
+                          "friend ROC-AUC", "friend RCE", "paper (Table 5 / Fig. 4c)"], rows), "",
+          "![drift by degree](drift_by_degree.png)", "",
+          "Mean relative L2 change by degree bucket (all types):", "",
+          drift_bucket_table(results), "",
+          "Checks:", "", checks_table(checks), "", verdict_line(checks)]
+    summary = {name: {k: v for k, v in r.items() if k != "drift"} for name, r in results.items()}
+    for name, r in results.items():
+      summary[name]["per_degree_bucket"] = r["drift"]["per_degree_bucket"]
+    return {"strategies": summary, "checks": checks}, checks, "\n".join(md)
+  def section_networks(self) -> tuple[dict, list, str]:
     rows, checks, results, notes = [], [], {}, []
     if self.has(LASTFM):
       self.lastfm_run()
@@ -490,15 +737,17 @@ class Report:
       hetero = self.task("lastfm_friends", "lastfm", "U")
       single = self.task("lastfm_friends", "lastfm_friend_only", "U")
       results["lastfm_friends"] = {"none": none, "hetero_U": hetero, "friend_only_U": single}
-      for label, r, claim in (("none (no embeddings)", none, "baseline"),
-                              ("+ U from friend only", single, "worse than heterogeneous"),
-                              ("+ U from friend + listened + tags", hetero, "best")):
+      for label, r, claim in (("none (no embeddings)", none, ""),
+                              ("+ U from friend only", single, "one high-coverage relation"),
+                              ("+ U from friend + listened + tags", hetero,
+                               "two high-coverage relations: interference")):
         rows.append(["Last.fm friends" if r is none else "", label, r["roc_auc"], r["pr_auc"],
                      r["rce"], claim])
-      se = binary_auc_se(single)
-      checks.append(check_row("Last.fm friends: heterogeneous U beats friend-only U (ROC-AUC)",
-                              hetero["roc_auc"], single["roc_auc"],
-                              verdict(hetero["roc_auc"], single["roc_auc"], noise=se), se))
+      se = binary_auc_se(hetero)
+      checks.append(check_row("Last.fm friends: friend-only U beats friend + engagement U "
+                              "(ROC-AUC)", single["roc_auc"], hetero["roc_auc"],
+                              verdict(single["roc_auc"], hetero["roc_auc"], noise=se), se,
+                              "networks"))
     else:
       notes.append(f"Last.fm skipped: {self.data_dir}/{LASTFM} not found.")
     cat_rows = []
@@ -509,22 +758,28 @@ class Report:
       hetero = self.task("ciao_category", "ciao", "P")
       single = self.task("ciao_category", "ciao_ratings_only", "P")
       results["ciao_category"] = {"none": none, "hetero_P": hetero, "ratings_only_P": single}
-      for label, r, claim in (("none (no embeddings)", none, "baseline"),
-                              ("+ P from ratings only", single, "worse than heterogeneous"),
-                              ("+ P from trust + ratings", hetero, "best")):
+      for label, r, claim in (("none (no embeddings)", none, ""),
+                              ("+ P from ratings only", single, "one high-coverage relation"),
+                              ("+ P from trust + ratings", hetero,
+                               "two high-coverage relations: interference")):
         cat_rows.append(["Ciao category" if r is none else "", label, r["accuracy"],
                          r["macro_roc_auc"], claim])
-      se = accuracy_standard_error(single["accuracy"], single["examples"])
-      checks.append(check_row("Ciao category: trust+ratings P beats ratings-only P (accuracy)",
-                              hetero["accuracy"], single["accuracy"],
-                              verdict(hetero["accuracy"], single["accuracy"], noise=se), se))
+      se = accuracy_standard_error(hetero["accuracy"], hetero["examples"])
+      checks.append(check_row("Ciao category: ratings-only P beats trust + ratings P "
+                              "(accuracy)", single["accuracy"], hetero["accuracy"],
+                              verdict(single["accuracy"], hetero["accuracy"], noise=se), se,
+                              "networks"))
     else:
       notes.append(f"Ciao skipped: {self.data_dir}/{CIAO} not found.")
     if not checks:
-      return {}, "not assessed", "\n".join(notes)
-    self.plot_heterogeneity(results, os.path.join(self.out, "heterogeneity.png"))
-    section_verdict = combine_verdicts(c[-1] for c in checks)
-    md = [f"**Paper:** {PAPER['hetero']}.", "",
+      return {}, [], "\n".join(notes)
+    self.plot_heterogeneity(results, os.path.join(self.out, "networks.png"))
+    md = [claim_text("networks"), "",
+          "The paper gives no measurement of the interference; it designs around it. Here two "
+          "high-coverage relations share one network and the embeddings serve a task; the "
+          "paper's design predicts that one relation alone does at least as well. (The "
+          "who-to-follow section trains TwHIN-Follow on the follows alone for the same "
+          "reason.)", "",
           "Same downstream models and examples; only the graph the embeddings were trained on "
           "changes (`single_relation_config` keeps the named relations, their files and the "
           "entity types they use). Last.fm: the friend relation alone (with the same held-out "
@@ -536,19 +791,18 @@ class Report:
     md += [f"> {n}" for n in notes]
     if rows:
       md += [markdown_table(["task", "embeddings", "ROC-AUC", "PR-AUC", "RCE",
-                             "paper (Tables 1-2)"], rows), ""]
+                             "paper (Sec. 4.3)"], rows), ""]
     if cat_rows:
       md += [markdown_table(["task", "embeddings", "accuracy", "macro ROC-AUC",
-                             "paper (Tables 1-2)"], cat_rows), ""]
-    md += ["![heterogeneity](heterogeneity.png)", "", markdown_table(CHECK_HEADERS, checks), "",
-           f"**Verdict: {section_verdict}.**"]
+                             "paper (Sec. 4.3)"], cat_rows), ""]
+    md += ["![networks](networks.png)", "", checks_table(checks), "", verdict_line(checks)]
     results["checks"] = checks
-    return results, section_verdict, "\n".join(md)
+    return results, checks, "\n".join(md)
 
-  def section_compression(self) -> tuple[dict, str, str]:
+  def section_compression(self) -> tuple[dict, list, str]:
     from twhin_jax import compress
     if not self.has(CIAO):
-      return {}, "not assessed", f"> Skipped: {self.data_dir}/{CIAO} not found."
+      return {}, [], f"> Skipped: {self.data_dir}/{CIAO} not found."
     ciao = self.ciao_run()
     factors = list(self.budget["factors"])
     self.log(f"PQ of the Ciao run at {factors}x (recall@10 over "
@@ -566,18 +820,17 @@ class Report:
     for r in recall:
       self.log(f"  {r['factor']}x: recall@10 {r['recall_at_10']:.4f}")
     values = [r["recall_at_10"] for r in recall]
-    low = recall[0]
+    # The paper's 20x: our factor nearest to it (16x at the default budgets).
+    near = min(recall, key=lambda r: abs(math.log(r["factor"] / 20)))
     checks = [
-        check_row(f"recall@10 high at moderate compression ({compress._factor_name(low['factor'])}x"
-                  " >= 0.9)", low["recall_at_10"], 0.9,
-                  no_worse(low["recall_at_10"], 0.9)),
+        check_row(f"recall@10 \"reasonable\" at high compression: >= 0.5 at "
+                  f"{compress._factor_name(near['factor'])}x (nearest the paper's 20x; the "
+                  "threshold is ours)", near["recall_at_10"], 0.5,
+                  no_worse(near["recall_at_10"], 0.5), None, "fig4a"),
         check_row("recall@10 falls as the factor grows (every step non-increasing)",
                   values[-1], values[0],
                   "reproduced" if all(b <= a + 1e-9 for a, b in zip(values, values[1:]))
-                  else "not"),
-        check_row(f"recall@10 degrades at high compression ({compress._factor_name(recall[-1]['factor'])}x"
-                  " at least 0.2 below the lowest factor)", values[-1], values[0] - 0.2,
-                  "reproduced" if values[-1] <= values[0] - 0.2 else "not"),
+                  else "not reproduced", None, "fig4a"),
     ]
     # Downstream metrics on PQ-decoded vectors (codes decoded inside the model).
     factor = self.budget["pq_factor"]
@@ -606,159 +859,30 @@ class Report:
       down_rows.append([f"{task} (+{fs})", metric, none[metric], full[metric], quantized[metric],
                         quantized[metric] - full[metric], kept_share(quantized[metric],
                                                                      full[metric], none[metric]),
-                        "small loss at moderate compression"])
+                        "essentially unchanged to 30x (search ROC, Fig. 4b)"])
       checks.append(check_row(f"{task}: PQ {compress._factor_name(factor)}x loses at most "
                               f"max(1 SE, 10% of the gain over none) ({metric})",
                               quantized[metric], full[metric],
                               no_worse(quantized[metric], full[metric], tolerance=tolerance),
-                              tolerance))
-    section_verdict = combine_verdicts(c[-1] for c in checks)
-    md = [f"**Paper:** {PAPER['fig4a']}.", "",
+                              tolerance, "fig4a"))
+    md = [claim_text("fig4a"), "",
           f"PQ of every type of the Ciao run (d = {self.budget['dim']}; M = 4d / factor one-byte "
           "codes, 256 centroids per subspace; `twhin_jax.compress.compress_run`). recall@10 = "
           "share of the 10 exact cosine neighbours among the original vectors that are also "
           "among the 10 of the decoded vectors.", "",
           markdown_table(["factor", "M", "recall@10 (all)"] + [f"recall@10 {t}" for t in types]
                          + ["paper (Fig. 4a)"],
-                         [row + ["high" if i == 0 else "degrades" if i == len(rows) - 1 else ""]
-                          for i, row in enumerate(rows)]), "",
+                         [row + ["\"reasonable\" at 20x" if r is near else ""]
+                          for r, row in zip(recall, rows)]), "",
           "![PQ recall](compression_recall.png)", "",
           f"Downstream metric with PQ-decoded embeddings at {compress._factor_name(factor)}x:", "",
           markdown_table(["task", "metric", "no embeddings", "uncompressed", f"PQ {factor}x",
                           "difference", "share of the gain kept", "paper (Fig. 4a / Sec. 5.2)"],
                          down_rows), "",
           "Checks (thresholds chosen here, not the paper's numbers):", "",
-          markdown_table(CHECK_HEADERS, checks), "", f"**Verdict: {section_verdict}.**"]
+          checks_table(checks), "", verdict_line(checks)]
     return ({"recall": recall, "downstream": downstream_results, "checks": checks},
-            section_verdict, "\n".join(md))
-
-  def section_drift(self) -> tuple[dict, str, str]:
-    if not self.has(LASTFM):
-      return {}, "not assessed", f"> Skipped: {self.data_dir}/{LASTFM} not found."
-    out = os.path.join(self.runs_dir, "drift")
-    spec = importlib.util.spec_from_file_location(
-        "twhin_drift_experiment", os.path.join(REPO, "tools", "drift_experiment.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    argv = ["--out", out, "--json", "--dim", str(self.budget["dim"]),
-            "--epochs", str(self.budget["drift_epochs"]), "--seed", str(self.seed)]
-    self.log(f"drift experiment: tools/drift_experiment.py {' '.join(argv)}")
-    with open(os.path.join(self.runs_dir, "drift_stdout.jsonl"), "w") as f, \
-        contextlib.redirect_stdout(f):
-      code = module.main(argv)
-    if code:
-      raise RuntimeError(f"tools/drift_experiment.py exited with {code}")
-    with open(os.path.join(out, "results.json")) as f:
-      results = json.load(f)
-    with open(os.path.join(out, "results.md")) as f:
-      tool_table = f.read().strip()
-    shutil.copy(os.path.join(out, "drift_by_degree.png"),
-                os.path.join(self.out, "drift_by_degree.png"))
-    claims = {"cold": "baseline: largest drift",
-              "warm_start": "less drift than cold, quality kept",
-              "l2_to_previous": "least drift, quality kept"}
-    rows = [[name, r["mean_rel_l2"], r["p99_rel_l2"], r["overlap_at_10"], r["test_mrr"],
-             r["friend_roc_auc"], r["friend_rce"], claims.get(name, "")]
-            for name, r in results.items()]
-    cold = results["cold"]
-    checks = []
-    for name in ("warm_start", "l2_to_previous"):
-      r = results[name]
-      checks.append(check_row(f"{name}: mean rel. L2 below cold", r["mean_rel_l2"],
-                              cold["mean_rel_l2"],
-                              verdict(r["mean_rel_l2"], cold["mean_rel_l2"],
-                                      higher_is_better=False)))
-      low, high = degree_halves(cold["drift"]["per_degree_bucket"],
-                                r["drift"]["per_degree_bucket"])
-      if low and high:
-        checks.append(check_row(
-            f"{name}: drift cut more for high-degree entities (drift / cold drift, degree >= "
-            f"{high['degree_lo']}: {high['count']:,} entities, vs degree 1-{low['degree_hi'] - 1}: "
-            f"{low['count']:,})", high["ratio"], low["ratio"],
-            verdict(high["ratio"], low["ratio"], higher_is_better=False)))
-      tol = 0.05 * cold["test_mrr"]
-      checks.append(check_row(f"{name}: test MRR within 5% of cold", r["test_mrr"],
-                              cold["test_mrr"], no_worse(r["test_mrr"], cold["test_mrr"],
-                                                          tolerance=tol), tol))
-      se = 0.0
-      friends = self.cache.get(("lastfm_friends", "lastfm", "U", "full"))
-      if friends:
-        se = binary_auc_se(friends)
-      checks.append(check_row(f"{name}: friend ROC-AUC within 1 SE of cold",
-                              r["friend_roc_auc"], cold["friend_roc_auc"],
-                              no_worse(r["friend_roc_auc"], cold["friend_roc_auc"],
-                                       tolerance=se), se or None))
-    section_verdict = combine_verdicts(c[-1] for c in checks)
-    budget = next(iter(results.values()))["budget"]
-    md = [f"**Paper:** {PAPER['table5']}.", "",
-          f"`tools/drift_experiment.py` (Last.fm; d = {budget['dim']}, {budget['epochs']} epochs "
-          f"per version): version 1 on 95% of the lines, version 2 with the "
-          f"{budget['new_fraction']:.0%} back, trained cold (another seed), warm-started from "
-          "version 1, or warm-started with L2-to-previous (alpha = "
-          f"{results['l2_to_previous']['alpha']}). Drift = ||theta_v2 - theta_v1|| / "
-          "||theta_v1|| per shared entity; overlap@10 of exact cosine neighbours; test MRR of "
-          "version 2; friend-prediction ROC-AUC / RCE with version 2's user vectors.", "",
-          markdown_table(["strategy", "mean rel. L2", "p99 rel. L2", "overlap@10", "test MRR",
-                          "friend ROC-AUC", "friend RCE", "paper (Table 5 / Fig. 4c)"], rows), "",
-          "![drift by degree](drift_by_degree.png)", "",
-          "Mean relative L2 change by degree bucket (all types):", "",
-          drift_bucket_table(results), "",
-          "The tool's own table (`results.md`):", "", tool_table, "",
-          "Checks:", "", markdown_table(CHECK_HEADERS, checks), "",
-          f"**Verdict: {section_verdict}.**"]
-    summary = {name: {k: v for k, v in r.items() if k != "drift"} for name, r in results.items()}
-    for name, r in results.items():
-      summary[name]["per_degree_bucket"] = r["drift"]["per_degree_bucket"]
-    return {"strategies": summary, "checks": checks}, section_verdict, "\n".join(md)
-
-  def section_link_prediction(self) -> tuple[dict, str, str]:
-    docs = os.path.join(REPO, "docs")
-    md = [f"**Paper:** {PAPER['table1']}. The paper reports no FB15k-237 / Kinship / Nations / "
-          "UMLS numbers; those are quoted as a check of the link-prediction trainer. Nothing "
-          "here was rerun: the tables are copied from the files named.", ""]
-    quoted = {}
-    wanted = [("results.md", ("FB15k-237", "Small knowledge graphs")),
-              ("who_to_follow.md", None),
-              ("bench_vs_pbg.md", ("FB15k-237",))]
-    for name, headings in wanted:
-      path = os.path.join(docs, name)
-      if not os.path.exists(path):
-        md += [f"### docs/{name}", "", f"> docs/{name} is not in this checkout: not quoted.", ""]
-        quoted[name] = None
-        continue
-      with open(path) as f:
-        text = f.read()
-      quoted[name] = text
-      md += [f"### From docs/{name}", ""]
-      for heading, body in markdown_sections(text):
-        if headings is not None and not any(heading.startswith(h) for h in headings):
-          continue
-        tables = markdown_tables(body)
-        if not tables:
-          continue
-        md += [f"*docs/{name}, section \"{heading}\":*", ""]
-        for table in tables:
-          md += [table, ""]
-    checks = []
-    if quoted.get("who_to_follow.md"):
-      for c in who_to_follow_comparisons(quoted["who_to_follow.md"]):
-        where = " / ".join(x for x in (c["dataset"], c["path"]) if x) or "table"
-        for other in ("follow", "cosine"):
-          if other in c:
-            checks.append(check_row(f"who-to-follow {where}: hetero beats {other} (recall@10)",
-                                    c["hetero"], c[other], verdict(c["hetero"], c[other])))
-    section_verdict = combine_verdicts(c[-1] for c in checks)
-    if checks:
-      md += ["Checks (recall@10 read from docs/who_to_follow.md):", "",
-             markdown_table(CHECK_HEADERS, checks), ""]
-      md += [f"**Verdict (paper Table 1): {section_verdict}.**"]
-    else:
-      md += ["**Verdict (paper Table 1): not assessed** - no who-to-follow table "
-             "(docs/who_to_follow.md with recall@10 of hetero / follow / cosine rows) was found; "
-             "section 2's Last.fm friend prediction (heterogeneous vs friend-only embeddings) is "
-             "the closest measurement in this report."]
-    return {"quoted_files": {k: v is not None for k, v in quoted.items()}, "checks": checks}, \
-        section_verdict, "\n".join(md)
+            checks, "\n".join(md))
 
   # -- plots -----------------------------------------------------------------
 
@@ -823,50 +947,78 @@ class Report:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3), squeeze=False)
     for ax, (title, ylabel, groups) in zip(axes[0], panels):
       self._bars(ax, groups, title, ylabel)
-    fig.suptitle("Heterogeneous vs single-relation embeddings", fontsize=10)
+    fig.suptitle("One relation vs two high-coverage relations in a network", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
   # -- the whole report ----------------------------------------------------
 
+  # -- the whole report ----------------------------------------------------
+
+  TITLES = {"who_to_follow": "Who-to-follow (paper Table 1)",
+            "ablation": "Downstream ablation (paper Table 2)",
+            "low_coverage": "Low-coverage relations alone vs co-embedded (paper, after Table 2)",
+            "networks": "One high-coverage relation per network (paper Sec. 4.3)",
+            "compression": "Compression (paper Fig. 4a/4b)",
+            "drift": "Drift across versions (paper Fig. 4c, Table 5)"}
+
   def run(self) -> str:
     os.makedirs(self.out, exist_ok=True)
     os.makedirs(self.runs_dir, exist_ok=True)
     self.log(f"budget {self.budget_name}: {self.budget}; data {self.data_dir}; "
              f"runs {self.runs_dir}")
-    titles = {"ablation": "1. Downstream ablation (paper Table 2 style)",
-              "heterogeneity": "2. Heterogeneous graph vs one relation",
-              "compression": "3. Compression (paper Fig. 4a)",
-              "drift": "4. Drift across versions (paper Table 5, Fig. 4c)",
-              "link_prediction": "5. Link prediction summary (quoted)"}
-    verdicts = {}
-    for name in self.sections:
-      self.log(f"section {titles[name]}")
+    for number, name in enumerate(self.sections, 1):
+      title = f"{number}. {self.TITLES[name]}"
+      self.log(f"section {title}")
       started = time.perf_counter()
       try:
-        results, section_verdict, md = getattr(self, f"section_{name}")()
+        results, checks, md = getattr(self, f"section_{name}")()
       except Exception as err:  # a failed section is reported, the others still run
         traceback.print_exc()
-        results, section_verdict = {"error": repr(err)}, "not assessed"
+        results, checks = {"error": repr(err)}, []
         md = f"> This section failed: `{err!r}` (see the log); no numbers."
       self.timings[name] = time.perf_counter() - started
       self.results[name] = results
-      verdicts[name] = section_verdict
-      self.markdown[name] = f"## {titles[name]}\n\n{md}\n\n*Section time: " \
-                            f"{self.timings[name]:.0f} s.*"
-      self.log(f"{name}: verdict {section_verdict} ({self.timings[name]:.0f} s)")
-      self.write(titles, verdicts)  # after every section: a partial report survives
+      for key, value in claim_verdicts(checks).items():
+        self.summary.setdefault(key, {})["verdict"] = value
+      self.markdown[name] = f"## {title}\n\n{md}\n\n*Section time: {self.timings[name]:.0f} s.*"
+      self.log(f"{name}: {claim_verdicts(checks) or 'not assessed'} "
+               f"({self.timings[name]:.0f} s)")
+      self.write()  # after every section: a partial report survives
     total = time.perf_counter() - self.started
+    print(self.summary_table(), file=sys.stderr, flush=True)
     self.log(f"done in {total:.0f} s: {os.path.join(self.out, 'report.md')}")
     return os.path.join(self.out, "report.md")
 
+  def summary_rows(self) -> list[list]:
+    """One row per paper claim: where, the claim, the paper's numbers, ours, verdict."""
+    rows = []
+    for c in CLAIMS:
+      entry = self.summary.get(c.key, {})
+      if c.section is None:
+        ours, outcome = f"untested: {c.why_untested}", "untested"
+      elif c.section not in self.sections:
+        ours, outcome = "section not run", "not assessed"
+      else:
+        ours = entry.get("ours", "–")
+        outcome = entry.get("verdict", "not assessed")
+      rows.append([c.where, c.claim, c.paper, ours, outcome])
+    return rows
+
+  def summary_table(self) -> str:
+    return markdown_table(["paper", "claim (as the paper makes it)", "paper's numbers", "ours",
+                           "verdict"], self.summary_rows(), align=["l"] * 5)
+
   def meta(self) -> dict:
     import jax
-    commit = _git(["rev-parse", "HEAD"]) or "unknown"
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"])
+    try:
+      from importlib import metadata
+      version = metadata.version("twhin-jax")
+    except Exception:  # not installed (a source checkout on PYTHONPATH)
+      version = "source checkout"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit, "commit_dirty": bool(dirty),
+            "version": version,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"{platform.system()} {platform.release()}, Python "
                        f"{platform.python_version()}, jax {jax.__version__} "
@@ -876,41 +1028,40 @@ class Report:
             "train_seconds": self.train_seconds, "section_seconds": self.timings,
             "total_seconds": time.perf_counter() - self.started}
 
-  def write(self, titles: dict, verdicts: dict) -> None:
+  def write(self) -> None:
     meta = self.meta()
     b = self.budget
-    summary = markdown_table(
-        ["section", "paper", "verdict"],
-        [[titles[name], {"ablation": "Table 2", "heterogeneity": "Tables 1-2",
-                         "compression": "Fig. 4a", "drift": "Table 5, Fig. 4c",
-                         "link_prediction": "Table 1"}[name], verdicts[name]]
-         for name in verdicts])
     header = [
         "# TwHIN reproduction report", "",
-        "Generated by `twhin report` (twhin_jax/report.py). Paper: El-Kishky et al., "
-        "\"TwHIN: Embedding the Twitter Heterogeneous Information Network for Personalized "
-        "Recommendation\", KDD 2022. The paper's exact numbers are not available to this "
-        "tool, so none are printed: each table has a \"paper\" column stating the paper's "
-        "claim qualitatively, and each verdict follows from our numbers by the rule printed "
-        "next to it. All numbers are from one seed.", "",
+        "Generated by `twhin report` (twhin_jax/reproduction_report.py). Paper: El-Kishky et "
+        "al., \"TwHIN: Embedding the Twitter Heterogeneous Information Network for "
+        "Personalized Recommendation\", KDD 2022. Each claim is stated as the paper makes it, "
+        "with the paper's numbers beside ours. The paper's numbers come from Twitter's "
+        "internal graph; public graphs test the direction and the mechanism of a claim, not "
+        "its values. A claim that public data cannot test is marked untested.", "",
         f"* **Command:** `{self.command}`",
         f"* **Date:** {meta['date']}",
-        f"* **Commit:** `{meta['commit'][:12]}`" + (" (with uncommitted changes)"
-                                                    if meta["commit_dirty"] else ""),
+        f"* **Version:** twhin-jax {meta['version']}",
         f"* **Machine:** {meta['machine']}",
-        f"* **Budget:** `{self.budget_name}`: embedding runs d = {b['dim']}, {b['epochs']} "
-        f"epochs; drift versions {b['drift_epochs']} epochs; PQ factors "
-        f"{', '.join(f'{f}x' for f in b['factors'])} (recall over {b['recall_queries']} "
-        f"queries per type), downstream PQ at {b['pq_factor']}x; seed {self.seed}",
-        f"* **Runtime:** {meta['total_seconds'] / 60:.1f} min in all; training " + ", ".join(
-            f"{k} {v:.0f} s" for k, v in self.train_seconds.items()),
+        f"* **Budget:** `{self.budget_name}`: ablation / networks / compression runs d = "
+        f"{b['dim']}, {b['epochs']} epochs; drift versions {b['drift_epochs']} epochs; PQ "
+        f"factors {', '.join(f'{f}x' for f in b['factors'])}; who-to-follow "
+        f"{b['who_to_follow']['seeds']} seeds, low-coverage {b['low_coverage']['seeds']} seeds; "
+        f"base seed {self.seed}",
+        f"* **Runtime:** {meta['total_seconds'] / 60:.1f} min in all",
         f"* **Data:** `$TWHIN_DATA_DIR` = `{self.data_dir}`", "",
-        "## Summary", "", summary, ""]
+        "## Summary: the paper's claims", "", self.summary_table(), "",
+        "Verdicts: reproduced (our numbers go the paper's way by more than the noise named in "
+        "the section), within noise, not reproduced, mixed (the checks of a claim disagree), "
+        "untested, not assessed (not run).", ""]
     with open(os.path.join(self.out, "report.md"), "w") as f:
-      f.write("\n".join(header) + "\n" + "\n\n".join(self.markdown[n] for n in verdicts) + "\n")
+      f.write("\n".join(header) + "\n" + "\n\n".join(self.markdown.values()) + "\n")
     with open(os.path.join(self.out, "results.json"), "w") as f:
-      json.dump({"meta": meta, "verdicts": verdicts, "sections": _jsonable(self.results)}, f,
-                indent=1)
+      json.dump({"meta": meta, "summary": {c.key: dict(dataclasses.asdict(c),
+                                                       **self.summary.get(c.key, {}))
+                                           for c in CLAIMS},
+                 "sections": _jsonable(self.results)}, f, indent=1)
+
 
 
 def pq_tolerance(full: float, none: float, se: float) -> float:
@@ -985,12 +1136,6 @@ def drift_bucket_table(results: dict) -> str:
   return markdown_table(["degree", "entities"] + names, rows)
 
 
-def _git(args) -> str:
-  try:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return ""
 
 
 def _jsonable(value):
