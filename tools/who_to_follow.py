@@ -56,6 +56,11 @@ def main(argv=None) -> int:
   parser.add_argument("--dim", type=int, default=100)
   parser.add_argument("--skipgram-window", default="5,20")
   parser.add_argument("--skipgram-epochs", default="10,30")
+  parser.add_argument("--methods", default=",".join(wtf.METHODS),
+                      help="comma-separated; also follow_engagement (the follows co-embedded "
+                           "with the config's other relations, which Section 4.3 avoids)")
+  parser.add_argument("--chosen", help="skip tuning: a file holding the tuning line that "
+                      "--json printed for the dataset (\"method\": \"tuning\")")
   parser.add_argument("--workdir", help="keep runs here (default: a temp dir)")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
@@ -78,7 +83,19 @@ def main(argv=None) -> int:
                   skipgram_window=ints(args.skipgram_window),
                   skipgram_epochs=ints(args.skipgram_epochs), skipgram_dim=args.dim)
   log = lambda message: print(message, file=sys.stderr, flush=True)
+  chosen = {}
+  if args.chosen:
+    with open(args.chosen, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as err:
+          parser.error(f"{args.chosen}:{number}: not JSON ({err})")
+        if row.get("method") == "tuning":
+          chosen[row["dataset"]] = row["chosen"]
   for dataset in datasets:
+    if args.chosen and dataset.name not in chosen:
+      parser.error(f"{args.chosen}: no tuning line for {dataset.name}")
     if dataset.folder and not os.path.isdir(os.path.join(data_dir, dataset.folder)):
       log(f"skipping {dataset.name}: {os.path.join(data_dir, dataset.folder)} not found "
           "(set TWHIN_DATA_DIR or --data-dir)")
@@ -86,7 +103,9 @@ def main(argv=None) -> int:
     workdir = os.path.join(args.workdir, dataset.name) if args.workdir else None
     result = wtf.run_table1(dataset, seeds=ints(args.seeds), grid=grid,
                             valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
-                            depth=args.depth, workdir=workdir, log=log)
+                            depth=args.depth, workdir=workdir,
+                            chosen=chosen.get(dataset.name) if args.chosen else None,
+                            methods=[m for m in args.methods.split(",") if m], log=log)
     for row in result["rows"]:
       if args.json:
         print(json.dumps(row), flush=True)
