@@ -591,7 +591,7 @@ def test_self_loops_duplicates_and_coverage_are_in_the_manifest(tmp_path):
 
 
 def test_kg_relation_names_get_the_importers_checks(tmp_path):
-  from twhin_jax import datasets
+  from twhin_jax import config_builders as datasets
   folder = tmp_path / "kg"
   folder.mkdir()
   write_text(folder / "train.txt", ["a\tr1\tb", "b\tr2\tc", "c\tr1\ta"])

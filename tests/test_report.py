@@ -1,43 +1,97 @@
-"""Tests for twhin_jax/report.py: table and verdict helpers, the single-relation
-config, quoting, and the CLI's options. The report itself is not run here."""
+"""Tests for twhin_jax/reproduction_report.py: table and verdict helpers, the
+claims as the paper makes them, the single-relation config, the CLI's
+options, and the package boundary: the report's code runs from the package
+files a wheel holds (configs included) and reads nothing from a checkout."""
 
+import ast
+import json
 import math
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from twhin_jax import config as config_lib
-from twhin_jax import report
+from twhin_jax import reproduction_report as report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_verdict_beats_baseline():
   assert report.verdict(0.90, 0.85) == "reproduced"
-  assert report.verdict(0.85, 0.90) == "not"
-  assert report.verdict(0.85, 0.85) == "not"
-  # Better, but within the noise: partly.
-  assert report.verdict(0.752, 0.750, noise=0.007) == "partly"
+  assert report.verdict(0.85, 0.90) == "not reproduced"
+  assert report.verdict(0.85, 0.85) == "not reproduced"
+  # Better, but within the noise.
+  assert report.verdict(0.752, 0.750, noise=0.007) == "within noise"
   assert report.verdict(0.760, 0.750, noise=0.007) == "reproduced"
   # Lower is better (drift).
   assert report.verdict(0.3, 1.4, higher_is_better=False) == "reproduced"
-  assert report.verdict(1.5, 1.4, higher_is_better=False) == "not"
+  assert report.verdict(1.5, 1.4, higher_is_better=False) == "not reproduced"
   assert report.verdict(math.nan, 1.0) == "not assessed"
   assert report.verdict(None, 1.0) == "not assessed"
 
 
 def test_no_worse_and_combine():
   assert report.no_worse(0.896, 0.900, tolerance=0.007) == "reproduced"
-  assert report.no_worse(0.880, 0.900, tolerance=0.007) == "not"
-  assert report.no_worse(0.31, 0.30, higher_is_better=False, tolerance=0.0) == "not"
+  assert report.no_worse(0.880, 0.900, tolerance=0.007) == "not reproduced"
+  assert report.no_worse(0.31, 0.30, higher_is_better=False, tolerance=0.0) == "not reproduced"
   assert report.combine_verdicts(["reproduced", "reproduced"]) == "reproduced"
-  assert report.combine_verdicts(["reproduced", "not"]) == "partly"
-  assert report.combine_verdicts(["partly", "reproduced"]) == "partly"
-  assert report.combine_verdicts(["not", "not", "not assessed"]) == "not"
+  assert report.combine_verdicts(["reproduced", "not reproduced"]) == "mixed"
+  assert report.combine_verdicts(["within noise", "reproduced"]) == "within noise"
+  assert report.combine_verdicts(["not reproduced", "not reproduced", "not assessed"]) == \
+      "not reproduced"
   assert report.combine_verdicts(["not assessed"]) == "not assessed"
   assert report.combine_verdicts([]) == "not assessed"
+
+
+def test_checks_count_toward_their_claim():
+  checks = [report.check_row("a", 0.3, 0.2, "reproduced", 0.01, "table1"),
+            report.check_row("b", 0.1, 0.2, "not reproduced", None, "table1"),
+            report.check_row("c", 0.5, 0.4, "reproduced", None, "fig4a")]
+  assert report.claim_verdicts(checks) == {"table1": "mixed", "fig4a": "reproduced"}
+  table = report.checks_table(checks)
+  assert "table1" not in table and len(table.splitlines()) == 2 + 3  # the key is not printed
+  assert report.verdict_line(checks).startswith("**Verdict:** Table 1 (Sec. 6.1): mixed")
+  assert report.mean_spread({"mrr": 0.0635, "mrr_std": 0.0021}, "mrr") == "0.0635 ± 0.0021"
+
+
+def test_claims_quote_the_paper_and_untested_is_never_partly(tmp_path):
+  keys = {c.key for c in report.CLAIMS}
+  assert {"table1", "table2", "table3", "table4", "table5", "fig4a", "fig4c",
+          "low_coverage", "networks"} <= keys
+  table1 = next(c for c in report.CLAIMS if c.key == "table1")
+  for number in ("21.70%", "19.78%", "18.55%", "0.0635", "0.058", "0.051"):
+    assert number in table1.paper  # the paper's own numbers, not a paraphrase
+  assert "SkipGram" in table1.claim and "cosine" in table1.claim
+  assert "much lower improvements" in next(c for c in report.CLAIMS
+                                           if c.key == "low_coverage").claim
+  for c in report.CLAIMS:
+    assert c.section is None or c.section in report.SECTIONS
+    assert (c.section is None) == bool(c.why_untested)
+  r = report.Report(str(tmp_path / "out"), "smoke", data_dir=str(tmp_path),
+                    sections=("who_to_follow", "drift"))
+  r.summary["table1"] = {"ours": "lastfm R@10 0.2", "verdict": "reproduced"}
+  rows = {row[0]: row for row in r.summary_rows()}
+  assert rows["Table 1 (Sec. 6.1)"][3:] == ["lastfm R@10 0.2", "reproduced"]
+  assert rows["Table 3 (Sec. 6.3)"][4] == "untested"
+  assert rows["Table 4 (Sec. 6.4)"][4] == "untested"
+  assert rows["Table 2 (Sec. 6.2)"][3:] == ["section not run", "not assessed"]
+  assert rows["Table 5 (Sec. 7.2)"][4] == "not assessed"  # drift selected but not run yet
+  assert not any("partly" in str(cell) for row in rows.values() for cell in row)
+  os.makedirs(r.out)
+  r.write()
+  text = open(os.path.join(r.out, "report.md")).read()
+  assert "21.70%" in text and "untested" in text and "## Summary: the paper's claims" in text
+  summary = json.load(open(os.path.join(r.out, "results.json")))["summary"]
+  assert summary["table1"]["verdict"] == "reproduced" and summary["table3"]["section"] is None
+
+
+def test_report_needs_a_data_dir(tmp_path, monkeypatch):
+  monkeypatch.delenv("TWHIN_DATA_DIR", raising=False)
+  with pytest.raises(ValueError, match="TWHIN_DATA_DIR"):
+    report.Report(str(tmp_path), "small")
 
 
 def test_standard_errors():
@@ -60,40 +114,6 @@ def test_markdown_table():
   assert lines[3] == "| c | – | – |"
   with pytest.raises(ValueError):
     report.markdown_table(["a", "b"], [[1]])
-
-
-def test_markdown_quoting_helpers():
-  text = ("# Title\n\nintro\n\n## FB15k-237, d=200\n\n| a | b |\n|---|---:|\n| x | 1 |\n\n"
-          "text\n\n```bash\n# not a heading\n```\n\n## Other\n\n| c |\n|---|\n| y |\n")
-  sections = dict(report.markdown_sections(text))
-  assert set(sections) == {"Title", "FB15k-237, d=200", "Other"}
-  assert "# not a heading" in sections["FB15k-237, d=200"]
-  tables = report.markdown_tables(sections["FB15k-237, d=200"])
-  assert tables == ["| a | b |\n|---|---:|\n| x | 1 |"]
-  headers, rows = report.parse_table(tables[0])
-  assert headers == ["a", "b"] and rows == [["x", "1"]]
-
-
-def test_who_to_follow_comparisons():
-  text = ("| dataset | method | path | Recall@10 | MRR |\n|---|---|---|---:|---:|\n"
-          "| lastfm | hetero | exact | **0.210** | 0.1 |\n"
-          "| lastfm | follow | exact | 0.180 | 0.1 |\n"
-          "| lastfm | cosine | exact | 0.150 | 0.1 |\n"
-          "| flickr | hetero | exact | 0.050 | 0.1 |\n"
-          "| flickr | follow | exact | 0.060 | 0.1 |\n")
-  found = {c["dataset"]: c for c in report.who_to_follow_comparisons(text)}
-  # Rows grouped under a dataset whose cell is left empty (as in docs/who_to_follow.md).
-  grouped = ("| dataset | method | path | Recall@10 |\n|---|---|---|---:|\n"
-             "| Last.fm | (a) hetero | exact | 0.1666 |\n| | (b) follow only | exact | 0.2022 |\n"
-             "| | (c) cosine | exact | 0.1424 |\n")
-  [entry] = report.who_to_follow_comparisons(grouped)
-  assert entry == {"dataset": "lastfm", "path": "exact", "hetero": 0.1666, "follow": 0.2022,
-                   "cosine": 0.1424}
-  assert found["lastfm"]["hetero"] == pytest.approx(0.21)
-  assert found["lastfm"]["follow"] == pytest.approx(0.18)
-  assert found["lastfm"]["cosine"] == pytest.approx(0.15)
-  assert found["flickr"]["follow"] == pytest.approx(0.06)
-  assert report.who_to_follow_comparisons("| a | b |\n|---|---|\n| 1 | 2 |\n") == []
 
 
 def test_single_relation_config_lastfm():
@@ -142,9 +162,9 @@ def test_degree_extremes_and_bucket_table():
 
 def test_report_rejects_unknown_budget_and_section(tmp_path):
   with pytest.raises(ValueError, match="budget"):
-    report.Report(str(tmp_path), "huge")
+    report.Report(str(tmp_path), "huge", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="section"):
-    report.Report(str(tmp_path), "small", sections=["nope"])
+    report.Report(str(tmp_path), "small", data_dir=str(tmp_path), sections=["nope"])
 
 
 def test_cli_report_help_lists_options():
@@ -176,3 +196,86 @@ def test_pq_tolerance_and_kept_share():
   assert report.pq_tolerance(0.750, 0.747, 0.007) == pytest.approx(0.007)
   assert report.kept_share(0.374, 0.389, 0.159) == pytest.approx(0.215 / 0.23)
   assert report.kept_share(0.7, 0.7, 0.75) is None
+
+
+# --------------------------------------------------------------------------
+# The package boundary: `twhin report` from an installed package.
+
+#: The modules `twhin report` runs (besides the library it trains with).
+REPORT_MODULES = ("reproduction_report", "who_to_follow", "low_coverage", "drift_experiment",
+                  "shipped_configs")
+
+
+def test_report_modules_reach_nothing_outside_the_package():
+  """No module the report runs loads code by file path, runs git, or builds
+  a path from the repository root (dirname of dirname of __file__)."""
+  for name in REPORT_MODULES:
+    path = os.path.join(REPO, "twhin_jax", f"{name}.py")
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Import, ast.ImportFrom)):
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+        assert not {"subprocess", "importlib.util"} & set(modules), (name, modules)
+      if isinstance(node, ast.Attribute):
+        assert node.attr not in ("spec_from_file_location", "check_output"), (name, node.attr)
+      if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "dirname" \
+          and node.args and isinstance(node.args[0], ast.Call) \
+          and getattr(node.args[0].func, "attr", "") == "dirname":
+        raise AssertionError(f"{name}.py:{node.lineno}: a path from the repository root")
+      if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        assert not node.value.startswith(("tools/", "docs/", "configs/")), (name, node.value)
+
+
+def _package_files(tmp_path) -> str:
+  """The files a wheel of this checkout holds, laid out by setuptools'
+  build_py (the step bdist_wheel runs for a pure-Python package)."""
+  build_lib = str(tmp_path / "site")
+  out = subprocess.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "-q",
+                        "build_py", "--build-lib", build_lib],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  return build_lib
+
+
+def test_report_runs_from_the_package_files_alone(tmp_path):
+  site = _package_files(tmp_path)
+  for name in ("lastfm", "flickr", "ciao"):  # the configs ship as package data
+    assert os.path.isfile(os.path.join(site, "twhin_jax", "configs", f"{name}.py"))
+  for name in REPORT_MODULES:
+    assert os.path.isfile(os.path.join(site, "twhin_jax", f"{name}.py"))
+  script = textwrap.dedent(f"""
+      import os, sys
+      allowed = [{site!r}, {str(tmp_path)!r}, sys.prefix, sys.base_prefix, sys.exec_prefix,
+                 "/dev", "/proc", "/sys", "/etc", "/usr", "/tmp"]
+      repo = {REPO!r}
+      bad = []
+      def hook(event, args):
+        if event == "open" and isinstance(args[0], str):
+          path = os.path.realpath(args[0])
+          inside = [a for a in allowed if path.startswith(os.path.realpath(a) + os.sep)]
+          if path.startswith(repo + os.sep) or not inside:
+            bad.append(path)
+        if event == "subprocess.Popen":
+          bad.append("subprocess " + repr(args[1]))
+      sys.addaudithook(hook)
+      from twhin_jax import reproduction_report, shipped_configs
+      from twhin_jax import who_to_follow, low_coverage, drift_experiment
+      for name in ("lastfm", "flickr", "ciao"):
+        shipped_configs.load(name)
+      r = reproduction_report.Report(os.path.join({str(tmp_path)!r}, "out"), "smoke",
+                                     data_dir={str(tmp_path)!r})
+      os.makedirs(r.out)
+      r.write()
+      import twhin_jax
+      outside = sorted(m.__name__ for m in list(sys.modules.values())
+                       if m.__name__.startswith("twhin_jax") and getattr(m, "__file__", None)
+                       and not os.path.realpath(m.__file__).startswith({site!r}))
+      assert not outside, outside
+      assert not bad, bad
+      print("ok", len([m for m in sys.modules if m.startswith("twhin_jax")]))
+      """)
+  env = dict(os.environ, PYTHONPATH=site, TWHIN_DATA_DIR=str(tmp_path))
+  out = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
+  assert os.path.exists(tmp_path / "out" / "report.md")

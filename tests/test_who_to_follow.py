@@ -1,20 +1,17 @@
-"""Who-to-follow helpers: the holdout leaks nothing, metrics and the cosine
-baseline on hand-checked toy graphs, and configs built for the holdout."""
+"""Who-to-follow (twhin_jax/who_to_follow.py): the holdout leaks nothing and
+keeps valid and test apart, metrics and the cosine baseline on hand-checked
+toy graphs, the SkipGram baseline learns co-follows, the TwHIN-Follow config
+keeps only the follow and low-coverage relations, and the seed spread."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("who_to_follow",
-                                               os.path.join(REPO, "tools", "who_to_follow.py"))
-wtf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(wtf)
+from twhin_jax import shipped_configs
+from twhin_jax import who_to_follow as wtf
 
 
 def random_graph(n=60, p=0.15, symmetric=True, seed=0):
@@ -86,21 +83,87 @@ def test_cosine_baseline_equals_a_hand_ranking():
   assert cos[0, 3] == pytest.approx(2 / np.sqrt(6)) and cos[0, 1] == pytest.approx(0.5)
 
 
-def test_holdout_configs_point_at_the_training_copy(monkeypatch, tmp_path):
+def test_valid_and_test_shares_are_disjoint_and_leak_nothing():
+  pairs = random_graph(n=80, symmetric=True, seed=1)
+  train, valid, test = wtf.split_follows(pairs, 0.1, 0.1, seed=5)
+  unique = {p for p in pairs if p[0] != p[1]}
+  train_set, valid_set, test_set = set(train), set(valid), set(test)
+  assert train_set | valid_set | test_set == unique
+  assert not train_set & valid_set and not train_set & test_set and not valid_set & test_set
+  for held in (valid_set, test_set):
+    assert all((v, u) not in train_set for u, v in held)  # no reverse leak
+    assert 0.04 * len(unique) < len(held) < 0.25 * len(unique)
+  assert all((v, u) not in valid_set for u, v in test_set)  # a pair stays in one share
+  assert wtf.split_follows(pairs, 0.1, 0.1, seed=5) == (train, valid, test)
+  with pytest.raises(ValueError, match="sum below 1"):
+    wtf.split_follows(pairs, 0.6, 0.5)
+  split = wtf.Split(pairs, 0.1, 0.1, 5)
+  fit, held = split.stage("test")
+  assert set(fit) == train_set | valid_set  # the reported models see train + valid
+  assert sum(len(v) for v in held.values()) == len(test)
+
+
+def test_skipgram_ranks_co_followed_accounts_first():
+  # Two communities: users 0-9 follow within 0-9, users 10-19 within 10-19.
+  rng = np.random.default_rng(0)
+  follows = {}
+  for u in range(20):
+    base = 0 if u < 10 else 10
+    others = [v for v in range(base, base + 10) if v != u]
+    follows[u] = set(rng.choice(others, size=6, replace=False).tolist())
+  settings = wtf.SkipGramSettings(dim=16, window=10, epochs=50)
+  inputs, outputs, present = wtf.train_skipgram(follows, 20, settings, seed=0)
+  assert present.all() and inputs.shape == outputs.shape == (20, 16)
+  queries = wtf.skipgram_queries(inputs, follows, range(20))
+  for exact in (True, False):
+    rankings = wtf.vector_rankings(outputs, present, queries, list(range(20)), follows,
+                                   depth=3, exact=exact)
+    same = sum((v < 10) == (u < 10) for u, top in rankings.items() for v in top)
+    assert same / sum(len(t) for t in rankings.values()) > 0.9
+    for u, top in rankings.items():
+      assert u not in top and not set(top) & follows[u]  # exclusions hold
+  again, _, _ = wtf.train_skipgram(follows, 20, settings, seed=0)
+  np.testing.assert_array_equal(again, inputs)  # one worker: a seed gives one result
+  sequences = wtf.follow_sequences(follows, seed=3)
+  assert [sorted(map(int, s)) for s in sequences] == [sorted(follows[u]) for u in range(20)]
+
+
+def test_spread_and_margin_over_seeds():
+  stats = wtf.spread([0.2, 0.22, 0.24])
+  assert stats["mean"] == pytest.approx(0.22) and stats["std"] == pytest.approx(0.02)
+  assert wtf.spread([0.3])["std"] == 0.0
+  rows = [{"method": "twhin_follow", "mrr": 0.10, "mrr_std": 0.01},
+          {"method": "cosine", "mrr": 0.085, "mrr_std": 0.002},
+          {"method": "skipgram", "mrr": 0.095, "mrr_std": 0.003}]
+  result = wtf.beats(rows, "mrr")
+  assert result["cosine"]["above_spread"] and not result["skipgram"]["above_spread"]
+
+
+def test_network_config_keeps_follow_and_low_coverage_relations(monkeypatch, tmp_path):
   monkeypatch.setenv("TWHIN_DATA_DIR", str(tmp_path))
   from twhin_jax import config as config_lib
-  config = config_lib.load_config(os.path.join(REPO, "configs", "lastfm.py"))
+  config = shipped_configs.load("lastfm")
   train_path = str(tmp_path / "friend.train.tsv")
-  hetero = wtf.holdout_config(config, "friend", train_path, follow_only=False, epochs=3,
-                              dim=8, lr=0.2, mix_relations=True)
-  follow = wtf.holdout_config(config, "friend", train_path, follow_only=True, epochs=3, dim=8,
-                              lr=None, mix_relations=False)
-  for c in (hetero, follow):
+  follow = wtf.network_config(config, "friend", train_path, epochs=3, dim=8, lr=None, seed=2)
+  with_tags = wtf.network_config(config, "friend", train_path, keep=("uses_tag",), epochs=3,
+                                 dim=8, lr=0.2)
+  for c in (follow, with_tags):
     config_lib.validate(c)
     friend = [s for s in c.data.files if s["relation_name"] == "friend"]
     assert len(friend) == 1 and friend[0]["path"] == train_path and not friend[0]["header"]
     assert c.data.valid_fraction == 0 and c.data.test_fraction == 0
-  assert len(hetero.relations) == 5 and hetero.negatives.mix_relations and hetero.train.lr == 0.2
   assert [r["name"] for r in follow.relations] == ["friend"]
   assert list(follow.entities.keys()) == ["user"] and len(follow.data.files) == 1
-  assert follow.train.lr == config.train.lr and config.data.files[0]["path"] != train_path
+  assert follow.train.lr == config.train.lr and follow.train.seed == 2
+  assert [r["name"] for r in with_tags.relations] == ["friend", "uses_tag"]
+  assert sorted(with_tags.entities.keys()) == ["tag", "user"] and with_tags.train.lr == 0.2
+  assert config.data.files[0]["path"] != train_path  # the original is untouched
+  with pytest.raises(ValueError, match="unknown relation"):
+    wtf.network_config(config, "friend", train_path, keep=("ads",), epochs=1, dim=8, lr=None)
+
+
+def test_read_pairs_names_the_bad_line(tmp_path):
+  path = tmp_path / "follows.tsv"
+  path.write_text("a\tb\nc\n")
+  with pytest.raises(ValueError, match=r"follows.tsv:2"):
+    wtf.read_pairs(str(path), header=False)

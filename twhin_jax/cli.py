@@ -164,7 +164,7 @@ def cmd_demo(args, overrides):
          arg("--split", default="test", choices=config_lib.SPLITS), JSON)
 def cmd_eval(args, overrides):
   from twhin_jax import evaluation
-  from twhin_jax import reporting
+  from twhin_jax import run_report as reporting
   run = rundir.open_run(args.workdir)
   metrics = evaluation.evaluate_run(run, args.split, progress=not (args.quiet or args.json))
   with open(rundir.eval_file(args.workdir, args.split), "w") as f:
@@ -300,12 +300,13 @@ def cmd_serve(args, overrides):
              help="datasets folder (default $TWHIN_DATA_DIR, else ../shared/data)"),
          arg("--runs-dir", default=None, help="embedding runs (default <out>/runs)"),
          arg("--sections", default="",
-             help="comma-separated subset of ablation,heterogeneity,compression,drift,"
-                  "link_prediction (default all)"),
+             help="comma-separated subset of who_to_follow,ablation,low_coverage,"
+                  "networks,compression,drift (default all)"),
          arg("--seed", type=int, default=0),
          arg("--quiet", action="store_true", help="no progress bars (log lines only)"))
 def cmd_report(args, overrides):
-  from twhin_jax import report
+  del overrides
+  from twhin_jax import reproduction_report as report
   sections = args.sections.split(",") if args.sections else report.SECTIONS
   path = report.run_report(args.out, budget=args.budget, data_dir=args.data_dir,
                            runs_dir=args.runs_dir, seed=args.seed, progress=not args.quiet,

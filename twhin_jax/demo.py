@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from twhin_jax import generate
-from twhin_jax import reporting
+from twhin_jax import run_report as reporting  # per-run plots and Markdown
 from twhin_jax import train as train_lib
 
 

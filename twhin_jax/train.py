@@ -34,7 +34,7 @@ from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
 from twhin_jax import distributed
 from twhin_jax import model
-from twhin_jax import reporting
+from twhin_jax import run_report as reporting  # per-run plots and Markdown
 from twhin_jax import residency as residency_lib
 from twhin_jax import schedule
 from twhin_jax import sharding as sharding_lib
