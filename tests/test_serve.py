@@ -67,8 +67,15 @@ def test_health_version_and_openapi(server, run_dir):
   assert version["version_id"] == health["version_id"]
   status, document = call(server, "GET", "/openapi.json")
   assert status == 200 and document["openapi"].startswith("3.")
-  assert set(document["paths"]) == {"/health", "/version", "/openapi.json", "/neighbors",
-                                    "/diverse", "/score", "/embedding", "/reload"}
+  assert set(document["paths"]) == {"/health", "/version", "/neighbors", "/diverse", "/score",
+                                    "/embedding", "/reload"}
+  # The schemas are the request models: closed, strict bounds, no 422 (errors are 400).
+  neighbors_request = document["components"]["schemas"]["NeighborsRequest"]
+  assert neighbors_request["additionalProperties"] is False
+  assert neighbors_request["properties"]["k"]["maximum"] == serve.MAX_K
+  assert set(neighbors_request["required"]) == {"entity_type", "name"}
+  assert "422" not in json.dumps(document["paths"])
+  assert "400" in document["paths"]["/neighbors"]["post"]["responses"]
   for path, item in document["paths"].items():
     for operation in item.values():
       for response in operation["responses"].values():
@@ -84,7 +91,7 @@ def test_health_version_and_openapi(server, run_dir):
     dict(entity_type="user", name=None),  # same-type neighbours
 ])
 def test_neighbors_equal_the_library(server, run_dir, query):
-  retriever = server.RequestHandlerClass.service.snapshot.retriever
+  retriever = server.service.snapshot.retriever
   for row in (0, 7, 123):
     name = retriever.names(query["entity_type"])[row]
     body = dict(query, name=name, k=12, exact=True)
@@ -105,7 +112,7 @@ def test_neighbors_equal_the_library(server, run_dir, query):
 
 
 def test_score_is_the_model_score(server):
-  retriever = server.RequestHandlerClass.service.snapshot.retriever
+  retriever = server.service.snapshot.retriever
   user = retriever.names("user")[5]
   status, found = call(server, "POST", "/neighbors",
                        dict(entity_type="user", name=user, relation="favorites", k=3, exact=True))
@@ -125,7 +132,7 @@ def test_score_is_the_model_score(server):
 
 
 def test_embedding(server):
-  retriever = server.RequestHandlerClass.service.snapshot.retriever
+  retriever = server.service.snapshot.retriever
   names = [retriever.names("tweet")[i] for i in (0, 9, 1999)]
   status, answer = call(server, "POST", "/embedding", {"entity_type": "tweet", "names": names})
   assert status == 200 and answer["dim"] == 64
@@ -134,7 +141,7 @@ def test_embedding(server):
 
 
 def test_diverse_needs_a_mixture_then_answers(server, run_dir):
-  retriever = server.RequestHandlerClass.service.snapshot.retriever
+  retriever = server.service.snapshot.retriever
   user = retriever.names("user")[3]
   request = dict(entity_type="user", name=user, target_type="tweet", k=8)
   status, answer = call(server, "POST", "/diverse", request)
@@ -194,18 +201,57 @@ BAD = [
     ("POST", "/diverse", {"entity_type": "user", "target_type": "ad", "name": "NAME"}, 409),
     ("POST", "/reload", {"force": "please"}, 400),
     ("POST", "/embedding", b"x" * (64 * 1024 + 1), 413),
+    ("POST", "/neighbors", b"", 400),  # no body: missing fields
+    ("POST", "/neighbors", b"\xff\xfe{}", 400),  # not UTF-8
+    ("POST", "/neighbors", {"entity_type": "user", "name": "NAME", "k": 10.0}, 400),
+    ("POST", "/neighbors", {"entity_type": "user", "name": "NAME", "direction": "forward"}, 400),
+    ("POST", "/diverse", {"entity_type": "user", "target_type": "tweet", "name": "NAME",
+                          "engagements": [["favorites", "NAME"]]}, 400),
+    ("POST", "/diverse", {"entity_type": "user", "target_type": "tweet",
+                          "engagements": [["favorites"]]}, 400),
+    ("PUT", "/neighbors", {"entity_type": "user", "name": "NAME"}, 405),
+    ("DELETE", "/reload", None, 405),
+    ("PATCH", "/health", None, 405),
+    ("PUT", "/nope", None, 404),
 ]
 
 
 @pytest.mark.parametrize("method,path,body,status", BAD,
                          ids=[f"{i}-{m}{p}" for i, (m, p, _, _) in enumerate(BAD)])
 def test_bad_requests_get_4xx_with_a_message(server, method, path, body, status):
-  name = server.RequestHandlerClass.service.snapshot.retriever.names("user")[0]
+  name = server.service.snapshot.retriever.names("user")[0]
   raw = body if isinstance(body, bytes) else (
       None if body is None else json.dumps(body).replace('"NAME"', json.dumps(name)).encode())
   got, answer = call(server, method, path, raw=raw)
   assert got == status, answer
   assert isinstance(answer["error"], str) and len(answer["error"]) > 10
+
+
+@pytest.mark.parametrize("depth", [500, 30_000])
+def test_deeply_nested_json_is_a_400(server, depth):
+  """The first server answered 500 (RecursionError in json.loads) at depth 30,000."""
+  nested = b"[" * depth + b"]" * depth
+  for raw in (b'{"triples": ' + nested + b"}", nested):
+    status, answer = call(server, "POST", "/score", raw=raw)
+    assert status == 400, answer
+    assert ("nested too deeply" in answer["error"] if depth > 1000
+            else "triples" in answer["error"] or "object" in answer["error"]), answer
+  status, health = call(server, "GET", "/health")
+  assert status == 200  # still serving
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_other_methods_get_a_json_405(server, method):
+  """The first server answered PUT and DELETE with the standard library's HTML 501."""
+  for path, allowed in (("/neighbors", "POST"), ("/health", "GET")):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    connection.request(method, path, body=b"{}")
+    response = connection.getresponse()
+    assert response.status == 405
+    assert response.getheader("Content-Type") == "application/json"
+    assert allowed in response.getheader("Allow")
+    assert f"no route {method} {path}" in json.loads(response.read())["error"]
+    connection.close()
 
 
 def test_missing_content_length_is_refused(server):
@@ -215,6 +261,83 @@ def test_missing_content_length_is_refused(server):
   response = connection.getresponse()
   assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
   connection.close()
+
+
+@pytest.fixture()
+def impatient_server(server):
+  """A second server over the same service with 1 s request and keep-alive timeouts."""
+  httpd = serve.make_server(server.service, "127.0.0.1", 0, request_timeout=1.0,
+                            keep_alive_timeout=1)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield httpd
+  httpd.shutdown()
+  httpd.server_close()
+
+
+def _read_until_closed(sock, limit: float) -> bytes:
+  """Everything the server sends until it closes the connection (or ``limit`` s)."""
+  sock.settimeout(limit)
+  data = b""
+  while True:
+    chunk = sock.recv(65536)  # socket.timeout if the server never closes
+    if not chunk:
+      return data
+    data += chunk
+
+
+def test_slow_clients_are_cut_off_and_block_no_one(impatient_server):
+  """40 clients that connect and then stall (nothing sent, half the headers,
+  half the body): a normal request is still answered at once, and after the
+  request timeout each stalled client gets a 408 and its connection is closed.
+  The first server set no timeout: a stalled client held its thread forever."""
+  import socket
+  port = impatient_server.server_address[1]
+  name = impatient_server.service.snapshot.retriever.names("user")[0]
+  body = json.dumps({"entity_type": "user", "name": name}).encode()
+  stalls = [b"", b"POST /neighbors HTTP/1.1\r\nHost: x\r\nContent-Le",
+            b"POST /neighbors HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body[:10])]
+  stalled = []
+  started = time.monotonic()
+  for i in range(40):
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(stalls[i % 3])
+    stalled.append(sock)
+  connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+  connection.request("POST", "/neighbors", body=body)
+  response = connection.getresponse()
+  assert response.status == 200 and len(json.loads(response.read())["neighbors"]) == 10
+  assert time.monotonic() - started < 1.0  # answered before any stalled client timed out
+  connection.close()
+  for sock in stalled:
+    answer = _read_until_closed(sock, limit=10)  # the server closes within ~1 s
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"not received within 1 s" in answer
+  assert time.monotonic() - started < 8
+
+
+def test_idle_keep_alive_connection_is_closed(impatient_server):
+  """After an answer, a connection that stays silent past the keep-alive
+  timeout is closed by the server (the first server kept it open)."""
+  import socket
+  sock = socket.create_connection(("127.0.0.1", impatient_server.server_address[1]))
+  sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+  started = time.monotonic()
+  answer = _read_until_closed(sock, limit=10)
+  sock.close()
+  assert answer.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in answer
+  assert 0.5 < time.monotonic() - started < 5
+
+
+def test_oversized_headers_are_refused(server):
+  import socket
+  sock = socket.create_connection(("127.0.0.1", server.server_address[1]))
+  sock.sendall(b"GET /health HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 100_000 + b"\r\n")
+  answer = _read_until_closed(sock, limit=10)
+  sock.close()
+  assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
 
 
 def test_load_test_tool(server, run_dir):
@@ -238,7 +361,7 @@ def test_reload_swaps_versions_under_load(server, run_dir):
   """Train one more epoch into the run while two threads keep querying;
   POST /reload switches to the new checkpoint, then the --watch poller to the
   next one, with zero failed requests. Runs last (it changes the run)."""
-  service = server.RequestHandlerClass.service
+  service = server.service
   before = service.snapshot
   assert call(server, "POST", "/reload", {})[1]["reloaded"] is False  # nothing new
   names = before.retriever.names("user")

@@ -1,13 +1,19 @@
-"""Load test of ``twhin serve``: throughput, latency percentiles, errors.
+"""Load test of ``twhin serve``: throughput, latency percentiles, errors,
+and (for a soak) the server's memory over time and a hot reload under load.
 
     .venv/bin/python tools/load_test.py --workdir DIR [--url http://host:port]
         [--concurrency 8] [--requests 2000] [--duration 30] [--json]
+    # a 10-minute soak at saturation with a reload half way:
+    .venv/bin/python tools/load_test.py --workdir DIR --requests 0 --duration 600 \
+        --reload-at 300 --sample-every 10 --json
 
 Without --url it starts ``twhin serve --workdir DIR`` on a free local port in
-a subprocess (its own interpreter and GIL), waits for /health, and stops it
-at the end. With --url it targets a running server; --workdir is still read
-(``<workdir>/index/run.json`` and ``export/<type>.names.txt``, as written by
-the server) to draw entity names and relations.
+a subprocess (its own interpreter and GIL), from this checkout or from
+--server-root (another checkout, e.g. an older version to compare with),
+waits for /health, and stops it at the end. With --url it targets a running
+server (give --server-pid to sample its memory and CPU); --workdir is still
+read (``<workdir>/index/run.json`` and ``export/<type>.names.txt``, as
+written by the server) to draw entity names and relations.
 
 Each of N threads keeps one HTTP/1.1 connection and sends requests drawn
 (seeded per thread) from the mix
@@ -17,10 +23,16 @@ Each of N threads keeps one HTTP/1.1 connection and sends requests drawn
   20% /score      16 random triples
   15% /embedding  8 random names
 
-until --requests have been sent in total or --duration seconds have passed.
-Latency is measured per request around send + full response read. Prints a
-table, or with --json one JSON object: throughput (requests/s), p50/p90/p99
-and max latency (ms), errors (non-2xx or failed), and the same per route.
+until --requests have been sent in total (0: no limit) or --duration seconds
+have passed. --reload-at T sends ``POST /reload {"force": true}`` T seconds
+into the measured run from one more thread (the server builds a new snapshot
+while the mix goes on); its answer and time are reported. Latency is
+measured per request around send + full response read. With a server pid,
+its RSS and CPU time are sampled every --sample-every seconds (psutil).
+Prints a table, or with --json one JSON object: throughput (requests/s),
+p50/p90/p99 and max latency (ms), errors (non-2xx or failed), the same per
+route and per minute, the reload, and the server's RSS (start, end, max,
+samples) and CPU milliseconds per request.
 """
 
 from __future__ import annotations
@@ -102,13 +114,92 @@ def request_mix(rng: random.Random, names: dict, relations: list[dict]) -> tuple
                         "names": [rng.choice(names[entity_type]) for _ in range(8)]}, "embedding"
 
 
+class ServerSampler:
+  """Samples a server process's RSS and CPU time every ``every`` seconds."""
+
+  def __init__(self, pid: int | None, every: float):
+    import psutil
+    self.process = psutil.Process(pid) if pid else None
+    self.every = every
+    self.samples: list[dict] = []
+    self._stop = threading.Event()
+    self._thread = None
+    self._started = time.perf_counter()
+
+  def sample(self) -> dict | None:
+    if self.process is None:
+      return None
+    times = self.process.cpu_times()
+    point = {"t": round(time.perf_counter() - self._started, 1),
+             "rss_mb": round(self.process.memory_info().rss / 2**20, 1),
+             "cpu_s": round(times.user + times.system, 2)}
+    self.samples.append(point)
+    return point
+
+  def __enter__(self):
+    self._started = time.perf_counter()
+    self.sample()
+
+    def loop():
+      while not self._stop.wait(self.every):
+        self.sample()
+
+    if self.process is not None:
+      self._thread = threading.Thread(target=loop, daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    self.sample()
+
+  def summary(self, requests: int) -> dict | None:
+    if len(self.samples) < 2:
+      return None
+    first, last = self.samples[0], self.samples[-1]
+    return {"rss_start_mb": first["rss_mb"], "rss_end_mb": last["rss_mb"],
+            "rss_max_mb": max(p["rss_mb"] for p in self.samples),
+            "cpu_ms_per_request": round((last["cpu_s"] - first["cpu_s"]) * 1e3 / max(requests, 1), 3),
+            "samples": self.samples}
+
+
+def reload_at(host: str, port: int, delay: float, out: dict) -> threading.Thread:
+  """POST /reload {"force": true} after ``delay`` seconds, in a thread."""
+
+  def run():
+    time.sleep(delay)
+    connection = http.client.HTTPConnection(host, port, timeout=600)
+    started = time.perf_counter()
+    try:
+      connection.request("POST", "/reload", body=b'{"force": true}',
+                         headers={"Content-Type": "application/json"})
+      response = connection.getresponse()
+      answer = json.loads(response.read())
+      out.update(status=response.status, reloaded=answer.get("reloaded"),
+                 load_seconds=answer.get("load_seconds"), version_id=answer.get("version_id"),
+                 error=answer.get("error"))
+    except (OSError, http.client.HTTPException, ValueError) as err:
+      out.update(status=None, error=repr(err))
+    out.update(at_s=round(delay, 1), seconds=round(time.perf_counter() - started, 2))
+    connection.close()
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  return thread
+
+
 def run_load(host: str, port: int, names: dict, relations: list[dict], *, concurrency: int,
-             requests: int, duration: float, seed: int = 0) -> dict:
-  """Sends the mix from ``concurrency`` threads; returns the summary."""
+             requests: int, duration: float, seed: int = 0, reload_after: float | None = None,
+             server_pid: int | None = None, sample_every: float = 10.0) -> dict:
+  """Sends the mix from ``concurrency`` threads (``requests=0``: until
+  ``duration`` runs out); returns the summary."""
   lock = threading.Lock()
-  budget = {"left": requests}
-  records: list[tuple[str, float, bool]] = []
-  deadline = time.perf_counter() + duration
+  budget = {"left": requests if requests > 0 else float("inf")}
+  records: list[tuple[str, float, bool, float]] = []  # route, latency, ok, finished at
+  started = time.perf_counter()
+  deadline = started + duration
 
   def take() -> bool:
     with lock:
@@ -124,7 +215,7 @@ def run_load(host: str, port: int, names: dict, relations: list[dict], *, concur
     while take():
       path, body, label = request_mix(rng, names, relations)
       payload = json.dumps(body).encode()
-      started = time.perf_counter()
+      sent = time.perf_counter()
       ok = False
       try:
         connection.request("POST", path, body=payload,
@@ -135,19 +226,33 @@ def run_load(host: str, port: int, names: dict, relations: list[dict], *, concur
       except (OSError, http.client.HTTPException):
         connection.close()
         connection = http.client.HTTPConnection(host, port, timeout=60)
-      local.append((label, time.perf_counter() - started, ok))
+      done = time.perf_counter()
+      local.append((label, done - sent, ok, done - started))
     connection.close()
     with lock:
       records.extend(local)
 
-  threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-  started = time.perf_counter()
-  for thread in threads:
-    thread.start()
-  for thread in threads:
-    thread.join()
-  elapsed = time.perf_counter() - started
-  return summarize(records, elapsed, concurrency)
+  reload_result: dict = {}
+  with ServerSampler(server_pid, sample_every) as sampler:
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    deadline = started + duration
+    reloader = (reload_at(host, port, reload_after, reload_result)
+                if reload_after is not None else None)
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join()
+    elapsed = time.perf_counter() - started
+    if reloader is not None:
+      reloader.join()
+  summary = summarize(records, elapsed, concurrency)
+  if reload_after is not None:
+    summary["reload"] = reload_result
+  server = sampler.summary(len(records))
+  if server is not None:
+    summary["server"] = server
+  return summary
 
 
 def _stats(latencies: list[float], errors: int, elapsed: float) -> dict:
@@ -166,6 +271,14 @@ def summarize(records, elapsed: float, concurrency: int) -> dict:
   for label in sorted({r[0] for r in records}):
     mine = [r for r in records if r[0] == label]
     summary["routes"][label] = _stats([r[1] for r in mine], sum(not r[2] for r in mine), elapsed)
+  if elapsed > 120:  # a soak: the same figures per minute, to see drift
+    summary["minutes"] = []
+    for minute in range(int(np.ceil(elapsed / 60))):
+      mine = [r for r in records if minute * 60 <= r[3] < (minute + 1) * 60]
+      span = min(60.0, elapsed - minute * 60)
+      if mine and span > 0:
+        summary["minutes"].append(dict(minute=minute, **_stats(
+            [r[1] for r in mine], sum(not r[2] for r in mine), span)))
   return summary
 
 
@@ -174,26 +287,40 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="the trained run (names, relations)")
   parser.add_argument("--url", default=None, help="a running server (default: start one)")
+  parser.add_argument("--server-root", default=ROOT,
+                      help="checkout whose `twhin serve` is started (default: this one)")
+  parser.add_argument("--server-pid", type=int, default=None,
+                      help="with --url: the server's pid, to sample its RSS and CPU")
   parser.add_argument("--concurrency", type=int, default=8)
-  parser.add_argument("--requests", type=int, default=2000)
+  parser.add_argument("--requests", type=int, default=2000, help="requests in all (0: no limit)")
   parser.add_argument("--duration", type=float, default=30.0, help="seconds at most")
+  parser.add_argument("--reload-at", type=float, default=None, metavar="SECONDS",
+                      help="POST /reload {force: true} this many seconds into the run")
+  parser.add_argument("--sample-every", type=float, default=10.0, metavar="SECONDS",
+                      help="server RSS/CPU sampling interval")
   parser.add_argument("--warmup", type=int, default=50, help="requests sent first, not counted")
   parser.add_argument("--startup-timeout", type=float, default=600.0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
-    parser.error("--concurrency and --requests must be >= 1, --duration > 0")
+  if args.concurrency < 1 or args.requests < 0 or args.duration <= 0:
+    parser.error("--concurrency must be >= 1, --requests >= 0, --duration > 0")
+  if args.reload_at is not None and not 0 <= args.reload_at < args.duration:
+    parser.error("--reload-at must be within --duration")
 
   process = None
+  server_pid = args.server_pid
   if args.url:
     parsed = urllib.parse.urlparse(args.url)
     host, port = parsed.hostname, parsed.port or 80
   else:
     host, port = "127.0.0.1", free_port()
+    environment = dict(os.environ, PYTHONPATH=os.path.abspath(args.server_root))
     process = subprocess.Popen(
-        [sys.executable, "-m", "twhin_jax.cli", "serve", "--workdir", args.workdir,
-         "--host", host, "--port", str(port), "--quiet"], cwd=ROOT)
+        [sys.executable, "-m", "twhin_jax.cli", "serve", "--workdir",
+         os.path.abspath(args.workdir), "--host", host, "--port", str(port), "--quiet"],
+        cwd=args.server_root, env=environment)
+    server_pid = process.pid
   try:
     health = wait_healthy(host, port, args.startup_timeout, process)
     names, relations = load_vocab(args.workdir)
@@ -201,9 +328,12 @@ def main(argv=None) -> int:
       run_load(host, port, names, relations, concurrency=args.concurrency,
                requests=args.warmup, duration=args.duration, seed=args.seed + 1)
     summary = run_load(host, port, names, relations, concurrency=args.concurrency,
-                       requests=args.requests, duration=args.duration, seed=args.seed)
-    summary.update(workdir=args.workdir, version_id=health["version_id"],
-                   indexes=health.get("indexes"), entities=health["counts"]["entities"])
+                       requests=args.requests, duration=args.duration, seed=args.seed,
+                       reload_after=args.reload_at, server_pid=server_pid,
+                       sample_every=args.sample_every)
+    summary.update(workdir=args.workdir, server_root=os.path.abspath(args.server_root),
+                   version_id=health["version_id"], indexes=health.get("indexes"),
+                   entities=health["counts"]["entities"])
   finally:
     if process is not None:
       process.terminate()
@@ -211,6 +341,8 @@ def main(argv=None) -> int:
         process.wait(timeout=30)
       except subprocess.TimeoutExpired:
         process.kill()
+  reload_failed = "reload" in summary and not (summary["reload"].get("status") == 200
+                                               and summary["reload"].get("reloaded"))
   if args.json:
     print(json.dumps(summary))
   else:
@@ -220,7 +352,13 @@ def main(argv=None) -> int:
     for label, stats in summary["routes"].items():
       print(f"  {label:<16} {stats['requests']:>6}  p50 {stats['p50_ms']:>8} ms  "
             f"p99 {stats['p99_ms']:>8} ms  errors {stats['errors']}")
-  return 1 if summary["errors"] else 0
+    if "reload" in summary:
+      print(f"  reload: {summary['reload']}")
+    if "server" in summary:
+      server = summary["server"]
+      print(f"  server RSS {server['rss_start_mb']} -> {server['rss_end_mb']} MB "
+            f"(max {server['rss_max_mb']}), {server['cpu_ms_per_request']} CPU ms/request")
+  return 1 if summary["errors"] or reload_failed else 0
 
 
 if __name__ == "__main__":

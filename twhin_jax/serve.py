@@ -3,7 +3,8 @@ scores, embeddings, and hot reload of newer checkpoints.
 
     twhin serve --workdir DIR [--port 8080] [--host 127.0.0.1] [--watch SECONDS]
 
-Routes (the OpenAPI 3 description is served at ``GET /openapi.json``)::
+Routes (the OpenAPI document is at ``GET /openapi.json``, the interactive
+page at ``GET /docs``)::
 
   GET  /health      status, version id, checkpoint, loaded-at, counts, requests
   GET  /version     lineage of the loaded checkpoint (version, parent, hashes, created)
@@ -16,9 +17,13 @@ Routes (the OpenAPI 3 description is served at ``GET /openapi.json``)::
 Scores are the model's f(s, r, t) = compare(op_r(theta_s), theta_t) (model.py
 eq. 1); neighbours come from ``retrieval.Retriever`` (ScaNN or exact).
 
-Server. The standard library's ``ThreadingHTTPServer`` (HTTP/1.1, keep-alive,
-one thread per connection): no dependency, and the work of a request
-(a jitted matmul, a ScaNN call) releases the GIL, so threads overlap.
+Stack. FastAPI on uvicorn (httptools parser, uvloop event loop): the
+request and response models (serve_models.py) are the validation and the
+OpenAPI document; the ``/docs`` page's scripts are served from the
+fastapi-offline package, so it works without a CDN. One process: the work
+of a request (a jitted matmul, a ScaNN call) runs in the worker thread pool
+and releases the GIL, and one process holds one copy of the tables and one
+snapshot to swap (several worker processes would each need their own reload).
 
 Versions without dropped requests. Everything a request needs (the
 Retriever with its tables, names, searchers and relation parameters, and the
@@ -34,19 +39,26 @@ reported in /health.
 
 Safety. A request carries only JSON values: names are looked up in the
 vocabularies, relations and types in the run's schema; nothing in a request
-is a path or code. Bodies are limited (``max_body`` bytes, 1 MiB by default),
-as are k (1..1000), names per request and triples per request. Errors are
-JSON ``{"error": message}`` with a 4xx status (5xx only for bugs).
+is a path or code. Bodies need a Content-Length and are limited (``max_body``
+bytes, 1 MiB by default; a larger one is refused before it is read), as are
+k (1..1000), names, triples and engagements per request, and JSON nesting
+(too deep is a 400, not a RecursionError). A client has ``request_timeout``
+seconds to send a whole request and ``keep_alive_timeout`` seconds of
+silence between requests; then its connection is closed (a slow client
+cannot hold a connection, and never holds a thread). Errors are JSON
+``{"error": message}`` with a 4xx status (5xx only for bugs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
-import http.server
+import importlib.util
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -54,15 +66,16 @@ from typing import Any
 import numpy as np
 
 from twhin_jax import retrieval
+from twhin_jax import serve_models as models
+from twhin_jax.serve_models import MAX_ENGAGEMENTS, MAX_K, MAX_NAMES, MAX_TRIPLES  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "1"
 MAX_BODY = 1 << 20
-MAX_K = 1000
-MAX_NAMES = 1000
-MAX_TRIPLES = 10_000
-MAX_ENGAGEMENTS = 10_000
+REQUEST_TIMEOUT = 10.0  # seconds to receive one whole request (headers and body)
+KEEP_ALIVE_TIMEOUT = 5  # seconds of silence before an idle keep-alive connection is closed
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class ApiError(Exception):
@@ -72,58 +85,6 @@ class ApiError(Exception):
     super().__init__(message)
     self.status = status
     self.message = message
-
-
-# ---------------------------------------------------------------------------
-# Request validation.
-
-
-def _field(body: dict, name: str, kind, *, required: bool = True, default=None):
-  """body[name] checked against a JSON type (bool is not an int here)."""
-  if name not in body or body[name] is None:
-    if required:
-      raise ApiError(400, f"missing field {name!r}")
-    return default
-  value = body[name]
-  kinds = kind if isinstance(kind, tuple) else (kind,)
-  if isinstance(value, bool) and bool not in kinds:
-    raise ApiError(400, f"field {name!r} must be {_type_name(kind)}, got a boolean")
-  if not isinstance(value, kinds):
-    raise ApiError(400, f"field {name!r} must be {_type_name(kind)}, "
-                   f"got {type(value).__name__}")
-  return value
-
-
-def _type_name(kind) -> str:
-  names = {str: "a string", int: "an integer", bool: "a boolean", list: "an array",
-           dict: "an object"}
-  kinds = kind if isinstance(kind, tuple) else (kind,)
-  return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _check_fields(body: dict, allowed: tuple[str, ...]) -> None:
-  unknown = sorted(set(body) - set(allowed))
-  if unknown:
-    raise ApiError(400, f"unknown fields {unknown}; allowed: {list(allowed)}")
-
-
-def _k(body: dict, default: int = 10) -> int:
-  k = _field(body, "k", int, required=False, default=default)
-  if not 1 <= k <= MAX_K:
-    raise ApiError(400, f"k must be in [1, {MAX_K}], got {k}")
-  return k
-
-
-def _string_list(body: dict, name: str, limit: int) -> list[str]:
-  values = _field(body, name, list)
-  if not values:
-    raise ApiError(400, f"field {name!r} must not be empty")
-  if len(values) > limit:
-    raise ApiError(400, f"field {name!r} has {len(values)} items; at most {limit}")
-  for i, value in enumerate(values):
-    if not isinstance(value, str):
-      raise ApiError(400, f"{name}[{i}] must be a string, got {type(value).__name__}")
-  return values
 
 
 # ---------------------------------------------------------------------------
@@ -298,8 +259,7 @@ class Service:
         "relations": snap.retriever.run["relations"],
     }
 
-  def _type(self, snap: Snapshot, body: dict, name: str = "entity_type") -> str:
-    value = _field(body, name, str)
+  def _type(self, snap: Snapshot, value: str) -> str:
     if value not in snap.retriever.run["entities"]:
       raise ApiError(400, f"unknown entity type {value!r}; this run has "
                      f"{sorted(snap.retriever.run['entities'])}")
@@ -317,32 +277,23 @@ class Service:
     except KeyError:
       raise ApiError(404, f"unknown {entity_type} {name!r}") from None
 
-  def neighbors(self, snap: Snapshot, body: dict) -> dict:
-    _check_fields(body, ("entity_type", "name", "relation", "k", "direction", "exact"))
-    entity_type = self._type(snap, body)
-    name = _field(body, "name", str)
-    relation = _field(body, "relation", str, required=False)
-    k = _k(body)
-    direction = _field(body, "direction", str, required=False)
-    exact = _field(body, "exact", bool, required=False, default=False)
+  def neighbors(self, snap: Snapshot, request: models.NeighborsRequest) -> dict:
+    entity_type = self._type(snap, request.entity_type)
+    name, relation, direction = request.name, request.relation, request.direction
     row = self._row(snap, entity_type, name)
     target_type = entity_type
     if relation is not None:
       rel = self._relation(snap, relation)
-      if direction not in (None, "forward", "reverse"):
-        raise ApiError(400, f"direction must be 'forward' or 'reverse', got {direction!r}")
       direction = direction or ("forward" if entity_type == rel.source else "reverse")
       known = rel.source if direction == "forward" else rel.target
       if entity_type != known:
         raise ApiError(400, f"relation {relation!r} joins {rel.source} -> {rel.target}; "
                        f"{entity_type!r} is not its {'source' if direction == 'forward' else 'target'}")
       target_type = rel.target if direction == "forward" else rel.source
-    elif direction is not None:
-      raise ApiError(400, "direction needs a relation")
-    found = snap.retriever.neighbors(entity_type, row, relation=relation, k=k, exact=exact,
-                                     direction=direction)
+    found = snap.retriever.neighbors(entity_type, row, relation=relation, k=request.k,
+                                     exact=request.exact, direction=direction)
     return {"entity_type": entity_type, "name": name, "relation": relation,
-            "direction": direction, "target_type": target_type, "exact": exact,
+            "direction": direction, "target_type": target_type, "exact": request.exact,
             "version_id": snap.version_id,
             "neighbors": [{"rank": i + 1, "name": n.name, "id": n.id, "score": n.score}
                           for i, n in enumerate(found)]}
@@ -364,30 +315,18 @@ class Service:
         snap.mixtures[target_type] = model
       return snap.mixtures[target_type]
 
-  def diverse(self, snap: Snapshot, body: dict) -> dict:
+  def diverse(self, snap: Snapshot, request: models.DiverseRequest) -> dict:
     from twhin_jax import mixture as mixture_lib
-    _check_fields(body, ("entity_type", "name", "engagements", "target_type", "k", "exact",
-                         "exclude", "personal"))
-    entity_type = self._type(snap, body)
-    target_type = self._type(snap, body, "target_type")
-    k = _k(body)
-    exact = _field(body, "exact", bool, required=False, default=False)
-    name = _field(body, "name", str, required=False)
-    engagements = _field(body, "engagements", list, required=False)
-    if (name is None) == (engagements is None):
-      raise ApiError(400, "give exactly one of 'name' and 'engagements'")
-    exclude = _field(body, "exclude", list, required=False, default=[])
-    if len(exclude) > MAX_NAMES or any(not isinstance(e, str) for e in exclude):
-      raise ApiError(400, f"'exclude' must be at most {MAX_NAMES} {target_type} names (strings)")
+    entity_type = self._type(snap, request.entity_type)
+    target_type = self._type(snap, request.target_type)
+    name = request.name
     model = self._mixture(snap, target_type)
     if entity_type != model.source_type:
       raise ApiError(400, f"the {target_type!r} mixtures are of {model.source_type!r} "
                      f"entities, not {entity_type!r}")
     # personal (known entities only): clusters set each one's share of k,
     # the entity's own query vector ranks the members (mixture.diverse_search).
-    personal = _field(body, "personal", bool, required=False, default=name is not None)
-    if personal and name is None:
-      raise ApiError(400, "'personal' needs 'name' (an entity with a trained vector)")
+    personal = request.personal if request.personal is not None else name is not None
     query = None
     if name is not None:
       row = self._row(snap, entity_type, name)
@@ -395,22 +334,17 @@ class Service:
       if personal:
         query = snap.retriever.query_vectors(model.relations[0], [row]).vectors[0]
     else:
-      if not engagements or len(engagements) > MAX_ENGAGEMENTS:
-        raise ApiError(400, f"'engagements' needs 1 to {MAX_ENGAGEMENTS} items")
       pairs = []
-      for i, pair in enumerate(engagements):
-        if (not isinstance(pair, list) or len(pair) != 2
-            or not all(isinstance(p, str) for p in pair)):
-          raise ApiError(400, f"engagements[{i}] must be [relation, {target_type} name]")
-        if pair[0] not in model.relations:
-          raise ApiError(400, f"engagements[{i}]: relation {pair[0]!r} is not one of "
+      for i, (relation, target) in enumerate(request.engagements):
+        if relation not in model.relations:
+          raise ApiError(400, f"engagements[{i}]: relation {relation!r} is not one of "
                          f"{list(model.relations)}")
-        pairs.append((pair[0], self._row(snap, target_type, pair[1])))
+        pairs.append((relation, self._row(snap, target_type, target)))
       mix = model.mixture_from_engagements(pairs, snap.retriever)
-    excluded = [self._row(snap, target_type, e) for e in exclude]
+    excluded = [self._row(snap, target_type, e) for e in request.exclude]
     ids, scores, components = mixture_lib.diverse_search(
-        snap.retriever, target_type, mix, k, clustering=model.clustering, exclude=excluded,
-        exact=exact, query=query)
+        snap.retriever, target_type, mix, request.k, clustering=model.clustering,
+        exclude=excluded, exact=request.exact, query=query)
     names = snap.retriever.names(target_type)
     return {"entity_type": entity_type, "target_type": target_type,
             "version_id": snap.version_id,
@@ -420,19 +354,12 @@ class Service:
                          "cluster": int(mix.clusters[int(c)])}
                         for i, (t, s, c) in enumerate(zip(ids, scores, components))]}
 
-  def score(self, snap: Snapshot, body: dict) -> dict:
+  def score(self, snap: Snapshot, request: models.ScoreRequest) -> dict:
     import jax.numpy as jnp
     from twhin_jax.model import apply_operator, compare_pairs
-    _check_fields(body, ("triples",))
-    triples = _field(body, "triples", list)
-    if not triples or len(triples) > MAX_TRIPLES:
-      raise ApiError(400, f"'triples' needs 1 to {MAX_TRIPLES} items")
+    triples = request.triples
     groups: dict[str, list[tuple[int, int, int]]] = {}
-    for i, triple in enumerate(triples):
-      if (not isinstance(triple, list) or len(triple) != 3
-          or not all(isinstance(x, str) for x in triple)):
-        raise ApiError(400, f"triples[{i}] must be [source name, relation, target name] strings")
-      source, relation, target = triple
+    for i, (source, relation, target) in enumerate(triples):
       rel = self._relation(snap, relation)
       groups.setdefault(relation, []).append(
           (i, self._row(snap, rel.source, source), self._row(snap, rel.target, target)))
@@ -453,23 +380,20 @@ class Service:
       scores[where] = np.asarray(compare_pairs(r.comparator, query,
                                                jnp.asarray(targets)))[:len(items)]  # [n]
     return {"comparator": r.comparator, "version_id": snap.version_id,
-            "scores": [float(s) for s in scores]}
+            "scores": scores.tolist()}
 
-  def embedding(self, snap: Snapshot, body: dict) -> dict:
-    _check_fields(body, ("entity_type", "names"))
-    entity_type = self._type(snap, body)
-    names = _string_list(body, "names", MAX_NAMES)
+  def embedding(self, snap: Snapshot, request: models.EmbeddingRequest) -> dict:
+    entity_type = self._type(snap, request.entity_type)
+    names = request.names
     rows = np.array([self._row(snap, entity_type, n) for n in names], np.int64)
     vectors = np.asarray(snap.retriever.table(entity_type)[rows], np.float32)  # [n, d]
     return {"entity_type": entity_type, "dim": int(vectors.shape[1]),
             "version_id": snap.version_id,
-            "embeddings": [{"name": n, "vector": v.tolist()} for n, v in zip(names, vectors)]}
+            "embeddings": [{"name": n, "vector": v} for n, v in zip(names, vectors.tolist())]}
 
-  def reload_route(self, body: dict) -> dict:
-    _check_fields(body, ("force",))
-    force = _field(body, "force", bool, required=False, default=False)
+  def reload_route(self, request: models.ReloadRequest) -> dict:
     try:
-      return self.reload(force=force)
+      return self.reload(force=request.force)
     except FileNotFoundError as err:
       raise ApiError(409, f"cannot reload: {err}") from None
     except Exception as err:
@@ -478,241 +402,379 @@ class Service:
 
 
 # ---------------------------------------------------------------------------
-# OpenAPI.
+# The application (FastAPI): routes, error format, body rules.
+
+GET_ROUTES = ("/health", "/version", "/openapi.json", "/docs")
+POST_ROUTES = ("/neighbors", "/diverse", "/score", "/embedding", "/reload")
+
+_ERRORS = {
+    400: "malformed request (bad JSON, wrong type, unknown field, unknown type or relation)",
+    404: "unknown entity name",
+    409: "state conflict (no mixture, no checkpoint)",
+    411: "no Content-Length (chunked bodies are refused)",
+    413: "body larger than the limit",
+}
 
 
-def _schema_ref(name: str) -> dict:
-  return {"$ref": f"#/components/schemas/{name}"}
+def _error_responses(*codes: int) -> dict:
+  return {code: {"model": models.Error, "description": _ERRORS[code]} for code in codes}
 
 
-def openapi() -> dict:
-  """The OpenAPI 3.0 description of every route."""
-  string, integer, boolean, number = ({"type": t} for t in ("string", "integer", "boolean",
-                                                               "number"))
-  k = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}
-  names = {"type": "array", "items": string, "minItems": 1, "maxItems": MAX_NAMES}
+def _json_error(status: int, message: str, headers: dict | None = None):
+  from starlette.responses import JSONResponse
+  return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-  def obj(properties: dict, required=()):
-    out = {"type": "object", "properties": properties, "additionalProperties": False}
-    if required:
-      out["required"] = list(required)
-    return out
 
-  schemas = {
-      "Error": {"type": "object", "properties": {"error": string}, "required": ["error"]},
-      "NeighborsRequest": obj({
-          "entity_type": string, "name": string,
-          "relation": dict(string, description="rank this relation's other end by f(s, r, t); "
-                           "absent: same-type neighbours by the comparator"),
-          "k": k, "direction": {"type": "string", "enum": ["forward", "reverse"]},
-          "exact": dict(boolean, default=False)}, ("entity_type", "name")),
-      "Ranked": {"type": "object", "properties": {"rank": integer, "name": string,
-                                                  "id": integer, "score": number}},
-      "NeighborsResponse": {"type": "object", "properties": {
-          "entity_type": string, "name": string, "relation": string, "direction": string,
-          "target_type": string, "exact": boolean, "version_id": string,
-          "neighbors": {"type": "array", "items": _schema_ref("Ranked")}}},
-      "DiverseRequest": obj({
-          "entity_type": dict(string, description="the mixtures' source (user) type"),
-          "name": string,
-          "engagements": {"type": "array", "maxItems": MAX_ENGAGEMENTS, "items": {
-              "type": "array", "items": string, "minItems": 2, "maxItems": 2},
-              "description": "[relation, target name] pairs (a new user)"},
-          "target_type": string, "k": k, "exact": dict(boolean, default=False),
-          "exclude": names,
-          "personal": dict(boolean, description=(
-              "rank each cluster's members by the entity's own query vector (default "
-              "with 'name'); false: by the cluster's vector"))}, ("entity_type", "target_type")),
-      "DiverseResponse": {"type": "object", "properties": {
-          "entity_type": string, "target_type": string, "version_id": string,
-          "mixture": {"type": "array", "items": {"type": "object", "properties": {
-              "cluster": integer, "weight": number}}},
-          "results": {"type": "array", "items": _schema_ref("Ranked")}}},
-      "ScoreRequest": obj({"triples": {
-          "type": "array", "minItems": 1, "maxItems": MAX_TRIPLES,
-          "items": {"type": "array", "items": string, "minItems": 3, "maxItems": 3},
-          "description": "[source name, relation, target name]"}}, ("triples",)),
-      "ScoreResponse": {"type": "object", "properties": {
-          "comparator": string, "version_id": string,
-          "scores": {"type": "array", "items": number}}},
-      "EmbeddingRequest": obj({"entity_type": string, "names": names},
-                              ("entity_type", "names")),
-      "EmbeddingResponse": {"type": "object", "properties": {
-          "entity_type": string, "dim": integer, "version_id": string,
-          "embeddings": {"type": "array", "items": {"type": "object", "properties": {
-              "name": string, "vector": {"type": "array", "items": number}}}}}},
-      "ReloadRequest": obj({"force": dict(boolean, default=False)}),
-      "ReloadResponse": {"type": "object", "properties": {
-          "reloaded": boolean, "version_id": string, "checkpoint": {"type": "object"},
-          "previous": {"type": "object"}, "load_seconds": number}},
-      "Health": {"type": "object", "properties": {
-          "status": string, "version_id": string, "checkpoint": {"type": "object"},
-          "loaded_at": string, "started_at": string, "counts": {"type": "object"},
-          "indexes": {"type": "object"}, "requests": integer, "errors": integer,
-          "reloads": integer, "last_reload_error": {"type": "string", "nullable": True}}},
-      "Version": {"type": "object", "properties": {
-          "version_id": string, "parent_id": {"type": "string", "nullable": True},
-          "graph_manifest_hash": string, "config_hash": string, "created": string,
-          "checkpoint": {"type": "object"}, "comparator": string, "reciprocal": boolean,
-          "relations": {"type": "array", "items": {"type": "object"}}}},
-  }
-  errors = {str(code): {"description": text, "content": {
-      "application/json": {"schema": _schema_ref("Error")}}}
-            for code, text in ((400, "malformed request"), (404, "unknown entity name"),
-                               (409, "state conflict (no mixture, no checkpoint)"),
-                               (413, "body too large"))}
+def _describe_validation(errors) -> str:
+  """One line per pydantic error, naming the field: ``field 'k': Input
+  should be less than or equal to 1000``; the input itself is not echoed."""
+  lines = []
+  for error in errors[:5]:
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    where = ".".join(loc)
+    kind, message = error.get("type", ""), str(error.get("msg", ""))
+    message = message.removeprefix("Value error, ")
+    if kind == "json_invalid":
+      lines.append(f"malformed JSON: {error.get('ctx', {}).get('error', message)} "
+                   f"at character {loc[-1] if loc else '?'}")
+    elif kind == "missing":
+      lines.append(f"missing field {where!r}" if where else "missing request body (a JSON object)")
+    elif kind == "extra_forbidden":
+      lines.append(f"unknown field {where!r}")
+    elif kind in ("model_type", "model_attributes_type", "dict_type") and not loc:
+      lines.append("the body must be a JSON object")
+    elif where:
+      lines.append(f"field {where!r}: {message}")
+    else:
+      lines.append(message)
+  if len(errors) > 5:
+    lines.append(f"and {len(errors) - 5} more")
+  return "; ".join(lines)
 
-  def get(summary: str, schema: str) -> dict:
-    return {"get": {"summary": summary, "responses": {"200": {
-        "description": "OK", "content": {"application/json": {"schema": _schema_ref(schema)}}}}}}
 
-  def post(summary: str, request: str, response: str) -> dict:
-    return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
-        "application/json": {"schema": _schema_ref(request)}}},
-        "responses": dict({"200": {"description": "OK", "content": {
-            "application/json": {"schema": _schema_ref(response)}}}}, **errors)}}
+class _BodyRules:
+  """ASGI middleware in front of the app: counts every answer for /health,
+  and applies the body rules of the POST routes before a byte of the body
+  is read (411 without Content-Length or with a chunked body, 413 over
+  ``max_body``). The body is JSON whatever its Content-Type says, as in the
+  first version of this server (``curl -d`` sends form-urlencoded)."""
 
-  return {
-      "openapi": "3.0.3",
-      "info": {"title": "twhin-jax service", "version": API_VERSION,
-               "description": "Neighbours, diverse retrieval, scores and embeddings of one "
-                              "trained TwHIN run; f(s, r, t) = compare(op_r(theta_s), theta_t)."},
-      "paths": {
-          "/health": get("status, version, load time, counts, request totals", "Health"),
-          "/version": get("lineage of the served checkpoint", "Version"),
-          "/openapi.json": {"get": {"summary": "this document",
-                                    "responses": {"200": {"description": "OK"}}}},
-          "/neighbors": post("ranked targets of a relation (or same-type neighbours)",
-                             "NeighborsRequest", "NeighborsResponse"),
-          "/diverse": post("diverse retrieval from a user's mixture (needs `twhin cluster`)",
-                           "DiverseRequest", "DiverseResponse"),
-          "/score": post("the model's score of each triple", "ScoreRequest", "ScoreResponse"),
-          "/embedding": post("embedding vectors by name", "EmbeddingRequest",
-                             "EmbeddingResponse"),
-          "/reload": post("switch to the run's latest checkpoint without dropping requests",
-                          "ReloadRequest", "ReloadResponse"),
-      },
-      "components": {"schemas": schemas},
-  }
+  def __init__(self, app, service: Service, max_body: int):
+    self.app = app
+    self.service = service
+    self.max_body = max_body
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    service = self.service
+
+    async def counting_send(message):
+      if message["type"] == "http.response.start":
+        service.count(message["status"] >= 400)
+      await send(message)
+
+    if scope["method"] == "POST" and scope["path"] in POST_ROUTES:
+      length = chunked = None
+      headers = []
+      for name, value in scope["headers"]:
+        if name == b"content-length":
+          length = value
+        elif name == b"transfer-encoding":
+          chunked = value
+        if name != b"content-type":
+          headers.append((name, value))
+      problem = None
+      if chunked is not None:
+        problem = 411, "chunked bodies are not accepted; send Content-Length"
+      elif length is None:
+        problem = 411, "Content-Length required"
+      else:
+        try:
+          size = int(length)
+        except ValueError:
+          problem = 400, f"bad Content-Length {length.decode('latin-1')!r}"
+        else:
+          if size < 0 or size > self.max_body:
+            problem = 413, f"body of {size} bytes exceeds the limit of {self.max_body}"
+      if problem is not None:  # the body is not read: close the connection after answering
+        response = _json_error(*problem, headers={"Connection": "close"})
+        return await response(scope, receive, counting_send)
+      headers.append((b"content-type", b"application/json"))
+      scope = dict(scope, headers=headers)
+    await self.app(scope, receive, counting_send)
+
+
+def make_app(service: Service, max_body: int = MAX_BODY):
+  """The FastAPI application over ``service``."""
+  import fastapi
+  import fastapi_offline
+  from fastapi.exceptions import RequestValidationError
+  from starlette.exceptions import HTTPException as StarletteHTTPException
+
+  app = fastapi_offline.FastAPIOffline(
+      title="twhin-jax service", version=API_VERSION, redoc_url=None,
+      static_url="/docs-static", openapi_url="/openapi.json",
+      description="Neighbours, diverse retrieval, scores and embeddings of one trained TwHIN "
+                  "run; f(s, r, t) = compare(op_r(theta_s), theta_t). Errors are JSON "
+                  "`{\"error\": message}`.")
+
+  @app.exception_handler(ApiError)
+  async def api_error(request, err: ApiError):
+    return _json_error(err.status, err.message)
+
+  @app.exception_handler(RequestValidationError)
+  async def validation_error(request, err: RequestValidationError):
+    return _json_error(400, _describe_validation(err.errors()))
+
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(request, err: StarletteHTTPException):
+    method, path = request.method, request.url.path
+    if err.status_code == 404 and err.detail == "Not Found":
+      message = f"no route {method} {path}; routes: GET {', '.join(GET_ROUTES)}; POST " \
+                f"{', '.join(POST_ROUTES)}"
+    elif err.status_code == 405:
+      allowed = (err.headers or {}).get("Allow", "")
+      message = f"no route {method} {path}; it allows {allowed}"
+    elif err.status_code == 400 and isinstance(err.__cause__, RecursionError):
+      message = "malformed JSON: nested too deeply"
+    elif err.status_code == 400 and err.__cause__ is not None:
+      message = f"malformed body: {type(err.__cause__).__name__}: {err.__cause__}"
+    else:
+      message = str(err.detail)
+    return _json_error(err.status_code, message, headers=err.headers)
+
+  @app.exception_handler(Exception)
+  async def internal_error(request, err: Exception):  # a bug: answer, log, keep serving
+    log.error("error serving %s %s", request.method, request.url.path, exc_info=err)
+    return _json_error(500, f"internal error: {type(err).__name__}: {err}")
+
+  # Routes. Each reads `service.snapshot` once. The bounded ones (a lookup,
+  # one search, a few small jitted ops) run on the event loop: measured here,
+  # a hop to the thread pool and back costs more than the search itself.
+  # The two that can take long (a reload builds a snapshot; /diverse may
+  # read a mixture from disk) are plain `def`: FastAPI runs them in its
+  # thread pool, and the event loop keeps answering.
+
+  @app.get("/health", response_model=models.Health,
+           summary="status, version, load time, counts, request totals")
+  async def health():
+    return service.health(service.snapshot)
+
+  @app.get("/version", response_model=models.Version,
+           summary="lineage of the served checkpoint")
+  async def version():
+    return service.version(service.snapshot)
+
+  @app.post("/neighbors", response_model=models.NeighborsResponse,
+            responses=_error_responses(400, 404, 411, 413),
+            summary="ranked targets of a relation (or same-type neighbours)")
+  async def neighbors(request: models.NeighborsRequest):
+    return service.neighbors(service.snapshot, request)
+
+  @app.post("/diverse", response_model=models.DiverseResponse,
+            responses=_error_responses(400, 404, 409, 411, 413),
+            summary="diverse retrieval from a user's mixture (needs `twhin cluster`)")
+  def diverse(request: models.DiverseRequest):
+    return service.diverse(service.snapshot, request)
+
+  @app.post("/score", response_model=models.ScoreResponse,
+            responses=_error_responses(400, 404, 411, 413),
+            summary="the model's score of each triple")
+  async def score(request: models.ScoreRequest):
+    return service.score(service.snapshot, request)
+
+  @app.post("/embedding", response_model=models.EmbeddingResponse,
+            responses=_error_responses(400, 404, 411, 413),
+            summary="embedding vectors by name")
+  async def embedding(request: models.EmbeddingRequest):
+    return service.embedding(service.snapshot, request)
+
+  @app.post("/reload", response_model=models.ReloadResponse,
+            responses=_error_responses(400, 409, 411, 413),
+            summary="switch to the run's latest checkpoint without dropping requests")
+  def reload(request: models.ReloadRequest | None = fastapi.Body(None)):
+    return service.reload_route(request or models.ReloadRequest())
+
+  def openapi() -> dict:
+    """FastAPI's document, less its 422 answers: validation errors are 400 here."""
+    if app.openapi_schema is None:
+      from fastapi.openapi.utils import get_openapi
+      document = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+      for item in document["paths"].values():
+        for operation in item.values():
+          operation["responses"].pop("422", None)
+      schemas = document.get("components", {}).get("schemas", {})
+      for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+      app.openapi_schema = document
+    return app.openapi_schema
+
+  app.openapi = openapi
+  return _BodyRules(app, service, max_body)
 
 
 # ---------------------------------------------------------------------------
-# HTTP.
+# HTTP (uvicorn).
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-  """JSON over HTTP/1.1 (keep-alive); the routes are ``Service`` methods."""
+def _timed_protocol(request_timeout: float, max_header_bytes: int):
+  """uvicorn's httptools protocol with a deadline on receiving each request.
 
-  protocol_version = "HTTP/1.1"
-  # Headers and body go out in two writes; with Nagle on, the body waits for
-  # the client's delayed ACK (40 ms per request on Linux).
-  disable_nagle_algorithm = True
-  server_version = "twhin-serve/" + API_VERSION
-  service: Service  # set on the subclass made by make_server
-  max_body: int = MAX_BODY
+  uvicorn times out only idle keep-alive connections between requests
+  (``timeout_keep_alive``); a client that connects and sends nothing, or
+  sends headers or a body a byte at a time, is never cut off. Here the
+  deadline is armed when the connection opens and when a request begins,
+  and cleared when the request has arrived in full; when it fires before
+  any answer has started, the client gets a 408 and the connection is
+  closed. Headers are limited to ``max_header_bytes`` (431)."""
+  from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-  def log_message(self, format, *args):  # noqa: A002 - the base class's name
-    log.debug("%s " + format, self.address_string(), *args)
+  class TimedHttpToolsProtocol(HttpToolsProtocol):
 
-  def _send(self, status: int, document: Any) -> None:
-    payload = json.dumps(document).encode()
-    self.send_response(status)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(payload)))
-    if self.close_connection:
-      self.send_header("Connection", "close")
-    self.end_headers()
-    self.wfile.write(payload)
+    def connection_made(self, transport):
+      self._request_deadline = None
+      self._header_bytes = 0
+      self._in_headers = False  # True from a request's first byte to its last header
+      super().connection_made(transport)
+      self._arm_request_deadline()
 
-  def _body(self) -> dict:
-    length = self.headers.get("Content-Length")
-    if self.headers.get("Transfer-Encoding"):
-      self.close_connection = True
-      raise ApiError(411, "chunked bodies are not accepted; send Content-Length")
-    if length is None:
-      self.close_connection = True
-      raise ApiError(411, "Content-Length required")
+    def connection_lost(self, exc):
+      self._cancel_request_deadline()
+      super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+      super().data_received(data)
+      if self._in_headers and not self.transport.is_closing():
+        # Still in the headers after this chunk: all of it was header bytes.
+        self._header_bytes += len(data)
+        if self._header_bytes > max_header_bytes:
+          self._refuse(431, f"request headers over {max_header_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+      super().on_message_begin()
+      self._in_headers = True
+      self._header_bytes = 0
+      if self._request_deadline is None:
+        self._arm_request_deadline()
+
+    def on_headers_complete(self) -> None:
+      self._in_headers = False
+      super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+      self._cancel_request_deadline()
+      super().on_message_complete()
+
+    def _arm_request_deadline(self):
+      self._request_deadline = self.loop.call_later(request_timeout, self._request_timed_out)
+
+    def _cancel_request_deadline(self):
+      if self._request_deadline is not None:
+        self._request_deadline.cancel()
+        self._request_deadline = None
+
+    def _request_timed_out(self):
+      self._request_deadline = None
+      if self.transport.is_closing():
+        return
+      cycle = self.cycle
+      if cycle is not None and cycle.response_started and not cycle.response_complete:
+        # A pipelined request is late while the previous answer is being
+        # written: never cut into an answer; look again later.
+        self._arm_request_deadline()
+        return
+      self._refuse(408, f"request not received within {request_timeout:g} s")
+
+    def _refuse(self, status: int, message: str):
+      self._cancel_request_deadline()
+      reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+      payload = json.dumps({"error": message}).encode()
+      self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                           b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                           % (status, reason, len(payload), payload))
+      self.transport.close()
+      self.service_count(True)
+
+    service_count = staticmethod(lambda error: None)  # replaced by HttpServer
+
+  return TimedHttpToolsProtocol
+
+
+class HttpServer:
+  """The service on uvicorn, bound at construction (``port=0`` picks a free
+  port: ``server_address[1]``). ``serve_forever()`` blocks until
+  ``shutdown()`` (from another thread) or Ctrl-C."""
+
+  def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 8080, *,
+               max_body: int = MAX_BODY, request_timeout: float = REQUEST_TIMEOUT,
+               keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
+               max_header_bytes: int = MAX_HEADER_BYTES, backlog: int = 1024,
+               thread_pool: int = 8):
+    import uvicorn
+    self.service = service
+    self.app = make_app(service, max_body)
+    protocol = _timed_protocol(float(request_timeout), int(max_header_bytes))
+    protocol.service_count = staticmethod(service.count)
+    self.thread_pool = thread_pool
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    self.config = uvicorn.Config(
+        self.app, loop=loop, http=protocol, ws="none", lifespan="off",
+        interface="asgi3", timeout_keep_alive=keep_alive_timeout, backlog=backlog,
+        access_log=False, log_config=None, server_header=False,
+        timeout_graceful_shutdown=5)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    self.socket = socket.socket(family, socket.SOCK_STREAM)
+    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    self.socket.bind((host, port))
+    self.socket.listen(backlog)
+    self.socket.set_inheritable(True)
+    self.server_address = self.socket.getsockname()
+    self.server = uvicorn.Server(self.config)
+    self._stopped = threading.Event()
+
+  def serve_forever(self) -> None:
+    async def main():
+      import anyio.to_thread
+      # The thread pool the route functions run in (anyio's default is 40).
+      anyio.to_thread.current_default_thread_limiter().total_tokens = self.thread_pool
+      await self.server.serve(sockets=[self.socket])
+
     try:
-      length = int(length)
-    except ValueError:
-      self.close_connection = True
-      raise ApiError(400, f"bad Content-Length {length!r}") from None
-    if length < 0 or length > self.max_body:
-      self.close_connection = True  # the body is not read
-      raise ApiError(413, f"body of {length} bytes exceeds the limit of {self.max_body}")
-    raw = self.rfile.read(length)
-    try:
-      body = json.loads(raw.decode("utf-8")) if raw else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-      raise ApiError(400, f"malformed JSON: {err}") from None
-    if not isinstance(body, dict):
-      raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
-    return body
+      loop_factory = self.config.get_loop_factory()
+      with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+    finally:
+      self._stopped.set()
 
-  def _dispatch(self, method: str) -> None:
-    service = self.service
-    snap = service.snapshot  # one reference for the whole request
-    path = self.path.split("?", 1)[0]
-    status, document = 200, None
-    try:
-      if method == "GET":
-        routes = {"/health": lambda: service.health(snap),
-                  "/version": lambda: service.version(snap),
-                  "/openapi.json": openapi}
-        if path not in routes:
-          raise ApiError(405 if path in _POST_ROUTES else 404, f"no route GET {path}")
-        document = routes[path]()
-      else:
-        if path not in _POST_ROUTES:
-          raise ApiError(405 if path in _GET_ROUTES else 404, f"no route POST {path}")
-        body = self._body()
-        if path == "/reload":
-          document = service.reload_route(body)
-        else:
-          document = getattr(service, _POST_ROUTES[path])(snap, body)
-    except ApiError as err:
-      status, document = err.status, {"error": err.message}
-    except Exception as err:  # a bug: answer, log, keep serving
-      log.exception("error serving %s %s", method, path)
-      status, document = 500, {"error": f"internal error: {type(err).__name__}: {err}"}
-    service.count(status >= 400)
-    self._send(status, document)
+  def shutdown(self, timeout: float = 30.0) -> None:
+    self.server.should_exit = True
+    self._stopped.wait(timeout)
 
-  def do_GET(self):  # noqa: N802 - the base class's naming
-    self._dispatch("GET")
-
-  def do_POST(self):  # noqa: N802
-    self._dispatch("POST")
-
-
-_GET_ROUTES = ("/health", "/version", "/openapi.json")
-_POST_ROUTES = {"/neighbors": "neighbors", "/diverse": "diverse", "/score": "score",
-                "/embedding": "embedding", "/reload": "reload"}
-
-
-class Server(http.server.ThreadingHTTPServer):
-  daemon_threads = True
-  allow_reuse_address = True
-  request_queue_size = 128
+  def server_close(self) -> None:
+    self.socket.close()
 
 
 def make_server(service: Service, host: str = "127.0.0.1", port: int = 8080,
-                max_body: int = MAX_BODY) -> Server:
+                max_body: int = MAX_BODY, **options) -> HttpServer:
   """A bound (not yet serving) server; ``port=0`` picks a free port
-  (``server.server_address[1]``)."""
-  handler = type("BoundHandler", (Handler,), {"service": service, "max_body": int(max_body)})
-  return Server((host, port), handler)
+  (``server.server_address[1]``). ``options``: see ``HttpServer``."""
+  return HttpServer(service, host, port, max_body=max_body, **options)
 
 
 def serve(workdir: str, host: str = "127.0.0.1", port: int = 8080, *,
           watch: float = 0.0, max_body: int = MAX_BODY,
-          exact_below: int = retrieval.EXACT_BELOW, progress: bool = True) -> None:
+          exact_below: int = retrieval.EXACT_BELOW, progress: bool = True,
+          request_timeout: float = REQUEST_TIMEOUT,
+          keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT) -> None:
   """Loads the run and serves until interrupted (the ``twhin serve`` command)."""
   service = Service(workdir, exact_below=exact_below, progress=progress)
   if watch > 0:
     service.watch(watch)
-  server = make_server(service, host, port, max_body)
-  log.warning("serving %s (version %s, step %s) on http://%s:%d", workdir,
+  server = make_server(service, host, port, max_body, request_timeout=request_timeout,
+                       keep_alive_timeout=keep_alive_timeout)
+  log.warning("serving %s (version %s, step %s) on http://%s:%d (docs at /docs)", workdir,
               service.snapshot.version_id, service.snapshot.checkpoint["step"],
               *server.server_address[:2])
   try:
