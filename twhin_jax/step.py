@@ -28,6 +28,7 @@ import optax
 from twhin_jax import losses as losses_lib
 from twhin_jax import model
 from twhin_jax import optim
+from twhin_jax import regularizers
 from twhin_jax import sharding as sharding_lib
 
 
@@ -98,7 +99,8 @@ class GroupState(NamedTuple):
 def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False,
                      regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
-                     visiting: bool = False, l2_to_previous: float = 0.0):
+                     visiting: bool = False, l2_to_previous: float = 0.0,
+                     regularizer: str = "l2"):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
 
   With a ``mesh`` the function runs under ``shard_map`` over its one axis
@@ -114,10 +116,10 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   distinct row v a step touches (paper Sec. 7.2), anchored at the state's
   ``anchor`` rows; see optim.row_adagrad_update.
 
-  ``regularization`` (lambda) adds lambda * sum_e w_e (|theta_s|^2 + |theta_t|^2)
-  over the positive edges: an L2 penalty on the rows each batch touches, which
-  keeps popular entities from growing without bound (FB15k-237 overfits
-  without it).
+  ``regularization`` (lambda) adds lambda * Omega over the positive edges, a
+  penalty on the rows each batch touches (``regularizer``: "l2",
+  sum_e w_e (|theta_s|^2 + |theta_t|^2), or "n3"; see regularizers.py), which
+  keeps popular entities from growing without bound.
   """
   loss_fn = losses_lib.LOSSES[loss]
   rel_tx = optim.relation_adagrad(relation_lr)
@@ -170,9 +172,9 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                                      uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
     total = (loss_fn(pos, neg_for_dst, dst_mask, weight, margin)
              + loss_fn(pos_for_src, neg_for_src, src_mask, weight, margin))
-    if regularization:
-      squared = jnp.sum(jnp.square(lhs), axis=1) + jnp.sum(jnp.square(rhs), axis=1)  # [C]
-      total = total + regularization * jnp.sum(weight * squared)
+    if regularization:  # lambda * Omega, Omega from regularizers.py ("l2" or "n3")
+      total = total + regularization * regularizers.penalty(
+          regularizer, operator, lhs, rhs, weight, params, reverse_params if reciprocal else None)
     return total
 
   def step_loss(src_rows, dst_rows, rel_params, src_ids, dst_ids, rel, rel_reverse, weight,

@@ -30,8 +30,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from twhin_jax import best_checkpoint
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
+from twhin_jax import early_stopping
 from twhin_jax import model
 from twhin_jax import optim
 from twhin_jax import reporting
@@ -53,7 +55,7 @@ STEPS_PER_CALL = 16
 SLICE_EDGES = 2_000_000
 PREP_THREADS = min(8, os.cpu_count() or 1)
 #: Config fields that may change when an existing run is resumed.
-RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "eval.")
+RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.")
 
 
 # --------------------------------------------------------------------------
@@ -490,6 +492,7 @@ class Trainer:
       self.total_steps = int(meta["total_steps"])
       self.lineage = meta["lineage"]
       self.history = meta.get("history", [])
+      self.early_stop = early_stopping.EarlyStopping.from_json(meta.get("early_stopping"))
       self._rel_state = self.checkpointer.restore_state(self._abstract_rel_state())
     else:
       warm_summary = None
@@ -508,6 +511,7 @@ class Trainer:
       self.cursor = {"epoch": 0, "bucket": 0}
       self.total_steps = 0
       self.history = []
+      self.early_stop = early_stopping.EarlyStopping()
       self.lineage = {
           "version_id": uuid.uuid4().hex[:12],
           "parent_id": warm_summary["parent_version"] if warm_summary else None,
@@ -737,6 +741,7 @@ class Trainer:
         "config": config_lib.to_json_dict(self.config),
         "lineage": self.lineage,
         "history": self.history,
+        "early_stopping": self.early_stop.to_json(),
         "mesh": {"devices": self.num_shards, "processes": jax.process_count()},
     }
     step = self.cursor["epoch"] * 1_000_000 + self.cursor["bucket"]
@@ -757,7 +762,8 @@ class Trainer:
         operator, config.model.comparator, config.train.loss, float(config.train.margin),
         float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform,
         bool(config.model.reciprocal), float(config.model.regularization),
-        mesh=self.mesh, visiting=visiting, l2_to_previous=self.anchor_strength)
+        mesh=self.mesh, visiting=visiting, l2_to_previous=self.anchor_strength,
+        regularizer=config.model.regularizer)
 
   def _prepared_calls(self, epoch: int, index: int):
     """(epoch, bucket index, round, call) from this bucket to the end of
@@ -890,7 +896,7 @@ class Trainer:
     stream = _Background(self._prepared_calls(self.cursor["epoch"], self.cursor["bucket"]),
                          depth=8)
     try:
-      while self.cursor["epoch"] < epochs:
+      while self.cursor["epoch"] < epochs and not self.early_stop.stopped:
         epoch = self.cursor["epoch"]
         order = schedule.bucket_order(config.train.bucket_order, grid, config.train.seed, epoch)
         epoch_loss, epoch_edges, epoch_time = 0.0, 0, 0.0
@@ -952,6 +958,9 @@ class Trainer:
         and self.graph.num_edges("valid") > 0:
       metrics = self.evaluate("valid", max_triples=self.config.eval.max_triples)
       record["valid"] = {k: metrics[k] for k in ("mrr", "mr", "hits@1", "hits@10", "auc")}
+      # Early stopping: sets early_stop.stopped; on the last epoch restores the best one.
+      best_checkpoint.after_validation(self, epoch, record["valid"])
+      record["best_epoch"] = self.early_stop.best_epoch
     self.history.append(record)
     self._log({"event": "epoch", **record})
 
