@@ -5,7 +5,7 @@
   twhin train    --config FILE[:VARIANT] --workdir DIR [--distributed]
                  [--warm-start RUN_DIR [--l2-to-previous ALPHA] [--new-entities neighbors]]
                  [--config.a.b=value ...]
-  twhin eval     --workdir DIR [--split test] [--json]
+  twhin eval     --workdir DIR [--split test] [--json] [--task retrieval --relation R --k 20]
   twhin export   --workdir DIR [--out DIR]
   twhin index    --workdir DIR [--types T ...] [--rebuild]   ScaNN index per entity type
   twhin cluster  --workdir DIR --type T [--k K] [--top-m M]  k-means + per-user mixtures
@@ -114,11 +114,21 @@ def _open_trainer(workdir: str, quiet: bool):
 def cmd_eval(args, overrides):
   del overrides
   trainer = _open_trainer(args.workdir, args.quiet or args.json)
-  metrics = trainer.evaluate(args.split, progress=not (args.quiet or args.json))
+  if args.task == "retrieval":  # Recall@K / NDCG@K over all candidates (recommendation_eval.py)
+    from twhin_jax import recommendation_eval
+    if not args.relation:
+      raise ValueError("--task retrieval needs --relation NAME")
+    metrics = recommendation_eval.evaluate_retrieval(
+        trainer.graph, trainer.embeddings(), trainer.rel_state["params"], trainer.layout,
+        trainer.config, args.relation, split=args.split, k=args.k,
+        progress=not (args.quiet or args.json))
+    args.split = f"{args.split}_retrieval_{args.relation}"  # names the JSON file below
+  else:
+    metrics = trainer.evaluate(args.split, progress=not (args.quiet or args.json))
   trainer.close()
   with open(os.path.join(args.workdir, f"eval_{args.split}.json"), "w") as f:
     json.dump(metrics, f, indent=1)
-  if args.json:
+  if args.json or args.task == "retrieval":
     print(json.dumps(metrics))
   else:
     _print_metrics(metrics, f"Filtered ranking on {args.split}")
@@ -261,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
   p = add("eval", cmd_eval, "filtered ranking metrics of a run")
   p.add_argument("--split", default="test", choices=("train", "valid", "test"))
   p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.add_argument("--task", default="ranking", choices=("ranking", "retrieval"),
+                 help="ranking: filtered link prediction; retrieval: Recall@K/NDCG@K of "
+                      "--relation over all targets, known train edges excluded")
+  p.add_argument("--relation", default="", help="relation for --task retrieval")
+  p.add_argument("--k", type=int, default=20, help="list length for --task retrieval")
   p = add("export", cmd_export, "write embeddings (Parquet, .npy) and relation parameters")
   p.add_argument("--out", default=None, help="output directory (default <workdir>/export)")
   p = add("index", cmd_index, "build (or reuse) one ScaNN index per entity type")
