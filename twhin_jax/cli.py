@@ -5,7 +5,7 @@
   twhin train    --config FILE[:VARIANT] --workdir DIR [--distributed]
                  [--warm-start RUN_DIR [--l2-to-previous ALPHA] [--new-entities neighbors]]
                  [--config.a.b=value ...]
-  twhin eval     --workdir DIR [--split test] [--json]
+  twhin eval     --workdir DIR [--split test] [--json] [--task retrieval --relation R --k 20]
   twhin export   --workdir DIR [--out DIR] [--projector [--sample N]]
   twhin index    --workdir DIR [--types T ...] [--rebuild]   ScaNN index per entity type
   twhin cluster  --workdir DIR --type T [--k K] [--top-m M]  k-means + per-user mixtures
@@ -161,12 +161,31 @@ def cmd_demo(args, overrides):
 
 
 @command("eval", "ranking metrics of a run's latest checkpoint", WORKDIR, QUIET,
-         arg("--split", default="test", choices=config_lib.SPLITS), JSON)
+         arg("--split", default="test", choices=config_lib.SPLITS), JSON,
+         arg("--task", default="ranking", choices=("ranking", "retrieval"),
+             help="ranking: link prediction; retrieval: Recall@K/NDCG@K of --relation over "
+                  "all targets, known train edges excluded"),
+         arg("--relation", default="", help="relation for --task retrieval"),
+         arg("--k", type=int, default=20, help="list length for --task retrieval"))
 def cmd_eval(args, overrides):
   from twhin_jax import evaluation
   from twhin_jax import run_report as reporting
   run = rundir.open_run(args.workdir)
-  metrics = evaluation.evaluate_run(run, args.split, progress=not (args.quiet or args.json))
+  progress = not (args.quiet or args.json)
+  if args.task == "retrieval":  # Recall@K / NDCG@K over all candidates (recommendation_eval.py)
+    from twhin_jax import model
+    from twhin_jax import recommendation_eval
+    if not args.relation:
+      raise ValueError("--task retrieval needs --relation NAME")
+    metrics = recommendation_eval.evaluate_retrieval(
+        run.graph, run.all_embeddings(), run.relation_params(),
+        model.RelationLayout.from_config(run.config), run.config, args.relation,
+        split=args.split, k=args.k, progress=progress)
+    with open(rundir.eval_file(args.workdir, f"{args.split}_retrieval_{args.relation}"), "w") as f:
+      json.dump(metrics, f, indent=1)
+    print(json.dumps(metrics))
+    return
+  metrics = evaluation.evaluate_run(run, args.split, progress=progress)
   with open(rundir.eval_file(args.workdir, args.split), "w") as f:
     json.dump(metrics, f, indent=1)
   if args.json:

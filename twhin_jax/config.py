@@ -18,9 +18,10 @@ Layout of a config (every field is read somewhere; see the field comments)::
   entities:   {name: {num_partitions, dim}}           entity types
   relations:  [{name, source, target, operator, weight}]
   data:       where the edges come from (see :data:`FILE_SPEC_FIELDS`)
-  model:      dim, comparator, init_scale
+  model:      dim, comparator, init_scale, reciprocal, regularization, regularizer
   train:      epochs, batch_size, lr, relation_lr, loss, margin, seed,
-              bucket_order, checkpoint_every_buckets, eval_every_epochs
+              bucket_order, checkpoint_every_buckets, eval_every_epochs,
+              early_stop_{metric,patience,min_delta,min_epochs}
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
   warm_start: parent, new_entities, l2_to_previous
@@ -47,6 +48,8 @@ FILE_FORMATS = ("tsv", "csv", "parquet", "adjacency")
 IMPORT_ENGINES = ("duckdb", "spark")
 SPLITS = ("train", "valid", "test")
 ON_ERROR = ("raise", "skip")
+EARLY_STOP_METRICS = ("mrr", "hits@1", "hits@10", "auc", "mr")  # early_stopping.METRICS
+REGULARIZERS = ("l2", "n3")  # regularizers.REGULARIZERS
 
 #: Keys of one entry of ``config.data.files``. An entry reads one file (plain,
 #: ``.gz`` or Parquet) and maps its columns to edges:
@@ -119,10 +122,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_scale = 1e-3  # entity rows ~ N(0, init_scale^2)
   # Reverse-direction relation parameters for source corruption (see model.py).
   c.model.reciprocal = False
-  # lambda of an L2 penalty on the entity rows of positive edges (step.py).
+  # lambda of a penalty on the entity rows (and relation parameters) of each
+  # step's positive edges (regularizers.py): "l2" squared norms of the rows,
+  # "n3" cubed moduli of rows and relation parameters (Lacroix et al. 2018).
   c.model.regularization = 0.0
+  c.model.regularizer = "l2"
 
   c.train = ml_collections.ConfigDict()
+  # The most epochs; training stops earlier when the validation metric has not
+  # improved for early_stop_patience evaluations (early_stopping.py), and the
+  # run ends on its best epoch's values.
   c.train.epochs = 10
   c.train.batch_size = 1000  # edges per jitted step (a whole number of chunks)
   c.train.lr = 0.1  # row-wise Adagrad for entity rows
@@ -133,6 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.bucket_order = "inside_out"
   c.train.checkpoint_every_buckets = 1  # 0: only at the end of each epoch
   c.train.eval_every_epochs = 1  # validation MRR per epoch; 0 disables
+  c.train.early_stop_metric = "mrr"  # a key of the validation record (early_stopping.METRICS)
+  c.train.early_stop_patience = 3  # evaluations without improvement; 0: never stop early
+  c.train.early_stop_min_delta = 0.0  # smallest change that counts as an improvement
+  c.train.early_stop_min_epochs = 5  # never stop before this many epochs
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.chunk_size = 50  # C: edges sharing negatives (batch negatives)
@@ -334,6 +347,8 @@ def validate(config) -> None:
   if config.model.comparator not in model.COMPARATORS:
     _fail("model.comparator",
           f"{config.model.comparator!r} not in {tuple(model.COMPARATORS)}")
+  if config.model.regularizer not in REGULARIZERS:
+    _fail("model.regularizer", f"{config.model.regularizer!r} not in {REGULARIZERS}")
   if config.model.regularization < 0:
     _fail("model.regularization", f"must be >= 0, got {config.model.regularization}")
   if not config.model.init_scale > 0:
@@ -355,6 +370,14 @@ def validate(config) -> None:
     _fail("train.checkpoint_every_buckets", "must be >= 0")
   if t.eval_every_epochs < 0:
     _fail("train.eval_every_epochs", "must be >= 0")
+  if t.early_stop_metric not in EARLY_STOP_METRICS:
+    _fail("train.early_stop_metric", f"{t.early_stop_metric!r} not in {EARLY_STOP_METRICS}")
+  if not isinstance(t.early_stop_patience, int) or t.early_stop_patience < 0:
+    _fail("train.early_stop_patience", f"must be an int >= 0, got {t.early_stop_patience!r}")
+  if not isinstance(t.early_stop_min_epochs, int) or t.early_stop_min_epochs < 0:
+    _fail("train.early_stop_min_epochs", f"must be an int >= 0, got {t.early_stop_min_epochs!r}")
+  if t.early_stop_min_delta < 0:
+    _fail("train.early_stop_min_delta", f"must be >= 0, got {t.early_stop_min_delta}")
   n = config.negatives
   if n.chunk_size < 1:
     _fail("negatives.chunk_size", f"must be >= 1, got {n.chunk_size}")

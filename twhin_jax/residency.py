@@ -246,5 +246,11 @@ class Residency:
         future.result()
     distributed.sync("tables flushed")
 
+  def drop(self) -> None:
+    """Forgets the resident rows (after flush()), so the next load() reads
+    every partition from storage again (early stopping's restore writes the
+    best copy there)."""
+    self.layout, self.home, self._prefetched = None, {}, {}
+
   def close(self) -> None:
     self.io_pool.shutdown(wait=True)

@@ -55,6 +55,7 @@ EXPORT_DIR = "export"
 INDEX_DIR = "index"
 MIXTURE_DIR = "mixture"
 COMPRESSED_DIR = "compressed"
+BEST_DIR = "best"  # early stopping's best-so-far copy (best_checkpoint.py)
 
 #: Version of the checkpoint ``meta`` JSON this code writes and reads.
 CHECKPOINT_FORMAT_VERSION = 1

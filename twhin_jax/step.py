@@ -29,6 +29,7 @@ from twhin_jax import losses as losses_lib
 from twhin_jax import model
 from twhin_jax import negatives
 from twhin_jax import optim
+from twhin_jax import regularizers
 from twhin_jax import sharding as sharding_lib
 from twhin_jax import state as state_lib
 
@@ -87,6 +88,7 @@ class StepSettings(NamedTuple):
   regularization: float
   l2_to_previous: float
   sharded: bool
+  regularizer: str = "l2"
 
 
 def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, params,
@@ -126,9 +128,10 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
                                  uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
   total = (loss_fn(pos, neg_for_dst, dst_mask, weight, settings.margin)
            + loss_fn(pos_for_src, neg_for_src, src_mask, weight, settings.margin))
-  if settings.regularization:
-    squared = jnp.sum(jnp.square(lhs), axis=1) + jnp.sum(jnp.square(rhs), axis=1)  # [C]
-    total = total + settings.regularization * jnp.sum(weight * squared)
+  if settings.regularization:  # lambda * Omega, Omega from regularizers.py ("l2" or "n3")
+    total = total + settings.regularization * regularizers.penalty(
+        settings.regularizer, operator, lhs, rhs, weight, params,
+        reverse_params if settings.reciprocal else None)
   return total
 
 
@@ -219,7 +222,8 @@ def sharded_steps(settings: StepSettings, state: state_lib.StepState, batch: Ste
 def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False,
                      regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
-                     visiting: bool = False, l2_to_previous: float = 0.0):
+                     visiting: bool = False, l2_to_previous: float = 0.0,
+                     regularizer: str = "l2"):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
 
   With a ``mesh`` the function runs under ``shard_map`` over its one axis
@@ -235,13 +239,14 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   distinct row v a step touches (paper Sec. 7.2), anchored at the state's
   ``anchor`` rows; see optim.row_adagrad_update.
 
-  ``regularization`` (lambda) adds lambda * sum_e w_e (|theta_s|^2 + |theta_t|^2)
-  over the positive edges: an L2 penalty on the rows each batch touches, which
-  keeps popular entities from growing without bound (FB15k-237 overfits
-  without it).
+  ``regularization`` (lambda) adds lambda * Omega over the positive edges, a
+  penalty on the rows each batch touches (``regularizer``: "l2",
+  sum_e w_e (|theta_s|^2 + |theta_t|^2), or "n3"; see regularizers.py), which
+  keeps popular entities from growing without bound.
   """
   settings = StepSettings(operator, comparator, loss, margin, lr, relation_lr, num_uniform,
-                          reciprocal, regularization, l2_to_previous, mesh is not None)
+                          reciprocal, regularization, l2_to_previous, mesh is not None,
+                          regularizer)
   if mesh is None:
     return jax.jit(functools.partial(local_steps, settings), donate_argnums=(0,))
   state_spec = state_lib.state_spec(visiting, anchored=bool(l2_to_previous))

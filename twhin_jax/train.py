@@ -30,9 +30,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from twhin_jax import batching
+from twhin_jax import best_checkpoint
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
 from twhin_jax import distributed
+from twhin_jax import early_stopping
 from twhin_jax import model
 from twhin_jax import run_report as reporting  # per-run plots and Markdown
 from twhin_jax import residency as residency_lib
@@ -47,7 +49,7 @@ from twhin_jax import rundir
 from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  # noqa: F401 (re-exported)
 
 #: Config fields that may change when an existing run is resumed.
-RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "eval.")
+RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.")
 
 
 load_run_config = rundir.load_config
@@ -152,6 +154,7 @@ class Trainer:
     self.total_steps = int(meta["total_steps"])
     self.lineage = meta["lineage"]
     self.history = meta.get("history", [])
+    self.early_stop = early_stopping.EarlyStopping.from_json(meta.get("early_stopping"))
     self._rel_state = self.checkpointer.restore_state(state_lib.abstract_relation_state(
         self.layout, self.config.train.relation_lr, sharding_lib.replicated(self.mesh)))
 
@@ -172,6 +175,7 @@ class Trainer:
     self.cursor = {"epoch": 0, "bucket": 0}
     self.total_steps = 0
     self.history = []
+    self.early_stop = early_stopping.EarlyStopping()
     parent = config.warm_start.parent
     self.lineage = {
         "version_id": uuid.uuid4().hex[:12],
@@ -243,6 +247,7 @@ class Trainer:
         "config": config_lib.to_json_dict(self.config),
         "lineage": self.lineage,
         "history": self.history,
+        "early_stopping": self.early_stop.to_json(),
         "mesh": {"devices": self.num_shards, "processes": jax.process_count()},
     }
     step = self.cursor["epoch"] * 1_000_000 + self.cursor["bucket"]
@@ -263,7 +268,7 @@ class Trainer:
         float(config.train.margin), float(config.train.lr), float(config.train.relation_lr),
         config.negatives.num_uniform, bool(config.model.reciprocal),
         float(config.model.regularization), mesh=self.mesh, visiting=visiting,
-        l2_to_previous=self.anchor_strength)
+        l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer)
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
     """Trains the resident bucket from its prepared ``calls`` [(round, call)]:
@@ -314,6 +319,8 @@ class Trainer:
                                   self.residency.layout_of)
     try:
       for position, (epoch, index, bucket) in enumerate(plan):
+        if self.early_stop.stopped:  # validation stopped improving (early_stopping.py)
+          break
         if position == 0 or index == 0:
           epoch_loss, epoch_edges, epoch_time = 0.0, 0, 0.0
         started = time.perf_counter()
@@ -355,6 +362,9 @@ class Trainer:
         and self.graph.num_edges("valid") > 0:
       metrics = self.evaluate("valid", max_triples=self.config.eval.max_triples)
       record["valid"] = {k: metrics[k] for k in ("mrr", "mr", "hits@1", "hits@10", "auc")}
+      # Early stopping: sets early_stop.stopped; on the last epoch restores the best one.
+      best_checkpoint.after_validation(self, epoch, record["valid"])
+      record["best_epoch"] = self.early_stop.best_epoch
     self.history.append(record)
     self._log({"event": "epoch", **record})
 

@@ -1,0 +1,97 @@
+"""Early stopping: the pure rule, and a real run that stops and ends on its
+best epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from twhin_jax import early_stopping
+from twhin_jax.early_stopping import EarlyStopping
+
+
+def _run(values, **kwargs):
+  state, stops = EarlyStopping(), []
+  for epoch, value in enumerate(values):
+    state, _, stop = early_stopping.update(state, epoch, value, **kwargs)
+    stops.append(stop)
+  return state, stops
+
+
+def test_stops_after_patience_evaluations_without_improvement():
+  state, stops = _run([0.1, 0.3, 0.2, 0.25, 0.29], patience=3)
+  assert stops == [False, False, False, False, True]
+  assert state.best == 0.3 and state.best_epoch == 1 and state.stopped
+
+
+def test_an_improvement_resets_the_count():
+  state, stops = _run([0.1, 0.2, 0.15, 0.15, 0.21, 0.2, 0.2], patience=3)
+  assert not any(stops)
+  assert state.best_epoch == 4 and state.bad_evals == 2
+
+
+def test_min_delta_and_lower_is_better():
+  state, _ = _run([0.30, 0.305], patience=5, min_delta=0.01)
+  assert state.best_epoch == 0  # +0.005 is below min_delta
+  state, stops = _run([10.0, 8.0, 9.0, 8.5], metric_name="mr", patience=2)
+  assert state.best == 8.0 and state.best_epoch == 1 and stops[-1]
+
+
+def test_min_epochs_and_patience_zero():
+  _, stops = _run([0.3, 0.2, 0.1, 0.1], patience=1, min_epochs=4)
+  assert stops == [False, False, False, True]
+  state, stops = _run([0.3, 0.2, 0.1, 0.1], patience=0)
+  assert not any(stops) and state.best_epoch == 0
+
+
+def test_state_round_trips_through_json():
+  state, _ = _run([0.1, 0.3, 0.2], patience=3)
+  assert EarlyStopping.from_json(json.loads(json.dumps(state.to_json()))) == state
+  assert EarlyStopping.from_json(None) == EarlyStopping()
+
+
+def test_unknown_metric_is_rejected():
+  with pytest.raises(ValueError, match="early-stopping metric"):
+    early_stopping.update(EarlyStopping(), 0, 0.1, metric_name="ndcg")
+
+
+def test_run_stops_and_ends_on_its_best_epoch(tmp_path):
+  """A real (partitioned) run told that nothing after its first evaluation
+  counts as an improvement (min_delta 1) stops after `patience` more epochs,
+  and its final checkpoint holds epoch 0's tables and relation parameters,
+  not the last epoch's: evaluation and a reopened run see epoch 0's MRR."""
+  from twhin_jax import best_checkpoint
+  from twhin_jax import demo_config
+  from twhin_jax import train as train_lib
+  config = demo_config.get_config("test")
+  config.train.epochs = 10
+  config.train.eval_every_epochs = 1
+  config.train.early_stop_patience = 2
+  config.train.early_stop_min_epochs = 0
+  config.train.early_stop_min_delta = 1.0
+  workdir = str(tmp_path / "run")
+  trainer = train_lib.train(config, workdir, progress=False)
+  mrrs = [r["valid"]["mrr"] for r in trainer.history]
+  assert len(mrrs) == 3 and trainer.early_stop.stopped  # epoch 0, then 2 without improvement
+  assert trainer.early_stop.best_epoch == 0 and trainer.cursor["epoch"] == 3
+  assert abs(mrrs[2] - mrrs[0]) > 1e-3, mrrs  # the last epoch really differs from the best
+  events = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [e["epoch"] for e in events if e.get("event") == "restored_best"] == [0]
+  again = trainer.evaluate("valid", max_triples=config.eval.max_triples, progress=False)
+  trainer.close()
+  np.testing.assert_allclose(again["mrr"], mrrs[0], rtol=1e-5)
+  # Reopening the run (as `twhin eval` does) sees the same values, and a
+  # stopped run trains no further even with epochs to spare.
+  reopened = train_lib.Trainer(train_lib.load_run_config(workdir), workdir, progress=False)
+  assert reopened.early_stop == trainer.early_stop
+  np.testing.assert_allclose(
+      reopened.evaluate("valid", max_triples=config.eval.max_triples, progress=False)["mrr"],
+      mrrs[0], rtol=1e-5)
+  reopened.run()
+  assert len(reopened.history) == 3 and reopened.cursor["epoch"] == 3
+  reopened.close()
+  with open(os.path.join(workdir, best_checkpoint.BEST_DIR, "best.json")) as f:
+    assert json.load(f)["epoch"] == 0
