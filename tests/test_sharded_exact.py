@@ -1,0 +1,127 @@
+"""Sharded training against references it must match exactly (up to float order).
+
+tests/test_sharded.py compares 8 devices with one by final MRR, which a
+missing relation-gradient psum or a dropped visiting-copy update barely moves.
+These tests pin the parts instead (4 fake CPU devices, in their own process,
+tests/sharded_exact_worker.py):
+
+* relation parameters (and their Adagrad state) are bit-identical on every
+  device after several calls, in the step and after a bucket of the trainer;
+* one call of the round-0 step and of a visiting-round step equals a dense
+  reference written independently (per device, L2-to-previous on);
+* a whole bucket of a graph whose target type is never a source, trained on
+  4 devices by the trainer (4 rounds, the ring, the merge), equals the same
+  calls replayed by the single-device step on the concatenated table.
+
+Plus, in this process, the L2-to-previous proximal row update against its
+closed form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from twhin_jax import optim
+
+from test_sharded import REPO, cpu_env
+
+#: A sharded result may differ from its reference by float summation order:
+#: relative to the size of the change the call made.
+RELATIVE_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def worker_result():
+  out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_exact_worker.py")],
+                       env=cpu_env(4), capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_matches(figures: dict, what: str):
+  """Every array moved (the check is not vacuous) and sits on its reference."""
+  for name, f in figures.items():
+    assert f["max_change"] > 1e-3, f"{what}: {name} did not change at all ({f})"
+  off = [f"{name} by {f['max_error']:.3g} (changed by up to {f['max_change']:.3g})"
+         for name, f in figures.items()
+         if f["max_error"] > RELATIVE_TOLERANCE * max(1.0, f["max_change"])]
+  assert not off, f"{what}: off its reference: " + "; ".join(off)
+
+
+@pytest.mark.multidevice
+def test_relation_replicas_stay_bit_identical(worker_result):
+  """The psum of relation gradients makes every replica take the same step."""
+  for variant, spread in worker_result["replicas"].items():
+    assert spread == 0.0, f"{variant} step: relation replicas differ by up to {spread}"
+  spread = worker_result["target_only"]["replica_spread"]
+  assert spread == 0.0, f"trainer bucket: relation replicas differ by up to {spread}"
+
+
+@pytest.mark.multidevice
+def test_round_zero_step_equals_dense_reference(worker_result):
+  assert_matches(worker_result["step_local"], "round-0 step")
+
+
+@pytest.mark.multidevice
+def test_visiting_step_equals_dense_reference(worker_result):
+  """Home rows take the source gradients, the visiting copy the target
+  gradients (each with its own accumulators and anchors), relations the sum."""
+  figures = worker_result["step_visiting"]
+  assert {"visiting", "visiting_acc"} <= set(figures)
+  assert_matches(figures, "visiting step")
+
+
+@pytest.mark.multidevice
+def test_target_only_bucket_equals_single_device_replay(worker_result):
+  result = worker_result["target_only"]
+  assert result["rounds"] == [0, 1, 2, 3]  # every round of the ring ran
+  assert result["edges"] == 1500  # every edge once
+  assert_matches({k: v for k, v in result.items() if isinstance(v, dict)},
+                 "4-device bucket vs single-device replay")
+
+
+# --- L2-to-previous: the proximal row update, in this process ------------------
+
+LR, ALPHA = 0.1, 0.7
+
+
+def test_proximal_row_update_equals_closed_form():
+  """theta <- (theta - eta g + 2 alpha w eta prev) / (1 + 2 alpha w eta), on the
+  distinct touched rows (gradients of duplicates summed first), eta the row's
+  Adagrad step; untouched rows and out-of-range padding are left alone."""
+  rng = np.random.default_rng(3)
+  num_rows, dim = 12, 5
+  table = rng.standard_normal((num_rows, dim)).astype(np.float32)
+  acc = rng.uniform(0.0, 0.5, num_rows).astype(np.float32)
+  anchor = rng.standard_normal((num_rows, dim)).astype(np.float32)
+  anchor_weight = np.array([1, 0] * (num_rows // 2), np.float32)  # 0: a new entity
+  rows = np.array([0, 3, 3, 4, 7, 7, 7, 9, num_rows + 2], np.int32)  # duplicates, padding
+  grads = rng.standard_normal((len(rows), dim)).astype(np.float32)
+  update = jax.jit(optim.row_adagrad_update, static_argnames=("lr", "anchor_strength"))
+  got_table, got_state = update(
+      jnp.asarray(table), optim.RowAdagradState(jnp.asarray(acc)), jnp.asarray(rows),
+      jnp.asarray(grads), lr=LR, anchor=jnp.asarray(anchor),
+      anchor_weight=jnp.asarray(anchor_weight), anchor_strength=ALPHA)
+  want_table, want_acc = table.astype(np.float64), acc.astype(np.float64)
+  for row in np.unique(rows[rows < num_rows]):
+    g = grads[rows == row].astype(np.float64).sum(axis=0)
+    want_acc[row] += np.mean(g * g)
+    eta = LR / (np.sqrt(want_acc[row]) + optim.ADAGRAD_EPS)
+    pull = 2 * ALPHA * anchor_weight[row] * eta
+    want_table[row] = (table[row] - eta * g + pull * anchor[row]) / (1 + pull)
+  np.testing.assert_allclose(np.asarray(got_state.acc), want_acc, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_table), want_table, rtol=1e-5, atol=1e-6)
+  # An anchored row (weight 1) ends nearer its anchor than the plain step puts it.
+  plain, _ = update(jnp.asarray(table), optim.RowAdagradState(jnp.asarray(acc)),
+                    jnp.asarray(rows), jnp.asarray(grads), lr=LR)
+  for row in (0, 4):
+    assert (np.linalg.norm(np.asarray(got_table)[row] - anchor[row])
+            < np.linalg.norm(np.asarray(plain)[row] - anchor[row]))
