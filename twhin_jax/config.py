@@ -36,6 +36,7 @@ BUCKET_ORDERS = ("random", "inside_out", "outside_in", "affinity", "sequential")
 FILE_FORMATS = ("tsv", "csv", "parquet")
 SPLITS = ("train", "valid", "test")
 ON_ERROR = ("raise", "skip")
+MATMUL_PRECISIONS = ("auto", "float32", "tf32", "bfloat16")
 
 #: Keys of one entry of ``config.data.files``. An entry reads one file (plain,
 #: ``.gz`` or Parquet) and maps its columns to edges:
@@ -97,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.reciprocal = False
   # lambda of an L2 penalty on the entity rows of positive edges (step.py).
   c.model.regularization = 0.0
+  # Chunk score matmuls (step.score_matmul): "float32", "tf32" (NVIDIA GPU),
+  # "bfloat16" (bf16 operands, fp32 sums), or "auto" (tf32 on GPU, float32
+  # elsewhere). Tables and Adagrad state are float32 in every case.
+  c.model.matmul_precision = "auto"
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 10
@@ -255,6 +260,9 @@ def validate(config) -> None:
     _fail("model.comparator", f"{config.model.comparator!r} not in {COMPARATORS}")
   if config.model.regularization < 0:
     _fail("model.regularization", f"must be >= 0, got {config.model.regularization}")
+  if config.model.get("matmul_precision", "auto") not in MATMUL_PRECISIONS:
+    _fail("model.matmul_precision",
+          f"{config.model.matmul_precision!r} not in {MATMUL_PRECISIONS}")
   if not config.model.init_scale > 0:
     _fail("model.init_scale", "must be > 0")
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from twhin_jax import config as config_lib
 from twhin_jax import losses as losses_lib
 from twhin_jax import model
 from twhin_jax import optim
@@ -94,11 +95,65 @@ class GroupState(NamedTuple):
   visiting_anchor_weight: jax.Array | None = None  # [R]
 
 
+def resolve_matmul_precision(name: str, backend: str | None = None) -> str:
+  """"auto" -> "tf32" on GPU (JAX's own default there), "float32" elsewhere.
+
+  On 2 CPU cores bfloat16 scores were slower than float32 (XLA's CPU dot has
+  no bf16 fast path; see docs/results.md), so CPU stays float32.
+  """
+  if name not in config_lib.MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision {name!r} not in {config_lib.MATMUL_PRECISIONS}")
+  backend = backend or jax.default_backend()
+  if name == "auto":
+    return "tf32" if backend == "gpu" else "float32"
+  if name == "tf32" and backend != "gpu":
+    raise ValueError(f"matmul_precision 'tf32' needs an NVIDIA GPU (backend is {backend!r}); "
+                     "use 'float32' or 'bfloat16'")
+  return name
+
+
+def score_matmul(comparator: str, precision: str):
+  """model.compare_all(comparator, u, v) -> [..., A, B] at a matmul precision.
+
+    float32   true fp32 products (lax.Precision.HIGHEST; on a GPU this turns
+              TF32 off)
+    tf32      TF32 tensor cores, fp32 accumulation (NVIDIA GPU only; JAX's
+              default for fp32 matmuls there)
+    bfloat16  u and v rounded to bf16 (8 significant bits), products summed
+              in fp32 (preferred_element_type): the same numbers on every
+              backend (XLA's CPU dot silently ignores a bf16 precision hint)
+
+  Only the matmul operands are rounded: the cos normalisation and the l2
+  norms (-|u - v|^2 = 2 u.v - |u|^2 - |v|^2) stay fp32, and autodiff casts
+  the gradient back to the fp32 rows, so tables and Adagrad state are fp32.
+  """
+  precision = resolve_matmul_precision(precision)
+  dot_precision = {"float32": jax.lax.Precision.HIGHEST, "tf32": "TF32_TF32_F32",
+                   "bfloat16": None}[precision]
+
+  def compare(u, v):
+    if comparator == "cos":
+      u, v = model._normalize(u), model._normalize(v)
+    a, b = (u, v) if precision != "bfloat16" else (u.astype(jnp.bfloat16),
+                                                   v.astype(jnp.bfloat16))
+    dots = jnp.einsum("...ad,...bd->...ab", a, b, precision=dot_precision,
+                      preferred_element_type=jnp.float32)  # [..., A, B]
+    if comparator == "l2":
+      u_sq = jnp.sum(jnp.square(u), axis=-1)[..., :, None]  # [..., A, 1]
+      v_sq = jnp.sum(jnp.square(v), axis=-1)[..., None, :]  # [..., 1, B]
+      return 2.0 * dots - u_sq - v_sq
+    if comparator not in ("dot", "cos"):
+      raise ValueError(f"unknown comparator {comparator!r}")
+    return dots
+  return compare
+
+
 @functools.lru_cache(maxsize=None)
 def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False,
                      regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
-                     visiting: bool = False, l2_to_previous: float = 0.0):
+                     visiting: bool = False, l2_to_previous: float = 0.0,
+                     matmul_precision: str = "auto"):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
 
   With a ``mesh`` the function runs under ``shard_map`` over its one axis
@@ -118,8 +173,12 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   over the positive edges: an L2 penalty on the rows each batch touches, which
   keeps popular entities from growing without bound (FB15k-237 overfits
   without it).
+
+  ``matmul_precision`` sets the chunk score matmuls only (see
+  :func:`score_matmul`); tables, gradients and Adagrad state stay float32.
   """
   loss_fn = losses_lib.LOSSES[loss]
+  compare_all = score_matmul(comparator, matmul_precision)
   rel_tx = optim.relation_adagrad(relation_lr)
 
   def chunk_scores(src_rows, dst_rows, src_ids, dst_ids, params, reverse_params, weight, logq):
@@ -144,10 +203,10 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
 
     lhs_op = model.apply_operator(operator, params, lhs)  # [C, d]
     # Row i, column j: f(s_i, r, t_j). Its diagonal holds the positives.
-    batch_block = model.compare_all(comparator, lhs_op, rhs)  # [C, C]
+    batch_block = compare_all(lhs_op, rhs)  # [C, C]
     pos = jnp.diagonal(batch_block)  # [C]
     # Target corruption: op(theta_s) against the chunk's and the uniform targets.
-    uniform_dst = model.compare_all(comparator, lhs_op, neg_dst)  # [C, U]
+    uniform_dst = compare_all(lhs_op, neg_dst)  # [C, U]
     src_logq, dst_logq, uniform_src_logq, uniform_dst_logq = logq
     neg_for_dst = jnp.concatenate([batch_block - dst_logq[None, :],
                                    uniform_dst - uniform_dst_logq], axis=1)  # [C, C+U]
@@ -155,9 +214,9 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
       # Source corruption with the reverse parameters on the target side:
       # f'(s_j, r, t_i) = compare(op_r'(t_i), s_j), eq. (1') of model.py.
       rhs_op = model.apply_operator(operator, reverse_params, rhs)  # [C, d]
-      reverse_block = model.compare_all(comparator, rhs_op, lhs)  # [C, C]
+      reverse_block = compare_all(rhs_op, lhs)  # [C, C]
       pos_for_src = jnp.diagonal(reverse_block)  # [C]
-      uniform_src = model.compare_all(comparator, rhs_op, neg_src)  # [C, U]
+      uniform_src = compare_all(rhs_op, neg_src)  # [C, U]
       neg_for_src = jnp.concatenate([reverse_block - src_logq[None, :],
                                      uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
     else:
@@ -165,7 +224,7 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
       # the transpose of the batch block.
       pos_for_src = pos
       neg_src_op = model.apply_operator(operator, params, neg_src)  # [U, d]
-      uniform_src = model.compare_all(comparator, rhs, neg_src_op)  # [C, U]
+      uniform_src = compare_all(rhs, neg_src_op)  # [C, U]
       neg_for_src = jnp.concatenate([batch_block.T - src_logq[None, :],
                                      uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
     total = (loss_fn(pos, neg_for_dst, dst_mask, weight, margin)

@@ -757,7 +757,8 @@ class Trainer:
         operator, config.model.comparator, config.train.loss, float(config.train.margin),
         float(config.train.lr), float(config.train.relation_lr), config.negatives.num_uniform,
         bool(config.model.reciprocal), float(config.model.regularization),
-        mesh=self.mesh, visiting=visiting, l2_to_previous=self.anchor_strength)
+        mesh=self.mesh, visiting=visiting, l2_to_previous=self.anchor_strength,
+        matmul_precision=config.model.get("matmul_precision", "auto"))
 
   def _prepared_calls(self, epoch: int, index: int):
     """(epoch, bucket index, round, call) from this bucket to the end of
