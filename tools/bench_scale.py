@@ -20,14 +20,16 @@ settings), d = --dim (128).
 
 The largest row is meant to have tables larger than this machine's RAM: its
 d is raised to the smallest multiple of 8 for which V x (d + 1) x 4 bytes
-(embeddings plus the Adagrad accumulator) exceeds 1.05 x RAM, unless that d
-is above --max-dim (then the graph is too small for that and d stays). The
-disk must hold the input TSV, the imported edges and both table slots
-(2 x V x (d + 1) x 4; a checkpoint never overwrites the slot it committed);
-`df` is checked first, and when the largest row does not fit, d is lowered,
-then edges and entities are scaled down together until it does; the choice
-and the reason are printed. Rows run one at a time and each row's files are
-deleted after it (--keep keeps them), so the disk needs the largest row only.
+(embeddings plus the Adagrad accumulator) exceeds RAM, unless that d is
+above --max-dim (then the graph is too small for that and d stays). The
+disk must hold the input TSV and the importer's files while importing, then
+the imported edges and both table slots (2 x V x (d + 1) x 4; a checkpoint
+never overwrites the slot it committed) while training; the input is deleted
+after the import unless --keep. `df` is checked first, and when the largest
+row does not fit in 90% of the free space, d goes back to --dim, then edges
+and entities are scaled down together until it does; the choice and the
+reason are printed. Rows run one at a time and each row's files are deleted
+after it, so the disk needs the largest row only.
 
 Columns: edges, entities, P, d, import s, import edges/s, import peak RSS,
 train edges/s (trained edges / summed bucket seconds: loading, swapping and
@@ -68,10 +70,11 @@ NUM_RELATIONS = 4
 #: Fixed memory budget of the training process beyond the two resident
 #: partitions (JAX runtime, batch buffers): issue 11's target.
 FIXED_BUDGET_BYTES = 1.5 * GIB
-#: Imported edges on disk per edge: src, dst, rel as int32 in the bucket
-#: files, doubled for the importer's intermediate files (measured at 10M
-#: edges: see docs/scale.md).
-IMPORTED_BYTES_PER_EDGE = 24
+#: Imported edges on disk per edge, planned: src, dst, rel as int32 in the
+#: bucket files (measured 13.6 B/edge at 10M edges, docs/scale.md) ...
+IMPORTED_BYTES_PER_EDGE = 16
+#: ... and while importing, twice that for the importer's intermediate files.
+IMPORTING_BYTES_PER_EDGE = 32
 #: Fraction of the free disk a plan may use.
 DISK_MARGIN = 0.9
 
@@ -128,9 +131,12 @@ def input_bytes(edges: int, entities: int) -> int:
   return edges * (2 * (1 + digits) + 2 + 3)
 
 
-def disk_bytes(edges: int, entities: int, dim: int) -> int:
-  return (input_bytes(edges, entities) + IMPORTED_BYTES_PER_EDGE * edges
-          + 2 * tables_bytes(entities, dim))
+def disk_bytes(edges: int, entities: int, dim: int, keep_input: bool = False) -> int:
+  """Peak disk of a row: max(importing, training)."""
+  importing = input_bytes(edges, entities) + IMPORTING_BYTES_PER_EDGE * edges
+  training = (IMPORTED_BYTES_PER_EDGE * edges + 2 * tables_bytes(entities, dim)
+              + (input_bytes(edges, entities) if keep_input else 0))
+  return max(importing, training)
 
 
 def plan_rows(sizes: list[dict], dim: int, max_dim: int, free_bytes: int, ram_bytes: int,
@@ -148,8 +154,8 @@ def plan_rows(sizes: list[dict], dim: int, max_dim: int, free_bytes: int, ram_by
     row["max_buckets"] = None
     if i == largest:
       row["max_buckets"] = max_buckets
-      # Smallest d (multiple of 8) whose tables exceed 1.05 x RAM.
-      over_ram = 8 * math.ceil((1.05 * ram_bytes / (4 * row["entities"]) - 1) / 8)
+      # Smallest d (multiple of 8) whose tables exceed RAM: V (d + 1) 4 > RAM.
+      over_ram = 8 * (math.floor(ram_bytes / (4 * row["entities"]) - 1) // 8 + 1)
       if over_ram <= max_dim:
         if over_ram > dim:
           row["dim"] = over_ram
@@ -157,7 +163,9 @@ def plan_rows(sizes: list[dict], dim: int, max_dim: int, free_bytes: int, ram_by
                        f"({tables_bytes(row['entities'], over_ram) / GIB:.1f} GiB) exceed RAM "
                        f"({ram_bytes / GIB:.1f} GiB)")
         else:
-          notes.append(f"largest row: d={dim} tables already exceed RAM")
+          notes.append(f"largest row: its tables at d={dim} "
+                       f"({tables_bytes(row['entities'], dim) / GIB:.1f} GiB) already exceed RAM "
+                       f"({ram_bytes / GIB:.1f} GiB)")
       else:
         notes.append(f"largest row: tables above RAM would need d={over_ram} > --max-dim "
                      f"{max_dim}; d stays {dim}")
@@ -174,8 +182,8 @@ def plan_rows(sizes: list[dict], dim: int, max_dim: int, free_bytes: int, ram_by
         row["entities"] = int(row["entities"] * scale)
         notes.append(
             f"disk: {wanted['edges']:,} edges, {wanted['entities']:,} entities at "
-            f"d={wanted['dim']} need ~{need / GIB:.1f} GiB (input + imported edges + two table "
-            f"slots) but {DISK_MARGIN:.0%} of the free {free_bytes / GIB:.1f} GiB is "
+            f"d={wanted['dim']} need ~{need / GIB:.1f} GiB (imported edges + two table slots, "
+            f"or input + importer files) but {DISK_MARGIN:.0%} of the free {free_bytes / GIB:.1f} GiB is "
             f"{budget / GIB:.1f} GiB: running {row['edges']:,} edges, {row['entities']:,} "
             f"entities at d={row['dim']} instead (tables "
             f"{tables_bytes(row['entities'], row['dim']) / GIB:.1f} GiB)")
@@ -295,6 +303,8 @@ def bench_row(row: dict, scratch: str, keep: bool) -> dict:
              import_peak_rss_mib=imported["peak_rss_mib"],
              entities_imported=imported["entities_imported"],
              imported_mib=du_bytes(os.path.join(workdir, "graph")) / MIB)
+  if not keep:  # training reads the imported buckets only
+    os.remove(graph_file)
   trained = run_phase("train", row, graph_file, workdir)
   out.update(train_s=trained["train_s"], train_process_s=trained["seconds"],
              buckets_trained=trained["buckets"], buckets_total=row["partitions"] ** 2,
@@ -305,11 +315,11 @@ def bench_row(row: dict, scratch: str, keep: bool) -> dict:
              rss_bound_mib=rss_bound_bytes(row["entities"], row["partitions"], row["dim"]) / MIB,
              tables_mib=tables_bytes(row["entities"], row["dim"]) / MIB,
              tables_on_disk_mib=du_bytes(os.path.join(workdir, "tables")) / MIB,
-             disk_used_mib=max(disk_after_import, du_bytes(graph_file, workdir)) / MIB,
+             disk_used_mib=max(disk_after_import,
+                               du_bytes(workdir) + (du_bytes(graph_file) if keep else 0)) / MIB,
              measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
   if not keep:
     shutil.rmtree(workdir, ignore_errors=True)
-    os.remove(graph_file)
   return out
 
 
@@ -357,9 +367,9 @@ def plot(rows: list[dict], path: str, ram_bytes: int) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.plot(edges, [r["train_peak_rss_mib"] for r in rows], "o-", label="train peak RSS")
   ax.plot(edges, [r["import_peak_rss_mib"] for r in rows], "s-", label="import peak RSS")
-  ax.plot(edges, [r["rss_bound_mib"] for r in rows], "k--",
+  ax.plot(edges, [r["rss_bound_mib"] for r in rows], "k_--", markersize=18,
           label="bound: 2 V/P (d+1) 4 B + 1.5 GiB")
-  ax.plot(edges, [r["tables_mib"] for r in rows], ":", color="gray",
+  ax.plot(edges, [r["tables_mib"] for r in rows], "x:", color="gray",
           label="full tables V (d+1) 4 B")
   ax.axhline(ram_bytes / MIB, color="red", lw=0.8, label=f"RAM {ram_bytes / GIB:.0f} GiB")
   for r in rows:
@@ -397,6 +407,8 @@ def main() -> None:
   parser.add_argument("--plot", default=None, help="PNG path (default <dir>/bench_scale.png)")
   parser.add_argument("--keep", action="store_true", help="keep each row's input and run")
   parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+  parser.add_argument("--replot", action="store_true",
+                      help="run nothing: the table and the PNG of the rows in --results")
   parser.add_argument("--json", action="store_true", help="one JSON object per row")
   # internal: one phase in its own process
   parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -428,7 +440,7 @@ def main() -> None:
            else f"{min(row['max_buckets'], row['partitions'] ** 2)} buckets"))
   if args.dry_run:
     return
-  for row in rows:
+  for row in rows if not args.replot else ():
     out = bench_row(row, scratch, args.keep)
     out["notes"] = [n for n in notes if row["max_buckets"] is not None]
     out["ram_mib"] = ram / MIB
