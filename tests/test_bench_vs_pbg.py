@@ -148,3 +148,50 @@ print(json.dumps(result))
     lhs, rhs, rel = result["buckets"][f"{i}_{j}"]
     assert lhs == ours["src"].tolist() and rhs == ours["dst"].tolist()
     assert rel == ours["rel"].tolist() and len(rel) == n
+
+
+def test_parse_partitions():
+  assert bench.parse_partitions("1,4") == [1, 4]
+  assert bench.parse_partitions("16") == [16]
+  for bad in ("", "0", "a", "1,-2", "1.5"):
+    with pytest.raises(ValueError):
+      bench.parse_partitions(bad)
+
+
+def _read_ids(path):
+  rows = [line.split("\t") for line in open(path).read().splitlines()]
+  src = np.array([int(s[1:]) for s, _, _ in rows])
+  dst = np.array([int(t[1:]) for _, _, t in rows])
+  return src, dst
+
+
+@pytest.mark.parametrize("affinity", [0.0, 0.7])
+def test_power_law_communities(tmp_path, affinity):
+  """The benchmark graph's planted structure: eq. (3) of generate.py."""
+  from twhin_jax import generate
+  nodes, edges, k = 3000, 60_000, 10
+  kwargs = dict(num_nodes=nodes, num_edges=edges, num_communities=k,
+                community_affinity=affinity, progress=False)
+  one = generate.power_law_communities(str(tmp_path / "a.tsv"), chunk_edges=7000, **kwargs)
+  generate.power_law_communities(str(tmp_path / "b.tsv"), chunk_edges=edges, **kwargs)
+  # Seeded, and the bytes do not depend on the chunking.
+  assert (tmp_path / "a.tsv").read_bytes() == (tmp_path / "b.tsv").read_bytes()
+  src, dst = _read_ids(tmp_path / "a.tsv")
+  assert len(src) == edges and src.min() >= 0 and max(src.max(), dst.max()) < nodes
+  share = np.mean(src % k == dst % k)
+  assert share == pytest.approx(one.summary["same_community_share"])
+  assert share == pytest.approx(affinity + (1 - affinity) / k, abs=0.01)
+  # Power-law targets: the top 1% of nodes take far more than 1% of the edges.
+  degree = np.sort(np.bincount(dst, minlength=nodes))[::-1]
+  assert degree[:nodes // 100].sum() / edges > 0.08
+
+
+def test_bench_settings_per_partition_count():
+  import argparse
+  args = argparse.Namespace(quick=True, nodes=0, edges=0, dim=0, epochs=0, relations="auto",
+                            lr=0.1, workers=2)
+  settings = [bench.settings_for(args, "powerlaw10m", p) for p in (1, 4)]
+  assert [s["partitions"] for s in settings] == [1, 4]
+  assert settings[0]["communities"] == 20 and settings[0]["community_affinity"] == 0.8
+  config = bench.our_config(settings[1], "graph.tsv")
+  assert config.entities.node.num_partitions == 4

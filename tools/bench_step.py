@@ -9,6 +9,7 @@ steps each (translation + dot, logistic loss, the same code the trainer runs):
 
   python tools/bench_step.py --rows 1000000 --dim 128 --chunk 50 --uniform 50 --batch 1000
   python tools/bench_step.py --rows 4000000 --dim 100 --chunk 500 --uniform 500 --batch 10000
+  python tools/bench_step.py --precision bfloat16     # score matmuls in bf16 (model.matmul_precision)
 
 Prints a table, or one JSON object with --json: edges/s, seconds per call,
 and the device's peak memory.
@@ -24,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twhin_jax import config as config_lib
+from twhin_jax import model
 from twhin_jax import optim
 from twhin_jax import sharding as sharding_lib
 from twhin_jax import state as state_lib
@@ -62,6 +65,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1000)
   parser.add_argument("--relations", type=int, default=4)
   parser.add_argument("--calls", type=int, default=20)
+  parser.add_argument("--precision", default="auto", choices=model.MATMUL_PRECISIONS,
+                      help="score matmuls (config.model.matmul_precision; auto: per backend)")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
 
@@ -82,7 +87,8 @@ def main() -> None:
              for b in random_batches(rng, 4, args.rows, args.chunk, per_step, args.relations, 1)]
   key = jax.device_put(jax.random.key_data(jax.random.key(0)), sharding_lib.replicated(mesh))
   fn = step_lib.make_train_steps("translation", "dot", "logistic", 0.1, 0.1, 0.1, args.uniform,
-                                 True, 0.0, mesh=mesh, visiting=False)
+                                 True, 0.0, mesh=mesh, visiting=False,
+                                 matmul_precision=args.precision)
   state, loss, edges = fn(state, batches[0], key)  # compile
   jax.block_until_ready(state)
   started = time.perf_counter()
@@ -96,16 +102,19 @@ def main() -> None:
   stats = device.memory_stats() or {}
   result = {"device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
             "rows": args.rows, "dim": args.dim, "chunk": args.chunk, "uniform": args.uniform,
-            "batch": args.batch, "edges_per_s": total / seconds,
+            "batch": args.batch,
+            "precision": model.resolve_matmul_precision(args.precision),
+            "edges_per_s": total / seconds,
             "seconds_per_call": seconds / args.calls, "loss": float(loss) / float(edges),
             "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2 ** 20}
   if args.json:
     print(json.dumps(result))
   else:
-    print("| device | rows | d | C + U negatives | batch | edges/s | s/call | device peak MiB |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print("| device | rows | d | C + U negatives | batch | matmuls | edges/s | s/call | "
+          "device peak MiB |")
+    print("|---|---:|---:|---|---:|---|---:|---:|---:|")
     print(f"| {result['device']} | {args.rows:,} | {args.dim} | {args.chunk} + {args.uniform} | "
-          f"{args.batch} | {result['edges_per_s']:,.0f} | {result['seconds_per_call']:.4f} | "
+          f"{args.batch} | {result['precision']} | {result['edges_per_s']:,.0f} | {result['seconds_per_call']:.4f} | "
           f"{result['device_peak_mib']:,.0f} |")
 
 

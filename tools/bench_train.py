@@ -63,6 +63,7 @@ def worker(args) -> None:
   from twhin_jax import train as train_lib
   config = bench_config(args.graph_file, args.worker_partitions, args.dim, args.epochs,
                         args.relations, args.chunk, args.uniform, args.batch, args.devices)
+  config.model.matmul_precision = args.precision
   if args.phase == "import":
     train_lib.prepare_graph(config, args.workdir, progress=False)
     return
@@ -82,10 +83,13 @@ def worker(args) -> None:
   nodes = sum(e.count for e in trainer.graph.entities.values())
   trainer.close()
   import jax
+  from twhin_jax import model
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
   print(json.dumps({
       "partitions": args.worker_partitions,
+      "batch": args.batch,
+      "precision": model.resolve_matmul_precision(args.precision),  # auto -> per backend
       "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{trainer.num_shards}",
       "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2 ** 20,
       "edges": last["edges"],
@@ -110,6 +114,8 @@ def main() -> None:
   parser.add_argument("--uniform", type=int, default=50, help="U: uniform negatives per chunk")
   parser.add_argument("--batch", type=int, default=1000, help="edges per step")
   parser.add_argument("--devices", type=int, default=0, help="mesh.num_devices (0: all)")
+  parser.add_argument("--precision", default="auto",
+                      help="model.matmul_precision: auto, float32, tf32 (GPU), bfloat16")
   parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
   parser.add_argument("--json", action="store_true", help="one JSON object per setting")
   # internal: the per-setting worker process
@@ -136,7 +142,7 @@ def main() -> None:
               "--dim", str(args.dim), "--epochs", str(args.epochs),
               "--relations", str(args.relations), "--chunk", str(args.chunk),
               "--uniform", str(args.uniform), "--batch", str(args.batch),
-              "--devices", str(args.devices)]
+              "--devices", str(args.devices), "--precision", args.precision]
     if not os.path.exists(os.path.join(workdir, "graph", "manifest.json")):
       subprocess.run(common + ["--phase", "import"], check=True)
     out = subprocess.run(common + ["--phase", "train"], check=True, capture_output=True,

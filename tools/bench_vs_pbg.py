@@ -6,14 +6,23 @@ logistic loss, chunks of 50 edges with 50 batch + 50 uniform negatives, batch
 1000, row-wise Adagrad with the same lr for entities and relations, same
 dimension, epochs and partitions), then BOTH are evaluated with OUR filtered
 ranking (twhin_jax.evaluation) on the test split, head and tail, ties
-averaged. Prints a table (or one JSON object per graph with --json):
+averaged. Every graph runs at every partition count of --partitions (default
+1,4). Prints a table per (graph, P) and a summary table of all of them (or one
+JSON object per (graph, P) with --json, the tables on stderr):
 edges/s, training wall time, peak memory of the whole process tree (sampled
 with psutil every 0.5 s: summed RSS, and summed PSS, which counts memory
 shared by PBG's Hogwild workers once), MRR, Hits@10, and ours/PBG ratios.
 
-  python tools/bench_vs_pbg.py --graphs fb15k237 --epochs 10      # needs $TWHIN_DATA_DIR
+  python tools/bench_vs_pbg.py --json                             # both graphs, P = 1 and 4
+  python tools/bench_vs_pbg.py --graphs fb15k237 --partitions 1   # needs $TWHIN_DATA_DIR
   python tools/bench_vs_pbg.py --graphs powerlaw10m               # 1M nodes, 10M edges
   python tools/bench_vs_pbg.py --quick                            # tiny smoke test of both
+
+The power-law graph (powerlaw10m) has planted communities
+(twhin_jax.generate.power_law_communities: node v is in community v mod 100;
+80% of the edges stay in the source's community), so a model that learns
+the structure ranks the test edges well above chance and both systems' MRR
+compares something.
 
 PyTorch-BigGraph runs in its own virtual environment (default .bench/pbg-venv,
 created on first use: torch==2.13.0 CPU, torchbiggraph==1.0.0,
@@ -88,12 +97,12 @@ GRAPHS = {
     "fb15k237": dict(dim=200, epochs=10, relations="reciprocal"),
     "powerlaw10m": dict(dim=128, epochs=2, relations="single", nodes=1_000_000,
                         edges=10_000_000, num_relations=4, test_fraction=0.001,
-                        max_triples=2000),
+                        max_triples=2000, communities=100, community_affinity=0.8),
 }
 QUICK = {
     "fb15k237": dict(epochs=1, dim=32, max_triples=500),
     "powerlaw10m": dict(epochs=1, dim=32, nodes=5000, edges=50_000, test_fraction=0.01,
-                        max_triples=300),
+                        max_triples=300, communities=20),
 }
 
 
@@ -105,7 +114,18 @@ def log(message: str) -> None:
 # Settings shared by both systems.
 
 
-def settings_for(args, graph: str) -> dict:
+def parse_partitions(text: str) -> list[int]:
+  """``"1,4"`` -> [1, 4]."""
+  try:
+    values = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise ValueError(f"--partitions {text!r}: expected comma-separated integers, e.g. 1,4") from None
+  if not values or min(values) < 1:
+    raise ValueError(f"--partitions {text!r}: expected integers >= 1, e.g. 1,4")
+  return values
+
+
+def settings_for(args, graph: str, partitions: int) -> dict:
   preset = dict(GRAPHS[graph])
   if args.quick:
     preset.update(QUICK[graph])
@@ -117,7 +137,7 @@ def settings_for(args, graph: str) -> dict:
       dim=args.dim or preset["dim"],
       epochs=args.epochs or preset["epochs"],
       relations=preset["relations"] if args.relations == "auto" else args.relations,
-      partitions=args.partitions,
+      partitions=partitions,
       lr=args.lr,
       workers=args.workers,
       batch_size=1000,
@@ -128,6 +148,8 @@ def settings_for(args, graph: str) -> dict:
       nodes=preset.get("nodes"),
       edges=preset.get("edges"),
       num_relations=preset.get("num_relations"),
+      communities=preset.get("communities"),
+      community_affinity=preset.get("community_affinity", 0.8),
       test_fraction=preset.get("test_fraction", 0.0),
       max_triples=preset.get("max_triples", 0),
   )
@@ -552,9 +574,10 @@ def ensure_pbg_venv(venv: str) -> str:
   return python
 
 
-def bench_graph(args, graph: str, pbg_python: str, scratch: str) -> dict:
-  settings = settings_for(args, graph)
-  size = f"-{settings['nodes']}n{settings['edges']}e" if graph == "powerlaw10m" else ""
+def bench_graph(args, graph: str, partitions: int, pbg_python: str, scratch: str) -> dict:
+  settings = settings_for(args, graph, partitions)
+  size = (f"-{settings['nodes']}n{settings['edges']}e{settings['communities']}c"
+          if graph == "powerlaw10m" else "")
   tag = f"{graph}{size}-p{settings['partitions']}-{settings['relations']}" + (
       "-quick" if settings["quick"] else "")
   root = os.path.join(scratch, tag)
@@ -562,12 +585,16 @@ def bench_graph(args, graph: str, pbg_python: str, scratch: str) -> dict:
   graph_file = None
   if graph == "powerlaw10m":
     from twhin_jax import generate
-    graph_file = os.path.join(scratch, f"power_law_{settings['nodes']}_{settings['edges']}.tsv")
+    graph_file = os.path.join(
+        scratch, f"power_law_{settings['nodes']}_{settings['edges']}_"
+                 f"{settings['communities']}c{settings['community_affinity']}.tsv")
     if not os.path.exists(graph_file):
-      log(f"generating {settings['edges']:,} edges over {settings['nodes']:,} nodes")
-      generate.power_law(graph_file + ".tmp.tsv", num_nodes=settings["nodes"],
-                         num_edges=settings["edges"], num_relations=settings["num_relations"],
-                         seed=0, progress=not args.json)
+      log(f"generating {settings['edges']:,} edges over {settings['nodes']:,} nodes in "
+          f"{settings['communities']} communities")
+      generate.power_law_communities(
+          graph_file + ".tmp.tsv", num_nodes=settings["nodes"], num_edges=settings["edges"],
+          num_relations=settings["num_relations"], num_communities=settings["communities"],
+          community_affinity=settings["community_affinity"], seed=0, progress=not args.json)
       os.replace(graph_file + ".tmp.tsv", graph_file)
   elif not os.environ.get("TWHIN_DATA_DIR"):
     raise SystemExit("fb15k237 needs TWHIN_DATA_DIR (the datasets folder, e.g. ../shared/data)")
@@ -657,6 +684,19 @@ def print_table(row: dict, file=None) -> None:
   out(f"\n(our steady-state last epoch: {row['ours_last_epoch_edges_per_s']:,.0f} edges/s)")
 
 
+def print_summary(rows: list[dict], file=None) -> None:
+  """One line per (graph, P): issue 12's table."""
+  out = functools.partial(print, file=file or sys.stdout)
+  out("\n| graph | P | twhin-jax edges/s | PBG edges/s | ratio | MRR ours / PBG | "
+      "peak RSS MiB ours / PBG |")
+  out("|---|---:|---:|---:|---:|---|---|")
+  for r in rows:
+    out(f"| {r['graph']} | {r['partitions']} | {r['ours_edges_per_s']:,.0f} "
+        f"(last epoch {r['ours_last_epoch_edges_per_s']:,.0f}) | {r['pbg_edges_per_s']:,.0f} | "
+        f"{r['ratio_edges_per_s']:.2f} | {r['ours_mrr']:.4f} / {r['pbg_mrr']:.4f} | "
+        f"{r['ours_peak_rss_mib']:,.0f} / {r['pbg_peak_rss_mib']:,.0f} |")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -664,7 +704,8 @@ def main() -> None:
                       help=f"comma-separated, from {sorted(GRAPHS)}")
   parser.add_argument("--epochs", type=int, default=0, help="default: per graph (10, 2)")
   parser.add_argument("--dim", type=int, default=0, help="default: per graph (200, 128)")
-  parser.add_argument("--partitions", type=int, default=1)
+  parser.add_argument("--partitions", default="1,4",
+                      help="comma-separated partition counts, each run on every graph")
   parser.add_argument("--nodes", type=int, default=0, help="powerlaw10m: nodes (default 1M)")
   parser.add_argument("--edges", type=int, default=0, help="powerlaw10m: edges (default 10M)")
   parser.add_argument("--lr", type=float, default=0.1, help="entities and relations, both systems")
@@ -674,7 +715,7 @@ def main() -> None:
   parser.add_argument("--dir", default=None,
                       help="scratch directory (default .bench/vs-pbg; imports are reused)")
   parser.add_argument("--pbg-venv", default=DEFAULT_PBG_VENV)
-  parser.add_argument("--json", action="store_true", help="one JSON object per graph")
+  parser.add_argument("--json", action="store_true", help="one JSON object per (graph, P)")
   # internal: one phase in its own process
   parser.add_argument("--phase", help=argparse.SUPPRESS)
   for name in ("settings", "graph-file", "graph-dir", "workdir", "pbg-data", "pbg-run"):
@@ -687,16 +728,24 @@ def main() -> None:
   unknown = sorted(set(graphs) - set(GRAPHS))
   if unknown:
     parser.error(f"unknown graphs {unknown}; choose from {sorted(GRAPHS)}")
+  try:
+    partition_counts = parse_partitions(args.partitions)
+  except ValueError as e:
+    parser.error(str(e))
   scratch = os.path.abspath(args.dir or os.path.join(REPO, ".bench", "vs-pbg"))
   os.makedirs(scratch, exist_ok=True)
   pbg_python = ensure_pbg_venv(args.pbg_venv)
+  rows = []
   for graph in graphs:
-    row = bench_graph(args, graph, pbg_python, scratch)
-    if args.json:
-      print(json.dumps(row), flush=True)
-      print_table(row, file=sys.stderr)  # the table too, away from the JSON
-    else:
-      print_table(row)
+    for partitions in partition_counts:
+      row = bench_graph(args, graph, partitions, pbg_python, scratch)
+      rows.append(row)
+      if args.json:
+        print(json.dumps(row), flush=True)
+        print_table(row, file=sys.stderr)  # the table too, away from the JSON
+      else:
+        print_table(row)
+  print_summary(rows, file=sys.stderr if args.json else None)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,70 @@
 #!/usr/bin/env bash
-# GPU throughput check (issue 3, item 7): run on a machine with a GPU and jax[cuda].
+# GPU throughput check (issue 12): the jitted step alone against the whole
+# trainer, side by side, per batch size and score-matmul precision.
 #
 #   tools/gpu_check.sh                      # defaults: d=100, 500 batch + 500 uniform negatives
 #   EDGES=50000000 NODES=5000000 tools/gpu_check.sh
+#   PRECISIONS="float32 tf32 bfloat16" tools/gpu_check.sh
+#   tools/gpu_check.sh --table runs/gpu_check   # only print the table of an earlier run
+#
+# A CPU-sized smoke run of the whole script (the same code paths):
+#   JAX_PLATFORMS=cpu PYTHON=.venv/bin/python NODES=20000 EDGES=100000 STEP_ROWS=20000 \
+#     BATCH=1000 CHUNK=50 UNIFORM=50 CALLS=3 OUT=/tmp/gpu_check tools/gpu_check.sh
 #
 # 1. tools/bench_step.py: the jitted step alone, batches already on the device
 #    (the device's ceiling);
 # 2. tools/bench_train.py: the whole trainer (import, host batch pipeline,
-#    TensorStore tables) on a generated power-law graph, P=1.
-# Each prints JSON lines (edges/s, device peak memory) into $OUT.
+#    TensorStore tables) on a generated power-law graph, P=1, last of 3 epochs.
+# Each prints JSON lines (edges/s, device peak memory) into $OUT (step.jsonl,
+# train.jsonl); the table (trainer / step ratio per batch and precision) goes
+# to stdout and $OUT/table.md. Commit $OUT under docs/gpu/.
 # Wheels the machine lacks (it cannot download) may be carried in .device/wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+print_table() {
+  "$PY" - "$1" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def read(name):
+  path = os.path.join(out, name)
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      line = line.strip()
+      if line.startswith("{"):
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          sys.exit(f"{path}:{number}: not JSON ({e})")
+  return rows
+step = {(r["batch"], r["precision"]): r for r in read("step.jsonl")}
+train = {(r["batch"], r["precision"]): r for r in read("train.jsonl")}
+print("| batch | matmuls | step alone edges/s | whole trainer edges/s | trainer / step | "
+      "device peak MiB step / trainer |")
+print("|---:|---|---:|---:|---:|---|")
+for key in sorted(set(step) | set(train), key=lambda k: (k[0], str(k[1]))):
+  s, t = step.get(key), train.get(key)
+  fmt = lambda r, k: f"{r[k]:,.0f}" if r else "-"
+  ratio = f"{t['edges_per_s'] / s['edges_per_s']:.1%}" if s and t else "-"
+  print(f"| {key[0]} | {key[1]} | {fmt(s, 'edges_per_s')} | {fmt(t, 'edges_per_s')} | {ratio} | "
+        f"{fmt(s, 'device_peak_mib')} / {fmt(t, 'device_peak_mib')} |")
+EOF
+}
+
+if [[ "${1:-}" == "--table" ]]; then
+  print_table "${2:?usage: tools/gpu_check.sh --table OUT_DIR}"
+  exit 0
+fi
+
 if compgen -G ".device/wheels/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-deps --no-index .device/wheels/*.whl
+  "$PY" -m pip install -q --no-deps --no-index .device/wheels/*.whl
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
+rm -f "$OUT/step.jsonl" "$OUT/train.jsonl"
 NODES=${NODES:-4000000}
 EDGES=${EDGES:-20000000}
 STEP_ROWS=${STEP_ROWS:-4000000}
@@ -25,16 +72,26 @@ DIM=${DIM:-100}
 CHUNK=${CHUNK:-500}
 UNIFORM=${UNIFORM:-500}
 BATCH=${BATCH:-10000}
+CALLS=${CALLS:-30}
+# auto: tf32 on a GPU (JAX's default for fp32 matmuls), float32 on CPU.
+PRECISIONS=${PRECISIONS:-auto bfloat16}
+SCRATCH=${SCRATCH:-/tmp/twhin_gpu_scratch}
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.txt"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-for batch in $BATCH $((BATCH * 4)); do
-  python3 tools/bench_step.py --rows "$STEP_ROWS" --dim "$DIM" --chunk "$CHUNK" \
-    --uniform "$UNIFORM" --batch "$batch" --calls 30 --json | tee -a "$OUT/step.jsonl"
+"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+for precision in $PRECISIONS; do
+  for batch in $BATCH $((BATCH * 4)); do
+    "$PY" tools/bench_step.py --rows "$STEP_ROWS" --dim "$DIM" --chunk "$CHUNK" \
+      --uniform "$UNIFORM" --batch "$batch" --calls "$CALLS" --precision "$precision" --json \
+      | tee -a "$OUT/step.jsonl"
+  done
 done
-# The second batch size reuses the generated and imported graph.
-for batch in $BATCH $((BATCH * 4)); do
-  python3 tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
-    --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 \
-    --dir "${SCRATCH:-/tmp/twhin_gpu_scratch}" --json | tee -a "$OUT/train.jsonl"
+# Later settings reuse the generated and imported graph.
+for precision in $PRECISIONS; do
+  for batch in $BATCH $((BATCH * 4)); do
+    "$PY" tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
+      --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 --precision "$precision" \
+      --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
+  done
 done
-rm -rf "${SCRATCH:-/tmp/twhin_gpu_scratch}"
+rm -rf "$SCRATCH"
+print_table "$OUT" | tee "$OUT/table.md"

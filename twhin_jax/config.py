@@ -127,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   # "n3" cubed moduli of rows and relation parameters (Lacroix et al. 2018).
   c.model.regularization = 0.0
   c.model.regularizer = "l2"
+  # Chunk score matmuls (model.compare_all's precision): "float32", "tf32" (NVIDIA GPU),
+  # "bfloat16" (bf16 operands, fp32 sums), or "auto" (tf32 on GPU, float32
+  # elsewhere). Tables and Adagrad state are float32 in every case.
+  c.model.matmul_precision = "auto"
 
   c.train = ml_collections.ConfigDict()
   # The most epochs; training stops earlier when the validation metric has not
@@ -351,6 +355,9 @@ def validate(config) -> None:
     _fail("model.regularizer", f"{config.model.regularizer!r} not in {REGULARIZERS}")
   if config.model.regularization < 0:
     _fail("model.regularization", f"must be >= 0, got {config.model.regularization}")
+  if config.model.get("matmul_precision", "auto") not in model.MATMUL_PRECISIONS:
+    _fail("model.matmul_precision",
+          f"{config.model.matmul_precision!r} not in {model.MATMUL_PRECISIONS}")
   if not config.model.init_scale > 0:
     _fail("model.init_scale", "must be > 0")
 

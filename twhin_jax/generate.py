@@ -532,12 +532,136 @@ def power_law_schema(num_partitions: int = 1, num_relations: int = 4, dim: int =
 
 
 # ----------------------------------------------------------------------------
+# power_law_communities
+# ----------------------------------------------------------------------------
+
+#: Multiplier of the within-community permutation: a prime above any
+#: community size, so j -> (A * j + b) mod n is a bijection for every n < A.
+_COMMUNITY_PRIME = 2_147_483_647
+
+
+def _zipf_ranks_per_row(u: np.ndarray, n: np.ndarray, exponent: float) -> np.ndarray:
+  """zipf_ranks with one population size per draw: ranks in [0, n_i)."""
+  s = float(exponent)
+  n = n.astype(np.float64)
+  if s == 0.0:
+    x = 1.0 + u * n
+  elif abs(s - 1.0) < 1e-12:
+    x = np.exp(u * np.log(n + 1.0))
+  else:
+    x = (1.0 + u * ((n + 1.0) ** (1.0 - s) - 1.0)) ** (1.0 / (1.0 - s))
+  ranks = x.astype(np.int64) - 1
+  return np.clip(ranks, 0, n.astype(np.int64) - 1)
+
+
+def power_law_communities(out_path: str, *, num_nodes: int, num_edges: int,
+                          num_relations: int = 4, num_communities: int = 100,
+                          community_affinity: float = 0.8, exponent: float = 0.8,
+                          relation_exponent: float = 1.0, seed: int = 0,
+                          chunk_edges: int = 1_000_000, progress: bool = True,
+                          prefix: str = "n") -> GeneratedFiles:
+  """power_law with planted communities: a benchmark graph whose MRR means something.
+
+  The same file format, sources and relations as :func:`power_law`. Node v
+  belongs to community v mod K (the affine id permutation already scatters
+  popularity, so communities are alike). With probability a
+  (``community_affinity``) an edge's target is drawn in the source's
+  community c, otherwise as power_law draws it:
+
+      P(t | s) = a * [t mod K = c] w_c(t) / W_c + (1 - a) * w(t) / W       (3)
+
+  where w is eq. (1) over all N nodes and w_c is eq. (1) over the
+  n_c = ceil((N - c) / K) members of c, ranked by their own seeded
+  permutation: local rank r -> member c + K * ((A * r + b) mod n_c), A prime.
+  The expected same-community share of edges is a + (1 - a) / K. Memory
+  stays bounded (no per-node arrays); the bytes depend only on the
+  arguments, not on ``chunk_edges``.
+  """
+  if num_communities < 1 or num_communities > num_nodes:
+    raise ValueError(f"num_communities must be in [1, num_nodes], got {num_communities}")
+  if not 0.0 <= community_affinity <= 1.0:
+    raise ValueError(f"community_affinity must be in [0, 1], got {community_affinity}")
+  if num_nodes < 1 or num_edges < 0 or num_relations < 1 or chunk_edges < 1:
+    raise ValueError("power_law_communities needs num_nodes >= 1, num_edges >= 0, "
+                     "num_relations >= 1, chunk_edges >= 1")
+  if -(-num_nodes // num_communities) >= _COMMUNITY_PRIME:
+    raise ValueError(f"communities of more than {_COMMUNITY_PRIME - 1} nodes are not supported")
+  if os.path.isdir(out_path) or not os.path.splitext(out_path)[1]:
+    out_path = os.path.join(out_path, "power_law_communities.tsv")
+  out_path = os.path.abspath(out_path)
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+
+  k_comm = int(num_communities)
+  rng = _rngs(seed, ["perm", "src", "dst", "rel", "local", "local_dst"])
+  src_a, src_b = _affine_permutation(num_nodes, rng["perm"])
+  dst_a, dst_b = _affine_permutation(num_nodes, rng["perm"])
+  local_b = int(rng["perm"].integers(0, 2 ** 31))
+  rel_p = (np.arange(1, num_relations + 1, dtype=np.float64)) ** (-float(relation_exponent))
+  rel_cum = np.cumsum(rel_p / rel_p.sum())
+  rel_cum[-1] = 1.0
+  rel_names = pa.array([f"r{k}" for k in range(num_relations)])
+  schema = pa.schema([("src", pa.string()), ("rel", pa.string()), ("dst", pa.string())])
+
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=num_edges, unit="edge", unit_scale=True, desc="power_law_communities")
+  rel_counts = np.zeros(num_relations, np.int64)
+  same_community = 0
+  sink = (pa.CompressedOutputStream(out_path, "gzip") if out_path.endswith(".gz")
+          else pa.OSFile(out_path, "wb"))
+  try:
+    with sink, pcsv.CSVWriter(sink, schema, write_options=_TSV) as writer:
+      done = 0
+      while done < num_edges:
+        k = min(chunk_edges, num_edges - done)
+        src = (zipf_ranks(rng["src"].random(k), num_nodes, exponent) * src_a + src_b) % num_nodes
+        dst = (zipf_ranks(rng["dst"].random(k), num_nodes, exponent) * dst_a + dst_b) % num_nodes
+        local = rng["local"].random(k) < community_affinity  # [k]
+        u_local = rng["local_dst"].random(k)  # drawn for every edge: bytes independent of a
+        community = src[local] % k_comm
+        size = (num_nodes - community + k_comm - 1) // k_comm  # n_c
+        rank = _zipf_ranks_per_row(u_local[local], size, exponent)
+        dst[local] = community + k_comm * ((_COMMUNITY_PRIME * rank + local_b) % size)
+        same_community += int(np.count_nonzero(src % k_comm == dst % k_comm))
+        rel = np.searchsorted(rel_cum, rng["rel"].random(k), side="right")
+        np.minimum(rel, num_relations - 1, out=rel)
+        rel_counts += np.bincount(rel, minlength=num_relations)
+        writer.write_table(pa.Table.from_arrays(
+            [_names(prefix, src), rel_names.take(pa.array(rel.astype(np.int32))),
+             _names(prefix, dst)], schema=schema))
+        done += k
+        if bar is not None:
+          bar.update(k)
+  finally:
+    if bar is not None:
+      bar.close()
+
+  spec = config_lib.file_spec(out_path, split="train", source=0, relation=1, target=2,
+                              format="tsv")
+  summary = dict(generator="power_law_communities",
+                 args=dict(num_nodes=int(num_nodes), num_edges=int(num_edges),
+                           num_relations=int(num_relations), num_communities=k_comm,
+                           community_affinity=float(community_affinity),
+                           exponent=float(exponent), relation_exponent=float(relation_exponent),
+                           seed=int(seed), prefix=prefix),
+                 entity_counts={"node": int(num_nodes)},  # at most: unused ids are absent
+                 edge_counts={f"r{k}": int(n) for k, n in enumerate(rel_counts)},
+                 total_edges=int(num_edges),
+                 same_community_share=same_community / max(num_edges, 1),
+                 community_rule=f"community of {prefix}<i> = i mod {k_comm}",
+                 files={"edges": out_path})
+  return GeneratedFiles([spec], summary)
+
+
+# ----------------------------------------------------------------------------
 # By name (config.data.generator)
 # ----------------------------------------------------------------------------
 
 #: name -> (generator(out, **args) -> file specs, schema helper).
 GENERATORS = {"twitter_like": (twitter_like, twitter_like_schema),
-              "power_law": (power_law, power_law_schema)}
+              "power_law": (power_law, power_law_schema),
+              "power_law_communities": (power_law_communities, power_law_schema)}
 
 
 def run_generator(name: str, out_dir: str, **kwargs) -> GeneratedFiles:

@@ -106,11 +106,60 @@ def compare_pairs(comparator: str, u: jax.Array, v: jax.Array) -> jax.Array:
   raise ValueError(f"unknown comparator {comparator!r}")
 
 
-def compare_all(comparator: str, u: jax.Array, v: jax.Array) -> jax.Array:
-  """All-pairs scores as one matmul: u [..., A, d], v [..., B, d] -> [..., A, B]."""
+#: Precisions of the score matmuls (config ``model.matmul_precision``).
+MATMUL_PRECISIONS = ("auto", "float32", "tf32", "bfloat16")
+
+
+def resolve_matmul_precision(name: str, backend: str | None = None) -> str:
+  """"auto" -> "tf32" on GPU (JAX's own default there), "float32" elsewhere.
+
+  On 2 CPU cores bfloat16 scores were slower than float32 (XLA's CPU dot has
+  no bf16 fast path; see docs/results.md), so CPU stays float32.
+  """
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision {name!r} not in {MATMUL_PRECISIONS}")
+  backend = backend or jax.default_backend()
+  if name == "auto":
+    return "tf32" if backend == "gpu" else "float32"
+  if name == "tf32" and backend != "gpu":
+    raise ValueError(f"matmul_precision 'tf32' needs an NVIDIA GPU (backend is {backend!r}); "
+                     "use 'float32' or 'bfloat16'")
+  return name
+
+
+def _matmul(u: jax.Array, v: jax.Array, precision: str | None) -> jax.Array:
+  """u [..., A, d] . v [..., B, d] -> [..., A, B] at a resolved precision.
+
+    None      XLA's default for the backend (evaluation, retrieval)
+    float32   true fp32 products (lax.Precision.HIGHEST; on a GPU this turns TF32 off)
+    tf32      TF32 tensor cores, fp32 accumulation (NVIDIA GPU only)
+    bfloat16  u and v rounded to bf16 (8 significant bits), products summed in
+              fp32 (preferred_element_type): the same numbers on every backend
+              (XLA's CPU dot silently ignores a bf16 precision hint)
+
+  Only the operands are rounded; autodiff casts the gradient back to the fp32
+  rows, so tables and Adagrad state stay fp32.
+  """
+  if precision is None:
+    return jnp.einsum("...ad,...bd->...ab", u, v)
+  if precision == "bfloat16":
+    u, v = u.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  dot_precision = {"float32": jax.lax.Precision.HIGHEST, "tf32": "TF32_TF32_F32",
+                   "bfloat16": None}[precision]
+  return jnp.einsum("...ad,...bd->...ab", u, v, precision=dot_precision,
+                    preferred_element_type=jnp.float32)
+
+
+def compare_all(comparator: str, u: jax.Array, v: jax.Array,
+                precision: str | None = None) -> jax.Array:
+  """All-pairs scores as one matmul: u [..., A, d], v [..., B, d] -> [..., A, B].
+
+  ``precision``: a resolved matmul precision (see resolve_matmul_precision);
+  the cos normalisation and the l2 norms stay fp32 whatever it is.
+  """
   if comparator == "cos":
     u, v = _normalize(u), _normalize(v)
-  dots = jnp.einsum("...ad,...bd->...ab", u, v)  # [..., A, B]
+  dots = _matmul(u, v, precision)  # [..., A, B]
   if comparator in ("dot", "cos"):
     return dots
   if comparator == "l2":
@@ -268,11 +317,13 @@ def source_query(operator: str, comparator: str, reciprocal: bool, params, rever
   return Query(targets, comparator, candidate_params=params)
 
 
-def score(operator: str, query: Query, candidates: jax.Array) -> jax.Array:
-  """Scores of a Query's B queries against candidates [N, d] -> [B, N]."""
+def score(operator: str, query: Query, candidates: jax.Array,
+          precision: str | None = None) -> jax.Array:
+  """Scores of a Query's B queries against candidates [N, d] -> [B, N]
+  (``precision``: of the matmul, see compare_all)."""
   if query.candidate_params is not None:
     candidates = apply_operator(operator, query.candidate_params, candidates)  # [N, d]
-  scores = compare_all(query.comparator, query.vectors, candidates)  # [B, N]
+  scores = compare_all(query.comparator, query.vectors, candidates, precision)  # [B, N]
   return scores if query.offset is None else scores + query.offset[:, None]
 
 

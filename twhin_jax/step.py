@@ -89,6 +89,7 @@ class StepSettings(NamedTuple):
   l2_to_previous: float
   sharded: bool
   regularizer: str = "l2"
+  matmul_precision: str = "float32"  # resolved (model.resolve_matmul_precision)
 
 
 def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, params,
@@ -107,9 +108,9 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
   # Target corruption: op(theta_s) against the chunk's and the uniform targets.
   forward = model.target_query(operator, comparator, params, lhs)  # [C, d]
   # Row i, column j: f(s_i, r, t_j). Its diagonal holds the positives.
-  batch_block = model.score(operator, forward, rhs)  # [C, C]
+  batch_block = model.score(operator, forward, rhs, settings.matmul_precision)  # [C, C]
   pos = jnp.diagonal(batch_block)  # [C]
-  uniform_dst = model.score(operator, forward, neg_dst)  # [C, U]
+  uniform_dst = model.score(operator, forward, neg_dst, settings.matmul_precision)  # [C, U]
   neg_for_dst = jnp.concatenate([batch_block - dst_logq[None, :],
                                  uniform_dst - uniform_dst_logq], axis=1)  # [C, C+U]
   # Source corruption: model.py's rule for the C targets as queries (the
@@ -117,9 +118,9 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
   # block).
   backward = model.source_query(operator, comparator, settings.reciprocal, params,
                                 reverse_params, rhs, per_row=False, fold=False)
-  uniform_src = model.score(operator, backward, neg_src)  # [C, U]
+  uniform_src = model.score(operator, backward, neg_src, settings.matmul_precision)  # [C, U]
   if settings.reciprocal:  # f'(s_j, r, t_i) with the reverse parameters, eq. (1') of model.py
-    reverse_block = model.score(operator, backward, lhs)  # [C, C]
+    reverse_block = model.score(operator, backward, lhs, settings.matmul_precision)  # [C, C]
     pos_for_src = jnp.diagonal(reverse_block)  # [C]
   else:
     # The same f: edge i needs f(s_j, r, t_i), the transpose of the batch block.
@@ -223,7 +224,7 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False,
                      regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
                      visiting: bool = False, l2_to_previous: float = 0.0,
-                     regularizer: str = "l2"):
+                     regularizer: str = "l2", matmul_precision: str = "auto"):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
 
   With a ``mesh`` the function runs under ``shard_map`` over its one axis
@@ -243,10 +244,13 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   penalty on the rows each batch touches (``regularizer``: "l2",
   sum_e w_e (|theta_s|^2 + |theta_t|^2), or "n3"; see regularizers.py), which
   keeps popular entities from growing without bound.
+
+  ``matmul_precision`` sets the chunk score matmuls only (model.compare_all);
+  tables, gradients and Adagrad state stay float32.
   """
   settings = StepSettings(operator, comparator, loss, margin, lr, relation_lr, num_uniform,
                           reciprocal, regularization, l2_to_previous, mesh is not None,
-                          regularizer)
+                          regularizer, model.resolve_matmul_precision(matmul_precision))
   if mesh is None:
     return jax.jit(functools.partial(local_steps, settings), donate_argnums=(0,))
   state_spec = state_lib.state_spec(visiting, anchored=bool(l2_to_previous))

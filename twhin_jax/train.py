@@ -268,7 +268,8 @@ class Trainer:
         float(config.train.margin), float(config.train.lr), float(config.train.relation_lr),
         config.negatives.num_uniform, bool(config.model.reciprocal),
         float(config.model.regularization), mesh=self.mesh, visiting=visiting,
-        l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer)
+        l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer,
+        matmul_precision=config.model.get("matmul_precision", "auto"))
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
     """Trains the resident bucket from its prepared ``calls`` [(round, call)]:
