@@ -218,3 +218,21 @@ def test_index_cli(demo_run, capsys):
   out = json.loads(capsys.readouterr().out)
   assert set(out) == {"user", "ad"} and out["ad"]["backend"] == "exact"
   assert cli.main(["index", "--workdir", demo_run, "--types", "robot"]) == 2
+
+
+def test_scann_build_leaves_stderr_quiet():
+  """The C++ core's absl log lines (one per build) do not reach stderr, and
+  stderr works again afterwards."""
+  script = (
+      "import sys, numpy as np\n"
+      "from twhin_jax import retrieval\n"
+      "x = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float32)\n"
+      "s = retrieval.build_scann(x, retrieval.choose_settings(len(x), 16, 'dot'))\n"
+      "print('after build', file=sys.stderr)\n")
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "partitioner" not in done.stderr and "I0000" not in done.stderr, done.stderr
+  assert "after build" in done.stderr

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import optim
 from twhin_jax import sharding as sharding_lib

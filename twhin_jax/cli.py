@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
   if stray:
     parser.error(f"{args.command}: unrecognized arguments: {' '.join(stray)} "
                  "(overrides look like --config.train.lr=0.05)")
+  if hasattr(args, "quiet") and not sys.stderr.isatty():
+    args.quiet = True  # progress bars only on a terminal (logs and CI get none)
   try:
     spec.run(args, extra)
   except USER_ERRORS as err:

@@ -47,6 +47,7 @@ device-resident table: a [Q, B] score matmul and a running top-k merge.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -55,6 +56,8 @@ import logging
 import math
 import os
 import shutil
+import sys
+import threading
 import time
 from typing import NamedTuple, Sequence
 
@@ -239,6 +242,33 @@ def choose_settings(num_rows: int, dim: int, comparator: str) -> ScannSettings:
       metric=metric)
 
 
+_NATIVE_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+  """Sends file descriptor 2 to /dev/null for the duration.
+
+  ScaNN's C++ core logs every index build through absl (``I0000 ...
+  partitioner_factory_base.cc ...``) straight to fd 2; neither
+  TF_CPP_MIN_LOG_LEVEL nor GLOG_minloglevel reaches it (tried), so the build
+  runs with fd 2 pointed elsewhere. Python's own stderr is flushed first;
+  anything other threads write to stderr meanwhile is lost, which is why only
+  the build (about a second per million rows) runs under it.
+  """
+  with _NATIVE_STDERR_LOCK:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+      os.dup2(devnull, 2)
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      os.close(devnull)
+
+
 def build_scann(table, settings: ScannSettings, k: int = 10):
   """Builds a ScaNN searcher over ``table`` [N, d] (float32)."""
   scann_ops = import_scann()
@@ -253,7 +283,8 @@ def build_scann(table, settings: ScannSettings, k: int = 10):
                                settings.anisotropic_quantization_threshold)
   else:
     builder = builder.score_ah(settings.dims_per_block)
-  return builder.reorder(settings.reorder).build()
+  with quiet_native_stderr():
+    return builder.reorder(settings.reorder).build()
 
 
 def scann_search(searcher, queries, k: int, settings: ScannSettings,

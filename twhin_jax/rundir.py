@@ -50,6 +50,7 @@ TABLES_DIR = "tables"
 ANCHORS_DIR = "anchors"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # event files (training_log.py)
 PLOTS_DIR = "plots"
 EXPORT_DIR = "export"
 INDEX_DIR = "index"

@@ -43,6 +43,7 @@ from twhin_jax import sharding as sharding_lib
 from twhin_jax import state as state_lib
 from twhin_jax import step as step_lib
 from twhin_jax import storage
+from twhin_jax import training_log
 from twhin_jax import versions
 from twhin_jax.graph import Graph
 from twhin_jax import rundir
@@ -124,6 +125,7 @@ class Trainer:
     self.lineage = distributed.broadcast_json(self.lineage)
     self.residency = self._residency()
     self.metrics_path = os.path.join(workdir, METRICS_FILE)
+    self.log = training_log.TrainingLog(workdir, self.primary)
     if jax.process_count() > 1:
       print(f"[twhin] process {jax.process_index()}/{jax.process_count()}: "
             f"devices {[d.id for d in jax.local_devices()]} of a {self.num_shards}-device mesh",
@@ -257,9 +259,7 @@ class Trainer:
   # -- the loop ---------------------------------------------------------------
 
   def _log(self, record: dict) -> None:
-    if self.primary:
-      with open(self.metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    self.log.record(record)
 
   def _step_fn(self, group: str, visiting: bool):
     config = self.config
@@ -334,9 +334,9 @@ class Trainer:
                                                epoch_time + elapsed)
         bar.update(edges)
         bar.set_postfix(epoch=epoch, loss=f"{loss / max(edges, 1):.4f}")
-        self._log({"epoch": epoch, "bucket": list(bucket), "bucket_index": index,
-                   "loss": loss / max(edges, 1), "edges": edges, "seconds": elapsed,
-                   "edges_per_s": edges / max(elapsed, 1e-9)})
+        self.log.bucket({"epoch": epoch, "bucket": list(bucket), "bucket_index": index,
+                         "loss": loss / max(edges, 1), "edges": edges, "seconds": elapsed,
+                         "edges_per_s": edges / max(elapsed, 1e-9)}, self.total_steps)
         end_of_epoch = index + 1 == num_buckets
         self.cursor = {"epoch": epoch + 1, "bucket": 0} if end_of_epoch else {
             "epoch": epoch, "bucket": index + 1}
@@ -367,7 +367,10 @@ class Trainer:
       best_checkpoint.after_validation(self, epoch, record["valid"])
       record["best_epoch"] = self.early_stop.best_epoch
     self.history.append(record)
-    self._log({"event": "epoch", **record})
+    self.log.epoch(record, self.total_steps,
+                   {"entities": float(self.config.train.lr),
+                    "relations": float(self.config.train.relation_lr)},
+                   training_log.resident_row_norms(self.residency.home, self.residency.layout))
 
   def evaluate(self, split: str, max_triples: int = 0, progress: bool | None = None):
     """Ranking metrics of a split; max_triples=0 ranks every triple."""
@@ -379,6 +382,7 @@ class Trainer:
   def close(self) -> None:
     self.residency.close()
     self.checkpointer.close()
+    self.log.close()
 
 
 def train(config, workdir: str, *, progress: bool = True,
