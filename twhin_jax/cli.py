@@ -112,6 +112,11 @@ def cmd_train(args, overrides):
   if args.new_entities:
     config.warm_start.new_entities = args.new_entities
   started = time.perf_counter()
+  if config.networks:  # one import, one run per network (networks.py)
+    runs = train_lib.train_networks(config, args.workdir, progress=not args.quiet)
+    print(f"trained {len(runs)} networks in {time.perf_counter() - started:.1f} s: "
+          + ", ".join(f"{name} in {path}" for name, path in runs.items()))
+    return
   trainer = train_lib.train(config, args.workdir, progress=not args.quiet)
   print(f"trained in {time.perf_counter() - started:.1f} s; history in "
         f"{os.path.join(args.workdir, rundir.METRICS_FILE)}")
@@ -345,7 +350,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
     for flags, options in spec.arguments:
       p.add_argument(*flags, **options)
+    if spec.name in NETWORK_READERS:
+      p.add_argument("--network", default="",
+                     help="one network of a run that declares config.networks "
+                          "(reads <workdir>/networks/NAME)")
   return parser
+
+
+#: Commands that read a trained run, and so can read one network of it.
+NETWORK_READERS = ("eval", "export", "index", "cluster", "drift", "inspect", "compress", "serve")
+
+
+def resolve_network(args) -> None:
+  """Points the run arguments of ``args`` at ``--network NAME``'s run directory."""
+  from twhin_jax import networks
+  for field in ("workdir", "old", "new"):
+    workdir = getattr(args, field, None)
+    if not workdir:
+      continue
+    path = networks.network_dir(workdir, args.network)
+    if not os.path.isdir(path):
+      found = sorted(os.listdir(os.path.join(workdir, networks.NETWORKS_DIR))) if os.path.isdir(
+          os.path.join(workdir, networks.NETWORKS_DIR)) else []
+      raise FileNotFoundError(f"{path}: no network {args.network!r} in {workdir} "
+                              f"(networks there: {found or 'none'})")
+    setattr(args, field, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
   if hasattr(args, "quiet") and not sys.stderr.isatty():
     args.quiet = True  # progress bars only on a terminal (logs and CI get none)
   try:
+    if getattr(args, "network", ""):
+      resolve_network(args)
     spec.run(args, extra)
   except USER_ERRORS as err:
     print(f"twhin {args.command}: error: {err}", file=sys.stderr)

@@ -41,6 +41,7 @@ from typing import Any
 
 import ml_collections
 
+from twhin_jax import networks
 from twhin_jax import storage
 
 BUCKET_ORDERS = ("random", "inside_out", "outside_in", "affinity", "sequential")
@@ -87,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.entities = ml_collections.ConfigDict()
   # Relations: list of dicts {name, source, target, operator, weight}.
   c.relations = []
+  # Networks over one import (networks.py, paper Sec. 4.3): a list of
+  # {"name", "relations"}; each trains its own tables in <run>/networks/<name>.
+  # Empty: one model of every relation in <run> itself.
+  c.networks = []
 
   c.data = ml_collections.ConfigDict()
   c.data.files = []  # list of file_spec(...) dicts
@@ -311,6 +316,8 @@ def validate(config) -> None:
       _fail(f"{field}", f"source and target dims differ ({src_dim} vs {dst_dim})")
     if rel["operator"] == "complex_diagonal" and src_dim % 2:
       _fail(f"{field}.operator", f"complex_diagonal needs an even dim, got {src_dim}")
+
+  networks.validate_networks(config, _fail)
 
   if bool(config.data.files) == bool(config.data.generator):
     _fail("data", "set exactly one of data.files and data.generator")

@@ -36,6 +36,7 @@ import os
 import numpy as np
 
 from twhin_jax import config as config_lib
+from twhin_jax import networks
 from twhin_jax import rundir
 from twhin_jax.embedding_set import load_embeddings
 from twhin_jax.rundir import Run, open_run
@@ -236,7 +237,9 @@ def summary(workdir: str, with_stats: bool = True) -> dict:
                 "entities": {t: {"count": e.count, "partitions": e.num_partitions}
                              for t, e in run.graph.entities.items()},
                 "relations": [dataclasses.asdict(r) for r in run.graph.relations],
-                "edges": run.graph.manifest.get("counts", {})},
+                "edges": run.graph.manifest.get("counts", {}),
+                "network": run.graph.manifest.get("network"),
+                "coverage": networks.coverage_table(run.graph.manifest)},
       "config": config_lib.to_json_dict(run.config),
       "slots": meta.get("slots"),
       "checkpoint_arrays": checkpoint_arrays(run.checkpoint_dir),
@@ -272,8 +275,16 @@ def format_summary(info: dict) -> str:
                  + (f", valid MRR {valid['mrr']:.4f}" if "mrr" in valid else ""))
   graph = info["graph"]
   lines.append(f"\ngraph {graph['path']} (hash {graph['hash']}); edges {graph['edges']}")
+  if graph.get("network"):
+    lines.append(f"  network {graph['network']!r}: a view of a shared import")
   for t, e in graph["entities"].items():
     lines.append(f"  {t:<14} {e['count']:>10} entities, {e['partitions']} partitions")
+  if graph.get("coverage"):
+    lines.append("\ncoverage (share of each type's entities in a relation; "
+                 f">= {networks.HIGH_COVERAGE:.0%} at the source: high coverage)")
+    for row in graph["coverage"]:
+      lines.append(f"  {row['relation']:<16} {row['source']:>10} {row['source_share']:>7.1%}"
+                   f"  -> {row['target']:>10} {row['target_share']:>7.1%}")
   cfg = info["config"]
   lines.append(f"\nconfig {cfg.get('name')}: dim {cfg['model']['dim']}, "
                f"comparator {cfg['model']['comparator']}, loss {cfg['train']['loss']}, "

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from twhin_jax import config as config_lib
+from twhin_jax import networks
 from twhin_jax import storage
 from twhin_jax.graph import Graph
 
@@ -131,7 +132,8 @@ def load_config(workdir: str):
 
 
 def open_graph(workdir: str) -> Graph:
-  return Graph(os.path.join(workdir, GRAPH_DIR))
+  """The run's graph: its own import, or a network's view of a shared one."""
+  return networks.open_graph(os.path.join(workdir, GRAPH_DIR))
 
 
 def _quiet_absl():

@@ -36,6 +36,7 @@ from twhin_jax import config as config_lib
 from twhin_jax import distributed
 from twhin_jax import early_stopping
 from twhin_jax import model
+from twhin_jax import networks
 from twhin_jax import run_report as reporting  # per-run plots and Markdown
 from twhin_jax import residency as residency_lib
 from twhin_jax import schedule
@@ -78,7 +79,7 @@ def prepare_graph(config, workdir: str, progress: bool = True) -> Graph:
       generator = getattr(generate, config.data.generator)
       files = generator(os.path.join(workdir, "generated"), **dict(config.data.generator_args))
     importer.import_graph(config, graph_dir, files=files, progress=progress)
-  graph = Graph(graph_dir)
+  graph = networks.open_graph(graph_dir)
   declared = {r["name"]: (r["source"], r["target"]) for r in config.relations}
   imported = {r.name: (r.source, r.target) for r in graph.relations}
   if declared != imported:
@@ -391,3 +392,22 @@ def train(config, workdir: str, *, progress: bool = True,
   trainer = Trainer(config, workdir, progress=progress)
   trainer.run(stop_after_buckets=stop_after_buckets)
   return trainer
+
+
+def train_networks(config, workdir: str, *, progress: bool = True) -> dict[str, str]:
+  """Imports once into ``workdir`` and trains every network of
+  ``config.networks`` as its own run (networks.py); returns name -> run dir."""
+  graph = prepare_graph(config, workdir, progress)
+  declared = networks.declared(config)
+  for message in networks.coverage_warnings(graph.manifest, declared):
+    print(f"[twhin] warning: {message}", flush=True)
+  runs = {}
+  for network in declared:
+    run_dir = networks.network_dir(workdir, network["name"])
+    view = os.path.join(run_dir, GRAPH_DIR)
+    if not os.path.exists(os.path.join(view, networks.NETWORK_FILE)):
+      os.makedirs(run_dir, exist_ok=True)
+      networks.create_view(graph, view, network["name"], network["relations"])
+    train(networks.network_config(config, network), run_dir, progress=progress).close()
+    runs[network["name"]] = run_dir
+  return runs
