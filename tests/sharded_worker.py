@@ -19,7 +19,7 @@ def run(num_devices: int, workdir: str):
   trainer = train_lib.train(config, workdir, progress=False)
   metrics = trainer.evaluate("test", progress=False)
   # Load one bucket so the working tables exist again, then describe them.
-  trainer._load_bucket((0, 1), {})
+  trainer.residency.load((0, 1))
   report = trainer.sharding_report()
   result = {"mrr": metrics["mrr"], "hits@10": metrics["hits@10"], "auc": metrics["auc"],
             "edges": trainer.history[-1]["edges"], "loss": trainer.history[-1]["loss"]}

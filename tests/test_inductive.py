@@ -70,7 +70,7 @@ def test_new_user_ranks_its_neighbours_well(run):
   assert np.median(percentiles) < 0.2, percentiles  # random: 0.5
 
 
-@pytest.mark.parametrize("operator", inductive.SUPPORTED_OPERATORS)
+@pytest.mark.parametrize("operator", model.SUPPORTED_OPERATORS)
 def test_operator_math(operator):
   rng = np.random.default_rng(0)
   d = 8
@@ -80,24 +80,24 @@ def test_operator_math(operator):
   op = lambda x: np.asarray(model.apply_operator(operator, jnp.asarray(param), jnp.asarray(x)))
   # l2 / cos: the inverse, op(g) = theta_t.
   for comparator in ("l2", "cos"):
-    g = inductive.source_vectors(operator, param, targets, comparator)
+    g = model.source_vectors(operator, param, targets, comparator)
     np.testing.assert_allclose(op(g), targets, rtol=1e-4, atol=1e-4)
   # dot: the adjoint, op(x) . t = x . g + op(0) . t for any x.
-  g = inductive.source_vectors(operator, param, targets, "dot")
+  g = model.source_vectors(operator, param, targets, "dot")
   x = rng.normal(size=(5, d)).astype(np.float32)
   lhs = np.sum(op(x) * targets, axis=1)
   rhs = np.sum(x * g, axis=1) + np.sum(op(np.zeros_like(x)) * targets, axis=1)
   np.testing.assert_allclose(lhs, rhs, rtol=1e-4, atol=1e-4)
   # New target: op(theta_s).
-  np.testing.assert_allclose(inductive.target_vectors(operator, param, x), op(x), rtol=1e-6)
+  np.testing.assert_allclose(model.target_vectors(operator, param, x), op(x), rtol=1e-6)
 
 
 def test_errors(run):
   _, retriever = run
   with pytest.raises(ValueError, match="'quaternion'"):
-    inductive.source_vectors("quaternion", np.zeros(4), np.zeros((1, 4)), "dot")
+    model.source_vectors("quaternion", np.zeros(4), np.zeros((1, 4)), "dot")
   with pytest.raises(ValueError, match="no inverse"):
-    inductive.source_vectors("diagonal", np.array([1.0, 0.0]), np.ones((1, 2)), "l2")
+    model.source_vectors("diagonal", np.array([1.0, 0.0]), np.ones((1, 2)), "l2")
   with pytest.raises(ValueError, match="cannot be its"):
     inductive.embed_new_entity(retriever, "tweet", [("clicks", "ad1")])
   with pytest.raises(KeyError, match="'t-missing'"):

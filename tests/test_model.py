@@ -288,3 +288,50 @@ def test_score_targets_and_sources_brute_force(comparator):
     expected = np.array([[_numpy_compare(comparator, _numpy_operator(operator, param, cands[n][None])[0],
                                          left[b]) for n in range(5)] for b in range(3)])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("comparator", COMPARATORS)
+@pytest.mark.parametrize("operator", OPERATORS)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_source_query_scores_equal_f_of_each_candidate(operator, comparator, per_row):
+  """model.source_query + model.score, folded or not, give f(s', r, t) =
+  compare(op_r(s'), t) for every candidate source s' (dot: with the offset;
+  without it, the same up to a per-target constant, so the same ranks)."""
+  rng = _rng(11)
+  dim = 6
+  targets = rng.standard_normal((4, dim)).astype(np.float32)
+  cands = rng.standard_normal((7, dim)).astype(np.float32)
+  params = np.stack([_random_param(operator, dim, rng) for _ in range(4)])
+  expected = np.array([[_numpy_compare(comparator, _numpy_operator(
+      operator, params[b if per_row else 0], cands[n][None])[0], targets[b]) for n in range(7)]
+      for b in range(4)])
+  given = jnp.asarray(params if per_row else params[0])
+  for fold in (True, False):
+    query = model.source_query(operator, comparator, False, given, None, jnp.asarray(targets),
+                               per_row=per_row, fold=fold)
+    if per_row and query.candidate_params is not None:
+      continue  # candidates transformed per query: callers batch one relation instead
+    got = np.asarray(model.score(operator, query, jnp.asarray(cands)))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert fold or query.offset is None
+    folds = model.folds_into_query(operator, comparator)
+    assert (query.candidate_params is None) == (operator == "none" or (fold and folds))
+  dropped = model.source_query(operator, comparator, False, given, None, jnp.asarray(targets),
+                               per_row=per_row, with_offset=False)
+  if dropped.candidate_params is None:
+    got = np.asarray(model.score(operator, dropped, jnp.asarray(cands)))
+    shift = expected - got  # constant along each row: ranks unchanged
+    np.testing.assert_allclose(shift, shift[:, :1].repeat(7, axis=1), atol=1e-4)
+
+
+def test_source_query_reciprocal_uses_the_reverse_parameters():
+  rng = _rng(12)
+  dim = 4
+  forward = _random_param("diagonal", dim, rng)
+  reverse = _random_param("diagonal", dim, rng)
+  targets = rng.standard_normal((3, dim)).astype(np.float32)
+  cands = rng.standard_normal((5, dim)).astype(np.float32)
+  query = model.source_query("diagonal", "dot", True, jnp.asarray(forward), jnp.asarray(reverse),
+                             jnp.asarray(targets), per_row=False)
+  got = np.asarray(model.score("diagonal", query, jnp.asarray(cands)))
+  np.testing.assert_allclose(got, (targets * reverse) @ cands.T, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 from twhin_jax import losses as losses_lib
 from twhin_jax import model
 from twhin_jax import optim
+from twhin_jax import state as state_lib
 from twhin_jax import step as step_lib
 
 EPS = optim.ADAGRAD_EPS
@@ -196,7 +197,7 @@ def _step_batch(rng, num_steps, src_pool, dst_pool, pad_rows, src_lo, dst_lo, n)
 
 
 def _state(table, acc, rel_params, rel_acc=None):
-  state = step_lib.init_group_state(jnp.asarray(table), jnp.asarray(acc), rel_params, REL_LR)
+  state = state_lib.init_step_state(jnp.asarray(table), jnp.asarray(acc), rel_params, REL_LR)
   if rel_acc is not None:
     assert len(jax.tree.leaves(state.rel_opt)) == 1  # the Adagrad accumulator
     rel_opt = jax.tree.map(lambda leaf: jnp.asarray(rel_acc, leaf.dtype), state.rel_opt)
@@ -217,8 +218,8 @@ def test_train_steps_touch_only_batch_rows(operator, comparator, loss):
                       src_lo=[8, 10], dst_lo=[24, 26], n=2)
   train_steps = step_lib.make_train_steps(operator, comparator, loss, MARGIN, LR, REL_LR, U)
   state, loss_sum, edges = train_steps(_state(table, acc, rel_params), batch, jax.random.key(0))
-  new_table = np.asarray(state.table)
-  new_acc = np.asarray(state.row_state.acc)
+  new_table = np.asarray(state.home.table)
+  new_acc = np.asarray(state.home.acc)
   new_rel = np.asarray(state.rel_params)
 
   assert np.isfinite(float(loss_sum))
@@ -332,9 +333,9 @@ def _check_sparse_equals_dense(operator, comparator, loss, num_uniform, num_step
       touched[b[4]] = touched[b[5]] = True
 
   np.testing.assert_allclose(float(loss_sum), ref_loss, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(state.row_state.acc), ref_acc, rtol=1e-5, atol=1e-9)
-  np.testing.assert_allclose(np.asarray(state.table), ref_table, rtol=1e-5, atol=1e-7)
-  np.testing.assert_array_equal(np.asarray(state.table)[~touched], table[~touched])
+  np.testing.assert_allclose(np.asarray(state.home.acc), ref_acc, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(np.asarray(state.home.table), ref_table, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(state.home.table)[~touched], table[~touched])
   np.testing.assert_allclose(np.asarray(state.rel_params), ref_rel, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(np.asarray(state.rel_params)[2], rel_params[2])
 

@@ -118,3 +118,15 @@ def test_affinity_swaps_fewer_partitions_than_random():
 def test_unknown_name_raises_value_error(name):
   with pytest.raises(ValueError, match="unknown bucket order"):
     schedule.bucket_order(name, (2, 2), 0, 0)
+
+
+def test_training_plan_runs_from_the_cursor_in_each_epochs_order():
+  grid, seed = (3, 3), 4
+  full = schedule.training_plan("random", grid, seed, epochs=3)
+  assert len(full) == 3 * 9
+  for epoch in range(3):
+    assert [b for e, _, b in full if e == epoch] == schedule.bucket_order("random", grid, seed, epoch)
+  assert [(e, i) for e, i, _ in full] == [(e, i) for e in range(3) for i in range(9)]
+  # Resuming at (epoch 1, bucket 4) plans exactly the rest of the same run.
+  assert schedule.training_plan("random", grid, seed, 3, epoch=1, bucket=4) == full[9 + 4:]
+  assert schedule.training_plan("random", grid, seed, 3, epoch=3) == []

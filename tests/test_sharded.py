@@ -11,9 +11,11 @@ import sys
 import numpy as np
 import pytest
 
+from twhin_jax import batching
 from twhin_jax import demo_config
 from twhin_jax import distributed
 from twhin_jax import model
+from twhin_jax import residency
 from twhin_jax import sharding as sharding_lib
 from twhin_jax import train as train_lib
 
@@ -55,8 +57,8 @@ def bucket_setup(config, graph, shards: int, bucket):
   dims = {t: 64 for t in graph.entities}
   sub_rows = {t: sharding_lib.sub_partition_rows(e.partition_size, shards)
               for t, e in graph.entities.items()}
-  capacity = train_lib.shard_capacity(graph, dims, sub_rows)
-  working = train_lib.layout_for(graph, dims, train_lib.bucket_blocks(graph, bucket), shards,
+  capacity = residency.shard_capacity(graph, dims, sub_rows)
+  working = residency.layout_for(graph, dims, residency.bucket_blocks(graph, bucket), shards,
                                  sub_rows, capacity)
   return dims, working, model.RelationLayout.from_config(config), capacity
 
@@ -69,7 +71,7 @@ def test_rounds_give_each_device_its_own_rows(tiny_graph, shards):
   bucket = (0, 1)
   dims, working, layout, capacity = bucket_setup(config, graph, shards, bucket)
   seen, rounds = 0, set()
-  for k, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0), dims):
+  for k, call in batching.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0)):
     rounds.add(k)
     batch = call.batch
     assert batch.src.shape[0] == shards
@@ -98,7 +100,7 @@ def test_rows_map_back_to_entities(tiny_graph):
   bucket = (1, 0)
   dims, working, layout, _ = bucket_setup(config, graph, shards, bucket)
   decoded = []
-  for k, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0), dims):
+  for k, call in batching.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0)):
     b = call.batch
     for g in range(shards):
       j = (g + k) % shards
@@ -207,7 +209,7 @@ def test_mixed_chunks_hold_several_relations_of_one_type_pair(tiny_graph):
   bucket = (0, 0)
   dims, working, layout, _ = bucket_setup(config, graph, 1, bucket)
   mixed_chunks, seen = 0, 0
-  for _, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0), dims):
+  for _, call in batching.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0)):
     b = call.batch
     assert b.rel.shape == b.src.shape  # one relation row per edge
     real = b.weight[0] > 0  # [T, S, C]
@@ -235,13 +237,12 @@ def test_large_buckets_are_prepared_in_slices(tiny_graph, monkeypatch):
   config, graph = tiny_graph
   bucket = (0, 1)
   dims, working, layout, _ = bucket_setup(config, graph, 1, bucket)
-  monkeypatch.setattr(train_lib, "SLICE_EDGES", 500)
+  monkeypatch.setattr(batching, "SLICE_EDGES", 500)
   assert graph.bucket_sizes()[bucket] > 3 * 500
 
   def edges_of_run():
     out = []
-    for _, call in train_lib.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0),
-                                            dims):
+    for _, call in batching.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0)):
       real = call.batch.weight[0] > 0
       out.append(np.stack([call.batch.src[0][real], call.batch.dst[0][real]], axis=1))
     return np.concatenate(out)

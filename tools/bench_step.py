@@ -26,8 +26,9 @@ import numpy as np
 
 from twhin_jax import optim
 from twhin_jax import sharding as sharding_lib
+from twhin_jax import state as state_lib
 from twhin_jax import step as step_lib
-from twhin_jax.train import STEPS_PER_CALL
+from twhin_jax.batching import STEPS_PER_CALL
 
 
 def random_batches(rng, num: int, rows: int, chunk: int, per_step: int, relations: int,
@@ -72,7 +73,7 @@ def main() -> None:
       jnp.asarray(rng.standard_normal((args.rows, args.dim), np.float32) * 1e-3), rows_sharding)
   acc = jax.device_put(jnp.zeros((args.rows,), jnp.float32), rows_sharding)
   params = jnp.zeros((args.relations, args.dim), jnp.float32)
-  state = step_lib.GroupState(table, optim.RowAdagradState(acc),
+  state = state_lib.StepState(state_lib.Rows(table, acc), None,
                               jax.device_put(params, sharding_lib.replicated(mesh)),
                               jax.device_put(optim.relation_adagrad(0.1).init(params),
                                              sharding_lib.replicated(mesh)))

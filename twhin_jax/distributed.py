@@ -17,9 +17,11 @@ works on one machine, which the tests use.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
 
 ENV_COORDINATOR = "TWHIN_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "TWHIN_NUM_PROCESSES"
@@ -66,3 +68,22 @@ def initialize() -> dict:
         f"local devices {summary['local_devices']}, {summary['global_devices']} in all, "
         f"coordinator {summary['coordinator']}", flush=True)
   return summary
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (a no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # only with several processes
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_json(value):
+  """The primary process's value of a JSON-able object, on every process."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # only with several processes
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+  padded = np.zeros(size, np.uint8)
+  padded[:min(size, len(data))] = data[:size]
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())

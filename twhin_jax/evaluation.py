@@ -85,7 +85,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from twhin_jax import config as config_lib
-from twhin_jax.model import RelationLayout, apply_operator, compare_all
+from twhin_jax import model
+from twhin_jax.model import RelationLayout
 
 SIDES = ("head", "tail")
 METRIC_KEYS = ("mrr", "mr", "hits@1", "hits@3", "hits@10", "auc", "count")
@@ -184,47 +185,31 @@ def _known_edges(graph) -> _KnownEdges:
 
 def _head_mode(operator: str, comparator: str) -> str:
   """How head queries are scored (see the module docstring)."""
-  if operator == "none" or comparator == "dot" or (
-      comparator == "l2" and operator == "translation"):
+  if model.folds_into_query(operator, comparator):
     return "head"  # the operator moves onto the query; relations may mix
   return "head_per_relation"  # one relation per batch; transform candidates
 
 
-def _adjoint(operator: str, params: jax.Array, targets: jax.Array) -> jax.Array:
-  """g [B, d] with op(p_b, x) . t_b = x . g_b + op(p_b, 0) . t_b for all x.
-
-  Every operator is affine in x, so the pullback of its linear part at 0 is
-  exact: g_b = J_b^T t_b (translation: t; diagonal: p * t; linear: P^T t).
-  """
-  def one(param, target):
-    _, pullback = jax.vjp(lambda x: apply_operator(operator, param, x), jnp.zeros_like(target))
-    return pullback(target)[0]
-  return jax.vmap(one)(params, targets)  # [B, d]
-
-
 def _score_matrix(mode: str, operator: str, comparator: str, group_params: jax.Array,
                   param_rows: jax.Array, queries: jax.Array, candidates: jax.Array) -> jax.Array:
-  """Scores of B queries against N candidate rows -> [B, N].
+  """Scores of B queries against N candidate rows -> [B, N] (model.py's rule).
 
   queries [B, d] are source rows (mode "tail") or target rows (head modes);
   param_rows [B] are the rows of each query's relation in group_params.
   Row-constant terms are dropped where they cannot change a rank.
   """
   if mode == "tail":
-    params = group_params[param_rows]  # [B, ...]
-    return compare_all(comparator, apply_operator(operator, params, queries), candidates)
-  if mode == "head":
-    if operator == "none":
-      return compare_all(comparator, queries, candidates)
-    params = group_params[param_rows]  # [B, ...]
-    if comparator == "dot":  # op(c) . t = c . g + const(t)
-      return compare_all("dot", _adjoint(operator, params, queries), candidates)
-    # l2 + translation: -|c + p - t|^2 = -|c - (t - p)|^2
-    return compare_all("l2", queries - params, candidates)
-  if mode == "head_per_relation":
+    query = model.target_query(operator, comparator, group_params[param_rows], queries)
+  elif mode == "head":
+    query = model.source_query(operator, comparator, False, group_params[param_rows], None,
+                               queries, with_offset=False)
+  elif mode == "head_per_relation":
     param = group_params[param_rows[0]]  # one relation per batch
-    return compare_all(comparator, queries, apply_operator(operator, param, candidates))
-  raise ValueError(f"unknown mode {mode!r}")
+    query = model.source_query(operator, comparator, False, param, None, queries,
+                               per_row=False)
+  else:
+    raise ValueError(f"unknown mode {mode!r}")
+  return model.score(operator, query, candidates)
 
 
 def _counts(scores: jax.Array, true: jax.Array, *negatives: jax.Array) -> tuple:

@@ -46,64 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
-SUPPORTED_OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
-_SINGULAR = 1e-6
-
-
-def _check_operator(operator: str) -> None:
-  if operator not in SUPPORTED_OPERATORS:
-    raise ValueError(f"inductive embedding does not support operator {operator!r}; "
-                     f"supported: {SUPPORTED_OPERATORS}")
-
-
-def source_vectors(operator: str, param: np.ndarray, targets: np.ndarray,
-                   comparator: str) -> np.ndarray:
-  """g_e [E, d] for edges (x, r, t_e) of a new source x (module doc)."""
-  _check_operator(operator)
-  t = np.asarray(targets, np.float32)
-  p = np.asarray(param, np.float32)
-  if operator == "none":
-    return t.copy()
-  if comparator == "dot":  # adjoint A^T t
-    if operator == "translation":
-      return t.copy()
-    if operator == "diagonal":
-      return t * p
-    if operator == "complex_diagonal":
-      half = t.shape[-1] // 2
-      c, e = p[:half], p[half:]
-      re, im = t[:, :half], t[:, half:]
-      return np.concatenate([c * re + e * im, c * im - e * re], axis=1)
-    return t @ p  # rows of (P^T t) = t P
-  if comparator not in ("l2", "cos"):
-    raise ValueError(f"unknown comparator {comparator!r}")
-  if operator == "translation":  # inverse
-    return t - p
-  if operator == "diagonal":
-    if np.min(np.abs(p)) < _SINGULAR:
-      raise ValueError("diagonal relation parameter has a zero entry: no inverse")
-    return t / p
-  if operator == "complex_diagonal":
-    half = t.shape[-1] // 2
-    c, e = p[:half], p[half:]
-    modulus = c * c + e * e
-    if np.min(modulus) < _SINGULAR:
-      raise ValueError("complex_diagonal relation parameter has a zero entry: no inverse")
-    re, im = t[:, :half], t[:, half:]
-    return np.concatenate([(re * c + im * e) / modulus, (im * c - re * e) / modulus], axis=1)
-  if np.linalg.cond(p) > 1 / _SINGULAR:
-    raise ValueError("linear relation parameter is singular: no inverse")
-  return np.linalg.solve(p, t.T).T
-
-
-def target_vectors(operator: str, param: np.ndarray, sources: np.ndarray) -> np.ndarray:
-  """g_e [E, d] = op_r(theta_s) for edges (s_e, r, x) of a new target x."""
-  _check_operator(operator)
-  import jax.numpy as jnp
-  from twhin_jax.model import apply_operator
-  return np.asarray(apply_operator(operator, jnp.asarray(param), jnp.asarray(
-      np.asarray(sources, np.float32))))
-
+from twhin_jax import model
 
 def embed_new_entity(retriever, entity_type: str, edges: Sequence[tuple]) -> np.ndarray:
   """Eq. 5: the vector [d] of a new entity of ``entity_type``.
@@ -136,9 +79,9 @@ def embed_new_entity(retriever, entity_type: str, edges: Sequence[tuple]) -> np.
     other_type = rel.target if side == "out" else rel.source
     vectors = np.asarray(retriever.table(other_type)[np.asarray(rows)], np.float32)  # [E_r, d]
     if side == "out":
-      parts.append(source_vectors(rel.operator, rel.forward, vectors, retriever.comparator))
+      parts.append(model.source_vectors(rel.operator, rel.forward, vectors, retriever.comparator))
     else:
-      parts.append(target_vectors(rel.operator, rel.forward, vectors))
+      parts.append(model.target_vectors(rel.operator, rel.forward, vectors))
   return np.concatenate(parts).mean(axis=0)
 
 

@@ -42,6 +42,7 @@ rows (``reverse_row``).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,14 @@ def group_name(operator: str, dim: int) -> str:
   return f"{operator}:{dim}"
 
 
+def group_operator(group: str) -> str:
+  return group.split(":")[0]
+
+
+def group_dim(group: str) -> int:
+  return int(group.split(":")[1])
+
+
 @dataclasses.dataclass(frozen=True)
 class RelationLayout:
   """Where each relation's parameters live.
@@ -183,16 +192,160 @@ class RelationLayout:
   def score_targets(self, params: dict, comparator: str, relation: int,
                     sources: jax.Array, candidates: jax.Array) -> jax.Array:
     """Scores of sources [B, d] against candidate targets [N, d] -> [B, N]."""
-    transformed = apply_operator(self.operators[relation], self.param(params, relation), sources)
-    return compare_all(comparator, transformed, candidates)
+    query = target_query(self.operators[relation], comparator, self.param(params, relation),
+                         sources)
+    return score(self.operators[relation], query, candidates)
 
   def score_sources(self, params: dict, comparator: str, relation: int,
                     candidates: jax.Array, targets: jax.Array) -> jax.Array:
     """Scores of candidate sources [N, d] against targets [B, d] -> [B, N]."""
-    if self.reciprocal:  # eq. (1'): the reverse operator moves onto the target
-      reverse = apply_operator(self.operators[relation], self.reverse_param(params, relation),
-                               targets)
-      return compare_all(comparator, reverse, candidates)
-    transformed = apply_operator(self.operators[relation], self.param(params, relation), candidates)
-    # Every comparator is symmetric, so targets may stand on the left.
-    return compare_all(comparator, targets, transformed)
+    query = source_query(self.operators[relation], comparator, self.reciprocal,
+                         self.param(params, relation), self.reverse_param(params, relation),
+                         targets, per_row=False, fold=False)
+    return score(self.operators[relation], query, candidates)
+
+
+# --------------------------------------------------------------------------
+# The scoring rule of each query direction: one known end -> a query.
+
+
+class Query(NamedTuple):
+  """How the candidates c [N, d] of B queries are scored:
+
+      score[b, n] = compare(vectors_b, c_n) + offset_b            (a query vector)
+      score[b, n] = compare(vectors_b, op(candidate_params, c_n))  (no single one)
+
+  ``offset`` [B] is None where it is 0, or where the caller drops it (it is
+  constant per query, so no rank depends on it).
+  """
+  vectors: jax.Array  # [B, d]
+  comparator: str
+  offset: jax.Array | None = None  # [B]
+  candidate_params: jax.Array | None = None
+
+
+def target_query(operator: str, comparator: str, params, sources: jax.Array) -> Query:
+  """Target candidates of known sources [B, d]: f = compare(op_r(theta_s), c), eq. (1)."""
+  return Query(apply_operator(operator, params, sources), comparator)
+
+
+def folds_into_query(operator: str, comparator: str) -> bool:
+  """Whether candidate sources of a target have one query vector per target
+  (so queries of several relations share a batch): the operator is none, the
+  comparator dot (the adjoint), or l2 with translation (a shifted target)."""
+  return (operator == "none" or comparator == "dot"
+          or (comparator == "l2" and operator == "translation"))
+
+
+def source_query(operator: str, comparator: str, reciprocal: bool, params, reverse_params,
+                 targets: jax.Array, *, per_row: bool = True, fold: bool = True,
+                 with_offset: bool = True) -> Query:
+  """Source candidates s' of known targets t [B, d] (a corrupted source).
+
+    reciprocal       compare(op_r'(theta_t), s'), the reverse parameters, eq. (1')
+    otherwise        f(s', r, t) = compare(op_r(s'), theta_t), folded when it can:
+      none             compare(theta_t, s')
+      dot              s' . (A_r^T theta_t) + b_r . theta_t, op_r(x) = A_r x + b_r
+                       (the adjoint; ``offset`` = b_r . theta_t)
+      l2, translation  -|s' + p - t|^2 = -|s' - (t - p)|^2
+      others           compare(theta_t, op_r(s')): the candidates are transformed
+
+  ``params`` / ``reverse_params``: one relation's parameters, or one row per
+  target [B, ...] with ``per_row``. ``fold=False`` keeps the exact form
+  compare(theta_t, op_r(s')) for every operator (the training step, whose
+  scores must equal the batch block's transpose). Every comparator is
+  symmetric, so the target may stand on the left.
+  """
+  if reciprocal:
+    return Query(apply_operator(operator, reverse_params, targets), comparator)
+  if operator == "none":
+    return Query(targets, comparator)
+  if fold and comparator == "dot":
+    vectors, offset = adjoint(operator, params, targets, per_row=per_row)
+    return Query(vectors, "dot", offset if with_offset else None)
+  if fold and folds_into_query(operator, comparator):  # l2 + translation
+    return Query(targets - params, "l2")
+  return Query(targets, comparator, candidate_params=params)
+
+
+def score(operator: str, query: Query, candidates: jax.Array) -> jax.Array:
+  """Scores of a Query's B queries against candidates [N, d] -> [B, N]."""
+  if query.candidate_params is not None:
+    candidates = apply_operator(operator, query.candidate_params, candidates)  # [N, d]
+  scores = compare_all(query.comparator, query.vectors, candidates)  # [B, N]
+  return scores if query.offset is None else scores + query.offset[:, None]
+
+
+def adjoint(operator: str, params, targets: jax.Array, per_row: bool = True):
+  """(g [B, d], b . t [B]) with op(p, x) . t_b = x . g_b + op(p, 0) . t_b for all x.
+
+  Every operator is affine in x, so the pullback of its linear part at 0 is
+  exact: g_b = J_b^T t_b (translation: t; diagonal: p * t; linear: P^T t).
+  ``params``: one row per target [B, ...] (``per_row``) or one for all.
+  """
+  def one(param, target):
+    at_zero, pullback = jax.vjp(lambda x: apply_operator(operator, param, x),
+                                jnp.zeros_like(target))
+    return pullback(target)[0], jnp.dot(at_zero, target)
+  return jax.vmap(one, in_axes=(0 if per_row else None, 0))(params, targets)  # [B, d], [B]
+
+
+# --------------------------------------------------------------------------
+# The rule inverted: the vector that scores one edge best (paper Eq. 5; the
+# formulas per operator and comparator are in inductive.py's docstring).
+
+SUPPORTED_OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+_SINGULAR = 1e-6
+
+
+def _check_operator(operator: str) -> None:
+  if operator not in SUPPORTED_OPERATORS:
+    raise ValueError(f"inductive embedding (Eq. 5) does not support operator {operator!r}; "
+                     f"supported: {SUPPORTED_OPERATORS}")
+
+
+def source_vectors(operator: str, param: np.ndarray, targets: np.ndarray,
+                   comparator: str) -> np.ndarray:
+  """g_e [E, d] for edges (x, r, t_e) of a new source x (module doc)."""
+  _check_operator(operator)
+  t = np.asarray(targets, np.float32)
+  p = np.asarray(param, np.float32)
+  if operator == "none":
+    return t.copy()
+  if comparator == "dot":  # adjoint A^T t
+    if operator == "translation":
+      return t.copy()
+    if operator == "diagonal":
+      return t * p
+    if operator == "complex_diagonal":
+      half = t.shape[-1] // 2
+      c, e = p[:half], p[half:]
+      re, im = t[:, :half], t[:, half:]
+      return np.concatenate([c * re + e * im, c * im - e * re], axis=1)
+    return t @ p  # rows of (P^T t) = t P
+  if comparator not in ("l2", "cos"):
+    raise ValueError(f"unknown comparator {comparator!r}")
+  if operator == "translation":  # inverse
+    return t - p
+  if operator == "diagonal":
+    if np.min(np.abs(p)) < _SINGULAR:
+      raise ValueError("diagonal relation parameter has a zero entry: no inverse")
+    return t / p
+  if operator == "complex_diagonal":
+    half = t.shape[-1] // 2
+    c, e = p[:half], p[half:]
+    modulus = c * c + e * e
+    if np.min(modulus) < _SINGULAR:
+      raise ValueError("complex_diagonal relation parameter has a zero entry: no inverse")
+    re, im = t[:, :half], t[:, half:]
+    return np.concatenate([(re * c + im * e) / modulus, (im * c - re * e) / modulus], axis=1)
+  if np.linalg.cond(p) > 1 / _SINGULAR:
+    raise ValueError("linear relation parameter is singular: no inverse")
+  return np.linalg.solve(p, t.T).T
+
+
+def target_vectors(operator: str, param: np.ndarray, sources: np.ndarray) -> np.ndarray:
+  """g_e [E, d] = op_r(theta_s) for edges (s_e, r, x) of a new target x."""
+  _check_operator(operator)
+  return np.asarray(apply_operator(operator, jnp.asarray(param), jnp.asarray(
+      np.asarray(sources, np.float32))))

@@ -64,6 +64,7 @@ import numpy as np
 
 from twhin_jax import config as config_lib
 from twhin_jax import export as export_lib
+from twhin_jax import model
 from twhin_jax import rundir
 from twhin_jax.model import RelationLayout, apply_operator
 
@@ -587,22 +588,18 @@ class Retriever:
       vectors = np.asarray(self.table(known_type)[rows], np.float32)  # [Q, d]
     vectors = np.atleast_2d(np.asarray(vectors, np.float32))  # [Q, d]
     if direction == "forward":
-      query = np.asarray(apply_operator(rel.operator, jnp.asarray(rel.forward),
-                                        jnp.asarray(vectors)))
-      return QueryBatch(rel.target, query, self.comparator)
-    if self.reciprocal:  # model.py eq. (1'): the reverse operator acts on the target
-      query = np.asarray(apply_operator(rel.operator, jnp.asarray(rel.reverse),
-                                        jnp.asarray(vectors)))
-      return QueryBatch(rel.source, query, self.comparator)
-    if rel.operator == "none":
-      return QueryBatch(rel.source, vectors, self.comparator)
-    if self.comparator == "dot":
-      query, offset = _adjoint_query(rel.operator, rel.forward, vectors)
-      return QueryBatch(rel.source, query, "dot", offset=offset)
-    if self.comparator == "l2" and rel.operator == "translation":
-      return QueryBatch(rel.source, vectors - rel.forward[None, :], "l2")
-    return QueryBatch(rel.source, vectors, self.comparator,
-                      candidate_operator=(rel.operator, rel.forward))
+      query = model.target_query(rel.operator, self.comparator, jnp.asarray(rel.forward),
+                                 jnp.asarray(vectors))
+      return QueryBatch(rel.target, np.asarray(query.vectors), query.comparator)
+    # A corrupted source: model.py's rule (reverse parameters, the adjoint,
+    # l2's shifted target, or the candidates transformed).
+    query = model.source_query(rel.operator, self.comparator, self.reciprocal,
+                               jnp.asarray(rel.forward), jnp.asarray(rel.reverse),
+                               jnp.asarray(vectors), per_row=False)
+    return QueryBatch(rel.source, np.asarray(query.vectors), query.comparator,
+                      offset=None if query.offset is None else np.asarray(query.offset),
+                      candidate_operator=None if query.candidate_params is None
+                      else (rel.operator, rel.forward))
 
   def search(self, target_type: str, queries, k: int = 10, comparator: str | None = None,
              exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -680,24 +677,6 @@ class Retriever:
     ids, scores = self.search(batch.target_type, batch, k, exact=exact)
     names = self.names(batch.target_type)
     return [Neighbor(int(i), names[i], float(s)) for i, s in zip(ids[0], scores[0])]
-
-
-def _adjoint_query(operator: str, param: np.ndarray, targets: np.ndarray):
-  """(A^T t [Q, d], b . t [Q]) with op(x) = A x + b, so op(x) . t = x . A^T t + b . t.
-
-  op is affine in x for every operator, so the pullback of op at 0 (jax.vjp)
-  is exactly A^T t, and b = op(0).
-  """
-  param = jnp.asarray(param)
-  targets = jnp.asarray(targets)
-
-  def one(target):
-    zero = jnp.zeros_like(target)
-    at_zero, pullback = jax.vjp(lambda x: apply_operator(operator, param, x), zero)
-    return pullback(target)[0], jnp.dot(at_zero, target)
-
-  query, offset = jax.vmap(one)(targets)
-  return np.asarray(query), np.asarray(offset)
 
 
 def build_indexes(workdir: str, types: Sequence[str] | None = None, *,

@@ -86,3 +86,15 @@ def bucket_order(name: str, grid: tuple[int, int], seed: int, epoch: int) -> lis
     return ORDERS[name](grid, seed, epoch)
   except KeyError:
     raise ValueError(f"unknown bucket order {name!r}; choose from {sorted(ORDERS)}") from None
+
+
+def training_plan(name: str, grid: tuple[int, int], seed: int, epochs: int, epoch: int = 0,
+                  bucket: int = 0) -> list[tuple[int, int, Bucket]]:
+  """[(epoch, bucket index, bucket)] from the cursor (epoch, bucket) to the end
+  of training: every epoch's order computed once, for the loop and the batch
+  preparation alike."""
+  plan = []
+  for e in range(epoch, epochs):
+    order = bucket_order(name, grid, seed, e)
+    plan.extend((e, i, order[i]) for i in range(bucket if e == epoch else 0, len(order)))
+  return plan

@@ -169,6 +169,45 @@ def ring_shift(mesh: Mesh):
                                check_vma=False))
 
 
+class Ring:
+  """The visiting copies of one bucket's G rounds, over ``home``: dim -> rows
+  (state.Rows: table, acc and optional read-only anchors)."""
+
+  def __init__(self, mesh: Mesh):
+    self._start, self._rotate, self._finish = ring_ops(mesh)
+    self._shift = ring_shift(mesh)
+    self.round = 0  # the round whose target rows the visiting copies hold
+    self._snapshots: dict[int, tuple] = {}  # dim -> (home table, acc) after round 0
+
+  def advance(self, home: dict, visiting: dict, to_round: int) -> dict:
+    """The visiting rows of every dim for round ``to_round`` (>= the current one)."""
+    visiting = dict(visiting)
+    while self.round < to_round:
+      for dim, rows in home.items():
+        if self.round == 0:
+          source = rows
+          table, acc, *self._snapshots[dim] = self._start(rows.table, rows.acc)
+        else:
+          source = visiting[dim]
+          table, acc = self._rotate(source.table, source.acc)
+        anchors = (None, None)
+        if rows.anchor is not None:  # anchors travel with the rows they anchor
+          anchors = self._shift(source.anchor, source.anchor_weight)
+        visiting[dim] = rows._replace(table=table, acc=acc, anchor=anchors[0],
+                                      anchor_weight=anchors[1])
+      self.round += 1
+    return visiting
+
+  def finish(self, home: dict, visiting: dict) -> dict:
+    """Home rows with the returning visiting copies merged (after the last round)."""
+    home = dict(home)
+    for dim, rows in visiting.items():
+      table, acc = self._finish(home[dim].table, home[dim].acc, rows.table, rows.acc,
+                                *self._snapshots[dim])
+      home[dim] = home[dim]._replace(table=table, acc=acc)
+    return home
+
+
 def describe(tree) -> dict[str, str]:
   """Path -> 'shape dtype spec' of every array in a pytree (for golden files)."""
   out = {}

@@ -27,8 +27,10 @@ import optax
 
 from twhin_jax import losses as losses_lib
 from twhin_jax import model
+from twhin_jax import negatives
 from twhin_jax import optim
 from twhin_jax import sharding as sharding_lib
+from twhin_jax import state as state_lib
 
 
 class StepBatch(NamedTuple):
@@ -72,26 +74,145 @@ class StepBatch(NamedTuple):
   uniform_dst_logq: jax.Array | None = None
 
 
-class GroupState(NamedTuple):
-  """Trainable state one step updates: a working table and one relation group.
+class StepSettings(NamedTuple):
+  """The static settings of one compiled step (see make_train_steps)."""
+  operator: str
+  comparator: str
+  loss: str
+  margin: float
+  lr: float
+  relation_lr: float
+  num_uniform: int
+  reciprocal: bool
+  regularization: float
+  l2_to_previous: float
+  sharded: bool
 
-  ``table`` holds the device's *home* rows. In the rounds of the ring (see
-  sharding.py) the targets come from ``visiting``, a copy of another device's
-  home rows that travels around the ring; in a local round (and always with
-  one device) ``visiting`` is None and both sides index ``table``.
-  """
-  table: jax.Array  # [R, d]
-  row_state: optim.RowAdagradState  # acc [R]
-  rel_params: jax.Array  # [R_g, ...]
-  rel_opt: optax.OptState
-  visiting: jax.Array | None = None  # [R, d]
-  visiting_state: optim.RowAdagradState | None = None  # acc [R]
-  # L2-to-previous (warm-started versions): the previous version's rows in
-  # the same layout and a 0/1 weight per row (0: entity new in this version).
-  anchor: jax.Array | None = None  # [R, d]
-  anchor_weight: jax.Array | None = None  # [R]
-  visiting_anchor: jax.Array | None = None  # [R, d]
-  visiting_anchor_weight: jax.Array | None = None  # [R]
+
+def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, params,
+               reverse_params, weight, logq):
+  """src_rows, dst_rows [C+U, d] (chunk, then uniform negatives) and their
+  row ids [C+U] -> chunk loss."""
+  operator, comparator, num_uniform = settings.operator, settings.comparator, settings.num_uniform
+  loss_fn = losses_lib.LOSSES[settings.loss]
+  c = weight.shape[0]
+  lhs, rhs = src_rows[:c], dst_rows[:c]  # [C, d] each
+  neg_src, neg_dst = src_rows[c:], dst_rows[c:]  # [U, d] each
+  dst_mask = negatives.negative_mask(dst_ids, weight, num_uniform)  # target corruption
+  src_mask = negatives.negative_mask(src_ids, weight, num_uniform)  # source corruption
+  src_logq, dst_logq, uniform_src_logq, uniform_dst_logq = logq
+
+  # Target corruption: op(theta_s) against the chunk's and the uniform targets.
+  forward = model.target_query(operator, comparator, params, lhs)  # [C, d]
+  # Row i, column j: f(s_i, r, t_j). Its diagonal holds the positives.
+  batch_block = model.score(operator, forward, rhs)  # [C, C]
+  pos = jnp.diagonal(batch_block)  # [C]
+  uniform_dst = model.score(operator, forward, neg_dst)  # [C, U]
+  neg_for_dst = jnp.concatenate([batch_block - dst_logq[None, :],
+                                 uniform_dst - uniform_dst_logq], axis=1)  # [C, C+U]
+  # Source corruption: model.py's rule for the C targets as queries (the
+  # exact form, fold=False, so a chunk's own sources score as in the batch
+  # block).
+  backward = model.source_query(operator, comparator, settings.reciprocal, params,
+                                reverse_params, rhs, per_row=False, fold=False)
+  uniform_src = model.score(operator, backward, neg_src)  # [C, U]
+  if settings.reciprocal:  # f'(s_j, r, t_i) with the reverse parameters, eq. (1') of model.py
+    reverse_block = model.score(operator, backward, lhs)  # [C, C]
+    pos_for_src = jnp.diagonal(reverse_block)  # [C]
+  else:
+    # The same f: edge i needs f(s_j, r, t_i), the transpose of the batch block.
+    reverse_block, pos_for_src = batch_block.T, pos
+  neg_for_src = jnp.concatenate([reverse_block - src_logq[None, :],
+                                 uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
+  total = (loss_fn(pos, neg_for_dst, dst_mask, weight, settings.margin)
+           + loss_fn(pos_for_src, neg_for_src, src_mask, weight, settings.margin))
+  if settings.regularization:
+    squared = jnp.sum(jnp.square(lhs), axis=1) + jnp.sum(jnp.square(rhs), axis=1)  # [C]
+    total = total + settings.regularization * jnp.sum(weight * squared)
+  return total
+
+
+def step_loss(settings: StepSettings, src_rows, dst_rows, rel_params, src_ids, dst_ids, rel,
+              rel_reverse, weight, logq):
+  """src_rows, dst_rows [S, C+U, d], rel_params [R_g, ...] -> summed loss of S chunks."""
+  params = rel_params[rel]  # [S, ...]
+  reverse_params = rel_params[rel_reverse]  # [S, ...]
+  return jnp.sum(jax.vmap(functools.partial(chunk_loss, settings))(
+      src_rows, dst_rows, src_ids, dst_ids, params, reverse_params, weight, logq))
+
+
+def update_rows(settings: StepSettings, state: state_lib.StepState, src_ids, dst_ids, src_grads,
+                dst_grads) -> tuple[state_lib.Rows, state_lib.Rows | None]:
+  """Sparse row-wise Adagrad on the rows the step touched -> (home, visiting)."""
+  d, lr, strength = src_grads.shape[-1], settings.lr, settings.l2_to_previous
+  home = state.home
+  anchored = dict(anchor=home.anchor, anchor_weight=home.anchor_weight, anchor_strength=strength)
+  if state.visiting is None:
+    # Both sides live in one table: one update, so a row that is a source
+    # and a target in the same step gets the sum of both gradients.
+    table, row_state = optim.row_adagrad_update(
+        home.table, home.row_state,
+        jnp.concatenate([src_ids.reshape(-1), dst_ids.reshape(-1)]),
+        jnp.concatenate([src_grads.reshape(-1, d), dst_grads.reshape(-1, d)]), lr, **anchored)
+    return home._replace(table=table, acc=row_state.acc), None
+  table, row_state = optim.row_adagrad_update(
+      home.table, home.row_state, src_ids.reshape(-1), src_grads.reshape(-1, d), lr, **anchored)
+  visiting = state.visiting
+  visiting_table, visiting_state = optim.row_adagrad_update(
+      visiting.table, visiting.row_state, dst_ids.reshape(-1), dst_grads.reshape(-1, d), lr,
+      anchor=visiting.anchor, anchor_weight=visiting.anchor_weight, anchor_strength=strength)
+  return (home._replace(table=table, acc=row_state.acc),
+          visiting._replace(table=visiting_table, acc=visiting_state.acc))
+
+
+def one_step(settings: StepSettings, carry, batch: StepBatch):
+  """One step of S chunks: draw negatives, score, update rows and relations."""
+  state, key = carry
+  num_uniform = settings.num_uniform
+  step_key = jax.random.fold_in(key, batch.step_index)
+  src_key, dst_key = jax.random.split(step_key)
+  neg_src = negatives.draw_uniform(src_key, batch.src_lo, batch.src_n, num_uniform)  # [S, U]
+  neg_dst = negatives.draw_uniform(dst_key, batch.dst_lo, batch.dst_n, num_uniform)  # [S, U]
+  src_ids = jnp.concatenate([batch.src, neg_src], axis=1)  # [S, C+U]
+  dst_ids = jnp.concatenate([batch.dst, neg_dst], axis=1)  # [S, C+U]
+  dst_table = state.home.table if state.visiting is None else state.visiting.table
+  src_rows = state.home.table.at[src_ids].get(mode="clip")  # [S, C+U, d]
+  dst_rows = dst_table.at[dst_ids].get(mode="clip")  # [S, C+U, d]
+  loss, (src_grads, dst_grads, param_grads) = jax.value_and_grad(
+      functools.partial(step_loss, settings), argnums=(0, 1, 2))(
+          src_rows, dst_rows, state.rel_params, src_ids, dst_ids, batch.rel,
+          batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight,
+          negatives.log_q(batch))
+  home, visiting = update_rows(settings, state, src_ids, dst_ids, src_grads, dst_grads)
+  if settings.sharded:
+    # Replicated relation parameters: sum the gradients of all devices so
+    # every replica takes the same step.
+    param_grads = jax.lax.psum(param_grads, sharding_lib.AXIS)
+  updates, rel_opt = optim.relation_adagrad(settings.relation_lr).update(
+      param_grads, state.rel_opt, state.rel_params)
+  rel_params = optax.apply_updates(state.rel_params, updates)
+  new_state = state_lib.StepState(home, visiting, rel_params, rel_opt)
+  return (new_state, key), (loss, jnp.sum(batch.weight > 0))
+
+
+def local_steps(settings: StepSettings, state: state_lib.StepState, batch: StepBatch,
+                key: jax.Array):
+  """T steps (lax.scan over the batch's leading axis) -> (state, loss sum, edges)."""
+  (state, _), (step_losses, step_edges) = jax.lax.scan(
+      functools.partial(one_step, settings), (state, key), batch)
+  return state, jnp.sum(step_losses), jnp.sum(step_edges)
+
+
+def sharded_steps(settings: StepSettings, state: state_lib.StepState, batch: StepBatch,
+                  key: jax.Array):
+  """local_steps on one device under shard_map; loss and edges summed over devices."""
+  # Inside shard_map every batch field is [1, T, ...]: this device's slice.
+  batch = jax.tree_util.tree_map(lambda x: x[0], batch)
+  # The key travels as raw uint32 data (a replicated global array); each
+  # device draws its own negatives.
+  key = jax.random.fold_in(jax.random.wrap_key_data(key), jax.lax.axis_index(sharding_lib.AXIS))
+  state, loss, edges = local_steps(settings, state, batch, key)
+  return (state, jax.lax.psum(loss, sharding_lib.AXIS), jax.lax.psum(edges, sharding_lib.AXIS))
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,163 +240,14 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   keeps popular entities from growing without bound (FB15k-237 overfits
   without it).
   """
-  loss_fn = losses_lib.LOSSES[loss]
-  rel_tx = optim.relation_adagrad(relation_lr)
-
-  def chunk_scores(src_rows, dst_rows, src_ids, dst_ids, params, reverse_params, weight, logq):
-    """src_rows, dst_rows [C+U, d] (chunk, then uniform negatives) and their
-    row ids [C+U] -> chunk loss."""
-    c = weight.shape[0]
-    lhs, rhs = src_rows[:c], dst_rows[:c]  # [C, d] each
-    neg_src, neg_dst = src_rows[c:], dst_rows[c:]  # [U, d] each
-    valid = jnp.concatenate([(weight > 0).astype(jnp.float32),
-                             jnp.ones((num_uniform,), jnp.float32)])  # [C+U]
-
-    def negative_mask(ids):
-      """[C, C+U]: candidate j counts as a negative of edge i when it is a real
-      edge's entity (or a uniform draw) *and not the same entity* as edge i's
-      positive. Besides the diagonal this drops the duplicates that
-      single-relation chunks are full of (a gender or nationality relation
-      has a handful of targets): they are true answers, not negatives."""
-      return valid[None, :] * (ids[None, :] != ids[:c, None]).astype(jnp.float32)
-
-    dst_mask = negative_mask(dst_ids)  # target corruption
-    src_mask = negative_mask(src_ids)  # source corruption
-
-    lhs_op = model.apply_operator(operator, params, lhs)  # [C, d]
-    # Row i, column j: f(s_i, r, t_j). Its diagonal holds the positives.
-    batch_block = model.compare_all(comparator, lhs_op, rhs)  # [C, C]
-    pos = jnp.diagonal(batch_block)  # [C]
-    # Target corruption: op(theta_s) against the chunk's and the uniform targets.
-    uniform_dst = model.compare_all(comparator, lhs_op, neg_dst)  # [C, U]
-    src_logq, dst_logq, uniform_src_logq, uniform_dst_logq = logq
-    neg_for_dst = jnp.concatenate([batch_block - dst_logq[None, :],
-                                   uniform_dst - uniform_dst_logq], axis=1)  # [C, C+U]
-    if reciprocal:
-      # Source corruption with the reverse parameters on the target side:
-      # f'(s_j, r, t_i) = compare(op_r'(t_i), s_j), eq. (1') of model.py.
-      rhs_op = model.apply_operator(operator, reverse_params, rhs)  # [C, d]
-      reverse_block = model.compare_all(comparator, rhs_op, lhs)  # [C, C]
-      pos_for_src = jnp.diagonal(reverse_block)  # [C]
-      uniform_src = model.compare_all(comparator, rhs_op, neg_src)  # [C, U]
-      neg_for_src = jnp.concatenate([reverse_block - src_logq[None, :],
-                                     uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
-    else:
-      # The same operator on the corrupted sources; edge i needs f(s_j, r, t_i),
-      # the transpose of the batch block.
-      pos_for_src = pos
-      neg_src_op = model.apply_operator(operator, params, neg_src)  # [U, d]
-      uniform_src = model.compare_all(comparator, rhs, neg_src_op)  # [C, U]
-      neg_for_src = jnp.concatenate([batch_block.T - src_logq[None, :],
-                                     uniform_src - uniform_src_logq], axis=1)  # [C, C+U]
-    total = (loss_fn(pos, neg_for_dst, dst_mask, weight, margin)
-             + loss_fn(pos_for_src, neg_for_src, src_mask, weight, margin))
-    if regularization:
-      squared = jnp.sum(jnp.square(lhs), axis=1) + jnp.sum(jnp.square(rhs), axis=1)  # [C]
-      total = total + regularization * jnp.sum(weight * squared)
-    return total
-
-  def step_loss(src_rows, dst_rows, rel_params, src_ids, dst_ids, rel, rel_reverse, weight,
-                logq):
-    """src_rows, dst_rows [S, C+U, d], rel_params [R_g, ...] -> summed loss of S chunks."""
-    params = rel_params[rel]  # [S, ...]
-    reverse_params = rel_params[rel_reverse]  # [S, ...]
-    return jnp.sum(jax.vmap(chunk_scores)(src_rows, dst_rows, src_ids, dst_ids, params,
-                                          reverse_params, weight, logq))
-
-  def one_step(carry, inputs):
-    state, key = carry
-    batch = inputs
-    s, c = batch.src.shape
-    step_key = jax.random.fold_in(key, batch.step_index)
-    src_key, dst_key = jax.random.split(step_key)
-    # U uniform negatives per chunk and side, from the entity type's loaded
-    # (sub-)partition: row = lo + randint(n).
-    neg_src = batch.src_lo[:, None] + jax.random.randint(
-        src_key, (s, num_uniform), 0, jnp.maximum(batch.src_n, 1)[:, None])  # [S, U]
-    neg_dst = batch.dst_lo[:, None] + jax.random.randint(
-        dst_key, (s, num_uniform), 0, jnp.maximum(batch.dst_n, 1)[:, None])  # [S, U]
-    src_ids = jnp.concatenate([batch.src, neg_src], axis=1)  # [S, C+U]
-    dst_ids = jnp.concatenate([batch.dst, neg_dst], axis=1)  # [S, C+U]
-    if batch.src_logq is None:
-      zeros_c, zeros_s = jnp.zeros((s, c), jnp.float32), jnp.zeros((s,), jnp.float32)
-      logq = (zeros_c, zeros_c, zeros_s, zeros_s)
-    else:
-      logq = (batch.src_logq, batch.dst_logq, batch.uniform_src_logq, batch.uniform_dst_logq)
-    dst_table = state.table if state.visiting is None else state.visiting
-    src_rows = state.table.at[src_ids].get(mode="clip")  # [S, C+U, d]
-    dst_rows = dst_table.at[dst_ids].get(mode="clip")  # [S, C+U, d]
-    loss, (src_grads, dst_grads, param_grads) = jax.value_and_grad(
-        step_loss, argnums=(0, 1, 2))(
-            src_rows, dst_rows, state.rel_params, src_ids, dst_ids, batch.rel,
-            batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight, logq)
-    d = src_grads.shape[-1]
-    home_anchor = dict(anchor=state.anchor, anchor_weight=state.anchor_weight,
-                       anchor_strength=l2_to_previous)
-    if state.visiting is None:
-      # Both sides live in one table: one update, so a row that is a source
-      # and a target in the same step gets the sum of both gradients.
-      table, row_state = optim.row_adagrad_update(
-          state.table, state.row_state,
-          jnp.concatenate([src_ids.reshape(-1), dst_ids.reshape(-1)]),
-          jnp.concatenate([src_grads.reshape(-1, d), dst_grads.reshape(-1, d)]), lr,
-          **home_anchor)
-      visiting_table, visiting_state = None, None
-    else:
-      table, row_state = optim.row_adagrad_update(
-          state.table, state.row_state, src_ids.reshape(-1), src_grads.reshape(-1, d), lr,
-          **home_anchor)
-      visiting_table, visiting_state = optim.row_adagrad_update(
-          state.visiting, state.visiting_state, dst_ids.reshape(-1),
-          dst_grads.reshape(-1, d), lr, anchor=state.visiting_anchor,
-          anchor_weight=state.visiting_anchor_weight, anchor_strength=l2_to_previous)
-    if mesh is not None:
-      # Replicated relation parameters: sum the gradients of all devices so
-      # every replica takes the same step.
-      param_grads = jax.lax.psum(param_grads, sharding_lib.AXIS)
-    updates, rel_opt = rel_tx.update(param_grads, state.rel_opt, state.rel_params)
-    rel_params = optax.apply_updates(state.rel_params, updates)
-    new_state = state._replace(table=table, row_state=row_state, rel_params=rel_params,
-                               rel_opt=rel_opt, visiting=visiting_table,
-                               visiting_state=visiting_state)
-    return (new_state, key), (loss, jnp.sum(batch.weight > 0))
-
-  def local_steps(state: GroupState, batch: StepBatch, key: jax.Array):
-    (state, _), (step_losses, step_edges) = jax.lax.scan(one_step, (state, key), batch)
-    return state, jnp.sum(step_losses), jnp.sum(step_edges)
-
+  settings = StepSettings(operator, comparator, loss, margin, lr, relation_lr, num_uniform,
+                          reciprocal, regularization, l2_to_previous, mesh is not None)
   if mesh is None:
-    return jax.jit(local_steps, donate_argnums=(0,))
-
-  def sharded_steps(state: GroupState, batch: StepBatch, key: jax.Array):
-    # Inside shard_map every batch field is [1, T, ...]: this device's slice.
-    batch = jax.tree_util.tree_map(lambda x: x[0], batch)
-    # The key travels as raw uint32 data (a replicated global array); each
-    # device draws its own negatives.
-    key = jax.random.fold_in(jax.random.wrap_key_data(key), jax.lax.axis_index(sharding_lib.AXIS))
-    state, loss, edges = local_steps(state, batch, key)
-    return (state, jax.lax.psum(loss, sharding_lib.AXIS),
-            jax.lax.psum(edges, sharding_lib.AXIS))
-
-  rows, replicated = sharding_lib.ROWS, jax.sharding.PartitionSpec()
-  anchored = bool(l2_to_previous)
-  state_spec = GroupState(rows, optim.RowAdagradState(rows), replicated, replicated,
-                          rows if visiting else None,
-                          optim.RowAdagradState(rows) if visiting else None,
-                          rows if anchored else None, rows if anchored else None,
-                          rows if anchored and visiting else None,
-                          rows if anchored and visiting else None)
+    return jax.jit(functools.partial(local_steps, settings), donate_argnums=(0,))
+  state_spec = state_lib.state_spec(visiting, anchored=bool(l2_to_previous))
   batch_spec = jax.sharding.PartitionSpec(sharding_lib.AXIS)
-  mapped = jax.shard_map(sharded_steps, mesh=mesh,
+  replicated = sharding_lib.REPLICATED
+  mapped = jax.shard_map(functools.partial(sharded_steps, settings), mesh=mesh,
                          in_specs=(state_spec, batch_spec, replicated),
                          out_specs=(state_spec, replicated, replicated), check_vma=False)
-  train_steps = jax.jit(mapped, donate_argnums=(0,))
-
-  return train_steps
-
-
-def init_group_state(table, acc, rel_params, relation_lr: float) -> GroupState:
-  rel_params = jnp.asarray(rel_params)
-  return GroupState(table=table, row_state=optim.RowAdagradState(acc=acc),
-                    rel_params=rel_params,
-                    rel_opt=optim.relation_adagrad(relation_lr).init(rel_params))
+  return jax.jit(mapped, donate_argnums=(0,))

@@ -32,7 +32,6 @@ import os
 import numpy as np
 
 from twhin_jax import config as config_lib
-from twhin_jax import inductive
 from twhin_jax import model
 from twhin_jax import rundir
 from twhin_jax import storage
@@ -86,7 +85,7 @@ def neighbor_init(graph: Graph, parent: ParentVersion, config, mapping: dict[str
   Over every training edge between a new entity and a shared one, of a
   relation the parent knew: g_e = op_r(theta_s) when the new entity is the
   target, the operator's adjoint (dot) or inverse (l2, cos) applied to
-  theta_t when it is the source (inductive.source_vectors / target_vectors).
+  theta_t when it is the source (model.source_vectors / target_vectors).
   """
   comparator = config.model.comparator
   sums = {t: np.zeros((graph.entities[t].count, old_tables[t].shape[1]), np.float64)
@@ -107,13 +106,13 @@ def neighbor_init(graph: Graph, parent: ParentVersion, config, mapping: dict[str
       old_src, old_dst = mapping[info.source][src], mapping[info.target][dst]
       new_src = (old_src < 0) & (old_dst >= 0)  # new source, shared target
       if new_src.any():
-        g = inductive.source_vectors(info_operator(config, r), params,
+        g = model.source_vectors(info_operator(config, r), params,
                                      old_tables[info.target][old_dst[new_src]], comparator)
         _scatter_add(sums[info.source], src[new_src], g)
         counts[info.source] += np.bincount(src[new_src], minlength=len(counts[info.source]))
       new_dst = (old_dst < 0) & (old_src >= 0)  # shared source, new target
       if new_dst.any():
-        g = inductive.target_vectors(info_operator(config, r), params,
+        g = model.target_vectors(info_operator(config, r), params,
                                      old_tables[info.source][old_src[new_dst]])
         _scatter_add(sums[info.target], dst[new_dst], g)
         counts[info.target] += np.bincount(dst[new_dst], minlength=len(counts[info.target]))

@@ -1,0 +1,328 @@
+"""Host-side batch preparation: a bucket's edges -> the jitted calls' arrays.
+
+``prepare_bucket`` turns one bucket into a sequence of ``PreparedCall``s,
+round by round of the ring (sharding.py). ``BatchStream`` runs it in a
+background thread for every bucket of a training plan, so the next bucket's
+shuffle and packing overlap this bucket's training.
+
+Every call's arrays carry a leading device axis, [G, T, S, C] (G devices, T
+steps per call, S chunks per step, C edges per chunk); the consumer only
+fills in ``step_index`` and hands the arrays over to the mesh.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import queue
+import threading
+
+import jax
+import numpy as np
+
+from twhin_jax import model
+from twhin_jax import negatives
+from twhin_jax import residency
+from twhin_jax import sharding as sharding_lib
+from twhin_jax import step as step_lib
+from twhin_jax.graph import Graph
+
+#: Steps per jitted call (lax.scan length): amortises dispatch (measured ~2x
+#: faster than one step per call on 2 CPU cores).
+STEPS_PER_CALL = 16
+#: Buckets larger than this many edges are prepared in slices, in parallel
+#: threads (one device; see prepare_bucket).
+SLICE_EDGES = 2_000_000
+PREP_THREADS = min(8, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class PreparedCall:
+  group: str
+  batch: step_lib.StepBatch  # numpy arrays [G, T, S, C] etc.
+
+
+def prepare_bucket(graph: Graph, layout: model.RelationLayout,
+                   working: sharding_lib.WorkingLayout, bucket: tuple[int, int], config,
+                   seed_path: tuple[int, ...]):
+  """Yields (round, call) for the jitted calls of one bucket, round by round.
+
+  Edges are shuffled (seeded by ``seed_path``) and split into G x G
+  sub-buckets by the sub-partitions of their endpoints (sharding.py); round k
+  gives device g the sub-bucket (g, (g + k) mod G). Within a device's
+  sub-bucket the edges are grouped by chunk class (negatives.chunk_classes)
+  into chunks of C (the last chunk of each padded with weight-0 edges),
+  chunks of one relation group (operator, dim) are shuffled and packed S to
+  a step and T steps to a call. All devices run the same sequence of calls
+  (one SPMD program), so a device with fewer chunks of a group than another
+  gets all-padding calls.
+  """
+  rng = np.random.default_rng(list(seed_path))
+  edges = graph.bucket_edges(*bucket)
+  num_edges = len(edges["src"])
+  if num_edges == 0:
+    return
+  order = rng.permutation(num_edges)
+  if working.num_shards > 1 or num_edges <= SLICE_EDGES:
+    yield from _BucketPacker(graph, layout, working, bucket, config, edges, order).calls(rng)
+    return
+  # A large bucket on one device: its shuffled order splits into slices
+  # (each a uniform random subset of the edges, like a smaller bucket),
+  # prepared in parallel threads (numpy releases the GIL) and trained one
+  # after another. With several devices the rounds must stay in order, and
+  # the G x G sub-buckets already keep the pieces small.
+  slices = np.array_split(order, -(-num_edges // SLICE_EDGES))
+  seeds = rng.integers(2 ** 63, size=len(slices))
+  workers = max(1, min(PREP_THREADS, len(slices)))
+
+  def prepare_slice(piece, seed):
+    packer = _BucketPacker(graph, layout, working, bucket, config, edges, piece)
+    return list(packer.calls(np.random.default_rng(seed)))
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for piece, seed in zip(slices, seeds):
+      pending.append(pool.submit(prepare_slice, piece, seed))
+      if len(pending) >= workers:
+        yield from pending.popleft().result()
+    while pending:
+      yield from pending.popleft().result()
+
+
+@dataclasses.dataclass
+class _RelationRanges:
+  """Per relation r of a bucket: where its source and target rows sit."""
+  src_off: np.ndarray  # [R] first shard row of the source sub-partition
+  dst_off: np.ndarray  # [R]
+  src_sub: np.ndarray  # [R] rows per source sub-partition
+  dst_sub: np.ndarray  # [R]
+  src_rows_in: np.ndarray  # [R, G] rows of each source sub-partition (uniform ranges)
+  dst_rows_in: np.ndarray  # [R, G]
+  weight: np.ndarray  # [R] relation weight
+
+  @classmethod
+  def of(cls, graph: Graph, working: sharding_lib.WorkingLayout, bucket) -> "_RelationRanges":
+    num_rel, shards = len(graph.relations), working.num_shards
+    ranges = cls(np.zeros(num_rel, np.int64), np.zeros(num_rel, np.int64),
+                 np.ones(num_rel, np.int64), np.ones(num_rel, np.int64),
+                 np.zeros((num_rel, shards), np.int64), np.zeros((num_rel, shards), np.int64),
+                 np.zeros(num_rel, np.float32))
+    for r, info in enumerate(graph.relations):
+      src_block, dst_block = residency.relation_blocks(graph, bucket, r)
+      ranges.src_off[r], ranges.dst_off[r] = working.offsets[src_block], working.offsets[dst_block]
+      ranges.src_sub[r], ranges.dst_sub[r] = working.sub_rows[src_block], working.sub_rows[dst_block]
+      ranges.src_rows_in[r] = [working.rows_in_shard(src_block, g) for g in range(shards)]
+      ranges.dst_rows_in[r] = [working.rows_in_shard(dst_block, g) for g in range(shards)]
+      ranges.weight[r] = info.weight
+    return ranges
+
+
+class _BucketPacker:
+  """prepare_bucket's work on the edges ``order`` selects, in that order."""
+
+  def __init__(self, graph: Graph, layout: model.RelationLayout,
+               working: sharding_lib.WorkingLayout, bucket, config, edges, order: np.ndarray):
+    self.layout = layout
+    self.shards = working.num_shards
+    self.chunk = config.negatives.chunk_size
+    self.num_uniform = config.negatives.num_uniform
+    self.per_step = config.train.batch_size // self.chunk
+    self.mixed = bool(config.negatives.mix_relations)
+    self.correct = bool(config.negatives.logq_correction)
+    self.rel = np.asarray(edges["rel"])[order].astype(np.int64)
+    src = np.asarray(edges["src"])[order].astype(np.int64)
+    dst = np.asarray(edges["dst"])[order].astype(np.int64)
+    self.weight = np.asarray(edges["weight"], np.float32)[order]
+    self.ranges = ranges = _RelationRanges.of(graph, working, bucket)
+    rel = self.rel
+    self.src_shard = src // ranges.src_sub[rel]  # [E] device that owns the source row
+    self.dst_shard = dst // ranges.dst_sub[rel]  # [E] device that owns the target row
+    self.src_row = ranges.src_off[rel] + src - self.src_shard * ranges.src_sub[rel]  # [E] shard row
+    self.dst_row = ranges.dst_off[rel] + dst - self.dst_shard * ranges.dst_sub[rel]  # [E]
+    class_of = negatives.chunk_classes(graph.relations, layout.group, self.mixed)
+    self.num_classes = int(class_of.max()) + 1
+    self.class_group = {int(c): layout.group[r] for r, c in enumerate(class_of)}  # one per class
+    self.edge_class = class_of[rel]  # [E]
+    if self.correct:
+      self.src_logq, self.dst_logq = negatives.sampling_log_counts(
+          self.edge_class, src, dst, np.bincount(self.edge_class, minlength=self.num_classes),
+          ranges.src_rows_in[rel, self.src_shard], ranges.dst_rows_in[rel, self.dst_shard],
+          self.chunk, self.num_uniform)
+    self.row_in_group = np.asarray(layout.row, np.int32)
+    self.reverse_row_in_group = np.asarray(layout.reverse_row, np.int32)
+
+  def _cells(self) -> tuple[np.ndarray, np.ndarray]:
+    """(edge indices sorted by (round, device, chunk class), start of each cell)."""
+    shards, num_classes = self.shards, self.num_classes
+    round_of = (self.dst_shard - self.src_shard) % shards
+    cell = (round_of * shards + self.src_shard) * num_classes + self.edge_class
+    if shards * shards * num_classes < 2 ** 15:
+      cell = cell.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort: O(E)
+    by_cell = np.argsort(cell, kind="stable")
+    counts = np.bincount(cell, minlength=shards * shards * num_classes)
+    return by_cell, np.concatenate([[0], np.cumsum(counts)])
+
+  def calls(self, rng: np.random.Generator):
+    """Yields (round, PreparedCall), rounds in order, calls of a round shuffled."""
+    by_cell, starts = self._cells()
+    shards, per_call = self.shards, self.per_step * STEPS_PER_CALL
+    for k in range(shards):
+      device_chunks = [self._device_chunks(by_cell, starts, k, g, rng) for g in range(shards)]
+      calls = []
+      for group in sorted(set().union(*device_chunks)):
+        most = max(len(groups.get(group, ())) for groups in device_chunks)
+        calls.extend((group, start) for start in range(0, most, per_call))
+      empty = np.zeros((0, self.chunk), np.int64)
+      for position in rng.permutation(len(calls)):
+        group, start = calls[position]
+        per_device = [self._device_call(device_chunks[g].get(group, empty)[start:start + per_call],
+                                        group, g, (g + k) % shards) for g in range(shards)]
+        yield k, PreparedCall(group, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_device))
+
+  def _device_chunks(self, by_cell, starts, k: int, g: int,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Group -> device g's shuffled chunks [num_chunks, C] of round k (-1 = pad)."""
+    chunk = self.chunk
+    lists: dict[str, list[np.ndarray]] = {}
+    for c in range(self.num_classes):
+      at = (k * self.shards + g) * self.num_classes + c
+      idx = by_cell[starts[at]:starts[at + 1]]
+      if len(idx) == 0:
+        continue
+      padded = -(-len(idx) // chunk) * chunk
+      idx = np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)]).reshape(-1, chunk)
+      lists.setdefault(self.class_group[c], []).append(idx)
+    groups = {}
+    for group in sorted(lists):
+      chunks = np.concatenate(lists[group])  # [num_chunks, C] edge indices, -1 = pad
+      groups[group] = chunks[rng.permutation(len(chunks))]
+    return groups
+
+  def _device_call(self, call_chunks: np.ndarray, group: str, g: int,
+                   j: int) -> step_lib.StepBatch:
+    """One device's T steps from chunks of edge indices (-1 = padding); its
+    sources in sub-partition g, its targets in sub-partition j."""
+    chunk, ranges = self.chunk, self.ranges
+    full = STEPS_PER_CALL * self.per_step
+    shape3 = (STEPS_PER_CALL, self.per_step, chunk)
+    shape2 = (STEPS_PER_CALL, self.per_step)
+    if len(call_chunks) < full:
+      call_chunks = np.concatenate(
+          [call_chunks, np.full((full - len(call_chunks), chunk), -1, np.int64)])
+    is_real = call_chunks >= 0  # [T*S, C]
+    safe = np.where(is_real, call_chunks, 0)
+    # A chunk that is all padding takes the group's first relation.
+    chunk_rel = np.where(is_real.any(axis=1), self.rel[safe[:, 0]],
+                         self.layout.groups[group][0]).astype(np.int64)  # [T*S]
+    src_n, dst_n = ranges.src_rows_in[chunk_rel, g], ranges.dst_rows_in[chunk_rel, j]  # [T*S]
+    edge_rel = np.where(is_real, self.rel[safe], chunk_rel[:, None])  # [T*S, C]
+    edge_weight = np.where(is_real, self.weight[safe] * ranges.weight[edge_rel], 0.0)
+    # Relation rows per chunk [T, S], or per edge [T, S, C] in mixed chunks.
+    rel_rows = edge_rel.reshape(shape3) if self.mixed else chunk_rel.reshape(shape2)
+    extra = {}
+    if self.correct:
+      extra = dict(
+          src_logq=np.where(is_real, self.src_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+          dst_logq=np.where(is_real, self.dst_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+          uniform_src_logq=negatives.uniform_log_count(
+              src_n, chunk, self.num_uniform).reshape(shape2),
+          uniform_dst_logq=negatives.uniform_log_count(
+              dst_n, chunk, self.num_uniform).reshape(shape2))
+    return step_lib.StepBatch(
+        src=np.where(is_real, self.src_row[safe], 0).reshape(shape3).astype(np.int32),
+        dst=np.where(is_real, self.dst_row[safe], 0).reshape(shape3).astype(np.int32),
+        rel=self.row_in_group[rel_rows],
+        rel_reverse=self.reverse_row_in_group[rel_rows],
+        weight=edge_weight.reshape(shape3).astype(np.float32),
+        src_lo=ranges.src_off[chunk_rel].reshape(shape2).astype(np.int32),
+        src_n=src_n.reshape(shape2).astype(np.int32),
+        dst_lo=ranges.dst_off[chunk_rel].reshape(shape2).astype(np.int32),
+        dst_n=dst_n.reshape(shape2).astype(np.int32),
+        step_index=np.zeros(STEPS_PER_CALL, np.int32),  # set by the consumer
+        **extra)
+
+
+# --------------------------------------------------------------------------
+# Preparing ahead, in a background thread.
+
+
+class Background:
+  """Runs a generator in a thread, handing its items over through a bounded
+  queue (``depth`` items ahead). ``close()`` stops the thread early."""
+
+  _DONE = object()
+
+  def __init__(self, generator, depth: int = 4):
+    self._items: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, args=(generator,), daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self, generator) -> None:
+    try:
+      for item in generator:
+        if not self._put(item):
+          return
+      self._put(self._DONE)
+    except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+      self._put(err)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._items.get()
+    if item is self._DONE:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=10)
+
+
+class BatchStream:
+  """The prepared calls of every bucket of a plan, made ahead in a thread.
+
+  ``plan``: [(epoch, bucket index, bucket)] in training order (computed once,
+  by the trainer); bucket (epoch, i) is shuffled with seed path
+  (seed, epoch, i). ``bucket_calls(epoch, i)`` yields that bucket's
+  (round, call)s; buckets must be consumed in plan order.
+  """
+
+  def __init__(self, plan, graph: Graph, layout: model.RelationLayout, config,
+               layout_of, depth: int = 8):
+    self._plan = list(plan)
+
+    def produce():
+      for epoch, index, bucket in self._plan:
+        yield from ((epoch, index, k, call) for k, call in prepare_bucket(
+            graph, layout, layout_of(bucket), bucket, config, (config.train.seed, epoch, index)))
+        yield epoch, index, None, None  # end of this bucket
+
+    self._items = Background(produce(), depth=depth)
+
+  def bucket_calls(self, epoch: int, index: int):
+    for item_epoch, item_index, k, call in self._items:
+      if (item_epoch, item_index) != (epoch, index):
+        raise RuntimeError(f"batch stream at epoch {item_epoch} bucket {item_index}, "
+                           f"trainer at epoch {epoch} bucket {index}")
+      if call is None:
+        return
+      yield k, call
+
+  def close(self) -> None:
+    self._items.close()
