@@ -207,7 +207,8 @@ class _MemoryStorage(storage.EntityStorage):
 
   def __init__(self, root, entities, dims, *, create=False, sub_partitions=1, num_slots=2):
     self.entities, self.dims = entities, dims
-    self.chunk = {t: storage.chunk_rows(e.partition_size, sub_partitions) for t, e in entities.items()}
+    self.chunk = {t: storage.chunk_rows(e.partition_size, sub_partitions)
+                  for t, e in entities.items()}
     self.stored = {t: e.partition_size for t, e in entities.items()}
     self.arrays = {(t, p, s): (np.zeros((e.partition_rows(p), dims[t]), np.float32),
                                np.zeros(e.partition_rows(p), np.float32))

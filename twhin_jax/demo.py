@@ -15,6 +15,7 @@ import numpy as np
 
 from twhin_jax import generate
 from twhin_jax import run_report as reporting  # per-run plots and Markdown
+from twhin_jax import rundir
 from twhin_jax import train as train_lib
 
 
@@ -38,7 +39,8 @@ def run_demo(config, workdir: str, progress: bool = True) -> dict:
   train_seconds = time.perf_counter() - started
   test = trainer.evaluate("test", progress=progress)
 
-  communities = generate.read_communities(os.path.join(workdir, "generated", "communities.tsv"))
+  communities = generate.read_communities(
+      os.path.join(workdir, rundir.GENERATED_DIR, "communities.tsv"))
   user_names = trainer.graph.names("user")
   user_community = np.array([communities["user"][name] for name in user_names])
   user_table = trainer.embeddings()["user"]

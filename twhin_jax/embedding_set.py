@@ -178,7 +178,8 @@ def _from_run(run: rundir.Run, types=None) -> EmbeddingSet:
 
 def _from_export(path: str, types=None) -> EmbeddingSet:
   found = sorted(f[:-len(".npy")] for f in os.listdir(path)
-                 if f.endswith(".npy") and os.path.exists(os.path.join(path, f[:-4] + ".names.txt")))
+                 if f.endswith(".npy")
+                 and os.path.exists(os.path.join(path, f[:-4] + ".names.txt")))
   types = found if types is None else list(types)
   tables, names = {}, {}
   for entity_type in types:

@@ -77,7 +77,8 @@ def prepare_graph(config, workdir: str, progress: bool = True) -> Graph:
     if config.data.generator:
       from twhin_jax import generate  # only for generated graphs
       generator = getattr(generate, config.data.generator)
-      files = generator(os.path.join(workdir, "generated"), **dict(config.data.generator_args))
+      files = generator(os.path.join(workdir, rundir.GENERATED_DIR),
+                        **dict(config.data.generator_args))
     importer.import_graph(config, graph_dir, files=files, progress=progress)
   graph = networks.open_graph(graph_dir)
   declared = {r["name"]: (r["source"], r["target"]) for r in config.relations}

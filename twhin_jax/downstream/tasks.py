@@ -206,7 +206,8 @@ def ciao_rating(source, *, feature_set: str = "U+P", run_dir: str | None = None,
   """
   _check_feature_set(feature_set, RATING_FEATURE_SETS, "ciao_rating")
   run_dir = run_dir or (source if isinstance(source, str) else None)
-  if run_dir is None or not os.path.exists(os.path.join(run_dir, rundir.GRAPH_DIR, "manifest.json")):
+  manifest = os.path.join(run_dir, rundir.GRAPH_DIR, "manifest.json") if run_dir else ""
+  if not manifest or not os.path.exists(manifest):
     raise FileNotFoundError(f"{run_dir}: ciao_rating needs the Ciao embedding run directory "
                             "(its held-out ratings are the examples); pass run_dir=")
   graph = rundir.open_graph(run_dir)
@@ -318,7 +319,8 @@ def lastfm_friends(source, *, feature_set: str = "U", run_dir: str | None = None
   """Held-out friendship prediction (see the module doc); returns metrics."""
   _check_feature_set(feature_set, FRIEND_FEATURE_SETS, "lastfm_friends")
   run_dir = run_dir or (source if isinstance(source, str) else None)
-  if run_dir is not None and os.path.exists(os.path.join(run_dir, rundir.GRAPH_DIR, "manifest.json")):
+  if run_dir is not None and os.path.exists(
+      os.path.join(run_dir, rundir.GRAPH_DIR, "manifest.json")):
     _check_no_leak(run_dir, lastfm_friend_split(data_dir, holdout_fraction, seed)[1])
   embeddings = load_embeddings(source, ["user"])
   kept, held = lastfm_friend_split(data_dir, holdout_fraction, seed)
