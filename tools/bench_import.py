@@ -3,7 +3,8 @@
 Generates (or takes with --input) a TSV edge file ``head<TAB>relation<TAB>tail``
 with power-law-ish entity popularity, imports it with ``import_graph`` into
 P partitions, and prints edges, seconds, edges/s and the peak resident memory
-of the import.
+of the import. The input is generated in chunks of 2M edges, so a 100M-edge
+file takes no more memory than a small one.
 
 The import runs in a fresh child process so that its peak RSS
 (``ru_maxrss``) measures the importer alone, not the generator; the child's
@@ -55,7 +56,7 @@ def generate(path: str, num_edges: int, num_entities: int, num_relations: int,
 
 
 def _import_in_child(path: str, graph_dir: str, partitions: int, num_relations: int,
-                     results) -> None:
+                     engine: str, memory_limit: str, threads: int, results) -> None:
   import ml_collections
   import psutil
   from twhin_jax import config as config_lib
@@ -66,6 +67,9 @@ def _import_in_child(path: str, graph_dir: str, partitions: int, num_relations: 
   config.relations = [dict(name=f"rel{i}", source="node", target="node",
                            operator="translation", weight=1.0) for i in range(num_relations)]
   config.data.files = [config_lib.file_spec(path, format="tsv")]
+  config.data.import_engine = engine
+  config.data.import_memory_limit = memory_limit
+  config.data.import_threads = threads
   baseline = psutil.Process().memory_info().rss
   before = resource.getrusage(resource.RUSAGE_SELF)
   cpu_before = before.ru_utime + before.ru_stime
@@ -75,7 +79,8 @@ def _import_in_child(path: str, graph_dir: str, partitions: int, num_relations: 
   usage = resource.getrusage(resource.RUSAGE_SELF)
   peak_kib = usage.ru_maxrss  # KiB on Linux
   results.put(dict(edges=graph.num_edges("train"), entities=graph.entities["node"].count,
-                   partitions=partitions, seconds=round(seconds, 2),
+                   partitions=partitions, engine=engine, memory_limit=memory_limit,
+                   threads=threads or os.cpu_count(), seconds=round(seconds, 2),
                    edges_per_s=round(graph.num_edges("train") / seconds),
                    # CPU time of the import (all threads): on a busy machine
                    # a steadier figure than wall time.
@@ -90,6 +95,9 @@ def main(argv=None) -> None:
   parser.add_argument("--entities", type=int, default=1_000_000)
   parser.add_argument("--relations", type=int, default=4)
   parser.add_argument("--partitions", type=int, default=4)
+  parser.add_argument("--engine", default="duckdb", choices=("duckdb", "spark"))
+  parser.add_argument("--memory-limit", default="1GB", help="data.import_memory_limit")
+  parser.add_argument("--threads", type=int, default=0, help="data.import_threads (0: all)")
   parser.add_argument("--input", help="an existing TSV (head, relation rel0..relR-1, tail)")
   parser.add_argument("--workdir", help="where to put the generated file and graph "
                       "(default: a temporary folder, removed afterwards)")
@@ -111,7 +119,8 @@ def main(argv=None) -> None:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     child = context.Process(target=_import_in_child,
-                            args=(path, graph_dir, args.partitions, args.relations, results))
+                            args=(path, graph_dir, args.partitions, args.relations, args.engine,
+                                  args.memory_limit, args.threads, results))
     child.start()
     child.join()
     if child.exitcode != 0:

@@ -163,6 +163,15 @@ def _read_source(spark, index: int, source, data, relation_table):
       F.lit(source.split).alias("split_name"))
 
 
+def _materialise(spark, frame, path: str):
+  """Writes a DataFrame to Parquet and reads it back: later queries start
+  from a plain scan instead of re-planning (and re-running) the whole
+  lineage, which otherwise grows with every step (and, on a JVM of 1 GB,
+  ran out of heap just printing its plan)."""
+  frame.write.parquet(path)
+  return spark.read.parquet(path)
+
+
 def _regex_quote(text: str) -> str:
   import re
   return re.escape(text)
@@ -237,7 +246,9 @@ def build(config, schema, sources, work_dir: str, progress: bool) -> dict:
         bar.update(1)
       return _build(spark, config, schema, sources, work_dir, stage, step)
   finally:
-    spark.catalog.clearCache()
+    # The session goes with the import: a JVM left running would hold its
+    # memory through the training that follows.
+    spark.stop()
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -260,7 +271,7 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
     rows = rows.unionByName(frame)
   rows = _reasons(rows).withColumn(
       "pos", F.shiftleft(F.col("file").cast("long"), _LINE_BITS) + F.col("line"))
-  rows = rows.persist()
+  rows = _materialise(spark, rows, os.path.join(stage, "rows"))
 
   skipped = {}
   bad = rows.where(F.col("reason") > 0)
@@ -312,7 +323,7 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
       if count:
         skipped[importer.ENTITY_TYPE_CONFLICT] = int(count)
         edges = edges.join(dropped, ["pos", "sub"], "left_anti")
-  edges = edges.persist()
+  edges = _materialise(spark, edges, os.path.join(stage, "edges"))
 
   step("ids")
   id_ranges = RANGES_PER_CORE * spark.sparkContext.defaultParallelism
@@ -331,7 +342,8 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
                   f"(cast(conv(substring(key, 1, 8), 16, 10) AS BIGINT) * {id_ranges}) "
                   "div 4294967296").cast("int"))
               .drop("prefix"))
-  distinct = distinct.repartition(id_ranges, "type", "range").persist()
+  distinct = _materialise(spark, distinct.repartition(id_ranges, "type", "range"),
+                          os.path.join(stage, "distinct"))
   range_counts = {(t, r): n for t, r, n in
                   distinct.groupBy("type", "range").count().collect()}
   offsets, counts = [], []
@@ -343,9 +355,9 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
     counts.append(total)
   offset_table = spark.createDataFrame(offsets, "type INT, range INT, first_id LONG")
   rank = F.row_number().over(Window.partitionBy("type", "range").orderBy("key", "name"))
-  vocab = (distinct.join(F.broadcast(offset_table), ["type", "range"])
-           .withColumn("id", F.col("first_id") + rank - 1)
-           .select("type", "name", "id").persist())
+  vocab = _materialise(spark, distinct.join(F.broadcast(offset_table), ["type", "range"])
+                       .withColumn("id", F.col("first_id") + rank - 1)
+                       .select("type", "name", "id"), os.path.join(stage, "vocab"))
 
   step("vocabulary files")
   for t, name in enumerate(schema.types):
@@ -362,9 +374,10 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
                             F.col("id").alias("src_id"))
   target_ids = vocab.select(F.col("type").alias("dtype"), F.col("name").alias("dst"),
                             F.col("id").alias("dst_id"))
-  remapped = (edges.join(source_ids, ["stype", "src"]).join(target_ids, ["dtype", "dst"])
-              .select("pos", "sub", "split", "rel", "stype", "dtype", "src_id", "dst_id",
-                      "weight").persist())
+  remapped = _materialise(
+      spark, edges.join(source_ids, ["stype", "src"]).join(target_ids, ["dtype", "dst"])
+      .select("pos", "sub", "split", "rel", "stype", "dtype", "src_id", "dst_id", "weight"),
+      os.path.join(stage, "remapped"))
 
   step("buckets")
   sizes = [max(1, -(-n // p)) for n, p in zip(counts, schema.num_partitions)]
@@ -394,7 +407,8 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
   train = remapped.where(F.col("split") == 0)
   degree = (train.select(F.col("stype").alias("type"), F.col("src_id").alias("id"))
             .unionByName(train.select(F.col("dtype").alias("type"), F.col("dst_id").alias("id")))
-            .groupBy("type", "id").agg(F.count("*").alias("degree")).persist())
+            .groupBy("type", "id").agg(F.count("*").alias("degree")))
+  degree = _materialise(spark, degree, os.path.join(stage, "degree"))
   without_train = []
   for t, name in enumerate(schema.types):
     degree_dir = os.path.join(stage, f"degree_{t}")
