@@ -20,10 +20,14 @@ eq. 1); neighbours come from ``retrieval.Retriever`` (ScaNN or exact).
 Stack. FastAPI on uvicorn (httptools parser, uvloop event loop): the
 request and response models (serve_models.py) are the validation and the
 OpenAPI document; the ``/docs`` page's scripts are served from the
-fastapi-offline package, so it works without a CDN. One process: the work
-of a request (a jitted matmul, a ScaNN call) runs in the worker thread pool
-and releases the GIL, and one process holds one copy of the tables and one
-snapshot to swap (several worker processes would each need their own reload).
+fastapi-offline package, so it works without a CDN. One process with one
+copy of the tables and one snapshot to swap (worker processes would each
+load their own and need their own reload). In it, ``loops`` event-loop
+threads (one per core by default) accept on one socket; the bounded routes
+run on their loop without a thread hop (measured: a hop to a thread pool
+cost more than a search), so the loops overlap where the work releases the
+GIL (ScaNN, XLA). /reload and /diverse, which can take long, run in a
+thread pool.
 
 Versions without dropped requests. Everything a request needs (the
 Retriever with its tables, names, searchers and relation parameters, and the
@@ -54,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import logging
@@ -76,6 +81,9 @@ MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 10.0  # seconds to receive one whole request (headers and body)
 KEEP_ALIVE_TIMEOUT = 5  # seconds of silence before an idle keep-alive connection is closed
 MAX_HEADER_BYTES = 64 * 1024
+# Event-loop threads (see HttpServer): one per core, at most 8; the
+# environment variable TWHIN_SERVE_LOOPS overrides it.
+LOOPS = int(os.environ.get("TWHIN_SERVE_LOOPS", min(8, os.cpu_count() or 1)))
 
 
 class ApiError(Exception):
@@ -134,6 +142,8 @@ def load_snapshot(workdir: str, *, exact_below: int = retrieval.EXACT_BELOW,
       retriever.search(entity_type, probe, k, exact=False)
   for rel in retriever.relations.values():
     retriever.neighbors(rel.source, 0, relation=rel.name, k=10, direction="forward")
+    rows = np.zeros((16, retriever.table(rel.source).shape[1]), np.float32)
+    _pair_scorer(rel.operator, retriever.comparator)(rel.forward, rows, rows)  # /score's jit
   return Snapshot(retriever=retriever, lineage=dict(meta.get("lineage", {})),
                   checkpoint=dict(retriever.run["checkpoint"]), loaded_at=_now(),
                   load_seconds=time.perf_counter() - started)
@@ -355,8 +365,6 @@ class Service:
                         for i, (t, s, c) in enumerate(zip(ids, scores, components))]}
 
   def score(self, snap: Snapshot, request: models.ScoreRequest) -> dict:
-    import jax.numpy as jnp
-    from twhin_jax.model import apply_operator, compare_pairs
     triples = request.triples
     groups: dict[str, list[tuple[int, int, int]]] = {}
     for i, (source, relation, target) in enumerate(triples):
@@ -376,9 +384,8 @@ class Service:
       target_rows[:len(items)] = [t for _, _, t in items]
       sources = np.asarray(r.table(rel.source)[source_rows], np.float32)  # [P, d]
       targets = np.asarray(r.table(rel.target)[target_rows], np.float32)  # [P, d]
-      query = apply_operator(rel.operator, jnp.asarray(rel.forward), jnp.asarray(sources))
-      scores[where] = np.asarray(compare_pairs(r.comparator, query,
-                                               jnp.asarray(targets)))[:len(items)]  # [n]
+      scorer = _pair_scorer(rel.operator, r.comparator)
+      scores[where] = np.asarray(scorer(rel.forward, sources, targets))[:len(items)]  # [n]
     return {"comparator": r.comparator, "version_id": snap.version_id,
             "scores": scores.tolist()}
 
@@ -399,6 +406,17 @@ class Service:
     except Exception as err:
       raise ApiError(500, f"reload failed, still serving the previous version: "
                      f"{type(err).__name__}: {err}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_scorer(operator: str, comparator: str):
+  """f(s, r, t) = compare(op_r(theta_s), theta_t) (model.py eq. 1) for rows
+  [P, d] of sources and targets, as one jitted call: the same functions the
+  trainer uses, one dispatch per relation group instead of one per op."""
+  import jax
+  from twhin_jax.model import apply_operator, compare_pairs
+  return jax.jit(lambda param, sources, targets: compare_pairs(
+      comparator, apply_operator(operator, param, sources), targets))
 
 
 # ---------------------------------------------------------------------------
@@ -505,7 +523,7 @@ class _BodyRules:
     await self.app(scope, receive, counting_send)
 
 
-def make_app(service: Service, max_body: int = MAX_BODY):
+def make_app(service: Service, max_body: int = MAX_BODY, inline: bool = True):
   """The FastAPI application over ``service``."""
   import fastapi
   import fastapi_offline
@@ -549,6 +567,18 @@ def make_app(service: Service, max_body: int = MAX_BODY):
     log.error("error serving %s %s", request.method, request.url.path, exc_info=err)
     return _json_error(500, f"internal error: {type(err).__name__}: {err}")
 
+  def on_loop(route):
+    """``route`` as a coroutine (runs on the event loop) or, with
+    ``inline=False``, as is (runs in the thread pool)."""
+    if not inline:
+      return route
+
+    @functools.wraps(route)
+    async def coroutine(*args, **kwargs):
+      return route(*args, **kwargs)
+
+    return coroutine
+
   # Routes. Each reads `service.snapshot` once. The bounded ones (a lookup,
   # one search, a few small jitted ops) run on the event loop: measured here,
   # a hop to the thread pool and back costs more than the search itself.
@@ -558,18 +588,21 @@ def make_app(service: Service, max_body: int = MAX_BODY):
 
   @app.get("/health", response_model=models.Health,
            summary="status, version, load time, counts, request totals")
-  async def health():
+  @on_loop
+  def health():
     return service.health(service.snapshot)
 
   @app.get("/version", response_model=models.Version,
            summary="lineage of the served checkpoint")
-  async def version():
+  @on_loop
+  def version():
     return service.version(service.snapshot)
 
   @app.post("/neighbors", response_model=models.NeighborsResponse,
             responses=_error_responses(400, 404, 411, 413),
             summary="ranked targets of a relation (or same-type neighbours)")
-  async def neighbors(request: models.NeighborsRequest):
+  @on_loop
+  def neighbors(request: models.NeighborsRequest):
     return service.neighbors(service.snapshot, request)
 
   @app.post("/diverse", response_model=models.DiverseResponse,
@@ -581,13 +614,15 @@ def make_app(service: Service, max_body: int = MAX_BODY):
   @app.post("/score", response_model=models.ScoreResponse,
             responses=_error_responses(400, 404, 411, 413),
             summary="the model's score of each triple")
-  async def score(request: models.ScoreRequest):
+  @on_loop
+  def score(request: models.ScoreRequest):
     return service.score(service.snapshot, request)
 
   @app.post("/embedding", response_model=models.EmbeddingResponse,
             responses=_error_responses(400, 404, 411, 413),
             summary="embedding vectors by name")
-  async def embedding(request: models.EmbeddingRequest):
+  @on_loop
+  def embedding(request: models.EmbeddingRequest):
     return service.embedding(service.snapshot, request)
 
   @app.post("/reload", response_model=models.ReloadResponse,
@@ -705,13 +740,20 @@ def _timed_protocol(request_timeout: float, max_header_bytes: int):
 class HttpServer:
   """The service on uvicorn, bound at construction (``port=0`` picks a free
   port: ``server_address[1]``). ``serve_forever()`` blocks until
-  ``shutdown()`` (from another thread) or Ctrl-C."""
+  ``shutdown()`` (from another thread) or Ctrl-C.
+
+  ``loops`` event loops, each in its own thread with its own uvicorn server,
+  accept on the one listening socket. A loop runs its requests' bounded work
+  itself (no thread hop), so several loops let searches overlap where they
+  release the GIL (ScaNN, XLA) and keep the server's share of a busy
+  machine's cores; all share one ``Service``, so a reload is still one swap.
+  """
 
   def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 8080, *,
                max_body: int = MAX_BODY, request_timeout: float = REQUEST_TIMEOUT,
                keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
                max_header_bytes: int = MAX_HEADER_BYTES, backlog: int = 1024,
-               thread_pool: int = 8):
+               loops: int = LOOPS, thread_pool: int = 8):
     import uvicorn
     self.service = service
     self.app = make_app(service, max_body)
@@ -719,37 +761,47 @@ class HttpServer:
     protocol.service_count = staticmethod(service.count)
     self.thread_pool = thread_pool
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    self.config = uvicorn.Config(
+    self.servers = [uvicorn.Server(uvicorn.Config(
         self.app, loop=loop, http=protocol, ws="none", lifespan="off",
         interface="asgi3", timeout_keep_alive=keep_alive_timeout, backlog=backlog,
         access_log=False, log_config=None, server_header=False,
-        timeout_graceful_shutdown=5)
+        timeout_graceful_shutdown=5)) for _ in range(max(1, int(loops)))]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     self.socket = socket.socket(family, socket.SOCK_STREAM)
     self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     self.socket.bind((host, port))
     self.socket.listen(backlog)
-    self.socket.set_inheritable(True)
     self.server_address = self.socket.getsockname()
-    self.server = uvicorn.Server(self.config)
     self._stopped = threading.Event()
 
-  def serve_forever(self) -> None:
+  def _run(self, server) -> None:
     async def main():
       import anyio.to_thread
-      # The thread pool the route functions run in (anyio's default is 40).
+      # The pool that /reload and /diverse run in (anyio's default is 40 threads).
       anyio.to_thread.current_default_thread_limiter().total_tokens = self.thread_pool
-      await self.server.serve(sockets=[self.socket])
+      await server.serve(sockets=[self.socket])
 
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+      runner.run(main())
+
+  def serve_forever(self) -> None:
+    threads = [threading.Thread(target=self._run, args=(server,), daemon=True,
+                                name=f"twhin-serve-loop-{i}")
+               for i, server in enumerate(self.servers[1:], 1)]
+    for thread in threads:
+      thread.start()
     try:
-      loop_factory = self.config.get_loop_factory()
-      with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main())
+      self._run(self.servers[0])  # in the calling thread: uvicorn handles Ctrl-C there
     finally:
+      for server in self.servers:
+        server.should_exit = True
+      for thread in threads:
+        thread.join(timeout=30)
       self._stopped.set()
 
   def shutdown(self, timeout: float = 30.0) -> None:
-    self.server.should_exit = True
+    for server in self.servers:
+      server.should_exit = True
     self._stopped.wait(timeout)
 
   def server_close(self) -> None:
