@@ -59,8 +59,10 @@ BUDGETS = {
     "small": {"dim": 64, "epochs": 20, "drift_epochs": 10, "factors": (4, 8, 16, 32, 64),
               "pq_factor": 16, "recall_queries": 1000,
               "who_to_follow": {"datasets": ("lastfm", "flickr"), "seeds": 3,
+                                # The region tools/who_to_follow.py's wider grid chose on
+                                # validation (docs/who_to_follow.md); SkipGram's full grid.
                                 "grid": {"twhin_lr": (0.025,), "twhin_epochs": (10, 20),
-                                         "skipgram_window": (5,),
+                                         "skipgram_window": (5, 20),
                                          "skipgram_epochs": (10, 30)}},
               "low_coverage": {"datasets": ("lastfm", "flickr"), "seeds": 3,
                                "max_epochs": 20, "eval_every": 5}},
