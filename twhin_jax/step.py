@@ -174,7 +174,7 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
              + loss_fn(pos_for_src, neg_for_src, src_mask, weight, margin))
     if regularization:  # lambda * Omega, Omega from regularizers.py ("l2" or "n3")
       total = total + regularization * regularizers.penalty(
-          regularizer, operator, lhs, rhs, weight, params, reverse_params if reciprocal else None)
+          regularizer, operator, lhs, rhs, weight)
     return total
 
   def step_loss(src_rows, dst_rows, rel_params, src_ids, dst_ids, rel, rel_reverse, weight,
