@@ -13,6 +13,7 @@ out for validation and test (seeded by train.seed).
 
 from twhin_jax import config as config_lib
 from twhin_jax import config_builders
+from twhin_jax import recipes
 
 ROOT = "$TWHIN_DATA_DIR/social/ciao-tang2012"
 STARS = range(1, 6)
@@ -40,5 +41,5 @@ def get_config(variant: str = ""):
   config.data.on_error = "skip"
   config.data.valid_fraction = 0.05
   config.data.test_fraction = 0.05
-  config_builders.social_training(config)
+  recipes.apply(config, "social")
   return config_builders.apply_variant(config, variant)

@@ -9,6 +9,7 @@ Their third column is always 1 and is ignored.
 
 from twhin_jax import config as config_lib
 from twhin_jax import config_builders
+from twhin_jax import recipes
 
 ROOT = "$TWHIN_DATA_DIR/social/diffnet-flickr"
 
@@ -32,5 +33,5 @@ def get_config(variant: str = ""):
       spec("flickr.test.rating.gz", "interacts", "test"),
   ]
   config.data.names_global = False  # users and images are both numbered from 0
-  config_builders.social_training(config)
+  recipes.apply(config, "social")
   return config_builders.apply_variant(config, variant)

@@ -17,6 +17,7 @@ validation and test (seeded by train.seed).
 
 from twhin_jax import config as config_lib
 from twhin_jax import config_builders
+from twhin_jax import recipes
 
 ROOT = "$TWHIN_DATA_DIR/social/hetrec2011-lastfm-2k"
 
@@ -48,5 +49,5 @@ def get_config(variant: str = ""):
   config.data.names_global = False  # users, artists and tags are all numbered from 1
   config.data.valid_fraction = 0.05
   config.data.test_fraction = 0.05
-  config_builders.social_training(config)
+  recipes.apply(config, "social")
   return config_builders.apply_variant(config, variant)

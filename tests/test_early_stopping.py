@@ -95,3 +95,35 @@ def test_run_stops_and_ends_on_its_best_epoch(tmp_path):
   reopened.close()
   with open(os.path.join(workdir, best_checkpoint.BEST_DIR, "best.json")) as f:
     assert json.load(f)["epoch"] == 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.early_stop_metric", "ndcg", "train.early_stop_metric"),
+    ("train.early_stop_patience", -1, "train.early_stop_patience"),
+    ("train.early_stop_min_epochs", -2, "train.early_stop_min_epochs"),
+    ("train.early_stop_min_delta", -0.1, "train.early_stop_min_delta"),
+    ("model.regularizer", "n2", "model.regularizer"),
+])
+def test_config_validation_names_the_field(field, value, message):
+  from twhin_jax import config as config_lib
+  from twhin_jax import demo_config
+  config = demo_config.get_config("test")
+  section, key = field.split(".")
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_config_stored_before_the_new_fields_still_opens():
+  """A run's config.json written before train.early_stop_* and
+  model.regularizer existed loads with their defaults and validates."""
+  from twhin_jax import config as config_lib
+  from twhin_jax import demo_config
+  stored = config_lib.to_json_dict(demo_config.get_config("test"))
+  for key in [k for k in stored["train"] if k.startswith("early_stop")]:
+    del stored["train"][key]
+  del stored["model"]["regularizer"]
+  config = config_lib.from_json_dict(stored)
+  config_lib.validate(config)
+  assert config.model.regularizer == "l2" and config.train.early_stop_patience == 3
+  assert config.relations == demo_config.get_config("test").relations

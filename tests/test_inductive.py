@@ -116,3 +116,42 @@ def test_new_user_gets_a_mixture(run):
   stored = model_.mixture(5)  # the same engagements, counted at build time
   np.testing.assert_array_equal(new.mixture.clusters, stored.clusters)
   np.testing.assert_allclose(new.mixture.weights, stored.weights, rtol=1e-6)
+
+
+def _favorite_percentiles(retriever, vectors, favorites):
+  """Mean rank percentile of each user's favorites among all tweets."""
+  out = []
+  for vector, rows in zip(vectors, favorites):
+    batch = retriever.query_vectors("favorites", None, vectors=np.asarray(vector)[None])
+    ids, _ = retriever.search("tweet", batch, 2000, exact=True)
+    rank = {int(t): i for i, t in enumerate(ids[0])}
+    out.append(np.mean([rank[t] / 2000 for t in rows]))
+  return np.array(out)
+
+
+def test_fold_in_ranks_known_edges_better_than_eq5(run):
+  """Fold-in minimises the run's own loss on the new rows: from the Eq. 5
+  start, the users' own favorites must rank higher after it, and zero steps
+  must return the start unchanged."""
+  from twhin_jax import fold_in
+  workdir, retriever = run
+  users, edges, favorites = [], [], []
+  for user in range(0, 600, 30):
+    mine = user_edges(workdir, retriever, user)
+    rows = [retriever.lookup("tweet", t) for r, t, side in mine if r == "favorites"]
+    if len(mine) >= 5 and rows:
+      users.append(user)
+      edges.append(mine)
+      favorites.append(rows)
+  assert len(users) >= 8
+  start = np.stack([inductive.embed_new_entity(retriever, "user", e) for e in edges])
+  config = demo_config.get_config("test")
+  settings = fold_in.FoldInSettings.from_config(config, steps=0)
+  np.testing.assert_array_equal(fold_in.fold_in(retriever, "user", edges, start, settings), start)
+  settings = fold_in.FoldInSettings.from_config(config, steps=50)
+  folded = fold_in.fold_in(retriever, "user", edges, start, settings)
+  assert folded.shape == start.shape and np.all(np.isfinite(folded))
+  before = _favorite_percentiles(retriever, start, favorites)
+  after = _favorite_percentiles(retriever, folded, favorites)
+  assert np.mean(after) < np.mean(before), (np.mean(after), np.mean(before))
+  assert np.median(after) < 0.1, after

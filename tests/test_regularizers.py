@@ -28,7 +28,7 @@ def test_l2_is_weighted_squared_norms():
 @pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal"])
 def test_n3_value_and_gradient_match_closed_form(operator):
   c, d = 4, 6
-  s, t, p, q = _rows(0, (c, d)), _rows(1, (c, d)), _rows(2, (d,)), _rows(3, (d,))
+  s, t = _rows(0, (c, d)), _rows(1, (c, d))
   w = jnp.asarray([1.0, 0.5, 2.0, 0.0])
 
   def closed_form_cubes(x):
@@ -46,19 +46,14 @@ def test_n3_value_and_gradient_match_closed_form(operator):
       return 3 * np.concatenate([modulus, modulus], -1) * x
     return 3 * np.abs(x) * x
 
-  value = regularizers.penalty("n3", operator, s, t, w, p, q)
+  value = regularizers.penalty("n3", operator, s, t, w)
   wn = np.asarray(w, np.float64)
-  want = np.sum(wn * (closed_form_cubes(s) + closed_form_cubes(t)
-                      + closed_form_cubes(p) + closed_form_cubes(q)))
+  want = np.sum(wn * (closed_form_cubes(s) + closed_form_cubes(t)))
   np.testing.assert_allclose(value, want, rtol=1e-5)
 
-  gs, gt, gp, gq = jax.grad(regularizers.penalty, argnums=(2, 3, 5, 6))(
-      "n3", operator, s, t, w, p, q)
+  gs, gt = jax.grad(regularizers.penalty, argnums=(2, 3))("n3", operator, s, t, w)
   np.testing.assert_allclose(gs, wn[:, None] * closed_form_grad(s), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(gt, wn[:, None] * closed_form_grad(t), rtol=1e-4, atol=1e-6)
-  # The relation term is counted once per (weighted) edge of the chunk.
-  np.testing.assert_allclose(gp, wn.sum() * closed_form_grad(p), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(gq, wn.sum() * closed_form_grad(q), rtol=1e-4, atol=1e-6)
 
 
 def test_n3_gradient_is_finite_at_zero():
@@ -69,16 +64,50 @@ def test_n3_gradient_is_finite_at_zero():
   assert np.all(np.isfinite(grads)) and np.all(grads == 0)
 
 
-def test_n3_per_edge_relation_parameters():
-  """Mixed-relation chunks give one parameter per edge [C, d]."""
-  s, t, p = _rows(0, (3, 4)), _rows(1, (3, 4)), _rows(2, (3, 4))
-  w = jnp.asarray([1.0, 0.0, 2.0])
-  got = regularizers.penalty("n3", "diagonal", s, t, w, p)
-  cubes = lambda x: np.sum(np.abs(np.asarray(x)) ** 3, -1)
-  want = np.sum(np.asarray(w) * (cubes(s) + cubes(t) + cubes(p)))
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-
-
 def test_unknown_regularizer_is_rejected():
   with pytest.raises(ValueError, match="unknown regularizer"):
     regularizers.penalty("l1", "translation", jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1))
+
+
+def test_step_adds_the_penalty_gradient():
+  """The training step's gradient with model.regularization = lambda differs
+  from the unregularised one by exactly lambda * dOmega/drow on the rows of
+  the positive edges (n3; step.py's hook)."""
+  from twhin_jax import step as step_lib
+  rng = np.random.default_rng(0)
+  rows, d, c, lam = 12, 6, 4, 0.3
+  table = rng.normal(size=(rows, d)).astype(np.float32)  # numpy: the step donates its input
+  src = np.array([[[0, 1, 2, 3]]], np.int32)
+  dst = np.array([[[4, 5, 6, 7]]], np.int32)
+  batch = step_lib.StepBatch(
+      src=jnp.asarray(src), dst=jnp.asarray(dst), rel=jnp.zeros((1, 1), jnp.int32),
+      weight=jnp.ones((1, 1, c), jnp.float32), src_lo=jnp.zeros((1, 1), jnp.int32),
+      src_n=jnp.full((1, 1), rows, jnp.int32), dst_lo=jnp.zeros((1, 1), jnp.int32),
+      dst_n=jnp.full((1, 1), rows, jnp.int32), step_index=jnp.zeros((1,), jnp.int32))
+
+  def updated(regularization):
+    fn = step_lib.make_train_steps("complex_diagonal", "dot", "softmax", 0.1, 1.0, 1e-9, 0,
+                                   reciprocal=True, regularization=regularization,
+                                   regularizer="n3")
+    params = jnp.asarray(rng.normal(size=(2, d)).astype(np.float32))
+    state = step_lib.init_group_state(jnp.asarray(table.copy()), jnp.zeros(rows), params, 1e-9)
+    new, _, _ = fn(state, batch, jax.random.key(0))
+    return np.asarray(new.table), np.asarray(new.row_state.acc)
+
+  rng = np.random.default_rng(1)
+  plain_table, plain_acc = updated(0.0)
+  rng = np.random.default_rng(1)
+  reg_table, reg_acc = updated(lam)
+  # One row-Adagrad step from a zero accumulator: theta - lr g / sqrt(mean(g^2)).
+  # Recover each row's gradient direction from the two updates and compare the
+  # accumulators: acc = mean(g^2) with g = g_loss + lam * dOmega.
+  touched = np.r_[src.ravel(), dst.ravel()]
+  penalty_grad = np.asarray(jax.grad(regularizers.penalty, argnums=(2, 3))(
+      "n3", "complex_diagonal", jnp.asarray(table[src.ravel()]), jnp.asarray(table[dst.ravel()]),
+      jnp.ones(c)))
+  penalty_grad = np.concatenate(penalty_grad)  # rows in `touched` order
+  g_plain = (table[touched] - plain_table[touched]) * np.sqrt(plain_acc[touched])[:, None]
+  g_reg = (table[touched] - reg_table[touched]) * np.sqrt(reg_acc[touched])[:, None]
+  np.testing.assert_allclose(g_reg - g_plain, lam * penalty_grad, rtol=2e-3, atol=2e-4)
+  untouched = np.setdiff1d(np.arange(rows), touched)
+  np.testing.assert_array_equal(reg_table[untouched], table[untouched])

@@ -442,7 +442,17 @@ def config_hash(config) -> str:
 
 
 def from_json_dict(data: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(data)
+  """A stored config, with fields added since it was written at their
+  base_config() defaults (a run saved before train.early_stop_* existed
+  still opens, and resumes with the same meaning where the default keeps it:
+  model.regularizer "l2" is what model.regularization always meant)."""
+  def merged(defaults, stored):
+    out = dict(defaults)
+    for key, value in stored.items():
+      out[key] = (merged(defaults[key], value)
+                  if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
+    return out
+  return ml_collections.ConfigDict(merged(base_config().to_dict(), data))
 
 
 # --------------------------------------------------------------------------

@@ -72,22 +72,6 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
   return config
 
 
-def social_training(config: ml_collections.ConfigDict, *, dim: int = 200,
-                    epochs: int = 20) -> ml_collections.ConfigDict:
-  """The training recipe shared by the heterogeneous social graphs.
-
-  The one that works on FB15k-237 (see configs/fb15k237.py): reciprocal
-  relations, softmax over batch + uniform negatives with the log-q correction.
-  """
-  config.model.dim = dim
-  config.train.epochs = epochs
-  config.model.reciprocal = True
-  config.train.lr = 0.05
-  config.train.loss = "softmax"
-  config.negatives.logq_correction = True
-  return config
-
-
 def kg_config(name: str, folder: str, *, suffix: str = ".txt", epochs: int = 50,
               operator: str = "complex_diagonal", loss: str = "softmax",
               reciprocal: bool = True, dim: int = 200, lr: float = 0.1,

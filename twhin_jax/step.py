@@ -131,8 +131,7 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
            + loss_fn(pos_for_src, neg_for_src, src_mask, weight, settings.margin))
   if settings.regularization:  # lambda * Omega, Omega from regularizers.py ("l2" or "n3")
     total = total + settings.regularization * regularizers.penalty(
-        settings.regularizer, operator, lhs, rhs, weight, params,
-        reverse_params if settings.reciprocal else None)
+        settings.regularizer, operator, lhs, rhs, weight)
   return total
 
 

@@ -1,0 +1,49 @@
+"""The recipes: one per kind of graph, applied without per-dataset tuning."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from twhin_jax import cli
+from twhin_jax import config as config_lib
+from twhin_jax import recipes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("TWHIN_DATA_DIR")
+needs_fb = pytest.mark.skipif(
+    not DATA or not os.path.isdir(os.path.join(DATA, "kg", "fb15k-237")),
+    reason="TWHIN_DATA_DIR is not set or has no kg/fb15k-237 (point it at ../shared/data)")
+
+
+def test_unknown_kind_is_rejected():
+  with pytest.raises(ValueError, match="unknown kind of graph"):
+    recipes.apply(config_lib.base_config(), "molecule")
+
+
+@pytest.mark.parametrize("kind", recipes.KINDS)
+def test_every_recipe_stops_on_validation_with_one_dimension(kind):
+  config = recipes.apply(config_lib.base_config(), kind)
+  assert config.model.dim == recipes.DIM
+  assert config.train.epochs == recipes.MAX_EPOCHS and config.train.early_stop_patience > 0
+  assert config.train.eval_every_epochs >= 1
+
+
+@needs_fb
+@pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal", "linear"])
+def test_fb15k237_operator_variants_share_the_kg_recipe(operator):
+  """Every operator variant is the KG recipe with only the operator changed."""
+  config = cli.load_config(os.path.join(REPO, "configs", f"fb15k237.py:{operator}"), [])
+  config_lib.validate(config)
+  assert {r["operator"] for r in config.relations} == {operator}
+  reference = recipes.apply(config_lib.from_json_dict(config_lib.to_json_dict(config)), "kg")
+  for section in ("model", "train", "negatives", "eval"):
+    assert config_lib.to_json_dict(config[section]) == config_lib.to_json_dict(reference[section])
+
+
+@needs_fb
+def test_fb15k237_default_is_the_measured_twhin_run():
+  config = cli.load_config(os.path.join(REPO, "configs", "fb15k237.py"), [])
+  assert config.train.epochs == 10 and config.train.early_stop_patience == 0
+  assert {r["operator"] for r in config.relations} == {"translation"}
