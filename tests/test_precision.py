@@ -1,5 +1,5 @@
 """model.matmul_precision: the chunk score matmuls in float32 / bfloat16 / tf32
-(step.score_matmul), with float32 tables and Adagrad state."""
+(model.compare_all's precision), with float32 tables and Adagrad state."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import optim
+from twhin_jax import state as state_lib
 from twhin_jax import step as step_lib
 
 
@@ -18,19 +19,19 @@ def _rows(seed, *shape):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
-@pytest.mark.parametrize("comparator", config_lib.COMPARATORS)
+@pytest.mark.parametrize("comparator", model.COMPARATORS)
 def test_float32_is_compare_all(comparator):
   u, v = _rows(0, 3, 25, 64), _rows(1, 3, 120, 64)
-  got = step_lib.score_matmul(comparator, "float32")(u, v)
+  got = model.compare_all(comparator, u, v, "float32")
   np.testing.assert_allclose(got, model.compare_all(comparator, u, v), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("comparator", config_lib.COMPARATORS)
+@pytest.mark.parametrize("comparator", model.COMPARATORS)
 def test_bfloat16_rounds_the_operands_only(comparator):
   """bf16 scores = fp32 scores of bf16-rounded operands (fp32 sums), which
   differ from the fp32 scores by bf16's rounding (2^-8 relative), not more."""
   u, v = _rows(2, 2, 25, 200), _rows(3, 2, 1025, 200)
-  got = step_lib.score_matmul(comparator, "bfloat16")(u, v)
+  got = model.compare_all(comparator, u, v, "bfloat16")
   assert got.dtype == jnp.float32
   round_bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
   if comparator == "cos":
@@ -47,13 +48,13 @@ def test_bfloat16_rounds_the_operands_only(comparator):
 
 
 def test_resolve_and_validate():
-  assert step_lib.resolve_matmul_precision("auto", "cpu") == "float32"
-  assert step_lib.resolve_matmul_precision("auto", "gpu") == "tf32"
-  assert step_lib.resolve_matmul_precision("bfloat16", "cpu") == "bfloat16"
+  assert model.resolve_matmul_precision("auto", "cpu") == "float32"
+  assert model.resolve_matmul_precision("auto", "gpu") == "tf32"
+  assert model.resolve_matmul_precision("bfloat16", "cpu") == "bfloat16"
   with pytest.raises(ValueError, match="tf32"):
-    step_lib.resolve_matmul_precision("tf32", "cpu")
+    model.resolve_matmul_precision("tf32", "cpu")
   with pytest.raises(ValueError, match="matmul_precision"):
-    step_lib.resolve_matmul_precision("float16", "cpu")
+    model.resolve_matmul_precision("float16", "cpu")
   config = config_lib.base_config()
   config.entities.node = dict(num_partitions=1, dim=0)
   config.relations = [dict(name="r", source="node", target="node", operator="translation",
@@ -83,14 +84,14 @@ def test_bfloat16_step_keeps_float32_state():
   table = rng.standard_normal((rows, dim)).astype(np.float32) * 0.1
   results = {}
   for precision in ("float32", "bfloat16"):
-    state = step_lib.init_group_state(jnp.asarray(table), jnp.zeros((rows,), jnp.float32),
-                                      np.zeros((3, dim), np.float32), 0.1)
+    state = state_lib.init_step_state(jnp.asarray(table), jnp.zeros((rows,), jnp.float32),
+                                     np.zeros((3, dim), np.float32), 0.1)
     fn = step_lib.make_train_steps("translation", "dot", "logistic", 0.1, 0.1, 0.1, uniform,
                                    matmul_precision=precision)
     state, loss, edges = fn(state, batch, jax.random.key(0))
-    assert state.table.dtype == jnp.float32 and state.row_state.acc.dtype == jnp.float32
+    assert state.home.table.dtype == jnp.float32 and state.home.acc.dtype == jnp.float32
     assert state.rel_params.dtype == jnp.float32
-    results[precision] = (np.asarray(state.table), float(loss) / float(edges))
+    results[precision] = (np.asarray(state.home.table), float(loss) / float(edges))
   # Mean absolute movement: a few rows whose summed gradient nearly cancels
   # get a large relative error, which Adagrad's normalisation carries into
   # the update, so compare means, not maxima.
