@@ -66,7 +66,6 @@ import os
 import socket
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
