@@ -254,6 +254,17 @@ def test_other_methods_get_a_json_405(server, method):
     connection.close()
 
 
+def test_body_is_json_whatever_its_content_type(server):
+  """`curl -d` sends application/x-www-form-urlencoded: the body is still read
+  as JSON, as by the first server (FastAPI alone would refuse it)."""
+  name = server.service.snapshot.retriever.names("user")[0]
+  body = json.dumps({"entity_type": "user", "names": [name]}).encode()
+  for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, answer = call(server, "POST", "/embedding", raw=body, headers=headers)
+    assert status == 200 and answer["embeddings"][0]["name"] == name, answer
+
+
 def test_missing_content_length_is_refused(server):
   connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
   connection.putrequest("POST", "/embedding")
@@ -357,12 +368,30 @@ def test_load_test_tool(server, run_dir):
   assert set(summary["routes"]) <= {"neighbors", "neighbors_exact", "score", "embedding"}
 
 
+def test_reload_frees_the_old_snapshot(server):
+  """After a reload, nothing keeps the previous snapshot (its retriever,
+  tables and searchers) alive: memory stays flat over many reloads."""
+  import gc
+  import weakref
+  service = server.service
+  olds = []
+  for _ in range(2):
+    olds.append(weakref.ref(service.snapshot))
+    status, answer = call(server, "POST", "/reload", {"force": True})
+    assert status == 200 and answer["reloaded"] is True, answer
+    assert call(server, "GET", "/health")[0] == 200
+  gc.collect()
+  assert all(old() is None for old in olds)
+  assert service.snapshot is not None
+
+
 def test_reload_swaps_versions_under_load(server, run_dir):
   """Train one more epoch into the run while two threads keep querying;
   POST /reload switches to the new checkpoint, then the --watch poller to the
   next one, with zero failed requests. Runs last (it changes the run)."""
   service = server.service
   before = service.snapshot
+  reloads_before = service.reloads
   assert call(server, "POST", "/reload", {})[1]["reloaded"] is False  # nothing new
   names = before.retriever.names("user")
   stop = threading.Event()
@@ -406,7 +435,7 @@ def test_reload_swaps_versions_under_load(server, run_dir):
   config.train.epochs += 1
   train_lib.train(config, run_dir, progress=False).close()
   deadline = time.time() + 60
-  while service.reloads < 2 and time.time() < deadline:
+  while service.reloads < reloads_before + 2 and time.time() < deadline:
     time.sleep(0.1)
   time.sleep(0.3)
   stop.set()
@@ -416,7 +445,7 @@ def test_reload_swaps_versions_under_load(server, run_dir):
   assert served_during > 0 and outcomes["ok"] > served_during
   status, health = call(server, "GET", "/health")
   assert health["checkpoint"]["hash"] == retrieval.checkpoint_identity(run_dir)["hash"]
-  assert health["reloads"] == 2 and health["last_reload_error"] is None
+  assert health["reloads"] == reloads_before + 2 and health["last_reload_error"] is None
   # The new snapshot answers with the new tables; the mixture is now stale.
   fresh = retrieval.Retriever.open(run_dir, exact_below=500, progress=False)
   user = names[0]

@@ -66,7 +66,6 @@ import os
 import socket
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
@@ -524,7 +523,9 @@ class _BodyRules:
 
 
 def make_app(service: Service, max_body: int = MAX_BODY, inline: bool = True):
-  """The FastAPI application over ``service``."""
+  """The FastAPI application over ``service`` (wrapped in the body rules).
+  ``inline=False`` runs every route in the thread pool instead of on the
+  event loop (slower here; kept for routes that may block)."""
   import fastapi
   import fastapi_offline
   from fastapi.exceptions import RequestValidationError
@@ -654,7 +655,7 @@ def make_app(service: Service, max_body: int = MAX_BODY, inline: bool = True):
 # HTTP (uvicorn).
 
 
-def _timed_protocol(request_timeout: float, max_header_bytes: int):
+def _timed_protocol(request_timeout: float, max_header_bytes: int, count=lambda error: None):
   """uvicorn's httptools protocol with a deadline on receiving each request.
 
   uvicorn times out only idle keep-alive connections between requests
@@ -663,7 +664,8 @@ def _timed_protocol(request_timeout: float, max_header_bytes: int):
   deadline is armed when the connection opens and when a request begins,
   and cleared when the request has arrived in full; when it fires before
   any answer has started, the client gets a 408 and the connection is
-  closed. Headers are limited to ``max_header_bytes`` (431)."""
+  closed. Headers are limited to ``max_header_bytes`` (431). ``count(True)``
+  records each such refusal (the app never sees these requests)."""
   from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
   class TimedHttpToolsProtocol(HttpToolsProtocol):
@@ -730,9 +732,7 @@ def _timed_protocol(request_timeout: float, max_header_bytes: int):
                            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                            % (status, reason, len(payload), payload))
       self.transport.close()
-      self.service_count(True)
-
-    service_count = staticmethod(lambda error: None)  # replaced by HttpServer
+      count(True)
 
   return TimedHttpToolsProtocol
 
@@ -757,8 +757,7 @@ class HttpServer:
     import uvicorn
     self.service = service
     self.app = make_app(service, max_body)
-    protocol = _timed_protocol(float(request_timeout), int(max_header_bytes))
-    protocol.service_count = staticmethod(service.count)
+    protocol = _timed_protocol(float(request_timeout), int(max_header_bytes), service.count)
     self.thread_pool = thread_pool
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     self.servers = [uvicorn.Server(uvicorn.Config(
