@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from twhin_jax import rundir
 from twhin_jax.model import COMPARATORS, RelationLayout
 
 FORMATS = ("parquet", "npy")
@@ -194,13 +195,8 @@ def read_relations(export_dir: str) -> dict:
   """relations.json of an export, with "forward" and "reverse" parameter arrays
   per relation read from the .npz files."""
   path = os.path.join(export_dir, "relations.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not a twhin export (no relations.json)")
-  with open(path) as f:
-    document = json.load(f)
-  if document.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: export format {document.get('format_version')}, "
-                     f"this code reads {FORMAT_VERSION}")
+  document = rundir.read_versioned_json(path, FORMAT_VERSION, "export",
+                                        f"{path}: not a twhin export (no relations.json)")
   with np.load(os.path.join(export_dir, "relations.npz")) as forward, \
       np.load(os.path.join(export_dir, "relations_reverse.npz")) as reverse:
     for rel in document["relations"]:

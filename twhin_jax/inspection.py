@@ -88,14 +88,7 @@ def checkpoint_arrays(ckpt_dir: str) -> list[dict]:
   """
   # orbax imports jax: only this listing and diffs need it.
   import jax
-  import orbax.checkpoint as ocp
-  rundir._quiet_absl()
-  state_dir = os.path.join(ckpt_dir, "state")
-  if not os.path.isdir(state_dir):
-    raise FileNotFoundError(f"{ckpt_dir}: no Orbax 'state' item")
-  metadata = ocp.StandardCheckpointer().metadata(state_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
+  _, tree = rundir.state_metadata(ckpt_dir)
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     shape = tuple(int(s) for s in leaf.shape)

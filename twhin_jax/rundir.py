@@ -102,17 +102,27 @@ def checkpoint_dir(workdir: str, step: int | None = None) -> str:
   return os.path.join(checkpoint_root(workdir), str(step))
 
 
+def read_versioned_json(path: str, version: int, what: str, missing: str) -> dict:
+  """A JSON document with a "format_version" this code reads; errors name the path.
+
+  ``what`` names the format in the version error ("checkpoint", "export");
+  ``missing`` is the message when the file is absent.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(missing)
+  with open(path) as f:
+    document = json.load(f)
+  if document.get("format_version") != version:
+    raise ValueError(f"{path}: {what} format {document.get('format_version')}, "
+                     f"this code reads {version}")
+  return document
+
+
 def read_meta(ckpt_dir: str) -> dict:
   """The meta JSON of one checkpoint directory, without building any model."""
-  path = os.path.join(ckpt_dir, "meta", "metadata")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{ckpt_dir}: not a complete twhin checkpoint (no meta)")
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-    raise ValueError(f"{ckpt_dir}: checkpoint format {meta.get('format_version')}, "
-                     f"this code reads {CHECKPOINT_FORMAT_VERSION}")
-  return meta
+  return read_versioned_json(os.path.join(ckpt_dir, "meta", "metadata"),
+                             CHECKPOINT_FORMAT_VERSION, "checkpoint",
+                             f"{ckpt_dir}: not a complete twhin checkpoint (no meta)")
 
 
 def load_config(workdir: str):
@@ -142,6 +152,18 @@ def _quiet_absl():
   logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+def state_metadata(ckpt_dir: str):
+  """(state directory, metadata tree) of a checkpoint's Orbax "state" item."""
+  import orbax.checkpoint as ocp  # imports jax: only readers of the state need it
+  _quiet_absl()
+  state_dir = os.path.join(ckpt_dir, "state")
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f"{ckpt_dir}: no Orbax 'state' item")
+  metadata = ocp.StandardCheckpointer().metadata(state_dir)
+  tree = getattr(metadata, "item_metadata", metadata)
+  return state_dir, getattr(tree, "tree", tree)
+
+
 def restore_state(ckpt_dir: str) -> dict:
   """The Orbax ``state`` item as a nested dict of host numpy arrays.
 
@@ -151,13 +173,7 @@ def restore_state(ckpt_dir: str) -> dict:
   # orbax imports jax; only reading relation state needs it (see module doc).
   import jax
   import orbax.checkpoint as ocp
-  _quiet_absl()
-  state_dir = os.path.join(ckpt_dir, "state")
-  if not os.path.isdir(state_dir):
-    raise FileNotFoundError(f"{ckpt_dir}: no Orbax 'state' item")
-  metadata = ocp.StandardCheckpointer().metadata(state_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
+  state_dir, tree = state_metadata(ckpt_dir)
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   restored = ocp.PyTreeCheckpointer().restore(state_dir, restore_args=restore_args)
   return jax.tree_util.tree_map(np.asarray, restored)
