@@ -131,14 +131,24 @@ def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: 
   # only train edges contribute names.
   step("vocabulary")
   train_only = "WHERE split = 0" if drop_unseen else ""
+  # Ranked by an out-of-core sort, not a window function (DuckDB's window
+  # operator ran out of memory on 7M names under a 1 GB limit): inserted in
+  # sorted order, a row's rowid minus its type's first rowid is its rank.
+  con.execute("SET preserve_insertion_order = true")
   con.execute(f"""
-    CREATE TABLE vocab AS
-    SELECT n.type, n.name,
-           (row_number() OVER (PARTITION BY n.type ORDER BY md5(t.prefix || n.name), n.name)
-            - 1)::BIGINT AS id
+    CREATE TABLE ranked AS
+    SELECT n.type, n.name
     FROM (SELECT stype AS type, src AS name FROM kept {train_only}
           UNION SELECT dtype, dst FROM kept {train_only}) n
-    JOIN types t ON t.type = n.type""")
+    JOIN types t ON t.type = n.type
+    ORDER BY n.type, md5(t.prefix || n.name), n.name""")
+  con.execute("SET preserve_insertion_order = false")
+  con.execute("""
+    CREATE TABLE vocab AS
+    SELECT r.type, r.name, (r.rowid - f.first)::BIGINT AS id
+    FROM ranked r JOIN (SELECT type, min(rowid) AS first FROM ranked GROUP BY type) f
+    ON f.type = r.type""")
+  con.execute("DROP TABLE ranked")
   counts = [0] * len(types)
   for t, n in con.execute("SELECT type, count(*) FROM vocab GROUP BY type").fetchall():
     counts[int(t)] = int(n)

@@ -25,6 +25,7 @@ practice (1B names: about 15k row groups).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterable, Iterator, Sequence
@@ -36,6 +37,9 @@ import pyarrow.parquet as pq
 
 #: Rows per Parquet row group: the unit a lookup reads.
 ROW_GROUP_ROWS = 1 << 16
+#: Row groups kept decoded per file between lookups (a few MB), so that
+#: one-name lookups in a loop do not re-read the same group.
+CACHED_ROW_GROUPS = 8
 FIRST_NAMES_KEY = b"row_group_first_names"
 
 BY_ID_SCHEMA = pa.schema([("name", pa.string())])
@@ -139,6 +143,10 @@ class Vocabulary:
     if first is None:
       raise ValueError(f"{self._by_name_path}: no row group index in its metadata")
     self._first_names = np.array(json.loads(first), dtype=object)
+    self._read_by_id = functools.lru_cache(CACHED_ROW_GROUPS)(
+        lambda g: self._by_id.read_row_group(g, columns=["name"]).column("name"))
+    self._read_by_name = functools.lru_cache(CACHED_ROW_GROUPS)(
+        lambda g: self._by_name.read_row_group(g, columns=["name", "id"]))
 
   def __len__(self) -> int:
     return int(self._id_starts[-1])
@@ -158,7 +166,7 @@ class Vocabulary:
     groups = np.searchsorted(self._id_starts, ids, side="right") - 1
     for g in np.unique(groups):
       mask = groups == g
-      column = self._by_id.read_row_group(int(g), columns=["name"]).column("name")
+      column = self._read_by_id(int(g))
       out[mask] = column.take(pa.array(ids[mask] - self._id_starts[g])).to_numpy(
           zero_copy_only=False)
     return out.tolist()
@@ -178,7 +186,7 @@ class Vocabulary:
         if g < 0:
           continue  # before the first name: unknown
         rows = np.flatnonzero(groups == g)
-        table = self._by_name.read_row_group(int(g), columns=["name", "id"])
+        table = self._read_by_name(int(g))
         position = pc.fill_null(
             pc.index_in(names.take(pa.array(rows)), value_set=table.column("name")), -1)
         position = position.to_numpy().astype(np.int64)
