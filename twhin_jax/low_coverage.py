@@ -244,6 +244,9 @@ def run(dataset: Dataset, *, seeds: Sequence[int] = (0, 1, 2), settings: Setting
     config = shipped_configs.load(dataset.config)
   edges = load_relation_edges(config, dataset.relation)
   all_users = sorted({u for u, _ in edges})
+  # The split files' paths are part of each run's config: a canonical path lets
+  # a run reached through a link (another report's runs dir) resume.
+  workdir = os.path.realpath(workdir)
   os.makedirs(workdir, exist_ok=True)
 
   def prepare(seed):
