@@ -115,13 +115,16 @@ def fold_in(retriever, entity_type: str, edges_per_entity: Sequence[Sequence[tup
   tables = {t: jnp.asarray(np.asarray(retriever.table(t), np.float32)) for t in types}
   k = settings.num_negatives
 
-  def group_loss(x_table, g: _Group, key):
-    x = x_table[g.new_rows]  # [E, d]
-    other = tables[g.other_type][g.other_rows]  # [E, d]
+  def group_loss(x_table, g: _Group, arrays, tables, key):
+    # Arrays are jit arguments, not closure constants: XLA would constant-fold
+    # gathers from whole captured tables (minutes on Last.fm).
+    new_rows, other_rows, param, reverse = arrays
+    x = x_table[new_rows]  # [E, d]
+    other = tables[g.other_type][other_rows]  # [E, d]
     sources, targets = (x, other) if g.out else (other, x)
     source_type, target_type = (entity_type, g.other_type) if g.out else (g.other_type,
                                                                           entity_type)
-    weight = jnp.ones(len(g.new_rows), jnp.float32)
+    weight = jnp.ones(new_rows.shape[0], jnp.float32)
     total = 0.0
     # Tail query: op(s) against the true target and uniform targets; head
     # query: the true source against uniform sources (eq. 1' when reciprocal).
@@ -131,23 +134,22 @@ def fold_in(retriever, entity_type: str, edges_per_entity: Sequence[Sequence[tup
       neg_ids = jax.random.randint(jax.random.fold_in(key, side_key), (k,), 0, n)  # [K]
       negatives = tables[cand_type][neg_ids]  # [K, d]
       if side == "tail":
-        query = model.apply_operator(g.operator, jnp.asarray(g.param), sources)  # [E, d]
+        query = model.apply_operator(g.operator, param, sources)  # [E, d]
         pos = model.compare_pairs(comparator, query, targets)  # [E]
         neg = model.compare_all(comparator, query, negatives)  # [E, K]
       elif settings.reciprocal:
-        query = model.apply_operator(g.operator, jnp.asarray(g.reverse), targets)  # [E, d]
+        query = model.apply_operator(g.operator, reverse, targets)  # [E, d]
         pos = model.compare_pairs(comparator, query, sources)
         neg = model.compare_all(comparator, query, negatives)  # [E, K]
       else:
-        query = model.apply_operator(g.operator, jnp.asarray(g.param), sources)
+        query = model.apply_operator(g.operator, param, sources)
         pos = model.compare_pairs(comparator, query, targets)
-        corrupted = model.apply_operator(g.operator, jnp.asarray(g.param), negatives)  # [K, d]
+        corrupted = model.apply_operator(g.operator, param, negatives)  # [K, d]
         neg = model.compare_all(comparator, targets, corrupted)  # [E, K]
       # A draw of the edge's own trained end is not a negative (as in step.py).
-      positive_other = g.other_rows if (side == "tail") == g.out else None
       mask = jnp.ones(neg.shape, jnp.float32)
-      if positive_other is not None:
-        mask = (neg_ids[None, :] != jnp.asarray(positive_other)[:, None]).astype(jnp.float32)
+      if (side == "tail") == g.out:
+        mask = (neg_ids[None, :] != other_rows[:, None]).astype(jnp.float32)
       if settings.logq_correction and settings.loss == "softmax":
         neg = neg - jnp.log(k / n)  # uniform draws: q = K / N per candidate
       total = total + loss_fn(pos, neg, mask, weight, settings.margin)
@@ -157,19 +159,22 @@ def fold_in(retriever, entity_type: str, edges_per_entity: Sequence[Sequence[tup
           targets if not g.out else jnp.zeros_like(targets), weight)
     return total
 
-  def loss(x_table, key):
-    return sum(group_loss(x_table, g, jax.random.fold_in(key, i)) for i, g in enumerate(groups))
+  def loss(x_table, group_arrays, tables, key):
+    return sum(group_loss(x_table, g, arrays, tables, jax.random.fold_in(key, i))
+               for i, (g, arrays) in enumerate(zip(groups, group_arrays)))
 
-  rows_all = jnp.arange(init.shape[0], dtype=jnp.int32)
+  group_arrays = [tuple(jnp.asarray(a) for a in (g.new_rows, g.other_rows, g.param, g.reverse))
+                  for g in groups]
 
   @jax.jit
-  def step(x_table, state, key):
-    grads = jax.grad(loss)(x_table, key)  # [U, d]; rows without edges get 0
+  def step(x_table, state, key, group_arrays, tables):
+    grads = jax.grad(loss)(x_table, group_arrays, tables, key)  # [U, d]; rows without edges: 0
+    rows_all = jnp.arange(x_table.shape[0], dtype=jnp.int32)
     return optim.row_adagrad_update(x_table, state, rows_all, grads, settings.lr)
 
   x_table = jnp.asarray(np.asarray(init, np.float32))
   state = optim.RowAdagradState(acc=jnp.zeros(init.shape[0], jnp.float32))
   key = jax.random.key(settings.seed)
   for t in range(settings.steps):
-    x_table, state = step(x_table, state, jax.random.fold_in(key, t))
+    x_table, state = step(x_table, state, jax.random.fold_in(key, t), group_arrays, tables)
   return np.asarray(x_table)

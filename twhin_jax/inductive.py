@@ -186,7 +186,12 @@ def _rank_metrics(retriever, user_vectors: dict[str, np.ndarray], known: dict, h
     table = np.asarray(retriever.table(rel.target), np.float32)
     scores = np.array(compare_all(retriever.comparator, jnp.asarray(batch.vectors),
                                     jnp.asarray(table)))[0]  # [N]: f(u, r, every target)
-    known_rows = [retriever.lookup(rel.target, t) for t in known.get((user, relation), ())]
+    known_rows = []
+    for t in known.get((user, relation), ()):
+      try:  # a known target the model never saw is not a candidate: nothing to filter
+        known_rows.append(retriever.lookup(rel.target, t))
+      except KeyError:
+        pass
     scores[known_rows] = -np.inf  # filtered
     true_rows = np.array([retriever.lookup(rel.target, t) for t in targets])
     top = np.argsort(-scores, kind="stable")[:k]
