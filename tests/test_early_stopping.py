@@ -125,5 +125,6 @@ def test_config_stored_before_the_new_fields_still_opens():
   del stored["model"]["regularizer"]
   config = config_lib.from_json_dict(stored)
   config_lib.validate(config)
-  assert config.model.regularizer == "l2" and config.train.early_stop_patience == 3
+  assert config.model.regularizer == "l2"
+  assert config.train.early_stop_patience == config_lib.base_config().train.early_stop_patience
   assert config.relations == demo_config.get_config("test").relations

@@ -31,7 +31,7 @@ KINDS = ("kg", "social", "user_item")
 #: complex coordinates).
 DIM = 200
 MAX_EPOCHS = 100
-PATIENCE = 3
+PATIENCE = 10  # as config.base_config(); see its comment
 
 
 def _common(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
