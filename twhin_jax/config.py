@@ -127,9 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_scale = 1e-3  # entity rows ~ N(0, init_scale^2)
   # Reverse-direction relation parameters for source corruption (see model.py).
   c.model.reciprocal = False
-  # lambda of a penalty on the entity rows (and relation parameters) of each
-  # step's positive edges (regularizers.py): "l2" squared norms of the rows,
-  # "n3" cubed moduli of rows and relation parameters (Lacroix et al. 2018).
+  # lambda of a penalty on the entity rows of each step's positive edges
+  # (regularizers.py): "l2" squared norms, "n3" cubed (complex) moduli
+  # (Lacroix et al. 2018).
   c.model.regularization = 0.0
   c.model.regularizer = "l2"
   # Chunk score matmuls (model.compare_all's precision): "float32", "tf32" (NVIDIA GPU),

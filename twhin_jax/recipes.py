@@ -12,14 +12,15 @@ Kinds:
              e.g. Last.fm, Ciao, Flickr.
   user_item  a recommendation graph (users -> items), e.g. a ratings file.
 
-Every recipe: dot comparator, reciprocal relation parameters (each direction
-of a relation has its own operator parameters, model.py eq. 1'), softmax
-loss over C batch + U uniform negatives with the log-q correction (so the
-sampled softmax estimates the full softmax over all entities: 1-vs-all
-scoring without its cost), chunks mixing relations, N3 regularisation of the
-rows and relation parameters each step touches (regularizers.py), and
-training until validation MRR has not improved for ``PATIENCE`` evaluations
-(``MAX_EPOCHS`` is only a cap); the run ends on its best epoch.
+Every recipe: dimension DIM, dot comparator, reciprocal relation parameters
+(each direction of a relation has its own operator parameters, model.py
+eq. 1'), softmax loss over C batch + U uniform negatives with the log-q
+correction (so the sampled softmax estimates the full softmax over all
+entities: 1-vs-all scoring without its cost), and training until validation
+MRR has not improved for ``PATIENCE`` evaluations (``MAX_EPOCHS`` is only a
+cap); the run ends on its best epoch. The KG recipe adds mixed-relation
+chunks and N3 on the entity rows each step touches (regularizers.py).
+Measured figures: docs/recipes.md.
 """
 
 from __future__ import annotations
