@@ -723,3 +723,20 @@ def test_host_slices_cover_every_bucket_once(tmp_path):
           np.testing.assert_array_equal(part[key], whole[key][piece.rows])
   with pytest.raises(ValueError, match="process_index"):
     graph.host_slices(2, 2)
+
+
+def test_ids_follow_the_seeded_md5_order(tmp_path):
+  """Eq. (1) of import_duckdb.py, recomputed with hashlib: the id order is
+  the md5 order of "<seed>\\x1f<type>\\x1f<name>" (what both engines use)."""
+  lines = [f"u{i}\tt{(i * 7) % 301}" for i in range(3000)]
+  path = write_text(tmp_path / "e.tsv", lines)
+  config = make_config([config_lib.file_spec(path, source=0, target=1, relation=None,
+                                             relation_name="wrote")],
+                       entities={"user": 3, "tweet": 2}, relations=[("wrote", "user", "tweet")],
+                       seed=11)
+  graph = import_graph(config, str(tmp_path / "g"), progress=False)
+  for entity_type, names in (("user", {f"u{i}" for i in range(3000)}),
+                             ("tweet", {f"t{(i * 7) % 301}" for i in range(3000)})):
+    expected = sorted(names, key=lambda n: (
+        hashlib.md5(f"11\x1f{entity_type}\x1f{n}".encode()).hexdigest(), n.encode()))
+    assert graph.names(entity_type) == expected

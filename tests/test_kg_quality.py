@@ -33,7 +33,7 @@ def test_kinship_mrr_far_above_random(tmp_path):
 
 
 def test_kg_recipe_stops_on_validation_and_beats_the_tuned_config(tmp_path):
-  """The untuned KG recipe (recipes.kg: N3, 25 + 1000 negatives, early
+  """The untuned KG recipe (recipes.KG: N3, 25 + 1000 negatives, early
   stopping) on Kinship: it must stop by itself, end on its best epoch, and
   rank better than the per-dataset config above. Measured: test MRR 0.806,
   stopped after 30 epochs (best 26)."""

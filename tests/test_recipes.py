@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-from twhin_jax import cli
 from twhin_jax import config as config_lib
 from twhin_jax import recipes
 
@@ -34,7 +33,7 @@ def test_every_recipe_stops_on_validation_with_one_dimension(kind):
 @pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal", "linear"])
 def test_fb15k237_operator_variants_share_the_kg_recipe(operator):
   """Every operator variant is the KG recipe with only the operator changed."""
-  config = cli.load_config(os.path.join(REPO, "configs", f"fb15k237.py:{operator}"), [])
+  config = config_lib.load_config(os.path.join(REPO, "configs", f"fb15k237.py:{operator}"), [])
   config_lib.validate(config)
   assert {r["operator"] for r in config.relations} == {operator}
   reference = recipes.apply(config_lib.from_json_dict(config_lib.to_json_dict(config)), "kg")
@@ -44,6 +43,6 @@ def test_fb15k237_operator_variants_share_the_kg_recipe(operator):
 
 @needs_fb
 def test_fb15k237_default_is_the_measured_twhin_run():
-  config = cli.load_config(os.path.join(REPO, "configs", "fb15k237.py"), [])
+  config = config_lib.load_config(os.path.join(REPO, "configs", "fb15k237.py"), [])
   assert config.train.epochs == 10 and config.train.early_stop_patience == 0
   assert {r["operator"] for r in config.relations} == {"translation"}

@@ -35,66 +35,67 @@ MAX_EPOCHS = 100
 PATIENCE = 10  # as config.base_config(); see its comment
 
 
-def _common(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  config.model.dim = DIM
-  config.model.comparator = "dot"
-  config.model.reciprocal = True
-  config.train.loss = "softmax"
-  config.negatives.logq_correction = True
-  config.negatives.mix_relations = True
-  config.train.epochs = MAX_EPOCHS
-  config.train.eval_every_epochs = 1
-  config.train.early_stop_metric = "mrr"
-  config.train.early_stop_patience = PATIENCE
-  return config
+#: Settings every recipe shares (dotted config fields).
+COMMON = {
+    "model.dim": DIM,
+    "model.comparator": "dot",
+    "model.reciprocal": True,
+    "train.loss": "softmax",
+    "negatives.logq_correction": True,
+    "negatives.mix_relations": True,
+    "train.epochs": MAX_EPOCHS,
+    "train.eval_every_epochs": 1,
+    "train.early_stop_metric": "mrr",
+    "train.early_stop_patience": PATIENCE,
+    "train.batch_size": 1000,
+    "eval.max_triples": 3000,  # per-epoch validation on a seeded subsample
+}
+
+#: Knowledge graphs: many uniform negatives (a KG's entity set is small enough
+#: that 1000 uniform draws cover a good share of it), N3 weight 0.05.
+KG = {
+    "train.lr": 0.1,
+    "train.relation_lr": 0.1,
+    "model.regularizer": "n3",
+    "model.regularization": 0.05,
+    "negatives.chunk_size": 25,
+    "negatives.num_uniform": 1000,
+}
+
+#: Heterogeneous social graphs (users, follows, items): PyTorch-BigGraph's
+#: chunking (50 batch + 50 uniform negatives per chunk), which scales to types
+#: with millions of rows, single-relation chunks, row Adagrad lr 0.05, no
+#: regulariser (the settings the social-graph results in the docs were
+#: measured with), and the same stopping rule as every recipe.
+SOCIAL = {
+    "negatives.mix_relations": False,
+    "negatives.chunk_size": 50,
+    "negatives.num_uniform": 50,
+    "train.lr": 0.05,
+    "train.relation_lr": 0.1,
+    "model.regularization": 0.0,
+}
+
+#: User-item graphs (a ratings or adjacency-list file, users -> items): the
+#: social recipe; its negatives and learning rate are the ones a graph with a
+#: long-tailed item type needs, and a separate set of numbers would be one
+#: more thing nobody tuned.
+RECIPES = {"kg": KG, "social": SOCIAL, "user_item": SOCIAL}
 
 
-def kg(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Knowledge graphs: many uniform negatives (a KG's entity set is small
-  enough that 1000 uniform draws cover a good share of it), N3 weight 0.05."""
-  _common(config)
-  config.train.lr = 0.1
-  config.train.relation_lr = 0.1
-  config.model.regularizer = "n3"
-  config.model.regularization = 0.05
-  config.negatives.chunk_size = 25
-  config.negatives.num_uniform = 1000
-  config.train.batch_size = 1000
-  config.eval.max_triples = 3000  # per-epoch validation on a seeded subsample
-  return config
-
-
-def social(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Heterogeneous social graphs (users, follows, items): PyTorch-BigGraph's
-  chunking (50 batch + 50 uniform negatives per chunk), which scales to
-  types with millions of rows, single-relation chunks, row Adagrad lr 0.05,
-  no regulariser (the settings the social-graph results in the docs were
-  measured with), and the same stopping rule as every recipe."""
-  _common(config)
-  config.negatives.mix_relations = False
-  config.negatives.chunk_size = 50
-  config.negatives.num_uniform = 50
-  config.train.batch_size = 1000
-  config.train.lr = 0.05
-  config.train.relation_lr = 0.1
-  config.model.regularization = 0.0
-  config.eval.max_triples = 3000  # per-epoch validation on a seeded subsample
-  return config
-
-
-def user_item(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """User-item graphs (a ratings or adjacency-list file, users -> items): the
-  social recipe; its negatives and learning rate are the ones a graph with a
-  long-tailed item type needs, and a separate set of numbers would be one
-  more thing nobody tuned."""
-  return social(config)
-
-
-RECIPES = {"kg": kg, "social": social, "user_item": user_item}
+def settings(kind: str) -> dict:
+  """Every dotted field a recipe sets, with its value."""
+  if kind not in RECIPES:
+    raise ValueError(f"unknown kind of graph {kind!r}; choose from {KINDS}")
+  return {**COMMON, **RECIPES[kind]}
 
 
 def apply(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
   """Applies the recipe of a kind of graph to a config (in place; returned)."""
-  if kind not in RECIPES:
-    raise ValueError(f"unknown kind of graph {kind!r}; choose from {KINDS}")
-  return RECIPES[kind](config)
+  for dotted, value in settings(kind).items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
