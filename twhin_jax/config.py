@@ -445,6 +445,20 @@ def config_hash(config) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def for_external_evaluation(config) -> ml_collections.ConfigDict:
+  """A config whose run is scored outside it (the who-to-follow and
+  low-coverage experiments): no valid/test split of its own, only the entity
+  types its relations use, checkpoints at epoch ends only. In place; returned."""
+  used = {t for r in config.relations for t in (r["source"], r["target"])}
+  for name in list(config.entities.keys()):
+    if name not in used:
+      del config.entities[name]
+  config.data.valid_fraction = 0.0
+  config.data.test_fraction = 0.0
+  config.train.checkpoint_every_buckets = 0
+  return config
+
+
 def from_json_dict(data: dict) -> ml_collections.ConfigDict:
   """A stored config, with fields added since it was written at their
   base_config() defaults (a run saved before train.early_stop_* existed

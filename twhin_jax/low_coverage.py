@@ -45,6 +45,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from twhin_jax import config as config_lib
+
 SETUPS = ("alone", "co_embedded")
 
 
@@ -174,23 +176,16 @@ def setup_config(config, dataset: Dataset, setup: str, files: dict[str, str], *,
     spec.pop("weight", None)
     specs.append(spec)
   config.data.files = specs
-  used = {t for r in config.relations for t in (r["source"], r["target"])}
-  for name in list(config.entities.keys()):
-    if name not in used:
-      del config.entities[name]
-  config.data.valid_fraction = 0.0
-  config.data.test_fraction = 0.0
+  config_lib.for_external_evaluation(config)
   config.model.dim = int(dim)
   config.train.epochs = int(epochs)
   config.train.seed = int(seed)
   config.train.eval_every_epochs = int(eval_every)
-  config.train.checkpoint_every_buckets = 0
   return config
 
 
 def load_relation_edges(config, relation: str):
   """Distinct (source, target) names of a relation's train files."""
-  from twhin_jax import config as config_lib
   from twhin_jax import who_to_follow
   edges = []
   for spec in config.data.files:
@@ -238,7 +233,6 @@ def run(dataset: Dataset, *, seeds: Sequence[int] = (0, 1, 2), settings: Setting
   from twhin_jax import train as train_lib
   from twhin_jax import who_to_follow
   if os.path.exists(dataset.config.partition(":")[0]):
-    from twhin_jax import config as config_lib
     config = config_lib.load_config(dataset.config)
   else:
     config = shipped_configs.load(dataset.config)

@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from twhin_jax import config as config_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -344,19 +346,13 @@ def network_config(config, follow: str, train_path: str, *, keep: Sequence[str] 
       continue
     files.append(spec)
   config.data.files = files
-  used = {t for r in config.relations for t in (r["source"], r["target"])}
-  for name in list(config.entities.keys()):
-    if name not in used:
-      del config.entities[name]
-  config.data.valid_fraction = 0.0
-  config.data.test_fraction = 0.0
+  config_lib.for_external_evaluation(config)
   config.train.epochs = int(epochs)
   config.train.seed = int(seed)
   config.model.dim = int(dim)
   if lr is not None:
     config.train.lr = float(lr)
   config.train.eval_every_epochs = 0
-  config.train.checkpoint_every_buckets = 0
   return config
 
 
@@ -464,10 +460,8 @@ def evaluate_twhin(split: Split, stage: str, dataset: Dataset, config, workdir: 
 
 def load_follow_pairs(dataset: Dataset, overrides=()):
   """(config, directed follow pairs) of a dataset."""
-  from twhin_jax import config as config_lib
   from twhin_jax import shipped_configs
   if os.path.exists(dataset.config.partition(":")[0]):
-    from twhin_jax import config as config_lib
     config = config_lib.load_config(dataset.config, list(overrides))
   else:
     config = shipped_configs.load(dataset.config, overrides)
