@@ -445,10 +445,16 @@ def config_hash(config) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def for_external_evaluation(config) -> ml_collections.ConfigDict:
+def for_external_evaluation(config, *, dim: int, epochs: int, seed: int,
+                            eval_every: int = 0) -> ml_collections.ConfigDict:
   """A config whose run is scored outside it (the who-to-follow and
   low-coverage experiments): no valid/test split of its own, only the entity
-  types its relations use, checkpoints at epoch ends only. In place; returned."""
+  types its relations use, checkpoints at epoch ends only, and the given
+  dimension, epochs, seed and validation period. In place; returned."""
+  config.model.dim = int(dim)
+  config.train.epochs = int(epochs)
+  config.train.seed = int(seed)
+  config.train.eval_every_epochs = int(eval_every)
   used = {t for r in config.relations for t in (r["source"], r["target"])}
   for name in list(config.entities.keys()):
     if name not in used:

@@ -176,12 +176,8 @@ def setup_config(config, dataset: Dataset, setup: str, files: dict[str, str], *,
     spec.pop("weight", None)
     specs.append(spec)
   config.data.files = specs
-  config_lib.for_external_evaluation(config)
-  config.model.dim = int(dim)
-  config.train.epochs = int(epochs)
-  config.train.seed = int(seed)
-  config.train.eval_every_epochs = int(eval_every)
-  return config
+  return config_lib.for_external_evaluation(config, dim=dim, epochs=epochs, seed=seed,
+                                            eval_every=eval_every)
 
 
 def load_relation_edges(config, relation: str):

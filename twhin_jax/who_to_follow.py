@@ -346,13 +346,9 @@ def network_config(config, follow: str, train_path: str, *, keep: Sequence[str] 
       continue
     files.append(spec)
   config.data.files = files
-  config_lib.for_external_evaluation(config)
-  config.train.epochs = int(epochs)
-  config.train.seed = int(seed)
-  config.model.dim = int(dim)
+  config_lib.for_external_evaluation(config, dim=dim, epochs=epochs, seed=seed)
   if lr is not None:
     config.train.lr = float(lr)
-  config.train.eval_every_epochs = 0
   return config
 
 
