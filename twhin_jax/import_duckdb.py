@@ -134,14 +134,16 @@ def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: 
   # Ranked by an out-of-core sort, not a window function (DuckDB's window
   # operator ran out of memory on 7M names under a 1 GB limit): inserted in
   # sorted order, a row's rowid minus its type's first rowid is its rank.
-  con.execute("SET preserve_insertion_order = true")
   con.execute(f"""
+    CREATE TABLE distinct_names AS
+    SELECT stype AS type, src AS name FROM kept {train_only}
+    UNION SELECT dtype, dst FROM kept {train_only}""")
+  con.execute("SET preserve_insertion_order = true")
+  con.execute("""
     CREATE TABLE ranked AS
-    SELECT n.type, n.name
-    FROM (SELECT stype AS type, src AS name FROM kept {train_only}
-          UNION SELECT dtype, dst FROM kept {train_only}) n
-    JOIN types t ON t.type = n.type
+    SELECT n.type, n.name FROM distinct_names n JOIN types t ON t.type = n.type
     ORDER BY n.type, md5(t.prefix || n.name), n.name""")
+  con.execute("DROP TABLE distinct_names")
   con.execute("SET preserve_insertion_order = false")
   con.execute("""
     CREATE TABLE vocab AS
@@ -157,12 +159,18 @@ def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: 
   # name outside the train vocabulary fall out here.
   step("ids")
   weight = ", e.weight" if weighted else ""
+  # One join per statement: two hash joins in one pipeline did not spill
+  # (out of memory on 3.5M names under a 100 MB limit); one at a time do.
+  con.execute(f"""
+    CREATE TABLE half AS
+    SELECT e.pos, e.split, e.rel, e.stype, e.dtype, e.dst, s.id AS src_id{weight}
+    FROM kept e JOIN vocab s ON s.type = e.stype AND s.name = e.src""")
+  weight = ", h.weight" if weighted else ""
   con.execute(f"""
     CREATE TABLE edges AS
-    SELECT e.pos, e.split, e.rel, e.stype, e.dtype, s.id AS src_id, d.id AS dst_id{weight}
-    FROM kept e
-    JOIN vocab s ON s.type = e.stype AND s.name = e.src
-    JOIN vocab d ON d.type = e.dtype AND d.name = e.dst""")
+    SELECT h.pos, h.split, h.rel, h.stype, h.dtype, h.src_id, d.id AS dst_id{weight}
+    FROM half h JOIN vocab d ON d.type = h.dtype AND d.name = h.dst""")
+  con.execute("DROP TABLE half")
 
   step("vocabulary files")
   for t, name in enumerate(types):
