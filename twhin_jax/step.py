@@ -120,8 +120,9 @@ def score_matmul(comparator: str, precision: str):
 
     float32   true fp32 products (lax.Precision.HIGHEST; on a GPU this turns
               TF32 off)
-    tf32      TF32 tensor cores, fp32 accumulation (NVIDIA GPU only; JAX's
-              default for fp32 matmuls there)
+    tf32      lax.Precision.DEFAULT on an NVIDIA GPU, which is TF32 tensor
+              cores with fp32 sums on Ampere and later: the code path fp32
+              matmuls took before this option existed
     bfloat16  u and v rounded to bf16 (8 significant bits), products summed
               in fp32 (preferred_element_type): the same numbers on every
               backend (XLA's CPU dot silently ignores a bf16 precision hint)
@@ -131,7 +132,7 @@ def score_matmul(comparator: str, precision: str):
   the gradient back to the fp32 rows, so tables and Adagrad state are fp32.
   """
   precision = resolve_matmul_precision(precision)
-  dot_precision = {"float32": jax.lax.Precision.HIGHEST, "tf32": "TF32_TF32_F32",
+  dot_precision = {"float32": jax.lax.Precision.HIGHEST, "tf32": jax.lax.Precision.DEFAULT,
                    "bfloat16": None}[precision]
 
   def compare(u, v):
