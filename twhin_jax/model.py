@@ -135,7 +135,9 @@ def _matmul(u: jax.Array, v: jax.Array, precision: str | None) -> jax.Array:
 
     None      XLA's default for the backend (evaluation, retrieval)
     float32   true fp32 products (lax.Precision.HIGHEST; on a GPU this turns TF32 off)
-    tf32      TF32 tensor cores, fp32 accumulation (NVIDIA GPU only)
+    tf32      lax.Precision.DEFAULT on an NVIDIA GPU, which is TF32 tensor cores
+              with fp32 sums on Ampere and later: the path fp32 matmuls took
+              before this option existed
     bfloat16  u and v rounded to bf16 (8 significant bits), products summed in
               fp32 (preferred_element_type): the same numbers on every backend
               (XLA's CPU dot silently ignores a bf16 precision hint)
@@ -147,7 +149,7 @@ def _matmul(u: jax.Array, v: jax.Array, precision: str | None) -> jax.Array:
     return jnp.einsum("...ad,...bd->...ab", u, v)
   if precision == "bfloat16":
     u, v = u.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-  dot_precision = {"float32": jax.lax.Precision.HIGHEST, "tf32": "TF32_TF32_F32",
+  dot_precision = {"float32": jax.lax.Precision.HIGHEST, "tf32": jax.lax.Precision.DEFAULT,
                    "bfloat16": None}[precision]
   return jnp.einsum("...ad,...bd->...ab", u, v, precision=dot_precision,
                     preferred_element_type=jnp.float32)
