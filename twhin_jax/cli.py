@@ -86,7 +86,8 @@ def cmd_import(args, overrides):
   graph = train_lib.prepare_graph(config, args.workdir, progress=not args.quiet)
   print(json.dumps({"graph": graph.path, "counts": graph.manifest["counts"],
                     "entities": {t: e.count for t, e in graph.entities.items()},
-                    "skipped": graph.manifest.get("skipped", {})}, indent=1))
+                    "skipped": graph.manifest.get("skipped", {}),
+                    "coverage": graph.manifest.get("coverage", {})}, indent=1))
 
 
 @command("train", "train (or resume) a run", CONFIG, WORKDIR, QUIET,
