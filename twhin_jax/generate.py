@@ -439,6 +439,56 @@ def zipf_ranks(u: np.ndarray, n: int, exponent: float) -> np.ndarray:
   return ranks
 
 
+def _edge_file(out_path: str, default_name: str) -> str:
+  """The absolute path of a generator's edge file (``default_name`` inside
+  ``out_path`` when that is a folder or has no extension); its folder exists."""
+  if os.path.isdir(out_path) or not os.path.splitext(out_path)[1]:
+    out_path = os.path.join(out_path, default_name)
+  out_path = os.path.abspath(out_path)
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  return out_path
+
+
+def _write_edges(out_path: str, draw_nodes, rel_rng, *, num_edges: int, chunk_edges: int,
+                 num_relations: int, relation_exponent: float, prefix: str, desc: str,
+                 progress: bool) -> np.ndarray:
+  """Streams ``num_edges`` edges to a ``src<TAB>rel<TAB>dst`` TSV in chunks of
+  ``chunk_edges``: ``draw_nodes(k)`` gives the chunk's (src, dst) node ids,
+  the relation is Zipf(relation_exponent) over r0..r{R-1} (drawn from
+  ``rel_rng``). Memory stays one chunk. Returns the edges per relation [R]."""
+  rel_p = (np.arange(1, num_relations + 1, dtype=np.float64)) ** (-float(relation_exponent))
+  rel_cum = np.cumsum(rel_p / rel_p.sum())
+  rel_cum[-1] = 1.0
+  rel_names = pa.array([f"r{k}" for k in range(num_relations)])
+  schema = pa.schema([("src", pa.string()), ("rel", pa.string()), ("dst", pa.string())])
+  rel_counts = np.zeros(num_relations, np.int64)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # only when a bar is shown
+    bar = tqdm(total=num_edges, unit="edge", unit_scale=True, desc=desc)
+  sink = (pa.CompressedOutputStream(out_path, "gzip") if out_path.endswith(".gz")
+          else pa.OSFile(out_path, "wb"))
+  try:
+    with sink, pcsv.CSVWriter(sink, schema, write_options=_TSV) as writer:
+      done = 0
+      while done < num_edges:
+        k = min(chunk_edges, num_edges - done)
+        src, dst = draw_nodes(k)
+        rel = np.searchsorted(rel_cum, rel_rng.random(k), side="right")
+        np.minimum(rel, num_relations - 1, out=rel)
+        rel_counts += np.bincount(rel, minlength=num_relations)
+        writer.write_table(pa.Table.from_arrays(
+            [_names(prefix, src), rel_names.take(pa.array(rel.astype(np.int32))),
+             _names(prefix, dst)], schema=schema))
+        done += k
+        if bar is not None:
+          bar.update(k)
+  finally:
+    if bar is not None:
+      bar.close()
+  return rel_counts
+
+
 def power_law(out_path: str, *, num_nodes: int, num_edges: int, num_relations: int = 4,
               exponent: float = 0.8, relation_exponent: float = 1.0, seed: int = 0,
               chunk_edges: int = 1_000_000, progress: bool = True,
@@ -457,57 +507,25 @@ def power_law(out_path: str, *, num_nodes: int, num_edges: int, num_relations: i
                      "num_relations >= 1, chunk_edges >= 1")
   if not 0.0 <= exponent:
     raise ValueError(f"exponent must be >= 0, got {exponent}")
-  if os.path.isdir(out_path) or not os.path.splitext(out_path)[1]:
-    out_path = os.path.join(out_path, "power_law.tsv")
-  out_path = os.path.abspath(out_path)
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
-
+  out_path = _edge_file(out_path, "power_law.tsv")
   rng = _rngs(seed, ["perm", "src", "dst", "rel"])
   src_a, src_b = _affine_permutation(num_nodes, rng["perm"])
   dst_a, dst_b = _affine_permutation(num_nodes, rng["perm"])
-  rel_p = (np.arange(1, num_relations + 1, dtype=np.float64)) ** (-float(relation_exponent))
-  rel_cum = np.cumsum(rel_p / rel_p.sum())
-  rel_cum[-1] = 1.0
-  rel_names = pa.array([f"r{k}" for k in range(num_relations)])
-  schema = pa.schema([("src", pa.string()), ("rel", pa.string()), ("dst", pa.string())])
+  def draw_nodes(k: int) -> tuple[np.ndarray, np.ndarray]:
+    src = zipf_ranks(rng["src"].random(k), num_nodes, exponent)
+    src *= src_a
+    src += src_b
+    src %= num_nodes
+    dst = zipf_ranks(rng["dst"].random(k), num_nodes, exponent)
+    dst *= dst_a
+    dst += dst_b
+    dst %= num_nodes
+    return src, dst
 
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=num_edges, unit="edge", unit_scale=True, desc="power_law")
-  rel_counts = np.zeros(num_relations, np.int64)
-  if out_path.endswith(".gz"):
-    sink = pa.CompressedOutputStream(out_path, "gzip")
-  else:
-    sink = pa.OSFile(out_path, "wb")
-  try:
-    with sink, pcsv.CSVWriter(sink, schema, write_options=_TSV) as writer:
-      done = 0
-      while done < num_edges:
-        k = min(chunk_edges, num_edges - done)
-        src = zipf_ranks(rng["src"].random(k), num_nodes, exponent)
-        src *= src_a
-        src += src_b
-        src %= num_nodes
-        dst = zipf_ranks(rng["dst"].random(k), num_nodes, exponent)
-        dst *= dst_a
-        dst += dst_b
-        dst %= num_nodes
-        rel = np.searchsorted(rel_cum, rng["rel"].random(k), side="right")
-        np.minimum(rel, num_relations - 1, out=rel)
-        rel_counts += np.bincount(rel, minlength=num_relations)
-        table = pa.Table.from_arrays(
-            [_names(prefix, src), rel_names.take(pa.array(rel.astype(np.int32))),
-             _names(prefix, dst)], schema=schema)
-        del src, dst, rel
-        writer.write_table(table)
-        del table
-        done += k
-        if bar is not None:
-          bar.update(k)
-  finally:
-    if bar is not None:
-      bar.close()
+  rel_counts = _write_edges(out_path, draw_nodes, rng["rel"], num_edges=num_edges,
+                            chunk_edges=chunk_edges, num_relations=num_relations,
+                            relation_exponent=relation_exponent, prefix=prefix,
+                            desc="power_law", progress=progress)
 
   spec = config_lib.file_spec(out_path, split="train", source=0, relation=1, target=2,
                               format="tsv")
@@ -586,56 +604,31 @@ def power_law_communities(out_path: str, *, num_nodes: int, num_edges: int,
                      "num_relations >= 1, chunk_edges >= 1")
   if -(-num_nodes // num_communities) >= _COMMUNITY_PRIME:
     raise ValueError(f"communities of more than {_COMMUNITY_PRIME - 1} nodes are not supported")
-  if os.path.isdir(out_path) or not os.path.splitext(out_path)[1]:
-    out_path = os.path.join(out_path, "power_law_communities.tsv")
-  out_path = os.path.abspath(out_path)
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
-
+  out_path = _edge_file(out_path, "power_law_communities.tsv")
   k_comm = int(num_communities)
   rng = _rngs(seed, ["perm", "src", "dst", "rel", "local", "local_dst"])
   src_a, src_b = _affine_permutation(num_nodes, rng["perm"])
   dst_a, dst_b = _affine_permutation(num_nodes, rng["perm"])
   local_b = int(rng["perm"].integers(0, 2 ** 31))
-  rel_p = (np.arange(1, num_relations + 1, dtype=np.float64)) ** (-float(relation_exponent))
-  rel_cum = np.cumsum(rel_p / rel_p.sum())
-  rel_cum[-1] = 1.0
-  rel_names = pa.array([f"r{k}" for k in range(num_relations)])
-  schema = pa.schema([("src", pa.string()), ("rel", pa.string()), ("dst", pa.string())])
-
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=num_edges, unit="edge", unit_scale=True, desc="power_law_communities")
-  rel_counts = np.zeros(num_relations, np.int64)
   same_community = 0
-  sink = (pa.CompressedOutputStream(out_path, "gzip") if out_path.endswith(".gz")
-          else pa.OSFile(out_path, "wb"))
-  try:
-    with sink, pcsv.CSVWriter(sink, schema, write_options=_TSV) as writer:
-      done = 0
-      while done < num_edges:
-        k = min(chunk_edges, num_edges - done)
-        src = (zipf_ranks(rng["src"].random(k), num_nodes, exponent) * src_a + src_b) % num_nodes
-        dst = (zipf_ranks(rng["dst"].random(k), num_nodes, exponent) * dst_a + dst_b) % num_nodes
-        local = rng["local"].random(k) < community_affinity  # [k]
-        u_local = rng["local_dst"].random(k)  # drawn for every edge: bytes independent of a
-        community = src[local] % k_comm
-        size = (num_nodes - community + k_comm - 1) // k_comm  # n_c
-        rank = _zipf_ranks_per_row(u_local[local], size, exponent)
-        dst[local] = community + k_comm * ((_COMMUNITY_PRIME * rank + local_b) % size)
-        same_community += int(np.count_nonzero(src % k_comm == dst % k_comm))
-        rel = np.searchsorted(rel_cum, rng["rel"].random(k), side="right")
-        np.minimum(rel, num_relations - 1, out=rel)
-        rel_counts += np.bincount(rel, minlength=num_relations)
-        writer.write_table(pa.Table.from_arrays(
-            [_names(prefix, src), rel_names.take(pa.array(rel.astype(np.int32))),
-             _names(prefix, dst)], schema=schema))
-        done += k
-        if bar is not None:
-          bar.update(k)
-  finally:
-    if bar is not None:
-      bar.close()
+
+  def draw_nodes(k: int) -> tuple[np.ndarray, np.ndarray]:
+    nonlocal same_community
+    src = (zipf_ranks(rng["src"].random(k), num_nodes, exponent) * src_a + src_b) % num_nodes
+    dst = (zipf_ranks(rng["dst"].random(k), num_nodes, exponent) * dst_a + dst_b) % num_nodes
+    local = rng["local"].random(k) < community_affinity  # [k]
+    u_local = rng["local_dst"].random(k)  # drawn for every edge: bytes independent of a
+    community = src[local] % k_comm
+    size = (num_nodes - community + k_comm - 1) // k_comm  # n_c
+    rank = _zipf_ranks_per_row(u_local[local], size, exponent)
+    dst[local] = community + k_comm * ((_COMMUNITY_PRIME * rank + local_b) % size)
+    same_community += int(np.count_nonzero(src % k_comm == dst % k_comm))
+    return src, dst
+
+  rel_counts = _write_edges(out_path, draw_nodes, rng["rel"], num_edges=num_edges,
+                            chunk_edges=chunk_edges, num_relations=num_relations,
+                            relation_exponent=relation_exponent, prefix=prefix,
+                            desc="power_law_communities", progress=progress)
 
   spec = config_lib.file_spec(out_path, split="train", source=0, relation=1, target=2,
                               format="tsv")
