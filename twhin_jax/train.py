@@ -50,6 +50,9 @@ from twhin_jax.graph import Graph
 from twhin_jax import rundir
 from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  # noqa: F401 (re-exported)
 
+#: Sharded calls dispatched ahead of the device on CPU (see Trainer._bound_inflight;
+#: XLA:CPU deadlocks past 32 in-flight multi-device calls with 2 cores).
+MAX_INFLIGHT_CALLS = 8
 #: Config fields that may change when an existing run is resumed.
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.")
 
@@ -298,6 +301,7 @@ class Trainer:
       state = state.with_group(call.group, new)
       total_loss.append(loss)
       total_edges.append(edges)
+      self._bound_inflight(total_loss)
     home = state.home
     if self.num_shards > 1:
       home = ring.finish(home, ring.advance(home, state.visiting, self.num_shards - 1))
@@ -307,6 +311,19 @@ class Trainer:
     loss = sum(float(sharding_lib.host_copy(x)) for x in total_loss)
     edges = sum(int(sharding_lib.host_copy(x)) for x in total_edges)
     return loss, edges
+
+  def _bound_inflight(self, results: list) -> None:
+    """Waits for the call MAX_INFLIGHT_CALLS back when several CPU devices share
+    this process (docs/architecture.md, "Fixed: several fake CPU devices"):
+    XLA:CPU launches each device's part of a multi-device program on a pool of
+    max(cores, devices) threads, and a launch that finds its device's 32
+    in-flight computations taken blocks its thread; with every other thread
+    inside an all-reduce waiting for that device, nothing moves again.
+    Dispatching at most a few calls ahead keeps the launches from ever
+    blocking."""
+    if (self.num_shards > 1 and self.mesh.devices.flat[0].platform == "cpu"
+        and len(results) > MAX_INFLIGHT_CALLS):
+      results[-MAX_INFLIGHT_CALLS - 1].block_until_ready()
 
   def run(self, stop_after_buckets: int | None = None) -> list[dict]:
     """Trains the remaining epochs; returns the per-epoch history."""
