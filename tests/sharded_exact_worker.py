@@ -33,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from twhin_jax import batching
 from twhin_jax import config as config_lib
 from twhin_jax import optim
 from twhin_jax import sharding as sharding_lib
+from twhin_jax import state as state_lib
 from twhin_jax import step as step_lib
 from twhin_jax import train as train_lib
 
@@ -206,15 +208,14 @@ def step_checks(mesh) -> dict:
                "visiting_w": (rng.uniform(size=(G, R)) < 0.7).astype(np.float32)}
     params = (0.1 * rng.standard_normal((NUM_REL, D))).astype(np.float32)
     rel_opt = optim.relation_adagrad(REL_LR).init(jnp.asarray(params))
-    state = step_lib.GroupState(
-        table=on_rows(home), row_state=optim.RowAdagradState(on_rows(home_acc)),
+    state = state_lib.StepState(
+        home=state_lib.Rows(on_rows(home), on_rows(home_acc), on_rows(anchors["home"]),
+                            on_rows(anchors["home_w"])),
+        visiting=None if local else state_lib.Rows(
+            on_rows(visiting), on_rows(visiting_acc), on_rows(anchors["visiting"]),
+            on_rows(anchors["visiting_w"])),
         rel_params=jax.device_put(params, replicated),
-        rel_opt=jax.device_put(rel_opt, replicated),
-        visiting=None if local else on_rows(visiting),
-        visiting_state=None if local else optim.RowAdagradState(on_rows(visiting_acc)),
-        anchor=on_rows(anchors["home"]), anchor_weight=on_rows(anchors["home_w"]),
-        visiting_anchor=None if local else on_rows(anchors["visiting"]),
-        visiting_anchor_weight=None if local else on_rows(anchors["visiting_w"]))
+        rel_opt=jax.device_put(rel_opt, replicated))
     ref = (home, home_acc, visiting, visiting_acc, params, np.zeros_like(params))
     key = jax.device_put(jax.random.key_data(jax.random.key(7)), replicated)
     spread = 0.0
@@ -230,15 +231,15 @@ def step_checks(mesh) -> dict:
     replica_spread[variant] = spread
     got_rel_acc = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.rel_opt)
                    if np.shape(x) == params.shape]
-    got = {"home": np.asarray(state.table).reshape(G, R, D),
-           "home_acc": np.asarray(state.row_state.acc).reshape(G, R),
+    got = {"home": np.asarray(state.home.table).reshape(G, R, D),
+           "home_acc": np.asarray(state.home.acc).reshape(G, R),
            "params": np.asarray(state.rel_params), "rel_acc": got_rel_acc[0]}
     want = {"home": ref[0], "home_acc": ref[1], "params": ref[4], "rel_acc": ref[5]}
     start = {"home": home, "home_acc": home_acc, "params": params,
              "rel_acc": np.zeros_like(params)}
     if not local:
-      got["visiting"] = np.asarray(state.visiting).reshape(G, R, D)
-      got["visiting_acc"] = np.asarray(state.visiting_state.acc).reshape(G, R)
+      got["visiting"] = np.asarray(state.visiting.table).reshape(G, R, D)
+      got["visiting_acc"] = np.asarray(state.visiting.acc).reshape(G, R)
       want["visiting"], want["visiting_acc"] = ref[2], ref[3]
       start["visiting"], start["visiting_acc"] = visiting, visiting_acc
     out[f"step_{variant}"] = {
@@ -284,18 +285,19 @@ def target_only_check() -> dict:
   config = bipartite_config(workdir)
   trainer = train_lib.Trainer(config, os.path.join(workdir, "run"), progress=False)
   bucket = (0, 0)
-  trainer._load_bucket(bucket, {})
-  (dim,) = trainer.tables_dev
-  table0 = np.asarray(trainer.tables_dev[dim])  # [G * capacity, d]: shard g = rows g*cap ...
-  acc0 = np.asarray(trainer.acc_dev[dim])
+  trainer.residency.load(bucket)
+  (dim,) = trainer.residency.home
+  # [G * capacity, d]: shard g is rows g * capacity ... (g + 1) * capacity - 1.
+  table0 = np.asarray(trainer.residency.home[dim].table)
+  acc0 = np.asarray(trainer.residency.home[dim].acc)
   rel0 = trainer.rel_state
-  capacity = trainer.capacity[dim]
-  working = trainer.resident
-  calls = list(train_lib.prepare_bucket(trainer.graph, trainer.layout, working, bucket, config,
-                                        (config.train.seed, 0, 0), trainer.dims))
-  _, edges = trainer.train_bucket(0, 0, bucket)
-  got_table = np.asarray(trainer.tables_dev[dim])
-  got_acc = np.asarray(trainer.acc_dev[dim])
+  capacity = trainer.residency.capacity[dim]
+  working = trainer.residency.layout
+  calls = list(batching.prepare_bucket(trainer.graph, trainer.layout, working, bucket, config,
+                                       (config.train.seed, 0, 0)))
+  _, edges = trainer.train_bucket(0, 0, calls)
+  got_table = np.asarray(trainer.residency.home[dim].table)
+  got_acc = np.asarray(trainer.residency.home[dim].acc)
   got_rel = trainer.rel_state
   spread = 0.0
   for leaf in jax.tree_util.tree_leaves(trainer._rel_state):
@@ -319,16 +321,16 @@ def target_only_check() -> dict:
         src=merge(b.src + src_base), dst=merge(b.dst + dst_base), rel=merge(b.rel),
         weight=merge(b.weight), src_lo=merge(b.src_lo + src_base[..., 0]), src_n=merge(b.src_n),
         dst_lo=merge(b.dst_lo + dst_base[..., 0]), dst_n=merge(b.dst_n),
-        step_index=np.arange(train_lib.STEPS_PER_CALL, dtype=np.int32),
+        step_index=np.arange(batching.STEPS_PER_CALL, dtype=np.int32),
         rel_reverse=None if b.rel_reverse is None else merge(b.rel_reverse))
     fn = step_lib.make_train_steps(
         "translation", config.model.comparator, config.train.loss, float(config.train.margin),
         float(config.train.lr), float(config.train.relation_lr), 0, bool(config.model.reciprocal),
         float(config.model.regularization))
-    state = step_lib.GroupState(table, optim.RowAdagradState(acc), params[call.group],
+    state = state_lib.StepState(state_lib.Rows(table, acc), None, params[call.group],
                                 opt[call.group])
     state, _, _ = fn(state, single, jax.random.key(0))
-    table, acc = state.table, state.row_state.acc
+    table, acc = state.home.table, state.home.acc
     params[call.group], opt[call.group] = state.rel_params, state.rel_opt
   ref_table, ref_acc = np.asarray(table), np.asarray(acc)
   result = {"edges": int(edges), "rounds": sorted(rounds), "replica_spread": spread,
