@@ -11,7 +11,9 @@ tests/sharded_exact_worker.py):
   reference written independently (per device, L2-to-previous on);
 * a whole bucket of a graph whose target type is never a source, trained on
   4 devices by the trainer (4 rounds, the ring, the merge), equals the same
-  calls replayed by the single-device step on the concatenated table.
+  calls replayed by the single-device step on the concatenated table;
+* with mesh.schedule = "tournament", a bucket of a graph where users also
+  follow users equals its single-device replay too.
 
 Plus, in this process, the L2-to-previous proximal row update against its
 closed form.
@@ -177,3 +179,15 @@ def test_bounded_dispatch_avoids_the_xla_cpu_deadlock():
   assert out.returncode == 0, out.stderr[-3000:]
   assert "ok: 64 calls" in out.stdout
 
+
+@pytest.mark.multidevice
+def test_tournament_bucket_with_a_source_and_target_type_equals_single_device_replay(
+    worker_result):
+  """mesh.schedule="tournament" (device_schedule.py): users follow users, yet
+  4 devices train the bucket exactly as one device trains the same calls
+  (the ring sums two devices' updates of such rows instead)."""
+  result = worker_result["tournament"]
+  assert result["rounds"] == list(range(7))  # 2G - 1 rounds
+  assert result["edges"] == 1500
+  assert_matches({k: v for k, v in result.items() if isinstance(v, dict)},
+                 "4-device tournament bucket vs single-device replay")

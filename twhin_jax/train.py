@@ -21,6 +21,7 @@ a resumed run produces the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -110,6 +111,9 @@ class Trainer:
     self.progress = progress and self.primary
     self.mesh = sharding_lib.make_mesh(config.mesh.num_devices)
     self.num_shards = self.mesh.size
+    # config.mesh.schedule: the ring, or the tournament (sharding.Tournament);
+    # one device has one round either way.
+    self.schedule = config.mesh.schedule if self.num_shards > 1 else "ring"
     self.checkpointer = checkpoint_lib.Checkpointer(workdir)
     resuming = self.checkpointer.latest_step() is not None
     self._check_resumable(resuming)
@@ -201,9 +205,12 @@ class Trainer:
   def _residency(self) -> residency_lib.Residency:
     # Rows per sub-partition: aligned to the storage chunks when several hosts
     # write the same partition (never two hosts in one chunk).
+    # The tournament halves every sub-partition into two slots: an even size.
     align = jax.process_count() > 1
+    even = 2 if self.schedule == "tournament" else 1
     sub_rows = {t: sharding_lib.sub_partition_rows(
-        info.partition_size, self.num_shards, self.tables.chunk[t] if align else 1)
+        info.partition_size, self.num_shards,
+        math.lcm(self.tables.chunk[t] if align else 1, even))
         for t, info in self.graph.entities.items()}
     # L2-to-previous anchors (versions.py), loaded beside the working tables.
     self.anchor_strength = float(self.config.warm_start.l2_to_previous)
@@ -215,7 +222,7 @@ class Trainer:
           zarr_format=self.config.storage.zarr_format, create=False,
           sub_partitions=self.num_shards, num_slots=1)
     return residency_lib.Residency(self.graph, self.dims, self.tables, self.slots, self.mesh,
-                                   sub_rows, anchors)
+                                   sub_rows, anchors, self.schedule)
 
   @property
   def rel_state(self) -> dict:
@@ -278,7 +285,10 @@ class Trainer:
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
     """Trains the resident bucket from its prepared ``calls`` [(round, call)]:
-    G rounds of the ring (one round with one device). Returns (loss, edges)."""
+    G rounds of the ring (one round with one device), or the 2G - 1 rounds of
+    the tournament, where every round is the plain one-table step on the
+    slots each device holds and the slots move between rounds
+    (sharding.Tournament). Returns (loss, edges)."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.train.seed), epoch),
                              index)
     key = sharding_lib.global_array(np.asarray(jax.random.key_data(key)), self.mesh)
@@ -286,24 +296,33 @@ class Trainer:
         sharding_lib.AXIS))
     state = state_lib.TrainState(self.residency.home, {}, self._rel_state["params"],
                                  self._rel_state["opt"])
+    tournament = self.schedule == "tournament"
     ring = sharding_lib.Ring(self.mesh)
+    slots = sharding_lib.Tournament(self.mesh, self.residency.layout) if tournament else None
     total_loss, total_edges, step_in_bucket = [], [], 0
     for k, call in calls:
-      state = state._replace(visiting=ring.advance(state.home, state.visiting, k))
+      if tournament:
+        state = state._replace(home=slots.advance(state.home, k))
+        visiting = False
+      else:
+        state = state._replace(visiting=ring.advance(state.home, state.visiting, k))
+        visiting = k > 0
       batch = call.batch._replace(step_index=np.broadcast_to(np.arange(
           step_in_bucket, step_in_bucket + batching.STEPS_PER_CALL, dtype=np.int32),
           (self.num_shards, batching.STEPS_PER_CALL)))
       batch = jax.tree_util.tree_map(
           lambda x: sharding_lib.global_array(x, self.mesh, batch_sharding), batch)
       step_in_bucket += batching.STEPS_PER_CALL
-      new, loss, edges = self._step_fn(call.group, k > 0)(
-          state.for_group(call.group, k > 0), batch, key)
+      new, loss, edges = self._step_fn(call.group, visiting)(
+          state.for_group(call.group, visiting), batch, key)
       state = state.with_group(call.group, new)
       total_loss.append(loss)
       total_edges.append(edges)
       self._bound_inflight(total_loss)
     home = state.home
-    if self.num_shards > 1:
+    if tournament:  # home, where the next bucket or a checkpoint expects the rows
+      home = slots.finish(home)
+    elif self.num_shards > 1:
       home = ring.finish(home, ring.advance(home, state.visiting, self.num_shards - 1))
     self.residency.home = home
     self._rel_state = {"params": state.rel_params, "opt": state.rel_opt}
