@@ -54,8 +54,11 @@ from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  #
 #: Sharded calls dispatched ahead of the device on CPU (see Trainer._bound_inflight;
 #: XLA:CPU deadlocks past 32 in-flight multi-device calls with 2 cores).
 MAX_INFLIGHT_CALLS = 8
-#: Config fields that may change when an existing run is resumed.
-RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.")
+#: Config fields that may change when an existing run is resumed (the device
+#: schedule too: between buckets every row is home under either schedule, and
+#: runs made before mesh.schedule existed resume with the default).
+RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.",
+                     "mesh.schedule")
 
 
 load_run_config = rundir.load_config
