@@ -15,6 +15,9 @@ from references that it must match, and prints one JSON object:
                               same calls replayed by the single-device step
                               on the concatenated table (a graph whose target
                               type is never a source: exact up to float order)
+  tournament                  the same with mesh.schedule = "tournament" on a
+                              graph where users also follow users (2G - 1
+                              rounds, slot moves; exact for any graph)
 
 Every figure is a max absolute difference (float64 comparison) plus the scale
 of the change it is measured against, so the test can tell "equal up to float
@@ -33,9 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from twhin_jax import batching
 from twhin_jax import config as config_lib
+from twhin_jax import device_schedule
 from twhin_jax import optim
 from twhin_jax import sharding as sharding_lib
+from twhin_jax import state as state_lib
 from twhin_jax import step as step_lib
 from twhin_jax import train as train_lib
 
@@ -206,15 +212,14 @@ def step_checks(mesh) -> dict:
                "visiting_w": (rng.uniform(size=(G, R)) < 0.7).astype(np.float32)}
     params = (0.1 * rng.standard_normal((NUM_REL, D))).astype(np.float32)
     rel_opt = optim.relation_adagrad(REL_LR).init(jnp.asarray(params))
-    state = step_lib.GroupState(
-        table=on_rows(home), row_state=optim.RowAdagradState(on_rows(home_acc)),
+    state = state_lib.StepState(
+        home=state_lib.Rows(on_rows(home), on_rows(home_acc), on_rows(anchors["home"]),
+                            on_rows(anchors["home_w"])),
+        visiting=None if local else state_lib.Rows(
+            on_rows(visiting), on_rows(visiting_acc), on_rows(anchors["visiting"]),
+            on_rows(anchors["visiting_w"])),
         rel_params=jax.device_put(params, replicated),
-        rel_opt=jax.device_put(rel_opt, replicated),
-        visiting=None if local else on_rows(visiting),
-        visiting_state=None if local else optim.RowAdagradState(on_rows(visiting_acc)),
-        anchor=on_rows(anchors["home"]), anchor_weight=on_rows(anchors["home_w"]),
-        visiting_anchor=None if local else on_rows(anchors["visiting"]),
-        visiting_anchor_weight=None if local else on_rows(anchors["visiting_w"]))
+        rel_opt=jax.device_put(rel_opt, replicated))
     ref = (home, home_acc, visiting, visiting_acc, params, np.zeros_like(params))
     key = jax.device_put(jax.random.key_data(jax.random.key(7)), replicated)
     spread = 0.0
@@ -230,15 +235,15 @@ def step_checks(mesh) -> dict:
     replica_spread[variant] = spread
     got_rel_acc = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.rel_opt)
                    if np.shape(x) == params.shape]
-    got = {"home": np.asarray(state.table).reshape(G, R, D),
-           "home_acc": np.asarray(state.row_state.acc).reshape(G, R),
+    got = {"home": np.asarray(state.home.table).reshape(G, R, D),
+           "home_acc": np.asarray(state.home.acc).reshape(G, R),
            "params": np.asarray(state.rel_params), "rel_acc": got_rel_acc[0]}
     want = {"home": ref[0], "home_acc": ref[1], "params": ref[4], "rel_acc": ref[5]}
     start = {"home": home, "home_acc": home_acc, "params": params,
              "rel_acc": np.zeros_like(params)}
     if not local:
-      got["visiting"] = np.asarray(state.visiting).reshape(G, R, D)
-      got["visiting_acc"] = np.asarray(state.visiting_state.acc).reshape(G, R)
+      got["visiting"] = np.asarray(state.visiting.table).reshape(G, R, D)
+      got["visiting_acc"] = np.asarray(state.visiting.acc).reshape(G, R)
       want["visiting"], want["visiting_acc"] = ref[2], ref[3]
       start["visiting"], start["visiting_acc"] = visiting, visiting_acc
     out[f"step_{variant}"] = {
@@ -253,19 +258,26 @@ def step_checks(mesh) -> dict:
 # A whole bucket through the trainer, target-only type.
 
 
-def bipartite_config(workdir: str):
-  """users -> items under two relations; items are never sources."""
+def bipartite_config(workdir: str, follows: bool = False):
+  """users -> items under two relations; items are never sources. With
+  ``follows`` also users -> users (a type that is source and target)."""
   rng = np.random.default_rng(1)
   path = os.path.join(workdir, "edges.tsv")
   with open(path, "w") as f:
     for _ in range(1500):
       user, item = int(rng.integers(200)), int(min(rng.zipf(1.5), 300) - 1)
+      if follows and rng.uniform() < 0.5:
+        f.write(f"u{user}\tfollows\tu{int(min(rng.zipf(1.5), 200) - 1)}\n")
+        continue
       f.write(f"u{user}\t{'clicks' if rng.uniform() < 0.6 else 'likes'}\ti{item}\n")
   c = config_lib.base_config()
   c.name = "bipartite"
   c.entities = {"user": dict(num_partitions=1, dim=0), "item": dict(num_partitions=1, dim=0)}
   c.relations = [dict(name=r, source="user", target="item", operator="translation", weight=1.0)
                  for r in ("clicks", "likes")]
+  if follows:
+    c.relations.append(dict(name="follows", source="user", target="user",
+                            operator="translation", weight=1.0))
   c.data.files = [config_lib.file_spec(path)]
   c.model.dim = 16
   c.model.init_scale = 0.1
@@ -284,18 +296,19 @@ def target_only_check() -> dict:
   config = bipartite_config(workdir)
   trainer = train_lib.Trainer(config, os.path.join(workdir, "run"), progress=False)
   bucket = (0, 0)
-  trainer._load_bucket(bucket, {})
-  (dim,) = trainer.tables_dev
-  table0 = np.asarray(trainer.tables_dev[dim])  # [G * capacity, d]: shard g = rows g*cap ...
-  acc0 = np.asarray(trainer.acc_dev[dim])
+  trainer.residency.load(bucket)
+  (dim,) = trainer.residency.home
+  # [G * capacity, d]: shard g is rows g * capacity ... (g + 1) * capacity - 1.
+  table0 = np.asarray(trainer.residency.home[dim].table)
+  acc0 = np.asarray(trainer.residency.home[dim].acc)
   rel0 = trainer.rel_state
-  capacity = trainer.capacity[dim]
-  working = trainer.resident
-  calls = list(train_lib.prepare_bucket(trainer.graph, trainer.layout, working, bucket, config,
-                                        (config.train.seed, 0, 0), trainer.dims))
-  _, edges = trainer.train_bucket(0, 0, bucket)
-  got_table = np.asarray(trainer.tables_dev[dim])
-  got_acc = np.asarray(trainer.acc_dev[dim])
+  capacity = trainer.residency.capacity[dim]
+  working = trainer.residency.layout
+  calls = list(batching.prepare_bucket(trainer.graph, trainer.layout, working, bucket, config,
+                                       (config.train.seed, 0, 0)))
+  _, edges = trainer.train_bucket(0, 0, calls)
+  got_table = np.asarray(trainer.residency.home[dim].table)
+  got_acc = np.asarray(trainer.residency.home[dim].acc)
   got_rel = trainer.rel_state
   spread = 0.0
   for leaf in jax.tree_util.tree_leaves(trainer._rel_state):
@@ -319,19 +332,91 @@ def target_only_check() -> dict:
         src=merge(b.src + src_base), dst=merge(b.dst + dst_base), rel=merge(b.rel),
         weight=merge(b.weight), src_lo=merge(b.src_lo + src_base[..., 0]), src_n=merge(b.src_n),
         dst_lo=merge(b.dst_lo + dst_base[..., 0]), dst_n=merge(b.dst_n),
-        step_index=np.arange(train_lib.STEPS_PER_CALL, dtype=np.int32),
+        step_index=np.arange(batching.STEPS_PER_CALL, dtype=np.int32),
         rel_reverse=None if b.rel_reverse is None else merge(b.rel_reverse))
     fn = step_lib.make_train_steps(
         "translation", config.model.comparator, config.train.loss, float(config.train.margin),
         float(config.train.lr), float(config.train.relation_lr), 0, bool(config.model.reciprocal),
         float(config.model.regularization))
-    state = step_lib.GroupState(table, optim.RowAdagradState(acc), params[call.group],
+    state = state_lib.StepState(state_lib.Rows(table, acc), None, params[call.group],
                                 opt[call.group])
     state, _, _ = fn(state, single, jax.random.key(0))
-    table, acc = state.table, state.row_state.acc
+    table, acc = state.home.table, state.home.acc
     params[call.group], opt[call.group] = state.rel_params, state.rel_opt
   ref_table, ref_acc = np.asarray(table), np.asarray(acc)
   result = {"edges": int(edges), "rounds": sorted(rounds), "replica_spread": spread,
+            "table": {"max_error": float(np.max(np.abs(got_table - ref_table))),
+                      "max_change": float(np.max(np.abs(ref_table - table0)))},
+            "acc": {"max_error": float(np.max(np.abs(got_acc - ref_acc))),
+                    "max_change": float(np.max(np.abs(ref_acc - acc0)))}}
+  for group in params:
+    want = np.asarray(params[group])
+    result[f"params {group}"] = {
+        "max_error": float(np.max(np.abs(got_rel["params"][group] - want))),
+        "max_change": float(np.max(np.abs(want - rel0["params"][group])))}
+  return result
+
+
+def tournament_check() -> dict:
+  """The tournament schedule on a graph where users are sources and targets:
+  a bucket on G devices against the same calls replayed by the single-device
+  step, every device's shard rows mapped back to their home rows."""
+  workdir = tempfile.mkdtemp()
+  config = bipartite_config(workdir, follows=True)
+  config.mesh.schedule = "tournament"
+  trainer = train_lib.Trainer(config, os.path.join(workdir, "run"), progress=False)
+  bucket = (0, 0)
+  trainer.residency.load(bucket)
+  (dim,) = trainer.residency.home
+  home = trainer.residency.home[dim]
+  table0, acc0 = np.asarray(home.table), np.asarray(home.acc)
+  rel0 = trainer.rel_state
+  capacity, working = trainer.residency.capacity[dim], trainer.residency.layout
+  calls = list(batching.prepare_bucket(trainer.graph, trainer.layout, working, bucket, config,
+                                       (config.train.seed, 0, 0)))
+  _, edges = trainer.train_bucket(0, 0, calls)
+  home = trainer.residency.home[dim]
+  got_table, got_acc = np.asarray(home.table), np.asarray(home.acc)
+  got_rel = trainer.rel_state
+  trainer.close()
+
+  plan = device_schedule.tournament(G)
+  home_row = {}  # (round, device) -> [capacity] global row of each shard row
+  for k in range(plan.num_rounds):
+    for g in range(G):
+      rows = g * capacity + np.arange(capacity)
+      for block in working.blocks[dim]:
+        half, start = working.sub_rows[block] // 2, working.offsets[block]
+        for position, slot in enumerate(plan.holds[k][g]):
+          at = start + position * half
+          rows[at:at + half] = (slot // 2) * capacity + start + (slot % 2) * half + np.arange(half)
+      home_row[k, g] = rows
+  table, acc = jnp.asarray(table0), jnp.asarray(acc0)
+  params = {k: jnp.asarray(v) for k, v in rel0["params"].items()}
+  opt = {k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in rel0["opt"].items()}
+  rounds = set()
+  for k, call in calls:
+    rounds.add(k)
+    b = call.batch
+    to_home = lambda x: np.stack([home_row[k, g][x[g]] for g in range(G)])
+    merge = lambda x: np.concatenate(list(x), axis=1)  # [G, T, S, ...] -> [T, G*S, ...]
+    single = step_lib.StepBatch(
+        src=merge(to_home(b.src)), dst=merge(to_home(b.dst)), rel=merge(b.rel),
+        weight=merge(b.weight), src_lo=merge(to_home(b.src_lo)), src_n=merge(b.src_n),
+        dst_lo=merge(to_home(b.dst_lo)), dst_n=merge(b.dst_n),
+        step_index=np.arange(batching.STEPS_PER_CALL, dtype=np.int32),
+        rel_reverse=None if b.rel_reverse is None else merge(b.rel_reverse))
+    fn = step_lib.make_train_steps(
+        "translation", config.model.comparator, config.train.loss, float(config.train.margin),
+        float(config.train.lr), float(config.train.relation_lr), 0, bool(config.model.reciprocal),
+        float(config.model.regularization))
+    state = state_lib.StepState(state_lib.Rows(table, acc), None, params[call.group],
+                                opt[call.group])
+    state, _, _ = fn(state, single, jax.random.key(0))
+    table, acc = state.home.table, state.home.acc
+    params[call.group], opt[call.group] = state.rel_params, state.rel_opt
+  ref_table, ref_acc = np.asarray(table), np.asarray(acc)
+  result = {"edges": int(edges), "rounds": sorted(rounds),
             "table": {"max_error": float(np.max(np.abs(got_table - ref_table))),
                       "max_change": float(np.max(np.abs(ref_table - table0)))},
             "acc": {"max_error": float(np.max(np.abs(got_acc - ref_acc))),
@@ -350,6 +435,7 @@ def main():
   mesh = sharding_lib.make_mesh(G)
   result = step_checks(mesh)
   result["target_only"] = target_only_check()
+  result["tournament"] = tournament_check()
   print(json.dumps(result))
 
 

@@ -99,3 +99,15 @@ def test_one_device_is_one_round_of_everything():
   assert schedule.holds == (((0, 1),),)
   assert set(schedule.cells[0][0]) == {(0, 0), (1, 1), (0, 1), (1, 0)}
   assert schedule.moves(0) == []
+
+
+def test_config_names_the_schedules():
+  from twhin_jax import config as config_lib
+  from twhin_jax import demo_config
+  config = demo_config.get_config("test")
+  assert config.mesh.schedule == "ring"
+  config.mesh.schedule = "tournament"
+  config_lib.validate(config)
+  config.mesh.schedule = "round_robin"
+  with pytest.raises(ValueError, match="mesh.schedule"):
+    config_lib.validate(config)

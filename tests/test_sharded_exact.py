@@ -11,7 +11,9 @@ tests/sharded_exact_worker.py):
   reference written independently (per device, L2-to-previous on);
 * a whole bucket of a graph whose target type is never a source, trained on
   4 devices by the trainer (4 rounds, the ring, the merge), equals the same
-  calls replayed by the single-device step on the concatenated table.
+  calls replayed by the single-device step on the concatenated table;
+* with mesh.schedule = "tournament", a bucket of a graph where users also
+  follow users equals its single-device replay too.
 
 Plus, in this process, the L2-to-previous proximal row update against its
 closed form.
@@ -125,3 +127,67 @@ def test_proximal_row_update_equals_closed_form():
   for row in (0, 4):
     assert (np.linalg.norm(np.asarray(got_table)[row] - anchor[row])
             < np.linalg.norm(np.asarray(plain)[row] - anchor[row]))
+
+
+# --- The XLA:CPU launch deadlock (docs/architecture.md, "Fixed: ...") ----------
+
+BOUND_SCRIPT = """
+import json, types
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from twhin_jax import train as train_lib
+mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+def body(x):
+  for _ in range(4):
+    x = jnp.tanh(x * 0.5 + 1.0)
+  return x, jax.lax.psum(jnp.sum(x[:8]), "d")
+step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P())),
+               donate_argnums=0)
+x = jax.device_put(np.ones((2 * 200_000, 128), np.float32), NamedSharding(mesh, P("d")))
+trainer = types.SimpleNamespace(num_shards=2, mesh=mesh)  # what _bound_inflight reads
+results, most = [], 0
+for _ in range(24):  # under XLA's 32 in-flight computations, so nothing can hang here
+  x, total = step(x)
+  results.append(total)
+  train_lib.Trainer._bound_inflight(trainer, results)
+  most = max(most, sum(not r.is_ready() for r in results))
+jax.block_until_ready(results)
+print(json.dumps({"most_in_flight": most, "bound": train_lib.MAX_INFLIGHT_CALLS}))
+"""
+
+
+@pytest.mark.multidevice
+def test_trainer_bounds_the_sharded_calls_in_flight_on_cpu():
+  """The trainer's dispatch loop waits for the call MAX_INFLIGHT_CALLS back on a
+  CPU mesh: slow real two-device calls never pile up further than that."""
+  out = subprocess.run([sys.executable, "-c", BOUND_SCRIPT], env=cpu_env(2),
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert 1 <= result["most_in_flight"] <= result["bound"] + 1, result
+
+
+@pytest.mark.multidevice
+def test_bounded_dispatch_avoids_the_xla_cpu_deadlock():
+  """tools/repro_cpu_collective_stall.py: 64 calls of a two-device program with
+  an all-reduce, waiting for the call 8 back, finish (unbounded, they hang on
+  this 2-core machine until XLA's rendezvous timeout aborts the process)."""
+  out = subprocess.run([sys.executable, os.path.join(REPO, "tools",
+                                                     "repro_cpu_collective_stall.py"),
+                        "--window", "8"], env=cpu_env(2), capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "ok: 64 calls" in out.stdout
+
+
+@pytest.mark.multidevice
+def test_tournament_bucket_with_a_source_and_target_type_equals_single_device_replay(
+    worker_result):
+  """mesh.schedule="tournament" (device_schedule.py): users follow users, yet
+  4 devices train the bucket exactly as one device trains the same calls
+  (the ring sums two devices' updates of such rows instead)."""
+  result = worker_result["tournament"]
+  assert result["rounds"] == list(range(7))  # 2G - 1 rounds
+  assert result["edges"] == 1500
+  assert_matches({k: v for k, v in result.items() if isinstance(v, dict)},
+                 "4-device tournament bucket vs single-device replay")

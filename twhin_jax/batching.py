@@ -22,6 +22,7 @@ import threading
 import jax
 import numpy as np
 
+from twhin_jax import device_schedule
 from twhin_jax import model
 from twhin_jax import negatives
 from twhin_jax import residency
@@ -58,6 +59,12 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   a step and T steps to a call. All devices run the same sequence of calls
   (one SPMD program), so a device with fewer chunks of a group than another
   gets all-padding calls.
+
+  With ``working.schedule == "tournament"`` the rounds are the 2G - 1 of
+  device_schedule.tournament: the edges split into 2G x 2G sub-buckets by
+  the *slots* (half sub-partitions) of their endpoints, and each goes to the
+  (round, device) that holds both slots then, its rows at the positions the
+  slots take in that round.
   """
   rng = np.random.default_rng(list(seed_path))
   edges = graph.bucket_edges(*bucket)
@@ -135,40 +142,104 @@ class _BucketPacker:
     src = np.asarray(edges["src"])[order].astype(np.int64)
     dst = np.asarray(edges["dst"])[order].astype(np.int64)
     self.weight = np.asarray(edges["weight"], np.float32)[order]
-    self.ranges = ranges = _RelationRanges.of(graph, working, bucket)
-    rel = self.rel
-    self.src_shard = src // ranges.src_sub[rel]  # [E] device that owns the source row
-    self.dst_shard = dst // ranges.dst_sub[rel]  # [E] device that owns the target row
-    self.src_row = ranges.src_off[rel] + src - self.src_shard * ranges.src_sub[rel]  # [E] shard row
-    self.dst_row = ranges.dst_off[rel] + dst - self.dst_shard * ranges.dst_sub[rel]  # [E]
+    self.ranges = _RelationRanges.of(graph, working, bucket)
+    if working.schedule == "tournament":
+      self._place_tournament(graph, working, bucket, src, dst)
+    else:
+      self._place_ring(src, dst)
     class_of = negatives.chunk_classes(graph.relations, layout.group, self.mixed)
     self.num_classes = int(class_of.max()) + 1
     self.class_group = {int(c): layout.group[r] for r, c in enumerate(class_of)}  # one per class
-    self.edge_class = class_of[rel]  # [E]
+    self.edge_class = class_of[self.rel]  # [E]
     if self.correct:
       self.src_logq, self.dst_logq = negatives.sampling_log_counts(
           self.edge_class, src, dst, np.bincount(self.edge_class, minlength=self.num_classes),
-          ranges.src_rows_in[rel, self.src_shard], ranges.dst_rows_in[rel, self.dst_shard],
-          self.chunk, self.num_uniform)
+          self.edge_src_n, self.edge_dst_n, self.chunk, self.num_uniform)
     self.row_in_group = np.asarray(layout.row, np.int32)
     self.reverse_row_in_group = np.asarray(layout.reverse_row, np.int32)
+
+  def _place_ring(self, src: np.ndarray, dst: np.ndarray) -> None:
+    """The ring: round k gives device g sub-bucket (g, (g + k) mod G)."""
+    ranges, rel, shards = self.ranges, self.rel, self.shards
+    self.num_rounds = shards
+    src_shard = src // ranges.src_sub[rel]  # [E] device that owns the source row
+    dst_shard = dst // ranges.dst_sub[rel]  # [E] device that owns the target row
+    self.round_of = (dst_shard - src_shard) % shards  # [E]
+    self.device_of = src_shard  # [E] the device that trains the edge
+    self.src_row = ranges.src_off[rel] + src - src_shard * ranges.src_sub[rel]  # [E] shard row
+    self.dst_row = ranges.dst_off[rel] + dst - dst_shard * ranges.dst_sub[rel]  # [E]
+    # Uniform negatives of an edge: its sub-partitions' rows.
+    self.edge_src_n = ranges.src_rows_in[rel, src_shard]  # [E]
+    self.edge_dst_n = ranges.dst_rows_in[rel, dst_shard]  # [E]
+    # [R] first row and rows of each relation's uniform ranges on device g in round k.
+    self.uniform_ranges = lambda k, g: (ranges.src_off, ranges.src_rows_in[:, g],
+                                        ranges.dst_off, ranges.dst_rows_in[:, (g + k) % shards])
+
+  def _place_tournament(self, graph: Graph, working: sharding_lib.WorkingLayout, bucket,
+                        src: np.ndarray, dst: np.ndarray) -> None:
+    """The tournament (device_schedule.py): slots of h = sub_rows / 2 rows;
+    the schedule decides the round and the device of every (source slot,
+    target slot) pair and where each slot sits (its position) in that round.
+    Uniform negatives come from the two slots of the type that the device
+    holds in that round."""
+    ranges, rel, shards = self.ranges, self.rel, self.shards
+    plan = device_schedule.tournament(shards)
+    self.num_rounds = plan.num_rounds
+    src_half, dst_half = ranges.src_sub // 2, ranges.dst_sub // 2  # [R]
+    src_slot, dst_slot = src // src_half[rel], dst // dst_half[rel]  # [E]
+    owner_round = np.zeros((2 * shards, 2 * shards), np.int64)  # [source slot, target slot]
+    owner_device = np.zeros((2 * shards, 2 * shards), np.int64)
+    for (x, y), (r, g) in plan.owner().items():
+      owner_round[x, y], owner_device[x, y] = r, g
+    position = np.zeros((plan.num_rounds, 2 * shards), np.int64)  # [round, slot]
+    for r in range(plan.num_rounds):
+      for slot, (_, p) in plan.place(r).items():
+        position[r, slot] = p
+    self.round_of = owner_round[src_slot, dst_slot]  # [E]
+    self.device_of = owner_device[src_slot, dst_slot]  # [E] the device that trains the edge
+    self.src_row = (ranges.src_off[rel] + position[self.round_of, src_slot] * src_half[rel]
+                    + src - src_slot * src_half[rel])  # [E] row inside that device's shard
+    self.dst_row = (ranges.dst_off[rel] + position[self.round_of, dst_slot] * dst_half[rel]
+                    + dst - dst_slot * dst_half[rel])  # [E]
+    # The uniform range [lo, lo + n) of a (relation side, round, device): both
+    # slots it holds when they are contiguous (the one at position 0 full),
+    # else the one with more rows (a partition's last slot may be partial,
+    # the slots past its end are empty).
+    num_rel = len(graph.relations)
+    lo = np.zeros((2, num_rel, plan.num_rounds, shards), np.int64)  # [side, R, round, device]
+    n = np.zeros((2, num_rel, plan.num_rounds, shards), np.int64)
+    for r in range(num_rel):
+      for side, block in enumerate(residency.relation_blocks(graph, bucket, r)):
+        half, offset = working.sub_rows[block] // 2, working.offsets[block]
+        for k in range(plan.num_rounds):
+          for g, (a, b) in enumerate(plan.holds[k]):
+            first, second = working.rows_in_slot(block, a), working.rows_in_slot(block, b)
+            if first == half:
+              lo[side, r, k, g], n[side, r, k, g] = offset, first + second
+            elif second > first:
+              lo[side, r, k, g], n[side, r, k, g] = offset + half, second
+            else:
+              lo[side, r, k, g], n[side, r, k, g] = offset, first
+    self.edge_src_n = n[0, rel, self.round_of, self.device_of]  # [E]
+    self.edge_dst_n = n[1, rel, self.round_of, self.device_of]  # [E]
+    self.uniform_ranges = lambda k, g: (lo[0, :, k, g], n[0, :, k, g], lo[1, :, k, g],
+                                        n[1, :, k, g])
 
   def _cells(self) -> tuple[np.ndarray, np.ndarray]:
     """(edge indices sorted by (round, device, chunk class), start of each cell)."""
     shards, num_classes = self.shards, self.num_classes
-    round_of = (self.dst_shard - self.src_shard) % shards
-    cell = (round_of * shards + self.src_shard) * num_classes + self.edge_class
-    if shards * shards * num_classes < 2 ** 15:
+    cell = (self.round_of * shards + self.device_of) * num_classes + self.edge_class
+    if self.num_rounds * shards * num_classes < 2 ** 15:
       cell = cell.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort: O(E)
     by_cell = np.argsort(cell, kind="stable")
-    counts = np.bincount(cell, minlength=shards * shards * num_classes)
+    counts = np.bincount(cell, minlength=self.num_rounds * shards * num_classes)
     return by_cell, np.concatenate([[0], np.cumsum(counts)])
 
   def calls(self, rng: np.random.Generator):
     """Yields (round, PreparedCall), rounds in order, calls of a round shuffled."""
     by_cell, starts = self._cells()
     shards, per_call = self.shards, self.per_step * STEPS_PER_CALL
-    for k in range(shards):
+    for k in range(self.num_rounds):
       device_chunks = [self._device_chunks(by_cell, starts, k, g, rng) for g in range(shards)]
       calls = []
       for group in sorted(set().union(*device_chunks)):
@@ -178,7 +249,7 @@ class _BucketPacker:
       for position in rng.permutation(len(calls)):
         group, start = calls[position]
         per_device = [self._device_call(device_chunks[g].get(group, empty)[start:start + per_call],
-                                        group, g, (g + k) % shards) for g in range(shards)]
+                                        group, *self.uniform_ranges(k, g)) for g in range(shards)]
         yield k, PreparedCall(group, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_device))
 
   def _device_chunks(self, by_cell, starts, k: int, g: int,
@@ -200,10 +271,12 @@ class _BucketPacker:
       groups[group] = chunks[rng.permutation(len(chunks))]
     return groups
 
-  def _device_call(self, call_chunks: np.ndarray, group: str, g: int,
-                   j: int) -> step_lib.StepBatch:
-    """One device's T steps from chunks of edge indices (-1 = padding); its
-    sources in sub-partition g, its targets in sub-partition j."""
+  def _device_call(self, call_chunks: np.ndarray, group: str, src_lo_of: np.ndarray,
+                   src_n_of: np.ndarray, dst_lo_of: np.ndarray,
+                   dst_n_of: np.ndarray) -> step_lib.StepBatch:
+    """One device's T steps from chunks of edge indices (-1 = padding);
+    ``*_lo_of`` / ``*_n_of`` [R]: first row and rows of each relation's
+    uniform source / target range on that device in that round."""
     chunk, ranges = self.chunk, self.ranges
     full = STEPS_PER_CALL * self.per_step
     shape3 = (STEPS_PER_CALL, self.per_step, chunk)
@@ -216,7 +289,7 @@ class _BucketPacker:
     # A chunk that is all padding takes the group's first relation.
     chunk_rel = np.where(is_real.any(axis=1), self.rel[safe[:, 0]],
                          self.layout.groups[group][0]).astype(np.int64)  # [T*S]
-    src_n, dst_n = ranges.src_rows_in[chunk_rel, g], ranges.dst_rows_in[chunk_rel, j]  # [T*S]
+    src_n, dst_n = src_n_of[chunk_rel], dst_n_of[chunk_rel]  # [T*S]
     edge_rel = np.where(is_real, self.rel[safe], chunk_rel[:, None])  # [T*S, C]
     edge_weight = np.where(is_real, self.weight[safe] * ranges.weight[edge_rel], 0.0)
     # Relation rows per chunk [T, S], or per edge [T, S, C] in mixed chunks.
@@ -236,9 +309,9 @@ class _BucketPacker:
         rel=self.row_in_group[rel_rows],
         rel_reverse=self.reverse_row_in_group[rel_rows],
         weight=edge_weight.reshape(shape3).astype(np.float32),
-        src_lo=ranges.src_off[chunk_rel].reshape(shape2).astype(np.int32),
+        src_lo=src_lo_of[chunk_rel].reshape(shape2).astype(np.int32),
         src_n=src_n.reshape(shape2).astype(np.int32),
-        dst_lo=ranges.dst_off[chunk_rel].reshape(shape2).astype(np.int32),
+        dst_lo=dst_lo_of[chunk_rel].reshape(shape2).astype(np.int32),
         dst_n=dst_n.reshape(shape2).astype(np.int32),
         step_index=np.zeros(STEPS_PER_CALL, np.int32),  # set by the consumer
         **extra)

@@ -25,7 +25,7 @@ Layout of a config (every field is read somewhere; see the field comments)::
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
   warm_start: parent, new_entities, l2_to_previous
-  mesh:       num_devices
+  mesh:       num_devices, schedule
   storage:    driver, zarr_format, prefetch
 """
 
@@ -48,6 +48,7 @@ BUCKET_ORDERS = ("random", "inside_out", "outside_in", "affinity", "sequential")
 FILE_FORMATS = ("tsv", "csv", "parquet", "adjacency")
 IMPORT_ENGINES = ("duckdb", "spark")
 SPLITS = ("train", "valid", "test")
+MESH_SCHEDULES = ("ring", "tournament")
 ON_ERROR = ("raise", "skip")
 EARLY_STOP_METRICS = ("mrr", "hits@1", "hits@10", "auc", "mr")  # early_stopping.METRICS
 REGULARIZERS = ("l2", "n3")  # regularizers.REGULARIZERS
@@ -194,6 +195,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Devices the working tables are sharded over (0: every visible device, on
   # every host). See sharding.py for the ring schedule.
   c.mesh.num_devices = 0
+  # How a bucket's rounds share rows among the devices: "ring" (G rounds; a
+  # type that is source and target of the bucket gets two devices' updates
+  # summed) or "tournament" (2G - 1 rounds, no row on two devices at once:
+  # G devices train what one device trains; twhin_jax/device_schedule.py).
+  c.mesh.schedule = "ring"
 
   c.storage = ml_collections.ConfigDict()
   c.storage.driver = storage.DEFAULT_DRIVER  # a name registered with storage.register_storage
@@ -426,6 +432,8 @@ def validate(config) -> None:
     _fail("warm_start.l2_to_previous", "needs warm_start.parent (the previous version)")
   if not isinstance(config.mesh.num_devices, int) or config.mesh.num_devices < 0:
     _fail("mesh.num_devices", f"must be an int >= 0, got {config.mesh.num_devices!r}")
+  if config.mesh.get("schedule", "ring") not in MESH_SCHEDULES:
+    _fail("mesh.schedule", f"must be one of {MESH_SCHEDULES}, got {config.mesh.schedule!r}")
   if config.storage.driver not in storage.storage_drivers():
     _fail("storage.driver", f"{config.storage.driver!r} not in {storage.storage_drivers()}")
   if config.storage.zarr_format not in (2, 3):

@@ -66,8 +66,10 @@ def shard_capacity(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int])
 
 
 def layout_for(graph: Graph, dims: dict[str, int], blocks: list[Block], num_shards: int,
-               sub_rows: dict[str, int], capacity: dict[int, int]) -> sharding_lib.WorkingLayout:
-  """Where ``blocks`` sit in the working tables: in order, packed per dim."""
+               sub_rows: dict[str, int], capacity: dict[int, int],
+               schedule: str = "ring") -> sharding_lib.WorkingLayout:
+  """Where ``blocks`` sit in the working tables: in order, packed per dim.
+  ``schedule``: config.mesh.schedule (the ring whenever there is one shard)."""
   by_dim: dict[int, list[Block]] = {}
   offsets, block_sub, block_rows = {}, {}, {}
   for block in blocks:
@@ -77,7 +79,8 @@ def layout_for(graph: Graph, dims: dict[str, int], blocks: list[Block], num_shar
     block_sub[block] = sub_rows[block[0]]
     block_rows[block] = graph.entities[block[0]].partition_rows(block[1])
     members.append(block)
-  return sharding_lib.WorkingLayout(num_shards, by_dim, offsets, block_sub, block_rows, capacity)
+  return sharding_lib.WorkingLayout(num_shards, by_dim, offsets, block_sub, block_rows, capacity,
+                                    schedule if num_shards > 1 else "ring")
 
 
 class Residency:
@@ -90,13 +93,14 @@ class Residency:
 
   def __init__(self, graph: Graph, dims: dict[str, int], tables: storage.TableStore,
                slots: storage.SlotMap, mesh, sub_rows: dict[str, int],
-               anchors: storage.TableStore | None = None):
+               anchors: storage.TableStore | None = None, schedule: str = "ring"):
     self.graph, self.dims, self.tables, self.slots = graph, dims, tables, slots
     self.mesh = mesh
     self.num_shards = mesh.size
     self.local_shards = [g for g, device in enumerate(mesh.devices.flat)
                          if device.process_index == jax.process_index()]
     self.sub_rows = sub_rows
+    self.schedule = schedule  # config.mesh.schedule (WorkingLayout.schedule)
     self.capacity = shard_capacity(graph, dims, sub_rows)
     self.anchors = anchors
     self.layout: sharding_lib.WorkingLayout | None = None
@@ -107,7 +111,7 @@ class Residency:
 
   def layout_of(self, bucket: tuple[int, int]) -> sharding_lib.WorkingLayout:
     return layout_for(self.graph, self.dims, bucket_blocks(self.graph, bucket), self.num_shards,
-                      self.sub_rows, self.capacity)
+                      self.sub_rows, self.capacity, self.schedule)
 
   # -- host copies of partitions -----------------------------------------------
 
@@ -204,7 +208,7 @@ class Residency:
       else:
         pieces[block] = self.read_block(block)
     layout = layout_for(self.graph, self.dims, needed, self.num_shards, self.sub_rows,
-                        self.capacity)
+                        self.capacity, self.schedule)
     tables = {dim: self._upload(layout, pieces, dim, 0) for dim in layout.blocks}
     accs = {dim: self._upload(layout, pieces, dim, 1) for dim in layout.blocks}
     anchor_rows = anchor_weights = {}

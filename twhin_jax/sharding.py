@@ -30,6 +30,13 @@ home rows as sources while another device updates the visiting copy of the
 same rows as targets; the merge sums both updates, like two data-parallel
 workers that exchange deltas (local SGD). With G = 1 there is only round 0,
 and the code path is the single-device one.
+
+``config.mesh.schedule = "tournament"`` replaces the ring with the exact
+schedule of device_schedule.py: every sub-partition halves into two *slots*
+(2G in all), each device holds two slots a round, 2G - 1 rounds pair every
+two slots once, and between rounds the slots move (``Tournament``,
+``slot_moves``); no row is ever on two devices at once, so there is no
+visiting copy and no merge.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from twhin_jax import device_schedule
 
 AXIS = "devices"
 #: Row sharding of the working tables and accumulators.
@@ -102,11 +111,26 @@ class WorkingLayout:
   sub_rows: dict[Block, int]  # block -> rows per sub-partition
   block_rows: dict[Block, int]  # block -> rows of the whole partition
   shard_rows: dict[int, int]  # dim -> rows of one shard (fixed capacity)
+  schedule: str = "ring"  # config.mesh.schedule ("ring" whenever G = 1)
 
   def rows_in_shard(self, block: Block, shard: int) -> int:
     """Rows of sub-partition ``shard`` of ``block`` (0 past the partition's end)."""
     sub = self.sub_rows[block]
     return int(np.clip(self.block_rows[block] - shard * sub, 0, sub))
+
+  # The tournament schedule (device_schedule.py) halves every sub-partition
+  # (sub_rows is even): slot x is half x % 2 of sub-partition x // 2, and a
+  # shard's two halves of a block are its *positions* 0 and 1, rows
+  # [offset, offset + h) and [offset + h, offset + 2h), h = sub_rows / 2.
+
+  def rows_in_slot(self, block: Block, slot: int) -> int:
+    """Rows of slot ``slot`` (0 .. 2G-1) of ``block`` (0 past the partition's end)."""
+    half = self.sub_rows[block] // 2
+    return int(np.clip(self.block_rows[block] - slot * half, 0, half))
+
+  def position_spans(self, dim: int) -> tuple[tuple[int, int], ...]:
+    """(first shard row of position 0, rows per position) of every block of a dim."""
+    return tuple((self.offsets[block], self.sub_rows[block] // 2) for block in self.blocks[dim])
 
 
 # --------------------------------------------------------------------------
@@ -205,6 +229,83 @@ class Ring:
       table, acc = self._finish(home[dim].table, home[dim].acc, rows.table, rows.acc,
                                 *self._snapshots[dim])
       home[dim] = home[dim]._replace(table=table, acc=acc)
+    return home
+
+
+# --------------------------------------------------------------------------
+# Slot moves of the tournament schedule.
+
+
+@functools.lru_cache(maxsize=None)
+def slot_moves(mesh: Mesh, pairs: tuple, spans: tuple):
+  """The slot transfers between two rounds of the tournament schedule:
+  (x [G*R, ...], ...) -> the same arrays with the moved positions replaced
+  (inputs donated).
+
+  ``pairs``: ((source position, target position, ((device, device), ...)), ...)
+  from device_schedule.permutation_pairs; ``spans``: WorkingLayout.position_spans.
+  Every transfer reads the arrays as they were before the move (all moves
+  happen at once); a position that receives nothing keeps its rows."""
+  receivers = [np.asarray([any(b == g for _, b in perm) for g in range(mesh.size)])
+               for _, _, perm in pairs]
+
+  def move(arrays):
+    me = jax.lax.axis_index(AXIS)
+    out = []
+    for x in arrays:
+      new = x
+      for (source, target, perm), receives in zip(pairs, receivers):
+        receives = jnp.asarray(receives)[me]
+        for start, half in spans:
+          moved = jax.lax.ppermute(x[start + source * half:start + (source + 1) * half],
+                                   AXIS, list(perm))
+          at = slice(start + target * half, start + (target + 1) * half)
+          new = new.at[at].set(jnp.where(receives, moved, new[at]))
+      out.append(new)
+    return tuple(out)
+
+  def run(arrays):
+    fn = jax.shard_map(move, mesh=mesh, in_specs=(ROWS,), out_specs=ROWS, check_vma=False)
+    return fn(arrays)
+
+  return jax.jit(run, donate_argnums=0)
+
+
+class Tournament:
+  """The slot placement of one bucket's 2G - 1 tournament rounds over
+  ``home``: dim -> rows (state.Rows: table, acc and optional read-only
+  anchors, which travel with the rows they anchor). Round 0 is the home
+  placement; ``finish`` brings the slots back to it."""
+
+  def __init__(self, mesh: Mesh, layout: WorkingLayout):
+    self.mesh, self.layout = mesh, layout
+    self.plan = device_schedule.tournament(mesh.size)
+    self.round = 0  # the round whose placement the rows are in
+
+  def _move(self, home: dict) -> dict:
+    pairs = tuple(sorted((p, q, tuple(sorted(perm))) for (p, q), perm in
+                         device_schedule.permutation_pairs(self.plan, self.round).items()))
+    self.round = (self.round + 1) % self.plan.num_rounds
+    if not pairs:
+      return home
+    moved = {}
+    for dim, rows in home.items():
+      move = slot_moves(self.mesh, pairs, self.layout.position_spans(dim))
+      leaves = tuple(x for x in rows if x is not None)
+      new = iter(move(leaves))
+      moved[dim] = type(rows)(*(None if x is None else next(new) for x in rows))
+    return moved
+
+  def advance(self, home: dict, to_round: int) -> dict:
+    """``home`` placed for round ``to_round`` (>= the current one)."""
+    while self.round < to_round:
+      home = self._move(home)
+    return home
+
+  def finish(self, home: dict) -> dict:
+    """``home`` back in the home placement (after the last round)."""
+    while self.round != 0:
+      home = self._move(home)
     return home
 
 

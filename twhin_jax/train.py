@@ -21,6 +21,7 @@ a resumed run produces the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -50,8 +51,14 @@ from twhin_jax.graph import Graph
 from twhin_jax import rundir
 from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  # noqa: F401 (re-exported)
 
-#: Config fields that may change when an existing run is resumed.
-RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.")
+#: Sharded calls dispatched ahead of the device on CPU (see Trainer._bound_inflight;
+#: XLA:CPU deadlocks past 32 in-flight multi-device calls with 2 cores).
+MAX_INFLIGHT_CALLS = 8
+#: Config fields that may change when an existing run is resumed (the device
+#: schedule too: between buckets every row is home under either schedule, and
+#: runs made before mesh.schedule existed resume with the default).
+RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.",
+                     "mesh.schedule")
 
 
 load_run_config = rundir.load_config
@@ -107,6 +114,9 @@ class Trainer:
     self.progress = progress and self.primary
     self.mesh = sharding_lib.make_mesh(config.mesh.num_devices)
     self.num_shards = self.mesh.size
+    # config.mesh.schedule: the ring, or the tournament (sharding.Tournament);
+    # one device has one round either way.
+    self.schedule = config.mesh.schedule if self.num_shards > 1 else "ring"
     self.checkpointer = checkpoint_lib.Checkpointer(workdir)
     resuming = self.checkpointer.latest_step() is not None
     self._check_resumable(resuming)
@@ -198,9 +208,12 @@ class Trainer:
   def _residency(self) -> residency_lib.Residency:
     # Rows per sub-partition: aligned to the storage chunks when several hosts
     # write the same partition (never two hosts in one chunk).
+    # The tournament halves every sub-partition into two slots: an even size.
     align = jax.process_count() > 1
+    even = 2 if self.schedule == "tournament" else 1
     sub_rows = {t: sharding_lib.sub_partition_rows(
-        info.partition_size, self.num_shards, self.tables.chunk[t] if align else 1)
+        info.partition_size, self.num_shards,
+        math.lcm(self.tables.chunk[t] if align else 1, even))
         for t, info in self.graph.entities.items()}
     # L2-to-previous anchors (versions.py), loaded beside the working tables.
     self.anchor_strength = float(self.config.warm_start.l2_to_previous)
@@ -212,7 +225,7 @@ class Trainer:
           zarr_format=self.config.storage.zarr_format, create=False,
           sub_partitions=self.num_shards, num_slots=1)
     return residency_lib.Residency(self.graph, self.dims, self.tables, self.slots, self.mesh,
-                                   sub_rows, anchors)
+                                   sub_rows, anchors, self.schedule)
 
   @property
   def rel_state(self) -> dict:
@@ -275,7 +288,10 @@ class Trainer:
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
     """Trains the resident bucket from its prepared ``calls`` [(round, call)]:
-    G rounds of the ring (one round with one device). Returns (loss, edges)."""
+    G rounds of the ring (one round with one device), or the 2G - 1 rounds of
+    the tournament, where every round is the plain one-table step on the
+    slots each device holds and the slots move between rounds
+    (sharding.Tournament). Returns (loss, edges)."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.train.seed), epoch),
                              index)
     key = sharding_lib.global_array(np.asarray(jax.random.key_data(key)), self.mesh)
@@ -283,23 +299,33 @@ class Trainer:
         sharding_lib.AXIS))
     state = state_lib.TrainState(self.residency.home, {}, self._rel_state["params"],
                                  self._rel_state["opt"])
+    tournament = self.schedule == "tournament"
     ring = sharding_lib.Ring(self.mesh)
+    slots = sharding_lib.Tournament(self.mesh, self.residency.layout) if tournament else None
     total_loss, total_edges, step_in_bucket = [], [], 0
     for k, call in calls:
-      state = state._replace(visiting=ring.advance(state.home, state.visiting, k))
+      if tournament:
+        state = state._replace(home=slots.advance(state.home, k))
+        visiting = False
+      else:
+        state = state._replace(visiting=ring.advance(state.home, state.visiting, k))
+        visiting = k > 0
       batch = call.batch._replace(step_index=np.broadcast_to(np.arange(
           step_in_bucket, step_in_bucket + batching.STEPS_PER_CALL, dtype=np.int32),
           (self.num_shards, batching.STEPS_PER_CALL)))
       batch = jax.tree_util.tree_map(
           lambda x: sharding_lib.global_array(x, self.mesh, batch_sharding), batch)
       step_in_bucket += batching.STEPS_PER_CALL
-      new, loss, edges = self._step_fn(call.group, k > 0)(
-          state.for_group(call.group, k > 0), batch, key)
+      new, loss, edges = self._step_fn(call.group, visiting)(
+          state.for_group(call.group, visiting), batch, key)
       state = state.with_group(call.group, new)
       total_loss.append(loss)
       total_edges.append(edges)
+      self._bound_inflight(total_loss)
     home = state.home
-    if self.num_shards > 1:
+    if tournament:  # home, where the next bucket or a checkpoint expects the rows
+      home = slots.finish(home)
+    elif self.num_shards > 1:
       home = ring.finish(home, ring.advance(home, state.visiting, self.num_shards - 1))
     self.residency.home = home
     self._rel_state = {"params": state.rel_params, "opt": state.rel_opt}
@@ -307,6 +333,19 @@ class Trainer:
     loss = sum(float(sharding_lib.host_copy(x)) for x in total_loss)
     edges = sum(int(sharding_lib.host_copy(x)) for x in total_edges)
     return loss, edges
+
+  def _bound_inflight(self, results: list) -> None:
+    """Waits for the call MAX_INFLIGHT_CALLS back when several CPU devices share
+    this process (docs/architecture.md, "Fixed: several fake CPU devices"):
+    XLA:CPU launches each device's part of a multi-device program on a pool of
+    max(cores, devices) threads, and a launch that finds its device's 32
+    in-flight computations taken blocks its thread; with every other thread
+    inside an all-reduce waiting for that device, nothing moves again.
+    Dispatching at most a few calls ahead keeps the launches from ever
+    blocking."""
+    if (self.num_shards > 1 and self.mesh.devices.flat[0].platform == "cpu"
+        and len(results) > MAX_INFLIGHT_CALLS):
+      results[-MAX_INFLIGHT_CALLS - 1].block_until_ready()
 
   def run(self, stop_after_buckets: int | None = None) -> list[dict]:
     """Trains the remaining epochs; returns the per-epoch history."""
