@@ -107,8 +107,12 @@ class Trainer:
     resuming = self.checkpointer.latest_step() is not None
     self._check_resumable(resuming)
     if self.primary:
-      with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      # Written aside and renamed: the other processes may be reading the
+      # old one (_check_resumable) at this moment.
+      partial = os.path.join(workdir, f".{CONFIG_FILE}.{os.getpid()}")
+      with open(partial, "w") as f:
         json.dump(config_lib.to_json_dict(config), f, indent=1, sort_keys=True)
+      os.replace(partial, os.path.join(workdir, CONFIG_FILE))
       self.graph = prepare_graph(config, workdir, self.progress)
     distributed.sync("graph imported")
     if not self.primary:
