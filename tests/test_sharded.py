@@ -238,11 +238,13 @@ def test_large_buckets_are_prepared_in_slices(tiny_graph, monkeypatch):
   bucket = (0, 1)
   dims, working, layout, _ = bucket_setup(config, graph, 1, bucket)
   monkeypatch.setattr(batching, "SLICE_EDGES", 500)
+  monkeypatch.setattr(batching, "READ_BLOCK_EDGES", 100)  # slices of 5 runs of 100 edges
+  monkeypatch.setattr(batching, "RUNS_PER_SLICE", 5)
   assert graph.bucket_sizes()[bucket] > 3 * 500
 
-  def edges_of_run():
+  def edges_of_run(seed_path=(0, 0, 0)):
     out = []
-    for _, call in batching.prepare_bucket(graph, layout, working, bucket, config, (0, 0, 0)):
+    for _, call in batching.prepare_bucket(graph, layout, working, bucket, config, seed_path):
       real = call.batch.weight[0] > 0
       out.append(np.stack([call.batch.src[0][real], call.batch.dst[0][real]], axis=1))
     return np.concatenate(out)
@@ -250,3 +252,7 @@ def test_large_buckets_are_prepared_in_slices(tiny_graph, monkeypatch):
   first, second = edges_of_run(), edges_of_run()
   np.testing.assert_array_equal(first, second)
   assert len(first) == graph.bucket_sizes()[bucket]
+  # Another seed: the same edges (as a multiset of row pairs) in another order.
+  other = edges_of_run((0, 0, 1))
+  assert not np.array_equal(first, other)
+  assert sorted(map(tuple, first.tolist())) == sorted(map(tuple, other.tolist()))

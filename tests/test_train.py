@@ -192,3 +192,29 @@ def test_export_cli_writes_every_type(demo_run, tmp_path, capsys):
     relations = json.load(f)
   assert len(relations["relations"] if isinstance(relations, dict) else relations) == len(
       trainer.graph.relations)
+
+
+def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):
+  """A fresh process that trains nothing but jits one function leaves a
+  program in TWHIN_JAX_CACHE_DIR; "off" leaves JAX without a cache directory."""
+  script = ("import jax, jax.numpy as jnp\n"
+            "from twhin_jax import train\n"
+            "print(train.enable_compilation_cache())\n"
+            "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(7.0)).block_until_ready()\n"
+            "print(jax.config.jax_compilation_cache_dir)\n")
+  cache = tmp_path / "cache"
+  env = dict(os.environ, TWHIN_JAX_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300, check=True)
+  assert out.stdout.split() == [str(cache), str(cache)]
+  assert any(cache.iterdir()), "no compiled program was written"
+  env[train_lib.COMPILATION_CACHE_ENV] = "off"
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300, check=True)
+  assert out.stdout.split() == ["None", "None"]
+  env.pop(train_lib.COMPILATION_CACHE_ENV)
+  env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300, check=True)
+  assert out.stdout.split()[0] == str(tmp_path / "xdg" / "twhin_jax" / "jax_cache")

@@ -33,10 +33,18 @@ from twhin_jax.graph import Graph
 #: Steps per jitted call (lax.scan length): amortises dispatch (measured ~2x
 #: faster than one step per call on 2 CPU cores).
 STEPS_PER_CALL = 16
-#: Buckets larger than this many edges are prepared in slices, in parallel
-#: threads (one device; see prepare_bucket).
+#: Buckets larger than this many edges stream in slices (one device; see
+#: prepare_bucket); smaller ones are shuffled and packed whole.
 SLICE_EDGES = 2_000_000
+#: A streamed bucket's slices: READ_BLOCK_EDGES-edge runs, RUNS_PER_SLICE of
+#: them (about 1M edges: a partly filled call per group and slice wastes
+#: under 2% of the steps).
+READ_BLOCK_EDGES = 65_536
+RUNS_PER_SLICE = 16
 PREP_THREADS = min(8, os.cpu_count() or 1)
+#: Slices being prepared at once (about 120 bytes per edge each, so 2 slices
+#: of 1M edges take about 0.25 GB of the fixed memory budget).
+SLICES_IN_FLIGHT = 2
 
 
 @dataclasses.dataclass
@@ -67,31 +75,40 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   slots take in that round.
   """
   rng = np.random.default_rng(list(seed_path))
-  edges = graph.bucket_edges(*bucket)
+  edges = graph.bucket_edges(*bucket)  # memory-mapped: read as the slices need them
   num_edges = len(edges["src"])
   if num_edges == 0:
     return
-  order = rng.permutation(num_edges)
   if working.num_shards > 1 or num_edges <= SLICE_EDGES:
+    order = rng.permutation(num_edges)
     yield from _BucketPacker(graph, layout, working, bucket, config, edges, order).calls(rng)
     return
-  # A large bucket on one device: its shuffled order splits into slices
-  # (each a uniform random subset of the edges, like a smaller bucket),
-  # prepared in parallel threads (numpy releases the GIL) and trained one
-  # after another. With several devices the rounds must stay in order, and
-  # the G x G sub-buckets already keep the pieces small.
-  slices = np.array_split(order, -(-num_edges // SLICE_EDGES))
+  # A large bucket on one device streams in slices, so that only the slices
+  # in flight are in memory, never a shuffled copy of the whole bucket: its
+  # edges split into runs of READ_BLOCK_EDGES consecutive edges, a seeded
+  # permutation of the runs is cut into slices of RUNS_PER_SLICE runs
+  # (each a random set of runs from all over the bucket), and every slice is
+  # shuffled by its own seed, prepared in a thread (numpy releases the GIL)
+  # and trained after the one before. With several devices the rounds must
+  # stay in order, and the G x G sub-buckets already keep the pieces small.
+  runs = rng.permutation(-(-num_edges // READ_BLOCK_EDGES))
+  slices = [np.sort(runs[i:i + RUNS_PER_SLICE]) for i in range(0, len(runs), RUNS_PER_SLICE)]
   seeds = rng.integers(2 ** 63, size=len(slices))
-  workers = max(1, min(PREP_THREADS, len(slices)))
+  workers = max(1, min(PREP_THREADS, SLICES_IN_FLIGHT, len(slices)))
 
-  def prepare_slice(piece, seed):
-    packer = _BucketPacker(graph, layout, working, bucket, config, edges, piece)
-    return list(packer.calls(np.random.default_rng(seed)))
+  def prepare_slice(slice_runs, seed):
+    slice_rng = np.random.default_rng(seed)
+    index = np.concatenate([np.arange(run * READ_BLOCK_EDGES,
+                                      min((run + 1) * READ_BLOCK_EDGES, num_edges))
+                            for run in slice_runs])
+    order = index[slice_rng.permutation(len(index))]
+    packer = _BucketPacker(graph, layout, working, bucket, config, edges, order)
+    return list(packer.calls(slice_rng))
 
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     pending = collections.deque()
-    for piece, seed in zip(slices, seeds):
-      pending.append(pool.submit(prepare_slice, piece, seed))
+    for slice_runs, seed in zip(slices, seeds):
+      pending.append(pool.submit(prepare_slice, slice_runs, seed))
       if len(pending) >= workers:
         yield from pending.popleft().result()
     while pending:

@@ -5,9 +5,19 @@ the target type's partition j (partition 0 of a type that is not
 partitioned). Only those are resident: per embedding dimension they form one
 row-sharded *working table* (sharding.WorkingLayout: sub-partition g of every
 resident partition on device g, at a fixed offset). ``Residency.load`` swaps
-the set for the next bucket, writing evicted partitions back to TensorStore
-(into the uncommitted slot, storage.SlotMap) while the next bucket's
-partitions are read ahead by ``prefetch`` in a thread pool.
+the set for the next bucket:
+
+  evicted    its rows are copied to the host and written back to TensorStore
+             (into the uncommitted slot, storage.SlotMap) in the background
+  kept       moved inside device memory to its new offset (or left in place);
+             never copied through the host
+  new        read and put on the devices by ``prefetch`` in a thread while
+             the previous bucket trains (after the evicted partitions' writes
+             finished, so one partition is in transit at a time)
+
+Memory: the two resident partitions per type (working tables and Adagrad
+state), one partition in transit, and the fixed budget of the runtime and
+the batches in flight.
 
 With several processes each process reads and writes only its own devices'
 sub-partitions (``local_shards``).
@@ -16,6 +26,7 @@ sub-partitions (``local_shards``).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 
 import jax
 import numpy as np
@@ -29,6 +40,12 @@ from twhin_jax.graph import Graph
 Block = storage.Block
 #: shard -> (rows [n, d], accumulators [n]) of one partition's sub-partitions.
 Pieces = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _rows_at(x: jax.Array, start, count: int) -> jax.Array:
+  """Rows [start, start + count) of one device's array, as a new array."""
+  return jax.lax.dynamic_slice_in_dim(x, start, count)
 
 
 def partition_of(graph: Graph, entity_type: str, bucket_side: int) -> int:
@@ -139,24 +156,22 @@ class Residency:
       pieces[g] = (table[a:b], acc[a:b])
     return pieces
 
-  def _host_shards(self) -> dict[int, Pieces]:
-    """dim -> shard -> (table, acc) numpy views of this process's shards."""
-    out = {}
-    for dim, rows in self.home.items():
-      accs = {s.index[0].start or 0: s.data for s in rows.acc.addressable_shards}
-      out[dim] = {}
-      for shard in rows.table.addressable_shards:
-        start = shard.index[0].start or 0
-        out[dim][start // self.capacity[dim]] = (np.asarray(shard.data), np.asarray(accs[start]))
-    return out
+  def _extract(self, block: Block) -> Pieces:
+    """Host copies of one resident partition's rows (this process's shards).
 
-  def _extract(self, block: Block, host_shards) -> Pieces:
-    dim = self.dims[block[0]]
+    Slices first (on the device), then copies: the working table itself is
+    never viewed from the host, so it stays free to be donated."""
+    rows = self.home[self.dims[block[0]]]
     start = self.layout.offsets[block]
+    accs = {s.index[0].start or 0: s.data for s in rows.acc.addressable_shards}
     pieces = {}
-    for g, (table, acc) in host_shards[dim].items():
-      rows = self.layout.rows_in_shard(block, g)
-      pieces[g] = (table[start:start + rows].copy(), acc[start:start + rows].copy())
+    for shard in rows.table.addressable_shards:
+      begin = shard.index[0].start or 0
+      g = begin // self.capacity[self.dims[block[0]]]
+      count = self.layout.rows_in_shard(block, g)
+      sub = self.sub_rows[block[0]]  # one program per type, whatever the shard holds
+      pieces[g] = (np.array(_rows_at(shard.data, start, sub))[:count],
+                   np.array(_rows_at(accs[begin], start, sub))[:count])
     return pieces
 
   def _write_back(self, block: Block, pieces: Pieces) -> None:
@@ -169,82 +184,109 @@ class Residency:
         futures.extend(self.tables.write_rows(block, slot, g * sub, table, acc))
     self.pending_writes[block] = futures
 
+  def _upload(self, block: Block, pieces: Pieces) -> tuple[jax.Array, jax.Array]:
+    """One partition as row-sharded device arrays [G * sub, d] and [G * sub]:
+    sub-partition g on device g (zero rows past the partition's end)."""
+    sub, dim = self.sub_rows[block[0]], self.dims[block[0]]
+
+    def column(index):
+      def shard(where):
+        part = pieces[(where[0].start or 0) // sub][index]
+        if len(part) == sub:
+          return part
+        out = np.zeros((sub, dim) if index == 0 else (sub,), np.float32)
+        out[:len(part)] = part
+        return out
+      shape = (self.num_shards * sub, dim) if index == 0 else (self.num_shards * sub,)
+      return jax.make_array_from_callback(shape, sharding_lib.row_sharding(self.mesh), shard)
+
+    return column(0), column(1)
+
+  def _fetch(self, block: Block, writes=()) -> tuple[jax.Array, jax.Array]:
+    """Reads one partition and puts it on the devices. ``writes``: futures to
+    wait for first, so an evicted partition's host copy is gone before the
+    next one is read (one partition in transit, not two)."""
+    for future in writes:
+      future.result()
+    return self._upload(block, self.read_block(block))
+
   # -- swapping -----------------------------------------------------------------
 
   def prefetch(self, bucket: tuple[int, int]) -> None:
-    """Starts reading the partitions of ``bucket`` that are not resident."""
+    """Starts reading the partitions of ``bucket`` that are not resident, in
+    the background, onto the devices."""
     resident = set(self.layout.offsets) if self.layout else set()
+    writes = [f for futures in self.pending_writes.values() for f in futures]
     # Partitions that the switch will evict are written back first; reading
     # them here would race with that write, so leave them to load().
-    self._prefetched = {block: self.io_pool.submit(self.read_block, block)
+    self._prefetched = {block: self.io_pool.submit(self._fetch, block, writes)
                         for block in bucket_blocks(self.graph, bucket)
                         if block not in resident and block not in self.pending_writes}
 
   def load(self, bucket: tuple[int, int]) -> None:
-    """Makes the bucket's partitions resident, writing back the others."""
+    """Makes the bucket's partitions resident: evicted ones are written back
+    (in the background), kept ones move inside device memory, new ones come
+    from the prefetch (or are read now)."""
     needed = bucket_blocks(self.graph, bucket)
     prefetched, self._prefetched = self._prefetched, {}
     if self.layout is not None and sorted(self.layout.offsets) == needed:
       return
-    kept = {}
-    if self.layout is not None:
-      host_shards = self._host_shards()
-      for block in list(self.layout.offsets):
-        pieces = self._extract(block, host_shards)
-        if block in needed:
-          kept[block] = pieces
-        else:
-          self._write_back(block, pieces)
-      # Every row now lives in a host copy: drop the old working tables before
-      # the new ones are built (peak memory is counted in partitions).
-      del host_shards
-      self.home = {}
-    pieces = {}
+    old_layout = self.layout
+    kept = [b for b in needed if old_layout is not None and b in old_layout.offsets]
+    for block in (old_layout.offsets if old_layout is not None else ()):
+      if block not in needed:
+        self._write_back(block, self._extract(block))
+    loaded = {}
     for block in needed:
-      if block in kept:
-        pieces[block] = kept[block]
-      elif block in prefetched:
-        pieces[block] = prefetched.pop(block).result()
-      else:
-        pieces[block] = self.read_block(block)
+      if block not in kept:
+        loaded[block] = (prefetched.pop(block).result() if block in prefetched
+                         else self._fetch(block))
+    anchors = {}
+    if self.anchors is not None:
+      # The previous version's rows (static: never written back).
+      anchors = {block: self._upload(block, self.read_block(block, self.anchors))
+                 for block in needed if block not in kept}
     layout = layout_for(self.graph, self.dims, needed, self.num_shards, self.sub_rows,
                         self.capacity, self.schedule)
-    tables = {dim: self._upload(layout, pieces, dim, 0) for dim in layout.blocks}
-    accs = {dim: self._upload(layout, pieces, dim, 1) for dim in layout.blocks}
-    anchor_rows = anchor_weights = {}
-    if self.anchors is not None:
-      # The previous version's rows in the same layout (static: never written).
-      anchor_pieces = {block: self.read_block(block, self.anchors) for block in needed}
-      anchor_rows = {dim: self._upload(layout, anchor_pieces, dim, 0) for dim in layout.blocks}
-      anchor_weights = {dim: self._upload(layout, anchor_pieces, dim, 1) for dim in layout.blocks}
-    self.home = {dim: state_lib.Rows(tables[dim], accs[dim], anchor_rows.get(dim),
-                                     anchor_weights.get(dim)) for dim in layout.blocks}
-    self.layout = layout
+    home = {}
+    for dim in layout.blocks:
+      old = self.home.get(dim)
+      rows = self._relayout(dim, old and (old.table, old.acc), old_layout, layout, kept, loaded)
+      anchor = (None, None)
+      if self.anchors is not None:
+        anchor = self._relayout(dim, old and (old.anchor, old.anchor_weight), old_layout,
+                                layout, kept, anchors)
+      home[dim] = state_lib.Rows(*rows, *anchor)
+    self.home, self.layout = home, layout
 
-  def _upload(self, layout: sharding_lib.WorkingLayout, pieces: dict[Block, Pieces], dim: int,
-              column: int) -> jax.Array:
-    """One dim's sharded working table (column 0) or accumulators (1) from host pieces."""
-    capacity = self.capacity[dim]
+  def _relayout(self, dim: int, old, old_layout, layout, kept, loaded):
+    """(table, acc) of one dim in ``layout``: kept blocks moved from ``old``
+    (donated), loaded blocks written from their device copies."""
+    rows = self.num_shards * self.capacity[dim]
+    if old is None:
+      old = (sharding_lib.zeros(self.mesh, (rows, dim))(), sharding_lib.zeros(self.mesh, (rows,))())
+    moves = [(old_layout.offsets[b], layout.offsets[b], self.sub_rows[b[0]])
+             for b in kept if self.dims[b[0]] == dim
+             and old_layout.offsets[b] != layout.offsets[b]]
+    loads = [(layout.offsets[b], loaded[b]) for b in layout.blocks[dim] if b in loaded]
+    if not moves and not loads:
+      return old
+    fn = sharding_lib.relayout(self.mesh, tuple(m[2] for m in moves), len(loads))
 
-    def shard_of(g):
-      out = np.zeros((capacity, dim) if column == 0 else (capacity,), np.float32)
-      for block in layout.blocks[dim]:
-        part = pieces[block][g][column]
-        start = layout.offsets[block]
-        out[start:start + len(part)] = part
-      return out
+    def offsets(values):
+      return sharding_lib.global_array(np.asarray(values, np.int32).reshape(-1), self.mesh)
 
-    size = self.num_shards * capacity
-    return jax.make_array_from_callback(
-        (size, dim) if column == 0 else (size,), sharding_lib.row_sharding(self.mesh),
-        lambda index: shard_of((index[0].start or 0) // capacity))
+    return fn(*old, offsets([m[0] for m in moves]), offsets([m[1] for m in moves]),
+              offsets([at for at, _ in loads]), *[p[0] for _, p in loads],
+              *[p[1] for _, p in loads])
 
   def flush(self) -> None:
-    """Writes every resident partition back and waits for all writes (of all hosts)."""
-    if self.layout is not None:
-      host_shards = self._host_shards()
-      for block in list(self.layout.offsets):
-        self._write_back(block, self._extract(block, host_shards))
+    """Writes every resident partition back (one at a time, so at most one
+    partition's host copy exists) and waits for all writes (of all hosts)."""
+    for block in list(self.layout.offsets) if self.layout is not None else ():
+      self._write_back(block, self._extract(block))
+      for future in self.pending_writes.pop(block):
+        future.result()
     for block in list(self.pending_writes):
       for future in self.pending_writes.pop(block):
         future.result()

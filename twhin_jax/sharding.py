@@ -307,6 +307,40 @@ class Tournament:
     while self.round != 0:
       home = self._move(home)
     return home
+@functools.lru_cache(maxsize=None)
+def relayout(mesh: Mesh, move_rows: tuple[int, ...], num_loads: int):
+  """jitted (table, acc, move_from [k], move_to [k], load_at [m], *load_tables,
+  *load_accs) -> (table, acc), on every shard at once:
+
+    rows [from_i, from_i + n_i) move to [to_i, to_i + n_i)   (n_i = move_rows[i];
+                                                             all read before any write)
+    load piece j [n_j, ...] is written at rows [at_j, at_j + n_j)
+
+  ``table`` and ``acc`` are donated: a partition that stays resident is
+  moved inside device memory, never copied through the host. Offsets are
+  traced (one program per shape of the move, not per bucket).
+  """
+  def local(table, acc, move_from, move_to, load_at, *pieces):
+    moved = [(jax.lax.dynamic_slice_in_dim(table, move_from[i], rows),
+              jax.lax.dynamic_slice_in_dim(acc, move_from[i], rows))
+             for i, rows in enumerate(move_rows)]
+    for i, (rows_i, acc_i) in enumerate(moved):
+      table = jax.lax.dynamic_update_slice_in_dim(table, rows_i, move_to[i], 0)
+      acc = jax.lax.dynamic_update_slice_in_dim(acc, acc_i, move_to[i], 0)
+    for j in range(num_loads):
+      table = jax.lax.dynamic_update_slice_in_dim(table, pieces[j], load_at[j], 0)
+      acc = jax.lax.dynamic_update_slice_in_dim(acc, pieces[num_loads + j], load_at[j], 0)
+    return table, acc
+
+  in_specs = (ROWS, ROWS, REPLICATED, REPLICATED, REPLICATED) + (ROWS,) * (2 * num_loads)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(ROWS, ROWS),
+                               check_vma=False), donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def zeros(mesh: Mesh, shape: tuple[int, ...]):
+  """A row-sharded float32 array of zeros, made on the devices."""
+  return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=row_sharding(mesh))
 
 
 def describe(tree) -> dict[str, str]:
