@@ -37,9 +37,9 @@ def test_kg_recipe_stops_on_validation_and_beats_the_tuned_config(tmp_path):
   stopping) on Kinship: it must stop by itself, end on its best epoch, and
   rank better than the per-dataset config above. Measured: test MRR 0.806,
   stopped after 30 epochs (best 26)."""
-  from twhin_jax import datasets
+  from twhin_jax import config_builders
   from twhin_jax import recipes
-  config = recipes.apply(datasets.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship"), "kg")
+  config = recipes.apply(config_builders.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship"), "kg")
   trainer = train_lib.train(config, str(tmp_path / "kinship_recipe"), progress=False)
   metrics = trainer.evaluate("test", progress=False)
   trainer.close()

@@ -73,6 +73,7 @@ def test_step_adds_the_penalty_gradient():
   """The training step's gradient with model.regularization = lambda differs
   from the unregularised one by exactly lambda * dOmega/drow on the rows of
   the positive edges (n3; step.py's hook)."""
+  from twhin_jax import state as state_lib
   from twhin_jax import step as step_lib
   rng = np.random.default_rng(0)
   rows, d, c, lam = 12, 6, 4, 0.3
@@ -90,9 +91,9 @@ def test_step_adds_the_penalty_gradient():
                                    reciprocal=True, regularization=regularization,
                                    regularizer="n3")
     params = jnp.asarray(rng.normal(size=(2, d)).astype(np.float32))
-    state = step_lib.init_group_state(jnp.asarray(table.copy()), jnp.zeros(rows), params, 1e-9)
+    state = state_lib.init_step_state(jnp.asarray(table.copy()), jnp.zeros(rows), params, 1e-9)
     new, _, _ = fn(state, batch, jax.random.key(0))
-    return np.asarray(new.table), np.asarray(new.row_state.acc)
+    return np.asarray(new.home.table), np.asarray(new.home.acc)
 
   rng = np.random.default_rng(1)
   plain_table, plain_acc = updated(0.0)
