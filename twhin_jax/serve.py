@@ -56,9 +56,11 @@ cannot hold a connection, and never holds a thread). Errors are JSON
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib.util
 import json
 import logging
@@ -80,6 +82,8 @@ MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 10.0  # seconds to receive one whole request (headers and body)
 KEEP_ALIVE_TIMEOUT = 5  # seconds of silence before an idle keep-alive connection is closed
 MAX_HEADER_BYTES = 64 * 1024
+#: Seconds after a reload before the old snapshot's memory is returned (Service._return_freed_memory).
+RELEASE_AFTER_SECONDS = 3.0
 # Event-loop threads (see HttpServer): one per core, at most 8; the
 # environment variable TWHIN_SERVE_LOOPS overrides it.
 LOOPS = int(os.environ.get("TWHIN_SERVE_LOOPS", min(8, os.cpu_count() or 1)))
@@ -173,6 +177,20 @@ class Service:
 
   # -- versions ---------------------------------------------------------------
 
+  @staticmethod
+  def _return_freed_memory() -> None:
+    """Collects the old snapshot and hands glibc's freed heap back to the OS.
+
+    Without it the server's RSS stepped up by the size of one snapshot at
+    every reload (538 -> 612 MB on the demo run) and levelled off only after
+    three reloads: glibc keeps freed arenas for reuse. Run a few seconds after
+    the swap, when requests that still held the old snapshot have finished."""
+    gc.collect()
+    try:
+      ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+      pass
+
   def reload(self, force: bool = False) -> dict:
     """Loads the run's latest checkpoint if it differs from the serving one
     (or ``force``), then swaps the snapshot reference. Serialised: a second
@@ -190,6 +208,7 @@ class Service:
         log.exception("reload failed; still serving %s", old.version_id)
         raise
       self.snapshot = new  # the atomic swap
+      threading.Timer(RELEASE_AFTER_SECONDS, self._return_freed_memory).start()
       self.reloads += 1
       self.last_reload_error = None
       log.info("now serving %s step %s (was %s step %s)", new.version_id,
