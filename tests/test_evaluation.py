@@ -393,3 +393,41 @@ def test_rejects_mismatched_tables(tmp_path):
   with pytest.raises(ValueError, match="rows"):
     evaluation.evaluate(graph, {"node": emb["node"][:-1]}, layout.init_params(), layout,
                         config, "test", progress=False)
+
+
+def test_eval_reports_edges_with_entities_unseen_in_train(demo_run_d16):
+  """`twhin eval` says how many edges of the split rank an entity that no train
+  edge touched (counted independently here from degrees and the split)."""
+  from twhin_jax import rundir
+  run = rundir.open_run(demo_run_d16)
+  metrics = evaluation.evaluate_run(run, "test", progress=False, max_triples=50)
+  edges = run.graph.split_edges("test")
+  unseen = 0
+  for src, rel, dst in zip(edges["src"], edges["rel"], edges["dst"]):
+    relation = run.graph.relations[int(rel)]
+    if (run.graph.degrees(relation.source)[src] == 0
+        or run.graph.degrees(relation.target)[dst] == 0):
+      unseen += 1
+  assert metrics["edges_with_unseen_entities"] == unseen
+
+
+def test_eval_counts_an_unseen_test_entity(tmp_path):
+  """A test edge to an entity with no train edge is counted by the import and
+  reported by evaluate_run (1 here, not 0)."""
+  from test_import import make_config, write_text
+  from twhin_jax import rundir
+  from twhin_jax import train as train_lib
+  train = write_text(tmp_path / "train.tsv", ["a\tlikes\tb", "b\tlikes\tc", "c\tknows\ta"])
+  test = write_text(tmp_path / "test.tsv", ["a\tlikes\tnew", "b\tknows\tc"])
+  config = make_config([config_lib.file_spec(train),
+                        config_lib.file_spec(test, split="test")])
+  config.model.dim = 4
+  config.train.epochs = 1
+  config.train.eval_every_epochs = 0
+  config.negatives.chunk_size = 2
+  config.negatives.num_uniform = 2
+  config.train.batch_size = 2
+  workdir = str(tmp_path / "run")
+  train_lib.train(config, workdir, progress=False).close()
+  metrics = evaluation.evaluate_run(rundir.open_run(workdir), "test", progress=False)
+  assert metrics["edges_with_unseen_entities"] == 1

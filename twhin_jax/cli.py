@@ -198,6 +198,10 @@ def cmd_eval(args, overrides):
     print(json.dumps(metrics))
   else:
     print(f"\n{evaluation.describe_ranking(metrics['ranking'])} on {args.split}\n")
+    if metrics["edges_with_unseen_entities"]:
+      print(f"{metrics['edges_with_unseen_entities']:,} {args.split} edges have an entity that "
+            "never occurs in train (untrained vectors; data.drop_unseen_eval_entities drops "
+            "them at import)\n")
     print(reporting.metrics_table(metrics))
 
 

@@ -610,4 +610,9 @@ def evaluate_run(run, split: str, *, progress: bool = True,
                      split, progress=progress, max_triples=max_triples)
   metrics["split"] = split
   metrics["ranking"] = ranking_kind(run.config)
+  # Edges whose entity never occurs in train rank with an untrained vector;
+  # the import counts them (data.drop_unseen_eval_entities drops them).
+  quality = run.graph.manifest.get("quality", {})
+  metrics["edges_with_unseen_entities"] = int(
+      quality.get("eval_edges_with_unseen_entities", {}).get(split, 0))
   return metrics
