@@ -100,23 +100,14 @@ def network_config(config, network: dict):
   the entity types they touch, and no networks of its own."""
   keep = set(network["relations"])
   sub = copy.deepcopy(config)
-  with sub.unlocked() if hasattr(sub, "unlocked") else _nullcontext():
-    sub.relations = [dict(r) for r in config.relations if r["name"] in keep]
-    used = {r["source"] for r in sub.relations} | {r["target"] for r in sub.relations}
-    for entity_type in list(sub.entities.keys()):
-      if entity_type not in used:
-        del sub.entities[entity_type]
-    sub.networks = []
-    sub.name = f"{config.name}-{network['name']}"
+  sub.relations = [dict(r) for r in config.relations if r["name"] in keep]
+  used = {r["source"] for r in sub.relations} | {r["target"] for r in sub.relations}
+  for entity_type in list(sub.entities.keys()):
+    if entity_type not in used:
+      del sub.entities[entity_type]
+  sub.networks = []
+  sub.name = f"{config.name}-{network['name']}"
   return sub
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def high_coverage(manifest: dict, relation: str, threshold: float = HIGH_COVERAGE) -> bool:
