@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""The small knowledge graphs of docs/results.md, measured by one command.
+"""The knowledge graphs of docs/results.md, measured by one command.
 
-Trains Kinship, Nations and UMLS with their shipped configs (configs/NAME.py,
-early stopping on validation MRR), evaluates the test split with filtered
+Trains Kinship, Nations and UMLS (by default; any shipped config
+``NAME[:VARIANT]``, e.g. ``fb15k237:complex_diagonal``) with their shipped
+configs (configs/NAME.py, early stopping on validation MRR), evaluates the
+test split with filtered
 ranking, prints a Markdown table, and writes the raw records beside the docs
 (``--out``, default docs/results/kg_small.jsonl) so the table in the docs is
 the committed output of this script, not a number typed in by hand.
 
   TWHIN_DATA_DIR=../shared/data python tools/kg_small.py
   python tools/kg_small.py --datasets nations --workdir /tmp/kg --out /tmp/kg.jsonl
+  python tools/kg_small.py --datasets fb15k237:translation,fb15k237:complex_diagonal \
+      --out docs/results/fb15k237_operators.jsonl
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import jax  # noqa: E402
+
 from twhin_jax import config as config_lib  # noqa: E402
 from twhin_jax import evaluation  # noqa: E402
 from twhin_jax import rundir  # noqa: E402
@@ -33,7 +39,10 @@ COLUMNS = ("mrr", "mr", "hits@1", "hits@3", "hits@10")
 
 
 def measure(name: str, workdir: str) -> dict:
-  config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+  """``name``: a shipped config, ``NAME`` or ``NAME:VARIANT`` (configs/NAME.py)."""
+  module, _, variant = name.partition(":")
+  config_path = os.path.join("configs", f"{module}.py") + (f":{variant}" if variant else "")
+  config = config_lib.load_config(os.path.join(ROOT, config_path))
   started = time.perf_counter()
   trainer = train_lib.train(config, workdir, progress=False)
   seconds = time.perf_counter() - started
@@ -43,8 +52,9 @@ def measure(name: str, workdir: str) -> dict:
   metrics = evaluation.evaluate_run(rundir.open_run(workdir), "test", progress=False)
   return {"dataset": name, **{k: float(metrics[k]) for k in COLUMNS},
           "epochs_run": epochs_run, "best_epoch": best_epoch, "seconds": round(seconds, 1),
-          "config": f"configs/{name}.py", "operator": config.relations[0]["operator"],
-          "dim": int(config.model.dim), "max_epochs": int(config.train.epochs)}
+          "config": config_path, "operator": config.relations[0]["operator"],
+          "dim": int(config.model.dim), "max_epochs": int(config.train.epochs),
+          "device": f"{jax.default_backend()}:{jax.devices()[0].device_kind}"}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -68,7 +78,7 @@ def main(argv=None) -> int:
   rows = []
   try:
     for name in args.datasets.split(","):
-      run = os.path.join(workdir, name)
+      run = os.path.join(workdir, name.replace(":", "-"))
       shutil.rmtree(run, ignore_errors=True)
       rows.append(measure(name, run))
       print(json.dumps(rows[-1]), flush=True)
