@@ -38,11 +38,13 @@ from twhin_jax import train as train_lib  # noqa: E402
 COLUMNS = ("mrr", "mr", "hits@1", "hits@3", "hits@10")
 
 
-def measure(name: str, workdir: str) -> dict:
-  """``name``: a shipped config, ``NAME`` or ``NAME:VARIANT`` (configs/NAME.py)."""
+def measure(name: str, workdir: str, overrides: list[str] = ()) -> dict:
+  """``name``: a shipped config, ``NAME`` or ``NAME:VARIANT`` (configs/NAME.py);
+  ``overrides``: ``FIELD=VALUE`` settings on top of it (recorded in the row)."""
   module, _, variant = name.partition(":")
   config_path = os.path.join("configs", f"{module}.py") + (f":{variant}" if variant else "")
-  config = config_lib.load_config(os.path.join(ROOT, config_path))
+  config = config_lib.load_config(os.path.join(ROOT, config_path),
+                                  [f"--config.{item}" for item in overrides])
   started = time.perf_counter()
   trainer = train_lib.train(config, workdir, progress=False)
   seconds = time.perf_counter() - started
@@ -52,7 +54,7 @@ def measure(name: str, workdir: str) -> dict:
   metrics = evaluation.evaluate_run(rundir.open_run(workdir), "test", progress=False)
   return {"dataset": name, **{k: float(metrics[k]) for k in COLUMNS},
           "epochs_run": epochs_run, "best_epoch": best_epoch, "seconds": round(seconds, 1),
-          "config": config_path, "operator": config.relations[0]["operator"],
+          "config": config_path, "overrides": list(overrides), "operator": config.relations[0]["operator"],
           "dim": int(config.model.dim), "max_epochs": int(config.train.epochs),
           "device": f"{jax.default_backend()}:{jax.devices()[0].device_kind}"}
 
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
   parser.add_argument("--datasets", default="kinship,nations,umls")
   parser.add_argument("--workdir", default=None, help="runs (default: a temporary folder)")
   parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "kg_small.jsonl"))
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a config override for every dataset, e.g. --set train.lr=0.05")
   args = parser.parse_args(argv)
   workdir = args.workdir or tempfile.mkdtemp(prefix="kg_small_")
   rows = []
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     for name in args.datasets.split(","):
       run = os.path.join(workdir, name.replace(":", "-"))
       shutil.rmtree(run, ignore_errors=True)
-      rows.append(measure(name, run))
+      rows.append(measure(name, run, args.set))
       print(json.dumps(rows[-1]), flush=True)
   finally:
     if args.workdir is None:

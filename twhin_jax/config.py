@@ -173,6 +173,14 @@ def base_config() -> ml_collections.ConfigDict:
   # follow the types' overall degrees instead of one relation's answers.
   # Needs model.reciprocal (each edge's operator acts on its own query side).
   c.negatives.mix_relations = False
+  # Score every edge against *every* row of the corrupted type's loaded
+  # (sub-)partition instead of C batch + U uniform negatives: the exact
+  # softmax of 1-vs-all training (Lacroix et al. 2018; LibKGE's 1vsAll), for
+  # graphs whose types fit a [batch, rows] score matrix (knowledge graphs).
+  # num_uniform and logq_correction are then unused, and batch negatives are
+  # dropped (every chunk entity is among the rows already); a large
+  # chunk_size (= batch_size) shares one pass over the rows by the batch.
+  c.negatives.all_candidates = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # queries ranked per device call
@@ -407,8 +415,10 @@ def validate(config) -> None:
     _fail("negatives.chunk_size", f"must be >= 1, got {n.chunk_size}")
   if n.num_uniform < 0:
     _fail("negatives.num_uniform", f"must be >= 0, got {n.num_uniform}")
-  if n.chunk_size == 1 and n.num_uniform == 0:
+  if n.chunk_size == 1 and n.num_uniform == 0 and not n.get("all_candidates", False):
     _fail("negatives", "chunk_size 1 with num_uniform 0 leaves no negatives")
+  if not isinstance(n.get("all_candidates", False), bool):
+    _fail("negatives.all_candidates", f"must be true or false, got {n.all_candidates!r}")
   if t.batch_size < n.chunk_size or t.batch_size % n.chunk_size:
     _fail("train.batch_size", f"must be a positive multiple of negatives.chunk_size "
           f"({n.chunk_size}), got {t.batch_size}")

@@ -87,6 +87,15 @@ def draw_uniform(key: jax.Array, lo: jax.Array, n: jax.Array, num_uniform: int) 
       key, (lo.shape[0], num_uniform), 0, jnp.maximum(n, 1)[:, None])  # [S, U]
 
 
+def all_rows(lo: jax.Array, n: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """Every row of each chunk's range [lo, lo + n), padded to a static
+  ``num_rows`` (>= every n): (rows [S, num_rows], valid [S, num_rows]), the
+  padding positions pointing at row lo and marked invalid."""
+  position = jnp.arange(num_rows)[None, :]  # [1, N]
+  valid = position < n[:, None]  # [S, N]
+  return lo[:, None] + jnp.where(valid, position, 0), valid
+
+
 def log_q(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(src [S, C], dst [S, C], uniform src [S], uniform dst [S]) log q of one
   step's candidates; zeros (no correction) when the batch carries none."""
@@ -97,17 +106,23 @@ def log_q(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   return batch.src_logq, batch.dst_logq, batch.uniform_src_logq, batch.uniform_dst_logq
 
 
-def negative_mask(ids: jax.Array, weight: jax.Array, num_uniform: int) -> jax.Array:
+def negative_mask(ids: jax.Array, weight: jax.Array, num_uniform: int,
+                  uniform_valid: jax.Array | None = None,
+                  batch_negatives: bool = True) -> jax.Array:
   """[C, C+U]: candidate j counts as a negative of edge i when it is a real
-  edge's entity (weight > 0) or a uniform draw *and not the same entity* as
-  edge i's positive.
+  edge's entity (weight > 0) or a (valid) uniform candidate *and not the same
+  entity* as edge i's positive.
 
   ``ids`` [C+U]: the corrupted side's rows, the chunk's C then the U uniform
   draws. Besides the diagonal this drops the duplicates that single-relation
   chunks are full of (a gender or nationality relation has a handful of
-  targets): they are true answers, not negatives.
+  targets): they are true answers, not negatives. ``uniform_valid`` [U]
+  (default: all) marks the padding of ``all_rows``; ``batch_negatives=False``
+  drops the chunk's own entities as negatives (with every row among the
+  uniform candidates they would count twice).
   """
   c = weight.shape[0]
-  valid = jnp.concatenate([(weight > 0).astype(jnp.float32),
-                           jnp.ones((num_uniform,), jnp.float32)])  # [C+U]
+  from_batch = (weight > 0) if batch_negatives else jnp.zeros_like(weight, bool)
+  from_uniform = jnp.ones((num_uniform,), bool) if uniform_valid is None else uniform_valid
+  valid = jnp.concatenate([from_batch, from_uniform]).astype(jnp.float32)  # [C+U]
   return valid[None, :] * (ids[None, :] != ids[:c, None]).astype(jnp.float32)

@@ -90,20 +90,31 @@ class StepSettings(NamedTuple):
   sharded: bool
   regularizer: str = "l2"
   matmul_precision: str = "float32"  # resolved (model.resolve_matmul_precision)
+  #: 1-vs-all: the U candidates are every row of the range (negatives.all_rows,
+  #: U = the largest range), no batch negatives, no log-q (each candidate is
+  #: seen exactly once, q = 1): the loss is the exact softmax over all rows.
+  all_candidates: bool = False
 
 
 def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, params,
-               reverse_params, weight, logq):
-  """src_rows, dst_rows [C+U, d] (chunk, then uniform negatives) and their
-  row ids [C+U] -> chunk loss."""
+               reverse_params, weight, logq, src_valid, dst_valid):
+  """src_rows, dst_rows [C+U, d] (chunk, then uniform negatives), their row
+  ids [C+U] and which uniform candidates are real [U] -> chunk loss."""
   operator, comparator, num_uniform = settings.operator, settings.comparator, settings.num_uniform
   loss_fn = losses_lib.LOSSES[settings.loss]
   c = weight.shape[0]
   lhs, rhs = src_rows[:c], dst_rows[:c]  # [C, d] each
   neg_src, neg_dst = src_rows[c:], dst_rows[c:]  # [U, d] each
-  dst_mask = negatives.negative_mask(dst_ids, weight, num_uniform)  # target corruption
-  src_mask = negatives.negative_mask(src_ids, weight, num_uniform)  # source corruption
+  batch_negatives = not settings.all_candidates
+  dst_mask = negatives.negative_mask(dst_ids, weight, num_uniform, dst_valid,
+                                     batch_negatives)  # target corruption
+  src_mask = negatives.negative_mask(src_ids, weight, num_uniform, src_valid,
+                                     batch_negatives)  # source corruption
   src_logq, dst_logq, uniform_src_logq, uniform_dst_logq = logq
+  if settings.all_candidates:  # every candidate exactly once: q = 1, log q = 0
+    src_logq, dst_logq = jnp.zeros_like(src_logq), jnp.zeros_like(dst_logq)
+    uniform_src_logq, uniform_dst_logq = (jnp.zeros_like(uniform_src_logq),
+                                          jnp.zeros_like(uniform_dst_logq))
 
   # Target corruption: op(theta_s) against the chunk's and the uniform targets.
   forward = model.target_query(operator, comparator, params, lhs)  # [C, d]
@@ -136,12 +147,13 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
 
 
 def step_loss(settings: StepSettings, src_rows, dst_rows, rel_params, src_ids, dst_ids, rel,
-              rel_reverse, weight, logq):
+              rel_reverse, weight, logq, src_valid, dst_valid):
   """src_rows, dst_rows [S, C+U, d], rel_params [R_g, ...] -> summed loss of S chunks."""
   params = rel_params[rel]  # [S, ...]
   reverse_params = rel_params[rel_reverse]  # [S, ...]
   return jnp.sum(jax.vmap(functools.partial(chunk_loss, settings))(
-      src_rows, dst_rows, src_ids, dst_ids, params, reverse_params, weight, logq))
+      src_rows, dst_rows, src_ids, dst_ids, params, reverse_params, weight, logq, src_valid,
+      dst_valid))
 
 
 def update_rows(settings: StepSettings, state: state_lib.StepState, src_ids, dst_ids, src_grads,
@@ -174,8 +186,13 @@ def one_step(settings: StepSettings, carry, batch: StepBatch):
   num_uniform = settings.num_uniform
   step_key = jax.random.fold_in(key, batch.step_index)
   src_key, dst_key = jax.random.split(step_key)
-  neg_src = negatives.draw_uniform(src_key, batch.src_lo, batch.src_n, num_uniform)  # [S, U]
-  neg_dst = negatives.draw_uniform(dst_key, batch.dst_lo, batch.dst_n, num_uniform)  # [S, U]
+  if settings.all_candidates:
+    neg_src, src_valid = negatives.all_rows(batch.src_lo, batch.src_n, num_uniform)  # [S, U]
+    neg_dst, dst_valid = negatives.all_rows(batch.dst_lo, batch.dst_n, num_uniform)  # [S, U]
+  else:
+    neg_src = negatives.draw_uniform(src_key, batch.src_lo, batch.src_n, num_uniform)  # [S, U]
+    neg_dst = negatives.draw_uniform(dst_key, batch.dst_lo, batch.dst_n, num_uniform)  # [S, U]
+    src_valid = dst_valid = jnp.ones(neg_src.shape, bool)
   src_ids = jnp.concatenate([batch.src, neg_src], axis=1)  # [S, C+U]
   dst_ids = jnp.concatenate([batch.dst, neg_dst], axis=1)  # [S, C+U]
   dst_table = state.home.table if state.visiting is None else state.visiting.table
@@ -185,7 +202,7 @@ def one_step(settings: StepSettings, carry, batch: StepBatch):
       functools.partial(step_loss, settings), argnums=(0, 1, 2))(
           src_rows, dst_rows, state.rel_params, src_ids, dst_ids, batch.rel,
           batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight,
-          negatives.log_q(batch))
+          negatives.log_q(batch), src_valid, dst_valid)
   home, visiting = update_rows(settings, state, src_ids, dst_ids, src_grads, dst_grads)
   if settings.sharded:
     # Replicated relation parameters: sum the gradients of all devices so
@@ -223,7 +240,8 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      lr: float, relation_lr: float, num_uniform: int, reciprocal: bool = False,
                      regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
                      visiting: bool = False, l2_to_previous: float = 0.0,
-                     regularizer: str = "l2", matmul_precision: str = "auto"):
+                     regularizer: str = "l2", matmul_precision: str = "auto",
+                     all_candidates: bool = False):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
 
   With a ``mesh`` the function runs under ``shard_map`` over its one axis
@@ -246,10 +264,14 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
 
   ``matmul_precision`` sets the chunk score matmuls only (model.compare_all);
   tables, gradients and Adagrad state stay float32.
+
+  ``all_candidates`` (1-vs-all): ``num_uniform`` is then the largest range
+  (rows of a loaded type sub-partition) and every row of it is a candidate.
   """
   settings = StepSettings(operator, comparator, loss, margin, lr, relation_lr, num_uniform,
                           reciprocal, regularization, l2_to_previous, mesh is not None,
-                          regularizer, model.resolve_matmul_precision(matmul_precision))
+                          regularizer, model.resolve_matmul_precision(matmul_precision),
+                          all_candidates)
   if mesh is None:
     return jax.jit(functools.partial(local_steps, settings), donate_argnums=(0,))
   state_spec = state_lib.state_spec(visiting, anchored=bool(l2_to_previous))

@@ -309,13 +309,19 @@ class Trainer:
 
   def _step_fn(self, group: str, visiting: bool):
     config = self.config
+    all_candidates = bool(config.negatives.get("all_candidates", False))
+    # 1-vs-all scores every row of a loaded range: as many candidates as the
+    # largest partition (a device's range is never larger).
+    num_uniform = (max(info.partition_size for info in self.graph.entities.values())
+                   if all_candidates else config.negatives.num_uniform)
     return step_lib.make_train_steps(
         model.group_operator(group), config.model.comparator, config.train.loss,
         float(config.train.margin), float(config.train.lr), float(config.train.relation_lr),
-        config.negatives.num_uniform, bool(config.model.reciprocal),
+        num_uniform, bool(config.model.reciprocal),
         float(config.model.regularization), mesh=self.mesh, visiting=visiting,
         l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer,
-        matmul_precision=config.model.get("matmul_precision", "auto"))
+        matmul_precision=config.model.get("matmul_precision", "auto"),
+        all_candidates=all_candidates)
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
     """Trains the resident bucket from its prepared ``calls`` [(round, call)]:
