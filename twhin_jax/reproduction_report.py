@@ -381,17 +381,23 @@ class NetworkComparison:
 
 NETWORK_COMPARISONS = (
     NetworkComparison(
-        LASTFM, "Last.fm", "lastfm_friends", "Last.fm friends", "lastfm", "lastfm_friend_only",
-        "U", "U from friend only", "U from friend + listened + tags", "friend-only U",
-        "friend + engagement U", "friend_only_U", "hetero_U", "roc_auc", "ROC-AUC",
-        (("ROC-AUC", "roc_auc"), ("PR-AUC", "pr_auc"), ("RCE", "rce")),
-        "U: friend only", "U: all relations"),
+        dataset=LASTFM, dataset_label="Last.fm", task="lastfm_friends",
+        task_label="Last.fm friends", run="lastfm", single_run="lastfm_friend_only",
+        feature_set="U", single_label="U from friend only",
+        hetero_label="U from friend + listened + tags", single_short="friend-only U",
+        hetero_short="friend + engagement U", single_key="friend_only_U", hetero_key="hetero_U",
+        metric="roc_auc", metric_label="ROC-AUC",
+        columns=(("ROC-AUC", "roc_auc"), ("PR-AUC", "pr_auc"), ("RCE", "rce")),
+        single_plot_label="U: friend only", hetero_plot_label="U: all relations"),
     NetworkComparison(
-        CIAO, "Ciao", "ciao_category", "Ciao category", "ciao", "ciao_ratings_only", "P",
-        "P from ratings only", "P from trust + ratings", "ratings-only P", "trust + ratings P",
-        "ratings_only_P", "hetero_P", "accuracy", "accuracy",
-        (("accuracy", "accuracy"), ("macro ROC-AUC", "macro_roc_auc")),
-        "P: ratings only", "P: trust + ratings"),
+        dataset=CIAO, dataset_label="Ciao", task="ciao_category", task_label="Ciao category",
+        run="ciao", single_run="ciao_ratings_only", feature_set="P",
+        single_label="P from ratings only", hetero_label="P from trust + ratings",
+        single_short="ratings-only P", hetero_short="trust + ratings P",
+        single_key="ratings_only_P", hetero_key="hetero_P", metric="accuracy",
+        metric_label="accuracy",
+        columns=(("accuracy", "accuracy"), ("macro ROC-AUC", "macro_roc_auc")),
+        single_plot_label="P: ratings only", hetero_plot_label="P: trust + ratings"),
 )
 
 
@@ -824,16 +830,16 @@ class Report:
           (comparison.run, comparison.feature_set)))
       results[comparison.task] = {"none": none, comparison.hetero_key: hetero,
                                   comparison.single_key: single}
-      rows = [[comparison.task_label if r is none else "", label, *(r[k] for _, k in
-                                                                   comparison.columns), claim]
-              for label, r, claim in (
-                  ("none (no embeddings)", none, ""),
-                  (f"+ {comparison.single_label}", single, "one high-coverage relation"),
-                  (f"+ {comparison.hetero_label}", hetero,
-                   "two high-coverage relations: interference"))]
-      tables.append(markdown_table(["task", "embeddings", *(name for name, _ in
-                                                           comparison.columns),
-                                    "paper (Sec. 4.3)"], rows))
+      headers, keys = zip(*comparison.columns)
+      rows = []
+      for label, r, claim in (("none (no embeddings)", none, ""),
+                              (f"+ {comparison.single_label}", single,
+                               "one high-coverage relation"),
+                              (f"+ {comparison.hetero_label}", hetero,
+                               "two high-coverage relations: interference")):
+        rows.append([comparison.task_label if r is none else "", label]
+                    + [r[k] for k in keys] + [claim])
+      tables.append(markdown_table(["task", "embeddings", *headers, "paper (Sec. 4.3)"], rows))
       metric, metric_name = comparison.metric, comparison.metric_label
       se = metric_standard_error(hetero, metric)
       checks.append(check_row(f"{comparison.task_label}: {comparison.single_short} beats "
