@@ -160,6 +160,64 @@ def test_degree_extremes_and_bucket_table():
   assert len(table.splitlines()) == 2 + 4
 
 
+class _NetworksReport(report.Report):
+  """The networks section over canned downstream results: no training."""
+
+  def __init__(self, out, datasets):
+    super().__init__(out, "small", data_dir=out, sections=["networks"])
+    self.datasets = datasets
+    self.trained = []
+
+  def has(self, dataset):
+    return dataset in self.datasets
+
+  def lastfm_run(self):
+    self.trained.append("lastfm")
+
+  def lastfm_friend_only_run(self):
+    self.trained.append("lastfm_friend_only")
+
+  def ciao_run(self):
+    self.trained.append("ciao")
+
+  def ciao_ratings_only_run(self):
+    self.trained.append("ciao_ratings_only")
+
+  def task(self, task, run, feature_set, source=None, label="full"):
+    # The single-relation runs score 0.05 higher than the run of every relation.
+    value = 0.6 if feature_set == "none" else 0.7 + (0.05 if run.endswith("only") else 0.0)
+    return {"roc_auc": value, "pr_auc": value - 0.1, "rce": 10 * value, "accuracy": value - 0.3,
+            "macro_roc_auc": value + 0.1, "examples": 4000, "positive_rate": 0.5}
+
+
+def test_networks_section_compares_one_relation_with_two_per_dataset(tmp_path):
+  both = _NetworksReport(str(tmp_path), [report.LASTFM, report.CIAO])
+  results, checks, md = both.section_networks()
+  assert both.trained == ["lastfm", "lastfm_friend_only", "ciao", "ciao_ratings_only"]
+  assert sorted(results) == ["checks", "ciao_category", "lastfm_friends"]
+  assert results["lastfm_friends"]["friend_only_U"]["roc_auc"] == pytest.approx(0.75)
+  assert results["ciao_category"]["hetero_P"]["accuracy"] == pytest.approx(0.4)
+  assert [c[0] for c in checks] == [
+      "Last.fm friends: friend-only U beats friend + engagement U (ROC-AUC)",
+      "Ciao category: ratings-only P beats trust + ratings P (accuracy)"]
+  assert [c[1] - c[2] for c in checks] == [pytest.approx(0.05)] * 2
+  # 0.05 is over 1 SE at 4,000 examples for both metrics.
+  assert [c[5] for c in checks] == ["reproduced", "reproduced"]
+  assert "| task | embeddings | ROC-AUC | PR-AUC | RCE | paper (Sec. 4.3) |" in md
+  assert "| task | embeddings | accuracy | macro ROC-AUC | paper (Sec. 4.3) |" in md
+  assert "|  | + P from ratings only | 0.4500 | 0.8500 | one high-coverage relation |" in md
+  assert both.summary["networks"]["ours"] == (
+      "Last.fm friends ROC-AUC friend-only U 0.750, friend + engagement U 0.700; "
+      "Ciao category accuracy ratings-only P 0.450, trust + ratings P 0.400")
+  assert os.path.getsize(tmp_path / "networks.png") > 0
+  ciao_only = _NetworksReport(str(tmp_path / "ciao"), [report.CIAO])
+  os.makedirs(ciao_only.out)
+  results, checks, md = ciao_only.section_networks()
+  assert sorted(results) == ["checks", "ciao_category"] and len(checks) == 1
+  assert f"> Last.fm skipped: {ciao_only.data_dir}/{report.LASTFM} not found." in md
+  assert _NetworksReport(str(tmp_path / "none"), []).section_networks()[:2] == ({}, [])
+
+
 def test_report_rejects_unknown_budget_and_section(tmp_path):
   with pytest.raises(ValueError, match="budget"):
     report.Report(str(tmp_path), "huge", data_dir=str(tmp_path))

@@ -9,17 +9,26 @@ the top. Modules of an import cycle share a layer and are drawn in red.
 
   python tools/module_graph.py --out docs/architecture/modules_after.png
   python tools/module_graph.py --rev 744caab --out docs/architecture/modules_before.png
+  python tools/module_graph.py --function-imports
 
 ``--rev`` reads the package as it was at a git revision (``git show``).
+``--function-imports`` lists the imports made inside a function and marks
+those without a comment on their line or the line above (the package's rule:
+an import stays inside a function only for an optional or heavy dependency
+that the module must not load at import time, and says so there); it exits 1
+when one lacks its comment.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import io
 import os
 import subprocess
 import sys
+import tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "twhin_jax"
@@ -66,6 +75,37 @@ def imports(sources: dict[str, str]) -> dict[str, set[str]]:
         if name and name != module and name != PACKAGE:
           graph[module].add(name)
   return graph
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionImport:
+  module: str
+  line: int
+  text: str  # the import statement's first line
+  commented: bool  # a comment on its line or on the line above
+
+
+def function_level_imports(sources: dict[str, str]) -> list[FunctionImport]:
+  """Every import statement inside a function (at any depth), in module and
+  line order; ``commented`` when a comment stands on its first line or on the
+  line above it (a trailing comment there counts: two imports of one package
+  may share one)."""
+  out = []
+  for module, text in sorted(sources.items()):
+    lines = text.splitlines()
+    comment_lines = {token.start[0] for token in
+                     tokenize.generate_tokens(io.StringIO(text).readline)
+                     if token.type == tokenize.COMMENT}
+    found = set()
+    for function in ast.walk(ast.parse(text)):
+      if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for node in ast.walk(function):
+          if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.add(node.lineno)
+    for line in sorted(found):
+      out.append(FunctionImport(module, line, lines[line - 1].strip(),
+                                bool({line, line - 1} & comment_lines)))
+  return out
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -158,9 +198,22 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rev", default=None, help="git revision (default: the working tree)")
-  parser.add_argument("--out", required=True, help="PNG path")
+  parser.add_argument("--out", default=None, help="PNG path")
+  parser.add_argument("--function-imports", action="store_true",
+                      help="list function-level imports; exit 1 if one has no comment")
   args = parser.parse_args(argv)
-  graph = imports(package_sources(args.rev))
+  sources = package_sources(args.rev)
+  if args.function_imports:
+    found = function_level_imports(sources)
+    missing = [f for f in found if not f.commented]
+    for f in missing:
+      print(f"{f.module}:{f.line}: no comment: {f.text}")
+    print(f"{len(found)} function-level imports in {PACKAGE}, "
+          f"{len(found) - len(missing)} with a comment, {len(missing)} without")
+    return 1 if missing else 0
+  if not args.out:
+    parser.error("--out PNG is required (or --function-imports)")
+  graph = imports(sources)
   draw(graph, args.out, f"twhin_jax at {args.rev or 'the working tree'}")
   layer_of, cyclic = layers(graph)
   print(f"{len(graph)} modules, {len(layer_of and set(layer_of.values()))} layers, "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -66,5 +67,4 @@ class Checkpointer:
 
 
 def to_numpy_tree(tree):
-  import jax
   return jax.tree_util.tree_map(np.asarray, tree)

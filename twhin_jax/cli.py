@@ -22,8 +22,11 @@ Only import, train, sweep and demo build a config, so only they take
 arguments. A new command is one function here, registered with
 ``@command(...)`` and its arguments; it reads runs through ``rundir``.
 
-The library modules are imported inside each command: the CLI starts without
-jax, and a command pays only for what it uses.
+The modules that load jax (or matplotlib) are imported inside the command
+that uses them, each marked ``# lazy``: the CLI starts without jax (a test
+checks it), and a command pays only for what it uses. The jax-free ones
+(config, rundir, inspection, networks, sweep, reproduction_report) are
+imported at the top.
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
 from typing import Callable
 
 from twhin_jax import config as config_lib
+from twhin_jax import inspection
+from twhin_jax import networks
+from twhin_jax import reproduction_report
 from twhin_jax import rundir
+from twhin_jax import sweep
 
 #: Errors that are the user's (bad input, missing files): a message and exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
@@ -80,7 +88,7 @@ def command(name: str, help: str, *arguments, config_overrides: bool = False):
 @command("import", "import the config's edges into <workdir>/graph", CONFIG, WORKDIR, QUIET,
          config_overrides=True)
 def cmd_import(args, overrides):
-  from twhin_jax import train as train_lib
+  from twhin_jax import train as train_lib  # lazy: jax (cli starts jax-free)
   config = config_lib.load_config(args.config, overrides)
   config_lib.validate(config)
   graph = train_lib.prepare_graph(config, args.workdir, progress=not args.quiet)
@@ -102,9 +110,9 @@ def cmd_import(args, overrides):
          config_overrides=True)
 def cmd_train(args, overrides):
   if args.distributed:
-    from twhin_jax import distributed
+    from twhin_jax import distributed  # lazy: jax (cli starts jax-free)
     distributed.initialize()
-  from twhin_jax import train as train_lib
+  from twhin_jax import train as train_lib  # lazy: jax (cli starts jax-free)
   config = config_lib.load_config(args.config, overrides)
   if args.warm_start:
     config.warm_start.parent = args.warm_start
@@ -134,7 +142,6 @@ def cmd_train(args, overrides):
          arg("--collect", action="store_true", help="tabulate finished runs only"),
          config_overrides=True)
 def cmd_sweep(args, overrides):
-  from twhin_jax import sweep
   if args.collect:
     sweep.collect(args.workdir, split=args.split, metric=args.metric)
   elif not args.config:
@@ -155,7 +162,7 @@ def cmd_sweep(args, overrides):
          arg("--variant", default="", help="config variant ('test': tiny)"),
          config_overrides=True)
 def cmd_demo(args, overrides):
-  from twhin_jax import demo
+  from twhin_jax import demo  # lazy: jax (cli starts jax-free)
   config_path = os.path.join(os.path.dirname(__file__), "demo_config.py")
   config = config_lib.load_config(config_path + (f":{args.variant}" if args.variant else ""),
                                   overrides)
@@ -174,13 +181,13 @@ def cmd_demo(args, overrides):
          arg("--relation", default="", help="relation for --task retrieval"),
          arg("--k", type=int, default=20, help="list length for --task retrieval"))
 def cmd_eval(args, overrides):
-  from twhin_jax import evaluation
-  from twhin_jax import run_report as reporting
+  from twhin_jax import evaluation  # lazy: jax (cli starts jax-free)
+  from twhin_jax import run_report as reporting  # lazy: matplotlib
   run = rundir.open_run(args.workdir)
   progress = not (args.quiet or args.json)
   if args.task == "retrieval":  # Recall@K / NDCG@K over all candidates (recommendation_eval.py)
-    from twhin_jax import model
-    from twhin_jax import recommendation_eval
+    from twhin_jax import model  # lazy: jax (cli starts jax-free)
+    from twhin_jax import recommendation_eval  # lazy: jax (cli starts jax-free)
     if not args.relation:
       raise ValueError("--task retrieval needs --relation NAME")
     metrics = recommendation_eval.evaluate_retrieval(
@@ -213,7 +220,7 @@ def cmd_eval(args, overrides):
          arg("--sample", type=int, default=5000,
              help="entities per type in the projector files (0: all)"))
 def cmd_export(args, overrides):
-  from twhin_jax import export
+  from twhin_jax import export  # lazy: jax (cli starts jax-free)
   run = rundir.open_run(args.workdir)
   out = args.out or os.path.join(args.workdir, rundir.EXPORT_DIR)
   written = export.export_run(run, out)
@@ -228,7 +235,7 @@ def cmd_export(args, overrides):
          arg("--types", nargs="*", default=None, help="entity types (default all)"),
          arg("--rebuild", action="store_true", help="rebuild even when fresh"))
 def cmd_index(args, overrides):
-  from twhin_jax import retrieval
+  from twhin_jax import retrieval  # lazy: jax (cli starts jax-free)
   manifests = retrieval.build_indexes(args.workdir, args.types, rebuild=args.rebuild,
                                       progress=not args.quiet)
   print(json.dumps(manifests, indent=1))
@@ -240,7 +247,7 @@ def cmd_index(args, overrides):
          arg("--top-m", type=int, default=5, help="mixture components per user"),
          arg("--representative", default="centroid", choices=("centroid", "medoid")))
 def cmd_cluster(args, overrides):
-  from twhin_jax import mixture
+  from twhin_jax import mixture  # lazy: jax (cli starts jax-free)
   model = mixture.build_mixture(args.workdir, args.type, k=args.k, top_m=args.top_m,
                                 representative=args.representative, progress=not args.quiet)
   print(json.dumps({k: v for k, v in model.info.items() if k != "cluster_sizes"}, indent=1))
@@ -254,7 +261,7 @@ def cmd_cluster(args, overrides):
          arg("--metric", default="cos", choices=("cos", "dot", "l2")),
          arg("--out", default=None, help="plot/JSON folder (default <new>/plots)"), JSON)
 def cmd_drift(args, overrides):
-  from twhin_jax import drift
+  from twhin_jax import drift  # lazy: jax (cli starts jax-free)
   report = drift.drift(args.old, args.new, k=args.k, sample=args.sample, metric=args.metric,
                        out_dir=args.out, progress=not (args.quiet or args.json))
   print(json.dumps(report) if args.json else drift.format_report(report))
@@ -271,7 +278,6 @@ def cmd_drift(args, overrides):
              help="leaf-by-leaf differences of two runs' latest checkpoints"),
          arg("--no-stats", action="store_true", help="skip the streamed norm/NaN pass"), JSON)
 def cmd_inspect(args, overrides):
-  from twhin_jax import inspection
   if args.diff:
     diff = inspection.diff_runs(*args.diff)
     print(json.dumps(diff) if args.json else inspection.format_diff(diff))
@@ -293,7 +299,7 @@ def cmd_inspect(args, overrides):
          arg("--k", type=int, default=10, help="recall@k"),
          arg("--json", action="store_true", help="print one JSON object per factor"))
 def cmd_compress(args, overrides):
-  from twhin_jax import compress
+  from twhin_jax import compress  # lazy: jax (cli starts jax-free)
   try:
     factors = [float(f) if "." in f else int(f) for f in args.factors.split(",")]
   except ValueError:
@@ -313,8 +319,7 @@ def cmd_compress(args, overrides):
              help="poll the latest checkpoint and reload when it changes (0: off)"),
          arg("--max-body", type=int, default=1 << 20, help="request body limit in bytes"))
 def cmd_serve(args, overrides):
-  import logging
-  from twhin_jax import serve
+  from twhin_jax import serve  # lazy: jax (cli starts jax-free)
   logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING)
   serve.serve(args.workdir, args.host, args.port, watch=args.watch, max_body=args.max_body,
               progress=not args.quiet)
@@ -335,11 +340,10 @@ def cmd_serve(args, overrides):
          arg("--quiet", action="store_true", help="no progress bars (log lines only)"))
 def cmd_report(args, overrides):
   del overrides
-  from twhin_jax import reproduction_report as report
-  sections = args.sections.split(",") if args.sections else report.SECTIONS
-  path = report.run_report(args.out, budget=args.budget, data_dir=args.data_dir,
-                           runs_dir=args.runs_dir, seed=args.seed, progress=not args.quiet,
-                           sections=sections)
+  sections = args.sections.split(",") if args.sections else reproduction_report.SECTIONS
+  path = reproduction_report.run_report(args.out, budget=args.budget, data_dir=args.data_dir,
+                                        runs_dir=args.runs_dir, seed=args.seed,
+                                        progress=not args.quiet, sections=sections)
   print(path)
 
 
@@ -368,7 +372,6 @@ NETWORK_READERS = ("eval", "export", "index", "cluster", "drift", "inspect", "co
 
 def resolve_network(args) -> None:
   """Points the run arguments of ``args`` at ``--network NAME``'s run directory."""
-  from twhin_jax import networks
   for field in ("workdir", "old", "new"):
     workdir = getattr(args, field, None)
     if not workdir:

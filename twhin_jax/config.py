@@ -291,7 +291,7 @@ def validate(config) -> None:
   """Checks a config once, at start-up; raises ValueError naming the field."""
   # losses and model import jax: read here, not at module level (see the module doc).
   from twhin_jax import losses
-  from twhin_jax import model
+  from twhin_jax import model  # lazy, as losses above
   _check_schema(config)
   if not config.entities:
     _fail("entities", "no entity types declared")

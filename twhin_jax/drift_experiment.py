@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from twhin_jax import shipped_configs
+
 LASTFM = "social/hetrec2011-lastfm-2k"
 STRATEGIES = ("cold", "warm_start", "l2_to_previous")
 
@@ -67,9 +69,9 @@ def old_graph_config(config, out_dir: str, fraction: float, seed: int):
 
 
 def plot(results: dict, out_path: str) -> None:
-  import matplotlib
+  import matplotlib  # lazy: only the plot needs it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # lazy, as matplotlib above
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, result in results.items():
     buckets = result["drift"]["per_degree_bucket"]
@@ -116,10 +118,10 @@ def run(out: str, settings: Settings = Settings(), *, progress: bool = True,
   if not os.path.isdir(os.path.join(data_dir, LASTFM)):
     raise FileNotFoundError(f"{os.path.join(data_dir, LASTFM)}: not found "
                             "(set TWHIN_DATA_DIR to the shared data directory)")
+  # lazy: these load jax, and the report imports this module into the jax-free cli
   from twhin_jax import downstream
-  from twhin_jax import drift
-  from twhin_jax import shipped_configs
-  from twhin_jax import train as train_lib
+  from twhin_jax import drift  # lazy: jax
+  from twhin_jax import train as train_lib  # lazy: jax
 
   os.makedirs(out, exist_ok=True)
   overrides = [f"--config.model.dim={settings.dim}", f"--config.train.epochs={settings.epochs}",

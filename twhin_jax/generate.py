@@ -83,9 +83,11 @@ grow with ``num_edges``; the bytes do not depend on ``chunk_edges``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import time
 from typing import Mapping
 
 import numpy as np
@@ -424,15 +426,20 @@ def _affine_permutation(n: int, rng: np.random.Generator) -> tuple[int, int]:
       return a, int(rng.integers(0, n))
 
 
-def zipf_ranks(u: np.ndarray, n: int, exponent: float) -> np.ndarray:
-  """Inverse CDF of density x ** -s on [1, n + 1): ranks 0..n-1 with P ~ (r+1)^-s."""
+def zipf_ranks(u: np.ndarray, n, exponent: float) -> np.ndarray:
+  """Inverse CDF of density x ** -s on [1, n + 1): ranks 0..n-1 with P ~ (r+1)^-s.
+
+  ``n`` is one population size, or one per draw (an int array shaped like
+  ``u``: ranks in [0, n_i))."""
   s = float(exponent)
+  per_draw = isinstance(n, np.ndarray)
+  size = n.astype(np.float64) if per_draw else n
   if s == 0.0:
-    x = 1.0 + u * n
+    x = 1.0 + u * size
   elif abs(s - 1.0) < 1e-12:
-    x = np.exp(u * math.log(n + 1.0))
+    x = np.exp(u * (np.log(size + 1.0) if per_draw else math.log(size + 1.0)))
   else:
-    x = (1.0 + u * ((n + 1.0) ** (1.0 - s) - 1.0)) ** (1.0 / (1.0 - s))
+    x = (1.0 + u * ((size + 1.0) ** (1.0 - s) - 1.0)) ** (1.0 / (1.0 - s))
   ranks = x.astype(np.int64)
   ranks -= 1
   np.clip(ranks, 0, n - 1, out=ranks)
@@ -489,6 +496,58 @@ def _write_edges(out_path: str, draw_nodes, rel_rng, *, num_edges: int, chunk_ed
   return rel_counts
 
 
+def _check_sizes(generator: str, num_nodes: int, num_edges: int, num_relations: int,
+                 chunk_edges: int) -> None:
+  if num_nodes < 1 or num_edges < 0 or num_relations < 1 or chunk_edges < 1:
+    raise ValueError(f"{generator} needs num_nodes >= 1, num_edges >= 0, "
+                     "num_relations >= 1, chunk_edges >= 1")
+
+
+def _power_law_draws(num_nodes: int, exponent: float, rng: dict):
+  """``draw(k) -> (src [k], dst [k])``: eq. (1) ranks of each side (streams
+  ``rng["src"]``, ``rng["dst"]``) mapped to node ids by that side's affine
+  permutation (two draws from ``rng["perm"]``, source first)."""
+  permutations = [_affine_permutation(num_nodes, rng["perm"]) for _ in ("src", "dst")]
+
+  def draw(k: int) -> tuple[np.ndarray, np.ndarray]:
+    out = []
+    for side, (a, b) in zip(("src", "dst"), permutations):
+      ids = zipf_ranks(rng[side].random(k), num_nodes, exponent)
+      ids *= a  # in place: one [k] array per side
+      ids += b
+      ids %= num_nodes
+      out.append(ids)
+    return out[0], out[1]
+
+  return draw
+
+
+def _write_power_law(out_path: str, generator: str, draw_nodes, rel_rng, *, num_nodes: int,
+                     num_edges: int, num_relations: int, exponent: float,
+                     relation_exponent: float, seed: int, prefix: str, chunk_edges: int,
+                     progress: bool, extra_args: Mapping | None = None,
+                     extra_summary=dict) -> GeneratedFiles:
+  """Writes a power-law generator's TSV (``_write_edges``) and describes it:
+  one file_spec (source 0, relation 1, target 2) and the summary, with the
+  generator's own arguments (``extra_args``) and figures (``extra_summary()``,
+  called once every edge is drawn)."""
+  rel_counts = _write_edges(out_path, draw_nodes, rel_rng, num_edges=num_edges,
+                            chunk_edges=chunk_edges, num_relations=num_relations,
+                            relation_exponent=relation_exponent, prefix=prefix,
+                            desc=generator, progress=progress)
+  spec = config_lib.file_spec(out_path, split="train", source=0, relation=1, target=2,
+                              format="tsv")
+  summary = dict(generator=generator,
+                 args=dict(num_nodes=int(num_nodes), num_edges=int(num_edges),
+                           num_relations=int(num_relations), **(extra_args or {}),
+                           exponent=float(exponent), relation_exponent=float(relation_exponent),
+                           seed=int(seed), prefix=prefix),
+                 entity_counts={"node": int(num_nodes)},  # at most: unused ids are absent
+                 edge_counts={f"r{k}": int(n) for k, n in enumerate(rel_counts)},
+                 total_edges=int(num_edges), **extra_summary(), files={"edges": out_path})
+  return GeneratedFiles([spec], summary)
+
+
 def power_law(out_path: str, *, num_nodes: int, num_edges: int, num_relations: int = 4,
               exponent: float = 0.8, relation_exponent: float = 1.0, seed: int = 0,
               chunk_edges: int = 1_000_000, progress: bool = True,
@@ -502,42 +561,16 @@ def power_law(out_path: str, *, num_nodes: int, num_edges: int, num_relations: i
   Returns one file_spec (source 0, relation 1, target 2); ``.summary`` holds
   the counts.
   """
-  if num_nodes < 1 or num_edges < 0 or num_relations < 1 or chunk_edges < 1:
-    raise ValueError("power_law needs num_nodes >= 1, num_edges >= 0, "
-                     "num_relations >= 1, chunk_edges >= 1")
+  _check_sizes("power_law", num_nodes, num_edges, num_relations, chunk_edges)
   if not 0.0 <= exponent:
     raise ValueError(f"exponent must be >= 0, got {exponent}")
   out_path = _edge_file(out_path, "power_law.tsv")
   rng = _rngs(seed, ["perm", "src", "dst", "rel"])
-  src_a, src_b = _affine_permutation(num_nodes, rng["perm"])
-  dst_a, dst_b = _affine_permutation(num_nodes, rng["perm"])
-  def draw_nodes(k: int) -> tuple[np.ndarray, np.ndarray]:
-    src = zipf_ranks(rng["src"].random(k), num_nodes, exponent)
-    src *= src_a
-    src += src_b
-    src %= num_nodes
-    dst = zipf_ranks(rng["dst"].random(k), num_nodes, exponent)
-    dst *= dst_a
-    dst += dst_b
-    dst %= num_nodes
-    return src, dst
-
-  rel_counts = _write_edges(out_path, draw_nodes, rng["rel"], num_edges=num_edges,
-                            chunk_edges=chunk_edges, num_relations=num_relations,
-                            relation_exponent=relation_exponent, prefix=prefix,
-                            desc="power_law", progress=progress)
-
-  spec = config_lib.file_spec(out_path, split="train", source=0, relation=1, target=2,
-                              format="tsv")
-  summary = dict(generator="power_law",
-                 args=dict(num_nodes=int(num_nodes), num_edges=int(num_edges),
-                           num_relations=int(num_relations), exponent=float(exponent),
-                           relation_exponent=float(relation_exponent), seed=int(seed),
-                           prefix=prefix),
-                 entity_counts={"node": int(num_nodes)},  # at most: unused ids are absent
-                 edge_counts={f"r{k}": int(n) for k, n in enumerate(rel_counts)},
-                 total_edges=int(num_edges), files={"edges": out_path})
-  return GeneratedFiles([spec], summary)
+  return _write_power_law(
+      out_path, "power_law", _power_law_draws(num_nodes, exponent, rng), rng["rel"],
+      num_nodes=num_nodes, num_edges=num_edges, num_relations=num_relations,
+      exponent=exponent, relation_exponent=relation_exponent, seed=seed, prefix=prefix,
+      chunk_edges=chunk_edges, progress=progress)
 
 
 def power_law_schema(num_partitions: int = 1, num_relations: int = 4, dim: int = 0,
@@ -556,20 +589,6 @@ def power_law_schema(num_partitions: int = 1, num_relations: int = 4, dim: int =
 #: Multiplier of the within-community permutation: a prime above any
 #: community size, so j -> (A * j + b) mod n is a bijection for every n < A.
 _COMMUNITY_PRIME = 2_147_483_647
-
-
-def _zipf_ranks_per_row(u: np.ndarray, n: np.ndarray, exponent: float) -> np.ndarray:
-  """zipf_ranks with one population size per draw: ranks in [0, n_i)."""
-  s = float(exponent)
-  n = n.astype(np.float64)
-  if s == 0.0:
-    x = 1.0 + u * n
-  elif abs(s - 1.0) < 1e-12:
-    x = np.exp(u * np.log(n + 1.0))
-  else:
-    x = (1.0 + u * ((n + 1.0) ** (1.0 - s) - 1.0)) ** (1.0 / (1.0 - s))
-  ranks = x.astype(np.int64) - 1
-  return np.clip(ranks, 0, n.astype(np.int64) - 1)
 
 
 def power_law_communities(out_path: str, *, num_nodes: int, num_edges: int,
@@ -599,52 +618,37 @@ def power_law_communities(out_path: str, *, num_nodes: int, num_edges: int,
     raise ValueError(f"num_communities must be in [1, num_nodes], got {num_communities}")
   if not 0.0 <= community_affinity <= 1.0:
     raise ValueError(f"community_affinity must be in [0, 1], got {community_affinity}")
-  if num_nodes < 1 or num_edges < 0 or num_relations < 1 or chunk_edges < 1:
-    raise ValueError("power_law_communities needs num_nodes >= 1, num_edges >= 0, "
-                     "num_relations >= 1, chunk_edges >= 1")
+  _check_sizes("power_law_communities", num_nodes, num_edges, num_relations, chunk_edges)
   if -(-num_nodes // num_communities) >= _COMMUNITY_PRIME:
     raise ValueError(f"communities of more than {_COMMUNITY_PRIME - 1} nodes are not supported")
   out_path = _edge_file(out_path, "power_law_communities.tsv")
   k_comm = int(num_communities)
   rng = _rngs(seed, ["perm", "src", "dst", "rel", "local", "local_dst"])
-  src_a, src_b = _affine_permutation(num_nodes, rng["perm"])
-  dst_a, dst_b = _affine_permutation(num_nodes, rng["perm"])
+  draw_global = _power_law_draws(num_nodes, exponent, rng)
   local_b = int(rng["perm"].integers(0, 2 ** 31))
   same_community = 0
 
   def draw_nodes(k: int) -> tuple[np.ndarray, np.ndarray]:
     nonlocal same_community
-    src = (zipf_ranks(rng["src"].random(k), num_nodes, exponent) * src_a + src_b) % num_nodes
-    dst = (zipf_ranks(rng["dst"].random(k), num_nodes, exponent) * dst_a + dst_b) % num_nodes
+    src, dst = draw_global(k)
     local = rng["local"].random(k) < community_affinity  # [k]
     u_local = rng["local_dst"].random(k)  # drawn for every edge: bytes independent of a
     community = src[local] % k_comm
     size = (num_nodes - community + k_comm - 1) // k_comm  # n_c
-    rank = _zipf_ranks_per_row(u_local[local], size, exponent)
+    rank = zipf_ranks(u_local[local], size, exponent)
     dst[local] = community + k_comm * ((_COMMUNITY_PRIME * rank + local_b) % size)
     same_community += int(np.count_nonzero(src % k_comm == dst % k_comm))
     return src, dst
 
-  rel_counts = _write_edges(out_path, draw_nodes, rng["rel"], num_edges=num_edges,
-                            chunk_edges=chunk_edges, num_relations=num_relations,
-                            relation_exponent=relation_exponent, prefix=prefix,
-                            desc="power_law_communities", progress=progress)
-
-  spec = config_lib.file_spec(out_path, split="train", source=0, relation=1, target=2,
-                              format="tsv")
-  summary = dict(generator="power_law_communities",
-                 args=dict(num_nodes=int(num_nodes), num_edges=int(num_edges),
-                           num_relations=int(num_relations), num_communities=k_comm,
-                           community_affinity=float(community_affinity),
-                           exponent=float(exponent), relation_exponent=float(relation_exponent),
-                           seed=int(seed), prefix=prefix),
-                 entity_counts={"node": int(num_nodes)},  # at most: unused ids are absent
-                 edge_counts={f"r{k}": int(n) for k, n in enumerate(rel_counts)},
-                 total_edges=int(num_edges),
-                 same_community_share=same_community / max(num_edges, 1),
-                 community_rule=f"community of {prefix}<i> = i mod {k_comm}",
-                 files={"edges": out_path})
-  return GeneratedFiles([spec], summary)
+  return _write_power_law(
+      out_path, "power_law_communities", draw_nodes, rng["rel"], num_nodes=num_nodes,
+      num_edges=num_edges, num_relations=num_relations,
+      extra_args=dict(num_communities=k_comm, community_affinity=float(community_affinity)),
+      exponent=exponent, relation_exponent=relation_exponent, seed=seed, prefix=prefix,
+      chunk_edges=chunk_edges, progress=progress,
+      extra_summary=lambda: dict(
+          same_community_share=same_community / max(num_edges, 1),
+          community_rule=f"community of {prefix}<i> = i mod {k_comm}"))
 
 
 # ----------------------------------------------------------------------------
@@ -665,8 +669,6 @@ def run_generator(name: str, out_dir: str, **kwargs) -> GeneratedFiles:
 
 
 def main(argv=None):
-  import argparse
-  import time
   parser = argparse.ArgumentParser(description="Write a synthetic graph (TSV files).")
   parser.add_argument("name", choices=sorted(GENERATORS))
   parser.add_argument("out", help="output directory (power_law: a file or directory)")

@@ -44,9 +44,17 @@ import os
 import time
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from twhin_jax import config as config_lib
+from twhin_jax import fold_in as fold_in_lib
+from twhin_jax import generate
 from twhin_jax import model
+from twhin_jax import retrieval
+from twhin_jax import train as train_lib
+from twhin_jax.model import compare_all
+
 
 def embed_new_entity(retriever, entity_type: str, edges: Sequence[tuple]) -> np.ndarray:
   """Eq. 5: the vector [d] of a new entity of ``entity_type``.
@@ -128,7 +136,6 @@ def _column(spec_value, head: list[str] | None) -> int:
 def read_edges(config) -> list[tuple[str, str, str]]:
   """Every (source name, relation, target name) of a config's text files
   (TSV/CSV, optionally gzipped; the generator's or a dataset's)."""
-  from twhin_jax import config as config_lib
   edges = []
   for spec in config.data.files:
     path = config_lib.resolve_path(spec["path"])
@@ -150,8 +157,6 @@ def _write_tsv(path: str, edges) -> None:
 
 
 def _train(config, workdir: str, files: list[str], progress: bool):
-  from twhin_jax import config as config_lib
-  from twhin_jax import train as train_lib
   config = config_lib.from_json_dict(config_lib.to_json_dict(config))
   config.data.generator = ""
   config.data.generator_args = {}
@@ -175,8 +180,6 @@ def _rank_metrics(retriever, user_vectors: dict[str, np.ndarray], known: dict, h
   known/heldout: (user, relation) -> set of target names. Known targets are
   filtered from both the top-k and the ranks.
   """
-  import jax.numpy as jnp
-  from twhin_jax.model import compare_all
   recalls, reciprocal_ranks = [], []
   for (user, relation), targets in sorted(heldout.items()):
     if user not in user_vectors:
@@ -229,11 +232,9 @@ def evaluate_inductive(config, workdir: str, *, user_type: str = "user",
   Held-out edges whose target the inductive model never saw are skipped for
   all models, so every number is over the same edges.
   """
-  from twhin_jax import retrieval
   rng = np.random.default_rng(seed)
   os.makedirs(workdir, exist_ok=True)
   if config.data.generator:
-    from twhin_jax import generate
     generator = getattr(generate, config.data.generator)
     files = generator(os.path.join(workdir, "generated"), **dict(config.data.generator_args))
     config.data.files = list(files)
@@ -308,7 +309,6 @@ def evaluate_inductive(config, workdir: str, *, user_type: str = "user",
   transductive_vectors = {u: np.asarray(trans.table(user_type)[trans.lookup(user_type, u)])
                           for u in per_user_known}
   zero = {u: np.zeros(dim, np.float32) for u in per_user_known}
-  from twhin_jax import fold_in as fold_in_lib
   users = sorted(per_user_known)
   started = time.perf_counter()
   folded = fold_in_lib.fold_in(

@@ -46,6 +46,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from twhin_jax import config as config_lib
+from twhin_jax import inspection
+from twhin_jax import shipped_configs
+from twhin_jax import who_to_follow
 
 SETUPS = ("alone", "co_embedded")
 
@@ -182,7 +185,6 @@ def setup_config(config, dataset: Dataset, setup: str, files: dict[str, str], *,
 
 def load_relation_edges(config, relation: str):
   """Distinct (source, target) names of a relation's train files."""
-  from twhin_jax import who_to_follow
   edges = []
   for spec in config.data.files:
     if spec.get("relation_name") == relation and spec.get("relation") is None \
@@ -197,9 +199,8 @@ def load_relation_edges(config, relation: str):
 def downstream_task(run_dir: str, dataset: Dataset, examples, feature_set: str,
                     seed: int) -> dict:
   """The held-out engagement classifier on one run's embeddings."""
-  from twhin_jax import inspection
-  from twhin_jax.downstream import model as model_lib
-  from twhin_jax.downstream import tasks
+  from twhin_jax.downstream import model as model_lib  # lazy: jax (the report imports this module into the jax-free cli)
+  from twhin_jax.downstream import tasks  # lazy, as model_lib above
   users, items, labels, dense = examples
   embeddings = inspection.load_embeddings(run_dir, [dataset.user_type, dataset.item_type])
   ids = {"user": embeddings.rows(dataset.user_type, users).astype(np.int32),
@@ -225,9 +226,7 @@ def run(dataset: Dataset, *, seeds: Sequence[int] = (0, 1, 2), settings: Setting
   """Both setups on one dataset: epochs chosen on validation (first seed),
   then link prediction and the downstream task per seed. Returns {"chosen",
   "rows": one dict per (setup, measure) with mean and spread}."""
-  from twhin_jax import shipped_configs
-  from twhin_jax import train as train_lib
-  from twhin_jax import who_to_follow
+  from twhin_jax import train as train_lib  # lazy: jax (the report imports this module into the jax-free cli)
   if os.path.exists(dataset.config.partition(":")[0]):
     config = config_lib.load_config(dataset.config)
   else:

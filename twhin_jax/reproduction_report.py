@@ -35,6 +35,7 @@ test the claim) or "not assessed" (the data or the section did not run).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -46,9 +47,18 @@ import shutil
 import sys
 import time
 import traceback
+from importlib import metadata
 
+import numpy as np
+
+from twhin_jax import config as config_lib
+from twhin_jax import drift_experiment
+from twhin_jax import low_coverage
 from twhin_jax import shipped_configs
+from twhin_jax import who_to_follow as wtf
 
+#: Table 1's methods, in the order of its rows and headline.
+WHO_TO_FOLLOW_METHODS = ("twhin_follow", "cosine", "skipgram")
 SECTIONS = ("who_to_follow", "ablation", "low_coverage", "networks", "compression", "drift")
 CIAO = "social/ciao-tang2012"
 LASTFM = "social/hetrec2011-lastfm-2k"
@@ -250,6 +260,24 @@ def binary_auc_se(result: dict) -> float:
   return auc_standard_error(result.get("roc_auc", math.nan), positives, n - positives)
 
 
+def metric_standard_error(result: dict, metric: str) -> float:
+  """The noise of a downstream result's ``metric``: Hanley-McNeil for
+  ROC-AUC, binomial for accuracy."""
+  if metric == "roc_auc":
+    return binary_auc_se(result)
+  if metric == "accuracy":
+    return accuracy_standard_error(result["accuracy"], result["examples"])
+  raise ValueError(f"no standard error for metric {metric!r} (roc_auc or accuracy)")
+
+
+def seeded_check(claim: str, ours: dict, other: dict, metric: str, key: str) -> list:
+  """A check of two seeded result rows' mean ``metric`` (keys ``metric`` and
+  ``metric_std``): the noise is the larger of their seed standard deviations."""
+  noise = max(ours[metric + "_std"], other[metric + "_std"])
+  return check_row(claim, ours[metric], other[metric],
+                   verdict(ours[metric], other[metric], noise=noise), noise, key)
+
+
 def check_row(claim: str, ours, baseline, result: str, noise=None, key: str = "") -> list:
   """One row of a checks table; ``key`` names the paper claim (``CLAIMS``)
   it counts toward (kept out of the printed table)."""
@@ -281,8 +309,6 @@ def single_relation_config(config, keep):
   list), their input files and the entity types they use. A file whose
   relation_name is a template ('rated_{}') is kept when a kept relation
   matches it (all of its relations should then be kept)."""
-  import copy
-  from twhin_jax import config as config_lib
   keep = [keep] if isinstance(keep, str) else list(keep)
   names = [r["name"] for r in config.relations]
   unknown = [k for k in keep if k not in names]
@@ -325,6 +351,54 @@ def claim_text(key: str) -> str:
 def verdict_line(checks) -> str:
   verdicts = claim_verdicts(checks)
   return "**Verdict:** " + "; ".join(f"{claim(k).where}: {v}" for k, v in verdicts.items()) + "."
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkComparison:
+  """One task of the networks section (paper Sec. 4.3): its downstream model
+  fed by the embeddings of one high-coverage relation alone (``single_run``)
+  vs two in one network (``run``); the paper's design predicts that the
+  single relation does at least as well."""
+  dataset: str  # folder under the data dir
+  dataset_label: str
+  task: str  # Report.task name; also the results key
+  task_label: str
+  run: str  # Report.<run>_run: the run of all relations
+  single_run: str  # Report.<single_run>_run: the run of the one relation
+  feature_set: str  # the embeddings the task reads
+  single_label: str  # table row labels
+  hetero_label: str
+  single_short: str  # check and headline labels
+  hetero_short: str
+  single_key: str  # results keys (results.json, plot_heterogeneity)
+  hetero_key: str
+  metric: str  # the compared metric and its name
+  metric_label: str
+  columns: tuple  # (table header, result key) per metric column
+  single_plot_label: str  # bar labels in networks.png
+  hetero_plot_label: str
+
+
+NETWORK_COMPARISONS = (
+    NetworkComparison(
+        dataset=LASTFM, dataset_label="Last.fm", task="lastfm_friends",
+        task_label="Last.fm friends", run="lastfm", single_run="lastfm_friend_only",
+        feature_set="U", single_label="U from friend only",
+        hetero_label="U from friend + listened + tags", single_short="friend-only U",
+        hetero_short="friend + engagement U", single_key="friend_only_U", hetero_key="hetero_U",
+        metric="roc_auc", metric_label="ROC-AUC",
+        columns=(("ROC-AUC", "roc_auc"), ("PR-AUC", "pr_auc"), ("RCE", "rce")),
+        single_plot_label="U: friend only", hetero_plot_label="U: all relations"),
+    NetworkComparison(
+        dataset=CIAO, dataset_label="Ciao", task="ciao_category", task_label="Ciao category",
+        run="ciao", single_run="ciao_ratings_only", feature_set="P",
+        single_label="P from ratings only", hetero_label="P from trust + ratings",
+        single_short="ratings-only P", hetero_short="trust + ratings P",
+        single_key="ratings_only_P", hetero_key="hetero_P", metric="accuracy",
+        metric_label="accuracy",
+        columns=(("accuracy", "accuracy"), ("macro ROC-AUC", "macro_roc_auc")),
+        single_plot_label="P: ratings only", hetero_plot_label="P: trust + ratings"),
+)
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +461,7 @@ class Report:
     self.summary.setdefault(key, {})["ours"] = text
 
   def train(self, name: str, config) -> str:
-    from twhin_jax import train as train_lib
+    from twhin_jax import train as train_lib  # lazy: jax (the cli imports this module)
     if name in self.runs:
       return self.runs[name]
     workdir = os.path.join(self.runs_dir, name)
@@ -402,7 +476,7 @@ class Report:
 
   def task(self, task: str, run: str, feature_set: str, source=None, label: str = "full") -> dict:
     """One downstream fit, cached by (task, run, feature set, label)."""
-    from twhin_jax import downstream
+    from twhin_jax import downstream  # lazy: jax (the cli imports this module)
     key = (task, run, feature_set, label)
     if key not in self.cache:
       function = {"ciao_rating": downstream.ciao_rating, "ciao_category": downstream.ciao_category,
@@ -420,14 +494,14 @@ class Report:
   # -- embedding runs shared by the sections ---------------------------------
 
   def ciao_run(self) -> str:
-    from twhin_jax import downstream
+    from twhin_jax import downstream  # lazy: jax (the cli imports this module)
     if "ciao" not in self.runs:
       self.train("ciao", downstream.ciao_config_without_category(
           shipped_configs.config_path("ciao"), self.overrides()))
     return self.runs["ciao"]
 
   def ciao_ratings_only_run(self) -> str:
-    from twhin_jax import downstream
+    from twhin_jax import downstream  # lazy: jax (the cli imports this module)
     if "ciao_ratings_only" not in self.runs:
       config = downstream.ciao_config_without_category(
           shipped_configs.config_path("ciao"), self.overrides())
@@ -436,7 +510,7 @@ class Report:
     return self.runs["ciao_ratings_only"]
 
   def lastfm_config(self):
-    from twhin_jax import downstream
+    from twhin_jax import downstream  # lazy: jax (the cli imports this module)
     friends = downstream.write_lastfm_train_friends(
         os.path.join(self.runs_dir, "lastfm_friends_train.dat"), seed=self.seed)
     return downstream.lastfm_config_with_held_out_friends(
@@ -454,23 +528,28 @@ class Report:
 
   # -- sections --------------------------------------------------------------
 
+  def present_datasets(self, names, datasets: dict, notes: list):
+    """(name, dataset) for each of ``names`` whose ``datasets[name].folder`` is
+    under the data dir; a note in ``notes`` for each one that is not."""
+    for name in names:
+      dataset = datasets[name]
+      if self.has(dataset.folder):
+        yield name, dataset
+      else:
+        notes.append(f"{name} skipped: {self.data_dir}/{dataset.folder} not found.")
+
   def section_who_to_follow(self) -> tuple[dict, list, str]:
-    from twhin_jax import who_to_follow as wtf
     setting = self.budget["who_to_follow"]
     seeds = tuple(self.seed + i for i in range(setting["seeds"]))
     rows, checks, notes, results, headline = [], [], [], {}, []
-    for name in setting["datasets"]:
-      dataset = wtf.DATASETS[name]
-      if not self.has(dataset.folder):
-        notes.append(f"{name} skipped: {self.data_dir}/{dataset.folder} not found.")
-        continue
+    for name, dataset in self.present_datasets(setting["datasets"], wtf.DATASETS, notes):
       self.log(f"who-to-follow on {name}, seeds {list(seeds)}")
       result = wtf.run_table1(dataset, seeds=seeds, grid=wtf.Grid(**setting["grid"]),
                               workdir=os.path.join(self.runs_dir, "who_to_follow", name),
                               chosen=setting.get("chosen", {}).get(name), log=self.log)
       results[name] = result
       by_method = {r["method"]: r for r in result["rows"]}
-      for method in ("twhin_follow", "cosine", "skipgram"):
+      for method in WHO_TO_FOLLOW_METHODS:
         r = by_method[method]
         rows.append([name if method == "twhin_follow" else "",
                      {"twhin_follow": "TwHIN-Follow", "cosine": "sparse follow cosine",
@@ -483,16 +562,12 @@ class Report:
       mine = by_method["twhin_follow"]
       for other in ("cosine", "skipgram"):
         for metric, label in (("recall_at_10", "R@10"), ("mrr", "MRR")):
-          noise = max(mine[metric + "_std"], by_method[other][metric + "_std"])
-          checks.append(check_row(f"{name}: TwHIN-Follow beats {other} ({label}, exact; noise "
-                                  "= the larger seed std)", mine[metric],
-                                  by_method[other][metric],
-                                  verdict(mine[metric], by_method[other][metric], noise=noise),
-                                  noise, "table1"))
-      headline.append(f"{name} R@10 {mine['recall_at_10']:.3f} / "
-                      f"{by_method['cosine']['recall_at_10']:.3f} / "
-                      f"{by_method['skipgram']['recall_at_10']:.3f}, MRR {mine['mrr']:.3f} / "
-                      f"{by_method['cosine']['mrr']:.3f} / {by_method['skipgram']['mrr']:.3f}")
+          checks.append(seeded_check(f"{name}: TwHIN-Follow beats {other} ({label}, exact; "
+                                     "noise = the larger seed std)", mine, by_method[other],
+                                     metric, "table1"))
+      headline.append(f"{name} " + ", ".join(
+          f"{label} " + " / ".join(f"{by_method[m][metric]:.3f}" for m in WHO_TO_FOLLOW_METHODS)
+          for metric, label in (("recall_at_10", "R@10"), ("mrr", "MRR"))))
     if not rows:
       return {}, [], "\n".join(f"> {n}" for n in notes)
     self.ours("table1", "; ".join(headline) + " (TwHIN-Follow / cosine / SkipGram, "
@@ -519,7 +594,7 @@ class Report:
            "", checks_table(checks), "", verdict_line(checks)]
     return {"datasets": results, "checks": checks}, checks, "\n".join(md)
   def section_ablation(self) -> tuple[dict, list, str]:
-    from twhin_jax import downstream
+    from twhin_jax import downstream  # lazy: jax (the cli imports this module)
     rows, cat_rows, checks, results = [], [], [], {}
     notes = []
     rating_claim = {"none": "baseline (Ads1-3 RCE 21.23 / 13.53 / 17.11)",
@@ -616,18 +691,14 @@ class Report:
 
 
   def section_low_coverage(self) -> tuple[dict, list, str]:
-    from twhin_jax import low_coverage
     setting = self.budget["low_coverage"]
     seeds = tuple(self.seed + i for i in range(setting["seeds"]))
     settings = low_coverage.Settings(dim=setting.get("dim", self.budget["dim"]),
                                      max_epochs=setting["max_epochs"],
                                      eval_every=setting["eval_every"])
     rows, checks, notes, results, headline = [], [], [], {}, []
-    for name in setting["datasets"]:
-      dataset = low_coverage.DATASETS[name]
-      if not self.has(dataset.folder):
-        notes.append(f"{name} skipped: {self.data_dir}/{dataset.folder} not found.")
-        continue
+    for name, dataset in self.present_datasets(setting["datasets"], low_coverage.DATASETS,
+                                               notes):
       self.log(f"low coverage on {name}: {dataset.relation} for {settings.coverage:.0%} of "
                f"users, alone vs with {dataset.follow}; seeds {list(seeds)}")
       result = low_coverage.run(dataset, seeds=seeds, settings=settings,
@@ -636,19 +707,17 @@ class Report:
       results[name] = result
       rows += result["rows"]
       get = {(r["setup"], r["measure"]): r for r in result["rows"]}
-      alone, co = get[("alone", "downstream")], get[("co_embedded", "downstream")]
-      none = get[("none", "downstream")]
       for measure, key, label in (("link", "mrr", "link prediction test MRR"),
                                   ("downstream", "roc_auc", "downstream ROC-AUC")):
-        a, c = get[("alone", measure)], get[("co_embedded", measure)]
-        noise = max(a[key + "_std"], c[key + "_std"])
-        checks.append(check_row(f"{name}: co-embedded beats alone ({label}; noise = the "
-                                "larger seed std)", c[key], a[key],
-                                verdict(c[key], a[key], noise=noise), noise, "low_coverage"))
-      headline.append(f"{name} ROC-AUC none {none['roc_auc']:.3f}, alone {alone['roc_auc']:.3f}, "
-                      f"co-embedded {co['roc_auc']:.3f}; MRR alone "
-                      f"{get[('alone', 'link')]['mrr']:.3f}, co-embedded "
-                      f"{get[('co_embedded', 'link')]['mrr']:.3f}")
+        checks.append(seeded_check(f"{name}: co-embedded beats alone ({label}; noise = the "
+                                   "larger seed std)", get[("co_embedded", measure)],
+                                   get[("alone", measure)], key, "low_coverage"))
+      headline.append(f"{name} " + "; ".join(
+          f"{label} " + ", ".join(f"{setup.replace('_', '-')} {get[(setup, measure)][key]:.3f}"
+                                  for setup in setups)
+          for measure, key, label, setups in (
+              ("downstream", "roc_auc", "ROC-AUC", ("none", "alone", "co_embedded")),
+              ("link", "mrr", "MRR", ("alone", "co_embedded")))))
     if not rows:
       return {}, [], "\n".join(f"> {n}" for n in notes)
     self.ours("low_coverage", "; ".join(headline))
@@ -675,7 +744,6 @@ class Report:
     return {"datasets": results, "checks": checks}, checks, "\n".join(md)
 
   def section_drift(self) -> tuple[dict, list, str]:
-    from twhin_jax import drift_experiment
     if not self.has(LASTFM):
       return {}, [], f"> Skipped: {self.data_dir}/{LASTFM} not found."
     out = os.path.join(self.runs_dir, "drift")
@@ -749,60 +817,39 @@ class Report:
       summary[name]["per_degree_bucket"] = r["drift"]["per_degree_bucket"]
     return {"strategies": summary, "checks": checks}, checks, "\n".join(md)
   def section_networks(self) -> tuple[dict, list, str]:
-    rows, checks, results, notes = [], [], {}, []
-    if self.has(LASTFM):
-      self.lastfm_run()
-      self.lastfm_friend_only_run()
-      none = self.task("lastfm_friends", "lastfm", "none")
-      hetero = self.task("lastfm_friends", "lastfm", "U")
-      single = self.task("lastfm_friends", "lastfm_friend_only", "U")
-      results["lastfm_friends"] = {"none": none, "hetero_U": hetero, "friend_only_U": single}
+    tables, checks, results, notes, ours = [], [], {}, [], []
+    for comparison in NETWORK_COMPARISONS:
+      if not self.has(comparison.dataset):
+        notes.append(f"{comparison.dataset_label} skipped: {self.data_dir}/"
+                     f"{comparison.dataset} not found.")
+        continue
+      for run in (comparison.run, comparison.single_run):
+        getattr(self, f"{run}_run")()
+      none, single, hetero = (self.task(comparison.task, run, fs) for run, fs in (
+          (comparison.run, "none"), (comparison.single_run, comparison.feature_set),
+          (comparison.run, comparison.feature_set)))
+      results[comparison.task] = {"none": none, comparison.hetero_key: hetero,
+                                  comparison.single_key: single}
+      headers, keys = zip(*comparison.columns)
+      rows = []
       for label, r, claim in (("none (no embeddings)", none, ""),
-                              ("+ U from friend only", single, "one high-coverage relation"),
-                              ("+ U from friend + listened + tags", hetero,
+                              (f"+ {comparison.single_label}", single,
+                               "one high-coverage relation"),
+                              (f"+ {comparison.hetero_label}", hetero,
                                "two high-coverage relations: interference")):
-        rows.append(["Last.fm friends" if r is none else "", label, r["roc_auc"], r["pr_auc"],
-                     r["rce"], claim])
-      se = binary_auc_se(hetero)
-      checks.append(check_row("Last.fm friends: friend-only U beats friend + engagement U "
-                              "(ROC-AUC)", single["roc_auc"], hetero["roc_auc"],
-                              verdict(single["roc_auc"], hetero["roc_auc"], noise=se), se,
-                              "networks"))
-    else:
-      notes.append(f"Last.fm skipped: {self.data_dir}/{LASTFM} not found.")
-    cat_rows = []
-    if self.has(CIAO):
-      self.ciao_run()
-      self.ciao_ratings_only_run()
-      none = self.task("ciao_category", "ciao", "none")
-      hetero = self.task("ciao_category", "ciao", "P")
-      single = self.task("ciao_category", "ciao_ratings_only", "P")
-      results["ciao_category"] = {"none": none, "hetero_P": hetero, "ratings_only_P": single}
-      for label, r, claim in (("none (no embeddings)", none, ""),
-                              ("+ P from ratings only", single, "one high-coverage relation"),
-                              ("+ P from trust + ratings", hetero,
-                               "two high-coverage relations: interference")):
-        cat_rows.append(["Ciao category" if r is none else "", label, r["accuracy"],
-                         r["macro_roc_auc"], claim])
-      se = accuracy_standard_error(hetero["accuracy"], hetero["examples"])
-      checks.append(check_row("Ciao category: ratings-only P beats trust + ratings P "
-                              "(accuracy)", single["accuracy"], hetero["accuracy"],
-                              verdict(single["accuracy"], hetero["accuracy"], noise=se), se,
-                              "networks"))
-    else:
-      notes.append(f"Ciao skipped: {self.data_dir}/{CIAO} not found.")
+        rows.append([comparison.task_label if r is none else "", label]
+                    + [r[k] for k in keys] + [claim])
+      tables.append(markdown_table(["task", "embeddings", *headers, "paper (Sec. 4.3)"], rows))
+      metric, metric_name = comparison.metric, comparison.metric_label
+      se = metric_standard_error(hetero, metric)
+      checks.append(check_row(f"{comparison.task_label}: {comparison.single_short} beats "
+                              f"{comparison.hetero_short} ({metric_name})", single[metric],
+                              hetero[metric], verdict(single[metric], hetero[metric], noise=se),
+                              se, "networks"))
+      ours.append(f"{comparison.task_label} {metric_name} {comparison.single_short} "
+                  f"{single[metric]:.3f}, {comparison.hetero_short} {hetero[metric]:.3f}")
     if not checks:
       return {}, [], "\n".join(notes)
-    ours = []
-    if "lastfm_friends" in results:
-      r = results["lastfm_friends"]
-      ours.append(f"Last.fm friends ROC-AUC friend-only U {r['friend_only_U']['roc_auc']:.3f}, "
-                  f"friend + engagement U {r['hetero_U']['roc_auc']:.3f}")
-    if "ciao_category" in results:
-      r = results["ciao_category"]
-      ours.append(f"Ciao category accuracy ratings-only P "
-                  f"{r['ratings_only_P']['accuracy']:.3f}, trust + ratings P "
-                  f"{r['hetero_P']['accuracy']:.3f}")
     self.ours("networks", "; ".join(ours))
     self.plot_heterogeneity(results, os.path.join(self.out, "networks.png"))
     md = [claim_text("networks"), "",
@@ -820,18 +867,14 @@ class Report:
           "whose every friendship is held out have no vector in the friend-only run (a zero "
           "vector is looked up).", ""]
     md += [f"> {n}" for n in notes]
-    if rows:
-      md += [markdown_table(["task", "embeddings", "ROC-AUC", "PR-AUC", "RCE",
-                             "paper (Sec. 4.3)"], rows), ""]
-    if cat_rows:
-      md += [markdown_table(["task", "embeddings", "accuracy", "macro ROC-AUC",
-                             "paper (Sec. 4.3)"], cat_rows), ""]
+    for table in tables:
+      md += [table, ""]
     md += ["![networks](networks.png)", "", checks_table(checks), "", verdict_line(checks)]
     results["checks"] = checks
     return results, checks, "\n".join(md)
 
   def section_compression(self) -> tuple[dict, list, str]:
-    from twhin_jax import compress
+    from twhin_jax import compress  # lazy: jax (the cli imports this module)
     if not self.has(CIAO):
       return {}, [], f"> Skipped: {self.data_dir}/{CIAO} not found."
     ciao = self.ciao_run()
@@ -884,8 +927,7 @@ class Report:
       none = self.task(task, run, "none")
       quantized = self.task(task, run, fs, source=source, label=label)
       downstream_results[task] = {"full": full, label: quantized, "none": none, "metric": metric}
-      se = (binary_auc_se(full) if metric == "roc_auc"
-            else accuracy_standard_error(full["accuracy"], full["examples"]))
+      se = metric_standard_error(full, metric)
       tolerance = pq_tolerance(full[metric], none[metric], se)
       down_rows.append([f"{task} (+{fs})", metric, none[metric], full[metric], quantized[metric],
                         quantized[metric] - full[metric], kept_share(quantized[metric],
@@ -924,7 +966,6 @@ class Report:
 
   @staticmethod
   def _bars(ax, groups, title, ylabel):
-    import numpy as np
     labels = [g[0] for g in groups]
     values = [g[1] for g in groups]
     colors = [g[2] for g in groups]
@@ -939,56 +980,42 @@ class Report:
     ax.set_title(title, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=8)
 
-  def plot_ablation(self, results: dict, path: str) -> None:
-    import matplotlib
+  def _plot_panels(self, panels, path: str, title: str, panel_width: float) -> None:
+    """One bar chart per (title, ylabel, [(label, value, color), ...]) panel, side by side."""
+    import matplotlib  # lazy: the report writes plots only after a section has run
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = []
-    if "ciao_rating" in results:
-      panels.append(("Ciao rating >= 4", "ROC-AUC",
-                     [(fs, r["roc_auc"], "grey" if fs == "none" else "C0")
-                      for fs, r in results["ciao_rating"].items()]))
-      panels.append(("Ciao category", "accuracy",
-                     [(fs, r["accuracy"], "grey" if fs == "none" else "C1")
-                      for fs, r in results["ciao_category"].items()]))
-    if "lastfm_friends" in results:
-      panels.append(("Last.fm friends", "ROC-AUC",
-                     [(fs, r["roc_auc"], "grey" if fs == "none" else "C2")
-                      for fs, r in results["lastfm_friends"].items()]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), squeeze=False)
-    for ax, (title, ylabel, groups) in zip(axes[0], panels):
-      self._bars(ax, groups, title, ylabel)
-    fig.suptitle("Downstream ablation (cf. paper Table 2)", fontsize=10)
+    import matplotlib.pyplot as plt  # lazy, as matplotlib above
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3),
+                             squeeze=False)
+    for ax, (panel_title, ylabel, groups) in zip(axes[0], panels):
+      self._bars(ax, groups, panel_title, ylabel)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+  def plot_ablation(self, results: dict, path: str) -> None:
+    # (results key, panel title, metric, its label, the color of the feature sets)
+    panels = [(title, label, [(fs, r[metric], "grey" if fs == "none" else color)
+                              for fs, r in results[key].items()])
+              for key, title, metric, label, color in (
+                  ("ciao_rating", "Ciao rating >= 4", "roc_auc", "ROC-AUC", "C0"),
+                  ("ciao_category", "Ciao category", "accuracy", "accuracy", "C1"),
+                  ("lastfm_friends", "Last.fm friends", "roc_auc", "ROC-AUC", "C2"))
+              if key in results]
+    self._plot_panels(panels, path, "Downstream ablation (cf. paper Table 2)", 3)
 
   def plot_heterogeneity(self, results: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     panels = []
-    if "lastfm_friends" in results:
-      r = results["lastfm_friends"]
-      panels.append(("Last.fm friends", "ROC-AUC",
-                     [("none", r["none"]["roc_auc"], "grey"),
-                      ("U: friend only", r["friend_only_U"]["roc_auc"], "C3"),
-                      ("U: all relations", r["hetero_U"]["roc_auc"], "C2")]))
-    if "ciao_category" in results:
-      r = results["ciao_category"]
-      panels.append(("Ciao category", "accuracy",
-                     [("none", r["none"]["accuracy"], "grey"),
-                      ("P: ratings only", r["ratings_only_P"]["accuracy"], "C3"),
-                      ("P: trust + ratings", r["hetero_P"]["accuracy"], "C1")]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3), squeeze=False)
-    for ax, (title, ylabel, groups) in zip(axes[0], panels):
-      self._bars(ax, groups, title, ylabel)
-    fig.suptitle("One relation vs two high-coverage relations in a network", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-  # -- the whole report ----------------------------------------------------
+    for comparison, color in zip(NETWORK_COMPARISONS, ("C2", "C1")):
+      if comparison.task in results:
+        r, metric = results[comparison.task], comparison.metric
+        panels.append((comparison.task_label, comparison.metric_label,
+                       [("none", r["none"][metric], "grey"),
+                        (comparison.single_plot_label, r[comparison.single_key][metric], "C3"),
+                        (comparison.hetero_plot_label, r[comparison.hetero_key][metric], color)]))
+    self._plot_panels(panels, path, "One relation vs two high-coverage relations in a network",
+                      3.5)
 
   # -- the whole report ----------------------------------------------------
 
@@ -1047,9 +1074,8 @@ class Report:
                            "verdict"], self.summary_rows(), align=["l"] * 5)
 
   def meta(self) -> dict:
-    import jax
+    import jax  # lazy: the cli imports this module jax-free
     try:
-      from importlib import metadata
       version = metadata.version("twhin-jax")
     except Exception:  # not installed (a source checkout on PYTHONPATH)
       version = "source checkout"

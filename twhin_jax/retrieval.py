@@ -194,7 +194,7 @@ def exact_search(table, queries, k: int, comparator: str) -> tuple[np.ndarray, n
 def import_scann():
   """ScaNN's pybind module, or None (with a warning) when it is not installed."""
   try:
-    from scann.scann_ops.py import scann_ops_pybind
+    from scann.scann_ops.py import scann_ops_pybind  # optional: not on every platform
   except ImportError as err:  # pragma: no cover - depends on the platform
     log.warning("scann is not importable (%s): retrieval falls back to exact search", err)
     return None

@@ -172,7 +172,7 @@ def restore_state(ckpt_dir: str) -> dict:
   """
   # orbax imports jax; only reading relation state needs it (see module doc).
   import jax
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # lazy, as jax above
   state_dir, tree = state_metadata(ckpt_dir)
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   restored = ocp.PyTreeCheckpointer().restore(state_dir, restore_args=restore_args)

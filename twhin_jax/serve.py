@@ -69,10 +69,23 @@ import socket
 import threading
 import time
 
+import anyio.to_thread
+import fastapi
+import fastapi_offline
+import jax
 import numpy as np
+import uvicorn
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from twhin_jax import checkpoint as checkpoint_lib
+from twhin_jax import mixture as mixture_lib
 from twhin_jax import retrieval
 from twhin_jax import serve_models as models
+from twhin_jax.model import apply_operator, compare_pairs
 from twhin_jax.serve_models import MAX_ENGAGEMENTS, MAX_K, MAX_NAMES, MAX_TRIPLES  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -128,7 +141,6 @@ def load_snapshot(workdir: str, *, exact_below: int = retrieval.EXACT_BELOW,
   """Opens the run's latest checkpoint (exporting and indexing what is stale)
   and warms every table, name index and searcher, so that no request of the
   new snapshot touches the disk or compiles the exact search for one query."""
-  from twhin_jax import checkpoint as checkpoint_lib
   started = time.perf_counter()
   retriever = retrieval.Retriever.open(workdir, exact_below=exact_below, progress=progress)
   step = retriever.run["checkpoint"]["step"]
@@ -327,7 +339,6 @@ class Service:
                           for i, n in enumerate(found)]}
 
   def _mixture(self, snap: Snapshot, target_type: str):
-    from twhin_jax import mixture as mixture_lib
     with snap.mixtures_lock:
       if target_type not in snap.mixtures:
         try:
@@ -344,7 +355,6 @@ class Service:
       return snap.mixtures[target_type]
 
   def diverse(self, snap: Snapshot, request: models.DiverseRequest) -> dict:
-    from twhin_jax import mixture as mixture_lib
     entity_type = self._type(snap, request.entity_type)
     target_type = self._type(snap, request.target_type)
     name = request.name
@@ -431,8 +441,6 @@ def _pair_scorer(operator: str, comparator: str):
   """f(s, r, t) = compare(op_r(theta_s), theta_t) (model.py eq. 1) for rows
   [P, d] of sources and targets, as one jitted call: the same functions the
   trainer uses, one dispatch per relation group instead of one per op."""
-  import jax
-  from twhin_jax.model import apply_operator, compare_pairs
   return jax.jit(lambda param, sources, targets: compare_pairs(
       comparator, apply_operator(operator, param, sources), targets))
 
@@ -457,7 +465,6 @@ def _error_responses(*codes: int) -> dict:
 
 
 def _json_error(status: int, message: str, headers: dict | None = None):
-  from starlette.responses import JSONResponse
   return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -541,15 +548,60 @@ class _BodyRules:
     await self.app(scope, receive, counting_send)
 
 
+@dataclasses.dataclass(frozen=True)
+class SnapshotRoute:
+  """A route answered by ``Service.<name>(snapshot[, request])``: the
+  snapshot is read once per request; ``request`` is the validated body of a
+  POST route (absent for a GET)."""
+  method: str  # "get" or "post"
+  name: str  # the path is /<name>; the Service method and the OpenAPI name
+  response: type
+  summary: str
+  request: type | None = None
+  errors: tuple[int, ...] = ()  # the 4xx answers the OpenAPI document lists
+  on_loop: bool = True  # False: may take long, runs in the thread pool
+
+
+SNAPSHOT_ROUTES = (
+    SnapshotRoute("get", "health", models.Health,
+                  "status, version, load time, counts, request totals"),
+    SnapshotRoute("get", "version", models.Version, "lineage of the served checkpoint"),
+    SnapshotRoute("post", "neighbors", models.NeighborsResponse,
+                  "ranked targets of a relation (or same-type neighbours)",
+                  models.NeighborsRequest, (400, 404, 411, 413)),
+    SnapshotRoute("post", "diverse", models.DiverseResponse,
+                  "diverse retrieval from a user's mixture (needs `twhin cluster`)",
+                  models.DiverseRequest, (400, 404, 409, 411, 413), on_loop=False),
+    SnapshotRoute("post", "score", models.ScoreResponse, "the model's score of each triple",
+                  models.ScoreRequest, (400, 404, 411, 413)),
+    SnapshotRoute("post", "embedding", models.EmbeddingResponse, "embedding vectors by name",
+                  models.EmbeddingRequest, (400, 404, 411, 413)),
+)
+
+
+def _add_snapshot_route(app, service: Service, route: SnapshotRoute, on_loop) -> None:
+  """Registers ``route`` on ``app``; FastAPI reads the body model from the
+  handler's ``request`` annotation, and the OpenAPI names from its name."""
+  answer = getattr(service, route.name)
+  if route.request is None:
+    def handler():
+      return answer(service.snapshot)
+  else:
+    def handler(request):
+      return answer(service.snapshot, request)
+    handler.__annotations__ = {"request": route.request}
+  handler.__name__ = handler.__qualname__ = route.name
+  if route.on_loop:
+    handler = on_loop(handler)
+  options = {"responses": _error_responses(*route.errors)} if route.errors else {}
+  getattr(app, route.method)(f"/{route.name}", response_model=route.response,
+                             summary=route.summary, **options)(handler)
+
+
 def make_app(service: Service, max_body: int = MAX_BODY, inline: bool = True):
   """The FastAPI application over ``service`` (wrapped in the body rules).
   ``inline=False`` runs every route in the thread pool instead of on the
   event loop (slower here; kept for routes that may block)."""
-  import fastapi
-  import fastapi_offline
-  from fastapi.exceptions import RequestValidationError
-  from starlette.exceptions import HTTPException as StarletteHTTPException
-
   app = fastapi_offline.FastAPIOffline(
       title="twhin-jax service", version=API_VERSION, redoc_url=None,
       static_url="/docs-static", openapi_url="/openapi.json",
@@ -606,44 +658,8 @@ def make_app(service: Service, max_body: int = MAX_BODY, inline: bool = True):
   # read a mixture from disk) are plain `def`: FastAPI runs them in its
   # thread pool, and the event loop keeps answering.
 
-  @app.get("/health", response_model=models.Health,
-           summary="status, version, load time, counts, request totals")
-  @on_loop
-  def health():
-    return service.health(service.snapshot)
-
-  @app.get("/version", response_model=models.Version,
-           summary="lineage of the served checkpoint")
-  @on_loop
-  def version():
-    return service.version(service.snapshot)
-
-  @app.post("/neighbors", response_model=models.NeighborsResponse,
-            responses=_error_responses(400, 404, 411, 413),
-            summary="ranked targets of a relation (or same-type neighbours)")
-  @on_loop
-  def neighbors(request: models.NeighborsRequest):
-    return service.neighbors(service.snapshot, request)
-
-  @app.post("/diverse", response_model=models.DiverseResponse,
-            responses=_error_responses(400, 404, 409, 411, 413),
-            summary="diverse retrieval from a user's mixture (needs `twhin cluster`)")
-  def diverse(request: models.DiverseRequest):
-    return service.diverse(service.snapshot, request)
-
-  @app.post("/score", response_model=models.ScoreResponse,
-            responses=_error_responses(400, 404, 411, 413),
-            summary="the model's score of each triple")
-  @on_loop
-  def score(request: models.ScoreRequest):
-    return service.score(service.snapshot, request)
-
-  @app.post("/embedding", response_model=models.EmbeddingResponse,
-            responses=_error_responses(400, 404, 411, 413),
-            summary="embedding vectors by name")
-  @on_loop
-  def embedding(request: models.EmbeddingRequest):
-    return service.embedding(service.snapshot, request)
+  for route in SNAPSHOT_ROUTES:
+    _add_snapshot_route(app, service, route, on_loop)
 
   @app.post("/reload", response_model=models.ReloadResponse,
             responses=_error_responses(400, 409, 411, 413),
@@ -654,7 +670,6 @@ def make_app(service: Service, max_body: int = MAX_BODY, inline: bool = True):
   def openapi() -> dict:
     """FastAPI's document, less its 422 answers: validation errors are 400 here."""
     if app.openapi_schema is None:
-      from fastapi.openapi.utils import get_openapi
       document = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
       for item in document["paths"].values():
@@ -685,8 +700,6 @@ def _timed_protocol(request_timeout: float, max_header_bytes: int, count=lambda 
   any answer has started, the client gets a 408 and the connection is
   closed. Headers are limited to ``max_header_bytes`` (431). ``count(True)``
   records each such refusal (the app never sees these requests)."""
-  from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
   class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport):
@@ -773,7 +786,6 @@ class HttpServer:
                keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
                max_header_bytes: int = MAX_HEADER_BYTES, backlog: int = 1024,
                loops: int = LOOPS, thread_pool: int = 8):
-    import uvicorn
     self.service = service
     self.app = make_app(service, max_body)
     protocol = _timed_protocol(float(request_timeout), int(max_header_bytes), service.count)
@@ -794,7 +806,6 @@ class HttpServer:
 
   def _run(self, server) -> None:
     async def main():
-      import anyio.to_thread
       # The pool that /reload and /diverse run in (anyio's default is 40 threads).
       anyio.to_thread.current_default_thread_limiter().total_tokens = self.thread_pool
       await server.serve(sockets=[self.socket])

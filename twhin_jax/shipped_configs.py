@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from twhin_jax import config as config_lib
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -32,5 +34,4 @@ def config_path(name: str) -> str:
 
 def load(name: str, overrides=()):
   """The shipped config ``name`` with ``--config.X=Y`` overrides applied."""
-  from twhin_jax import config as config_lib
   return config_lib.load_config(config_path(name), list(overrides))

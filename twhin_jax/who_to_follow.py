@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from twhin_jax import config as config_lib
+from twhin_jax import shipped_configs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +182,7 @@ def rank_metrics(rankings: dict, held_out: dict, k: int = 10) -> dict:
 
 def follow_matrix(train_pairs, index: dict[str, int]):
   """Sparse [U, U] 0/1 adjacency (scipy CSR) of the training follows."""
-  import scipy.sparse as sp
+  import scipy.sparse as sp  # lazy: only the cosine baseline needs scipy (slow to import)
   rows = np.array([index[u] for u, _ in train_pairs], np.int64)
   cols = np.array([index[v] for _, v in train_pairs], np.int64)
   n = len(index)
@@ -196,7 +197,7 @@ def cosine_rankings(adjacency, users, depth: int, block: int = 1024,
   """User-based CF: candidates v of u by cos(A_u, A_v) (rows of the follow
   adjacency), excluding u, u's follows in A and ``excluded[u]``; ties go to
   the lower index. Returns user -> the first ``depth`` candidates."""
-  import scipy.sparse as sp
+  import scipy.sparse as sp  # lazy: only the cosine baseline needs scipy (slow to import)
   norms = np.sqrt(np.asarray(adjacency.multiply(adjacency).sum(axis=1)).ravel())  # [U]
   inverse = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
   normalized = sp.diags(inverse) @ adjacency  # [U, U], unit rows
@@ -286,7 +287,7 @@ def vector_rankings(table: np.ndarray, present: np.ndarray, queries: np.ndarray,
   """Filtered top-``depth`` rows of ``table`` (those with ``present``) by inner
   product with each query, exact or through a ScaNN index (the retrieval
   library's settings for the table size, built even for small tables)."""
-  from twhin_jax import retrieval
+  from twhin_jax import retrieval  # lazy: jax (the report imports this module into the jax-free cli)
   rows = np.flatnonzero(present)
   candidates = np.ascontiguousarray(table[rows], np.float32)
   largest = max((len(excluded.get(int(u), ())) for u in users), default=0)
@@ -434,8 +435,8 @@ def evaluate_skipgram(split: Split, stage: str, settings: SkipGramSettings, seed
 def evaluate_twhin(split: Split, stage: str, dataset: Dataset, config, workdir: str, *,
                    epochs: int, dim: int, lr: float | None, seed: int, depth: int = 100,
                    paths=("exact", "scann")) -> dict:
-  from twhin_jax import retrieval
-  from twhin_jax import train as train_lib
+  from twhin_jax import retrieval  # lazy: jax (the report imports this module into the jax-free cli)
+  from twhin_jax import train as train_lib  # lazy, as retrieval above
   train, held = split.stage(stage)
   os.makedirs(workdir, exist_ok=True)
   train_path = os.path.join(workdir, f"{dataset.follow}.train.tsv")
@@ -456,7 +457,6 @@ def evaluate_twhin(split: Split, stage: str, dataset: Dataset, config, workdir: 
 
 def load_follow_pairs(dataset: Dataset, overrides=()):
   """(config, directed follow pairs) of a dataset."""
-  from twhin_jax import shipped_configs
   if os.path.exists(dataset.config.partition(":")[0]):
     config = config_lib.load_config(dataset.config, list(overrides))
   else:
