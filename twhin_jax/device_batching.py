@@ -7,9 +7,9 @@ rel, weight; the bucket whole, or a random set of READ_BLOCK_EDGES-edge runs
 of a large one) padded to a power-of-two capacity, and one jitted function
 (``prepare_slice``) does the rest on the device:
 
-  1. shuffles the edges (a permutation keyed by seed, epoch, bucket, slice);
-  2. groups them by chunk class (negatives.chunk_classes; classes numbered so
-     that each parameter group's classes are contiguous) with a stable sort,
+  1-2. shuffles the edges and groups them by chunk class in one sort, by
+     (class, a random key from seed, epoch, bucket, slice) (negatives.chunk_classes;
+     classes numbered so that each parameter group's classes are contiguous),
      and pads each class to a whole number of chunks of C;
   3. shuffles the chunks inside each parameter group;
   4. turns every slot into working-table rows, weights and, with
@@ -237,10 +237,13 @@ def prepare_slice(key: jax.Array, src: jax.Array, dst: jax.Array, rel: jax.Array
   rel = jnp.where(real, rel, 0)
   edge_class = jnp.where(real, tables.class_of_rel[rel], num_classes)  # [E] padding: last
 
-  # 1-2. A random order, then stably by class: each class's edges are one
-  # run in random order.
-  shuffled = jax.random.permutation(edge_key, capacity).astype(jnp.int32)  # [E]
-  by_class = shuffled[jnp.argsort(edge_class[shuffled], stable=True)]  # [E]
+  # 1-2. Sorted by (class, random 32-bit key): each class's edges are one run
+  # in random order. One sort (ties, rare, keep file order): on XLA:CPU a
+  # 1M-edge jax.random.permutation (three sorts) plus a stable argsort took
+  # 1.3 s, this sort 0.6 s.
+  edge_bits = jax.random.bits(edge_key, (capacity,), jnp.uint32)  # [E]
+  _, _, by_class = jax.lax.sort((edge_class, edge_bits, index), num_keys=2,
+                                is_stable=True)  # [E] edge indices, class by class
   class_count = jax.ops.segment_sum(real.astype(jnp.int32), edge_class,
                                     num_segments=num_classes + 1)[:num_classes]  # [K]
   class_chunks = -(-class_count // chunk)  # [K] ceil(n_k / C)
@@ -261,8 +264,10 @@ def prepare_slice(key: jax.Array, src: jax.Array, dst: jax.Array, rel: jax.Array
   chunk_group = jnp.where(chunk_class < num_classes,
                           class_group[jnp.minimum(chunk_class, num_classes - 1)],
                           jnp.iinfo(jnp.int32).max)  # [B] chunks past the classes: last
-  chunk_order = jax.random.permutation(chunk_key, num_chunks).astype(jnp.int32)
-  chunk_order = chunk_order[jnp.argsort(chunk_group[chunk_order], stable=True)]  # [B]
+  chunk_bits = jax.random.bits(chunk_key, (num_chunks,), jnp.uint32)  # [B]
+  _, _, chunk_order = jax.lax.sort(
+      (chunk_group.astype(jnp.int32), chunk_bits, jnp.arange(num_chunks, dtype=jnp.int32)),
+      num_keys=2, is_stable=True)  # [B] chunks, group by group, shuffled within
   edge = edge[chunk_order]  # [B, C]
 
   # 4. Rows, weights and relations of every slot.
