@@ -37,6 +37,7 @@ continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import NamedTuple
@@ -65,6 +66,12 @@ MIN_CAPACITY = 1 << 10
 _KEY_SALT = 0x5EED_BA7C
 #: Slices read ahead of the device by the background thread.
 SLICES_AHEAD = 2
+#: Prepared slices alive on the device at most: before preparing another, the
+#: stream waits for the preparation of the one before the last (the device
+#: runs in order, so every call of the slices before that has run too).
+#: Dispatch stays a slice ahead; device memory stays bounded whatever the
+#: number of slices in a bucket.
+PREPARED_IN_FLIGHT = 2
 
 PATHS = config_lib.BATCH_PREPARATIONS
 
@@ -450,6 +457,7 @@ class DeviceBatchStream:
     self._per_call = self._per_step * batching.STEPS_PER_CALL
     self._max_edges = slice_capacity(config)
     self._class_group = jax.device_put(self._classes.class_group, self._device)
+    self._in_flight: collections.deque = collections.deque()  # recent PreparedSlices
     plan = list(plan)
     self._buckets = {(epoch, index): bucket for epoch, index, bucket in plan}
     seed = config.train.seed
@@ -479,12 +487,15 @@ class DeviceBatchStream:
         tables = jax.device_put(RelationTables.of(
             self._graph, self._layout, self._layout_of(bucket), bucket, classes, config),
             self._device)
+      while len(self._in_flight) >= PREPARED_IN_FLIGHT:
+        self._in_flight.popleft().edge.block_until_ready()
       prepared = prepare_slice(
           slice_key(config.train.seed, epoch, index, host.number), src, dst, rel, weight,
           np.int32(host.num_real), tables, self._class_group,
           chunk=config.negatives.chunk_size, num_uniform=config.negatives.num_uniform,
           num_classes=classes.num_classes, per_call=self._per_call,
           correct=bool(config.negatives.logq_correction))
+      self._in_flight.append(prepared)
       rng = np.random.default_rng([config.train.seed, epoch, index, host.number])
       for group, start, end in plan_calls(host.rel[:host.num_real], classes,
                                           config.negatives.chunk_size, self._per_call, rng):
