@@ -223,7 +223,7 @@ def _pair_counts(first: jax.Array, second: jax.Array, real: jax.Array) -> jax.Ar
   starts = jnp.concatenate([jnp.ones((1,), bool), (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
   run = jnp.cumsum(starts) - 1  # [E] run id of each sorted edge
   run_count = jax.ops.segment_sum(real[order].astype(jnp.int32), run, num_segments=size)
-  return jnp.zeros(size, jnp.int32).at[order].set(run_count[run])
+  return jnp.zeros(size, jnp.int32).at[order].set(run_count[run], unique_indices=True)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "num_uniform", "num_classes",
@@ -261,8 +261,11 @@ def prepare_slice(key: jax.Array, src: jax.Array, dst: jax.Array, rel: jax.Array
   sorted_class = edge_class[by_class]  # [E]
   safe_class = jnp.minimum(sorted_class, num_classes - 1)
   slot = index - sorted_start[safe_class] + slot_start[safe_class]  # [E]
-  slot = jnp.where(sorted_class < num_classes, slot, num_chunks * chunk)  # padding: dropped
-  edge = jnp.full((num_chunks * chunk,), -1, jnp.int32).at[slot].set(by_class, mode="drop")
+  # Padding edges get distinct slots past the end (dropped): every index
+  # unique, which XLA's scatter runs fastest (docs/architecture.md, "The step").
+  slot = jnp.where(sorted_class < num_classes, slot, num_chunks * chunk + index)
+  edge = jnp.full((num_chunks * chunk,), -1, jnp.int32).at[slot].set(
+      by_class, mode="drop", unique_indices=True)
   edge = edge.reshape(num_chunks, chunk)  # [B, C] class by class, last chunk of each padded
 
   # 3. Chunks shuffled within their group: a random order, then stably by
