@@ -84,11 +84,12 @@ def test_changed_config_is_refused(demo_run):
     train_lib.Trainer(config, workdir, progress=False)
 
 
-def _train_command(workdir: str, epochs: int) -> list[str]:
+def _train_command(workdir: str, epochs: int, batch_preparation: str = "auto") -> list[str]:
   return [sys.executable, "-m", "twhin_jax.cli", "train", "--config",
           os.path.join(REPO, "configs", "demo.py:test"), "--workdir", workdir, "--quiet",
           f"--config.train.epochs={epochs}", "--config.train.eval_every_epochs=0",
-          "--config.train.checkpoint_every_buckets=1"]
+          "--config.train.checkpoint_every_buckets=1",
+          f"--config.train.batch_preparation={batch_preparation}"]
 
 
 def _bucket_lines(workdir: str) -> int:
@@ -99,13 +100,17 @@ def _bucket_lines(workdir: str) -> int:
     return sum(1 for line in f if '"bucket_index"' in line)
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+# "auto" is the host path on CPU; "device" forms the batches inside jit
+# (device_batching.py), keyed by (seed, epoch, bucket, slice).
+@pytest.mark.parametrize("batch_preparation", ["auto", "device"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, batch_preparation):
   epochs = 3
   reference = str(tmp_path / "reference")
-  subprocess.run(_train_command(reference, epochs), check=True, cwd=REPO, timeout=600)
+  subprocess.run(_train_command(reference, epochs, batch_preparation), check=True, cwd=REPO,
+                 timeout=600)
 
   interrupted = str(tmp_path / "interrupted")
-  process = subprocess.Popen(_train_command(interrupted, epochs), cwd=REPO)
+  process = subprocess.Popen(_train_command(interrupted, epochs, batch_preparation), cwd=REPO)
   deadline = time.time() + 300
   # 2 x 2 buckets per epoch: stop in the middle of the second epoch.
   while _bucket_lines(interrupted) < 6 and time.time() < deadline:
@@ -116,7 +121,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
   meta = checkpoint_lib.Checkpointer(interrupted).restore_meta()
   assert meta["cursor"]["epoch"] < epochs  # really interrupted
 
-  subprocess.run(_train_command(interrupted, epochs), check=True, cwd=REPO, timeout=600)
+  subprocess.run(_train_command(interrupted, epochs, batch_preparation), check=True, cwd=REPO,
+                 timeout=600)
   ours, theirs = committed_tables(interrupted), committed_tables(reference)
   for entity_type in theirs:
     np.testing.assert_array_equal(ours[entity_type], theirs[entity_type])

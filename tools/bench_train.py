@@ -10,6 +10,11 @@ with --json:
 
   python tools/bench_train.py                    # P = 1, 4, 16
   python tools/bench_train.py --edges 1000000 --nodes 100000 --partitions 1 4
+  python tools/bench_train.py --partitions 1 --batch-preparation host device
+
+--batch-preparation sets train.batch_preparation (host: numpy in threads,
+batching.py; device: inside jit, device_batching.py, one device only; auto:
+device on GPU/TPU); each value is a row.
 
 edges_per_s is measured over the last epoch (steady state: compiled, tables
 initialised); peak_rss_mib is the training process's maximum resident set,
@@ -64,6 +69,7 @@ def worker(args) -> None:
   config = bench_config(args.graph_file, args.worker_partitions, args.dim, args.epochs,
                         args.relations, args.chunk, args.uniform, args.batch, args.devices)
   config.model.matmul_precision = args.precision
+  config.train.batch_preparation = args.worker_batch_preparation
   if args.phase == "import":
     train_lib.prepare_graph(config, args.workdir, progress=False)
     return
@@ -83,13 +89,17 @@ def worker(args) -> None:
   nodes = sum(e.count for e in trainer.graph.entities.values())
   trainer.close()
   import jax
+  from twhin_jax import device_batching
   from twhin_jax import model
   device = jax.devices()[0]
+  preparation = device_batching.resolve_path(config.train.batch_preparation, trainer.num_shards,
+                                             jax.process_count(), device.platform)
   stats = device.memory_stats() or {}
   print(json.dumps({
       "partitions": args.worker_partitions,
       "batch": args.batch,
       "precision": model.resolve_matmul_precision(args.precision),  # auto -> per backend
+      "batch_preparation": preparation,  # auto -> the path that ran
       "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{trainer.num_shards}",
       "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2 ** 20,
       "edges": last["edges"],
@@ -116,6 +126,9 @@ def main() -> None:
   parser.add_argument("--devices", type=int, default=0, help="mesh.num_devices (0: all)")
   parser.add_argument("--precision", default="auto",
                       help="model.matmul_precision: auto, float32, tf32 (GPU), bfloat16")
+  parser.add_argument("--batch-preparation", nargs="+", default=["auto"],
+                      choices=("auto", "host", "device"),
+                      help="train.batch_preparation; several values: a row each")
   parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
   parser.add_argument("--json", action="store_true", help="one JSON object per setting")
   # internal: the per-setting worker process
@@ -123,6 +136,7 @@ def main() -> None:
   parser.add_argument("--graph-file", help=argparse.SUPPRESS)
   parser.add_argument("--workdir", help=argparse.SUPPRESS)
   parser.add_argument("--worker-partitions", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--worker-batch-preparation", default="auto", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.phase:
     worker(args)
@@ -135,14 +149,16 @@ def main() -> None:
     generate.power_law(graph_file, num_nodes=args.nodes, num_edges=args.edges,
                        num_relations=args.relations, seed=0, progress=not args.json)
   rows = []
-  for partitions in args.partitions:
+  settings = [(p, prep) for p in args.partitions for prep in args.batch_preparation]
+  for partitions, preparation in settings:
     workdir = os.path.join(scratch, f"p{partitions}")
     common = [sys.executable, os.path.abspath(__file__), "--graph-file", graph_file,
               "--workdir", workdir, "--worker-partitions", str(partitions),
               "--dim", str(args.dim), "--epochs", str(args.epochs),
               "--relations", str(args.relations), "--chunk", str(args.chunk),
               "--uniform", str(args.uniform), "--batch", str(args.batch),
-              "--devices", str(args.devices), "--precision", args.precision]
+              "--devices", str(args.devices), "--precision", args.precision,
+              "--worker-batch-preparation", preparation]
     if not os.path.exists(os.path.join(workdir, "graph", "manifest.json")):
       subprocess.run(common + ["--phase", "import"], check=True)
     out = subprocess.run(common + ["--phase", "train"], check=True, capture_output=True,
@@ -155,11 +171,12 @@ def main() -> None:
   if not args.json:
     print(f"\n{rows[0]['graph']}, d={args.dim}, {args.chunk} batch + {args.uniform} uniform "
           f"negatives, batch {args.batch}, logistic\n")
-    print("| P | device | edges/s (last epoch) | epoch s | peak RSS MiB | device peak MiB "
-          "| full tables MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| P | device | batches | edges/s (last epoch) | epoch s | peak RSS MiB "
+          "| device peak MiB | full tables MiB |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-      print(f"| {r['partitions']} | {r['device']} | {r['edges_per_s']:,.0f} | "
+      print(f"| {r['partitions']} | {r['device']} | {r['batch_preparation']} | "
+            f"{r['edges_per_s']:,.0f} | "
             f"{r['epoch_seconds']:.1f} | {r['peak_rss_mib']:,.0f} | {r['device_peak_mib']:,.0f} "
             f"| {r['table_mib']:,.0f} |")
 

@@ -5,6 +5,7 @@
 #   tools/gpu_check.sh                      # defaults: d=100, 500 batch + 500 uniform negatives
 #   EDGES=50000000 NODES=5000000 tools/gpu_check.sh
 #   PRECISIONS="float32 tf32 bfloat16" tools/gpu_check.sh
+#   BATCH_PREP=device tools/gpu_check.sh    # only the device-side batch path
 #   tools/gpu_check.sh --table runs/gpu_check   # only print the table of an earlier run
 #
 # A CPU-sized smoke run of the whole script (the same code paths):
@@ -13,8 +14,10 @@
 #
 # 1. tools/bench_step.py: the jitted step alone, batches already on the device
 #    (the device's ceiling);
-# 2. tools/bench_train.py: the whole trainer (import, host batch pipeline,
-#    TensorStore tables) on a generated power-law graph, P=1, last of 3 epochs.
+# 2. tools/bench_train.py: the whole trainer (import, batch preparation,
+#    TensorStore tables) on a generated power-law graph, P=1, last of 3 epochs,
+#    once per batch preparation in $BATCH_PREP (default "host device": numpy
+#    on the host, batching.py, or inside jit, device_batching.py).
 # Each prints JSON lines (edges/s, device peak memory) into $OUT (step.jsonl,
 # train.jsonl); the table (trainer / step ratio per batch and precision) goes
 # to stdout and $OUT/table.md. Commit $OUT under docs/gpu/.
@@ -39,16 +42,20 @@ def read(name):
         except json.JSONDecodeError as e:
           sys.exit(f"{path}:{number}: not JSON ({e})")
   return rows
-step = {(r["batch"], r["precision"]): r for r in read("step.jsonl")}
-train = {(r["batch"], r["precision"]): r for r in read("train.jsonl")}
-print("| batch | matmuls | step alone edges/s | whole trainer edges/s | trainer / step | "
-      "device peak MiB step / trainer |")
-print("|---:|---|---:|---:|---:|---|")
-for key in sorted(set(step) | set(train), key=lambda k: (k[0], str(k[1]))):
-  s, t = step.get(key), train.get(key)
+step = {(r.get("batch", "-"), r.get("precision", "-")): r for r in read("step.jsonl")}
+# Rows written before a field existed: batch_preparation was the host path.
+train = {(r.get("batch", "-"), r.get("precision", "-"), r.get("batch_preparation", "host")): r
+         for r in read("train.jsonl")}
+keys = set(train) | {k + ("-",) for k in step if not any(t[:2] == k for t in train)}
+print("| batch | matmuls | batches | step alone edges/s | whole trainer edges/s | "
+      "trainer / step | device peak MiB step / trainer |")
+print("|---:|---|---|---:|---:|---:|---|")
+for key in sorted(keys, key=lambda k: (len(str(k[0])), str(k[0]), str(k[1]), k[2])):
+  s, t = step.get(key[:2]), train.get(key)
   fmt = lambda r, k: f"{r[k]:,.0f}" if r else "-"
   ratio = f"{t['edges_per_s'] / s['edges_per_s']:.1%}" if s and t else "-"
-  print(f"| {key[0]} | {key[1]} | {fmt(s, 'edges_per_s')} | {fmt(t, 'edges_per_s')} | {ratio} | "
+  print(f"| {key[0]} | {key[1]} | {key[2]} | {fmt(s, 'edges_per_s')} | "
+        f"{fmt(t, 'edges_per_s')} | {ratio} | "
         f"{fmt(s, 'device_peak_mib')} / {fmt(t, 'device_peak_mib')} |")
 EOF
 }
@@ -75,6 +82,7 @@ BATCH=${BATCH:-10000}
 CALLS=${CALLS:-30}
 # auto: tf32 on a GPU (JAX's default for fp32 matmuls), float32 on CPU.
 PRECISIONS=${PRECISIONS:-auto bfloat16}
+BATCH_PREP=${BATCH_PREP:-host device}
 SCRATCH=${SCRATCH:-/tmp/twhin_gpu_scratch}
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.txt"
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
@@ -90,7 +98,7 @@ for precision in $PRECISIONS; do
   for batch in $BATCH $((BATCH * 4)); do
     "$PY" tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
       --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 --precision "$precision" \
-      --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
+      --batch-preparation $BATCH_PREP --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
   done
 done
 rm -rf "$SCRATCH"

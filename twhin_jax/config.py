@@ -51,6 +51,8 @@ SPLITS = ("train", "valid", "test")
 MESH_SCHEDULES = ("ring", "tournament")
 ON_ERROR = ("raise", "skip")
 EARLY_STOP_METRICS = ("mrr", "hits@1", "hits@10", "auc", "mr")  # early_stopping.METRICS
+#: train.batch_preparation (device_batching.PATHS; config.py does not import jax).
+BATCH_PREPARATIONS = ("auto", "host", "device")
 REGULARIZERS = ("l2", "n3")  # regularizers.REGULARIZERS
 
 #: Keys of one entry of ``config.data.files``. An entry reads one file (plain,
@@ -160,6 +162,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.early_stop_patience = 10
   c.train.early_stop_min_delta = 0.0  # smallest change that counts as an improvement
   c.train.early_stop_min_epochs = 5  # never stop before this many epochs
+  # Where each call's batches are formed: "host" (numpy, batching.py),
+  # "device" (inside jit from raw edge slices, device_batching.py; one device
+  # in one process, else the host path runs) or "auto" (device on GPU/TPU,
+  # host on CPU).
+  c.train.batch_preparation = "auto"
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.chunk_size = 50  # C: edges sharing negatives (batch negatives)
@@ -410,6 +417,8 @@ def validate(config) -> None:
     _fail("train.early_stop_min_epochs", f"must be an int >= 0, got {t.early_stop_min_epochs!r}")
   if t.early_stop_min_delta < 0:
     _fail("train.early_stop_min_delta", f"must be >= 0, got {t.early_stop_min_delta}")
+  if t.batch_preparation not in BATCH_PREPARATIONS:
+    _fail("train.batch_preparation", f"{t.batch_preparation!r} not in {BATCH_PREPARATIONS}")
   n = config.negatives
   if n.chunk_size < 1:
     _fail("negatives.chunk_size", f"must be >= 1, got {n.chunk_size}")

@@ -8,7 +8,8 @@ A chunk holds C edges of one *chunk class*; each edge is scored against
 
 Host side (numpy, batching.py): which edges share a chunk (``chunk_classes``)
 and the log of each candidate's expected count among a chunk's negatives
-(``sampling_log_counts``, ``uniform_log_count``). Device side (jax, inside the
+(``sampling_log_counts``, ``uniform_log_count``); device_batching.py computes
+the same equation inside jit when batches are prepared on the device. Device side (jax, inside the
 jitted step): the uniform draws (``draw_uniform``), the candidates' log q
 (``log_q``) and which candidates count as negatives (``negative_mask``).
 

@@ -8,7 +8,9 @@ once per run as a plan). For each bucket:
                  working table per dim), writing evicted ones back to
                  TensorStore and reading the next bucket's ahead in a thread
   batching.py    prepares the bucket's calls ahead, in a background thread,
-                 across bucket and epoch boundaries
+                 across bucket and epoch boundaries; or, with one device,
+  device_batching.py  forms them inside jit from raw edge slices the host
+                 reads ahead (train.batch_preparation)
   step.py        T steps per jitted call on one state.StepState, round by
                  round of the device ring (sharding.py)
 
@@ -21,6 +23,7 @@ a resumed run produces the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -34,6 +37,7 @@ from twhin_jax import batching
 from twhin_jax import best_checkpoint
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
+from twhin_jax import device_batching
 from twhin_jax import distributed
 from twhin_jax import early_stopping
 from twhin_jax import model
@@ -50,6 +54,8 @@ from twhin_jax import versions
 from twhin_jax.graph import Graph
 from twhin_jax import rundir
 from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 #: Sharded calls dispatched ahead of the device on CPU (see Trainer._bound_inflight;
 #: XLA:CPU deadlocks past 32 in-flight multi-device calls with 2 cores).
@@ -341,6 +347,16 @@ class Trainer:
     slots = sharding_lib.Tournament(self.mesh, self.residency.layout) if tournament else None
     total_loss, total_edges, step_in_bucket = [], [], 0
     for k, call in calls:
+      if isinstance(call, device_batching.DeviceCall):
+        # Formed on the device (device_batching.py): one device, one round.
+        batch = call.batch_at(step_in_bucket)
+        step_in_bucket += batching.STEPS_PER_CALL
+        new, loss, edges = self._step_fn(call.group, False)(
+            state.for_group(call.group, False), batch, key)
+        state = state.with_group(call.group, new)
+        total_loss.append(loss)
+        total_edges.append(edges)
+        continue
       if tournament:
         state = state._replace(home=slots.advance(state.home, k))
         visiting = False
@@ -394,8 +410,7 @@ class Trainer:
     bar = tqdm(total=total * config.train.epochs, initial=total * self.cursor["epoch"],
                unit="edge", unit_scale=True, desc=f"train {config.name}",
                disable=not self.progress)
-    stream = batching.BatchStream(plan, self.graph, self.layout, config,
-                                  self.residency.layout_of)
+    stream = self._batch_stream(plan)
     try:
       for position, (epoch, index, bucket) in enumerate(plan):
         if self.early_stop.stopped:  # validation stopped improving (early_stopping.py)
@@ -432,6 +447,23 @@ class Trainer:
     if self.primary:
       reporting.plot_training(self.history, self.workdir)
     return self.history
+
+  def _batch_stream(self, plan):
+    """The prepared calls of ``plan``: formed on the host (batching.py) or
+    on the device (device_batching.py), as train.batch_preparation resolves
+    for this mesh (device_batching.resolve_path)."""
+    config = self.config
+    path = device_batching.resolve_path(config.train.batch_preparation, self.num_shards,
+                                        jax.process_count(),
+                                        self.mesh.devices.flat[0].platform)
+    log.info("batch preparation: %s (train.batch_preparation=%s, %d device(s), %s)", path,
+             config.train.batch_preparation, self.num_shards,
+             self.mesh.devices.flat[0].platform)
+    if path == "device":
+      return device_batching.DeviceBatchStream(plan, self.graph, self.layout, config,
+                                               self.residency.layout_of,
+                                               self.mesh.devices.flat[0])
+    return batching.BatchStream(plan, self.graph, self.layout, config, self.residency.layout_of)
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
     record = {"epoch": epoch, "loss": loss / max(edges, 1), "edges": edges,
