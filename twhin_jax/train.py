@@ -457,7 +457,13 @@ class Trainer:
       return device_batching.DeviceBatchStream(plan, self.graph, self.layout, config,
                                                self.residency.layout_of,
                                                self.mesh.devices.flat[0])
-    return batching.BatchStream(plan, self.graph, self.layout, config, self.residency.layout_of)
+    # With several processes each packs only its own devices' sub-buckets.
+    local = None
+    if jax.process_count() > 1:
+      local = frozenset(g for g, device in enumerate(self.mesh.devices.flat)
+                        if device.process_index == jax.process_index())
+    return batching.BatchStream(plan, self.graph, self.layout, config, self.residency.layout_of,
+                                local_devices=local)
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
     record = {"epoch": epoch, "loss": loss / max(edges, 1), "edges": edges,
