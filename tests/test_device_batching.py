@@ -54,7 +54,7 @@ def _edges(num: int, seed: int = 0):
   return src, dst.astype(np.int32), rel, weight
 
 
-def _prepare(num, mixed, correct, chunk=7, uniform=5, per_step=3, seed=0):
+def _prepare(num, mixed, correct, chunk=7, uniform=5, per_step=3, seed=0, rank_by="auto"):
   classes = _classes(mixed)
   tables = _tables(classes, chunk, uniform)
   src, dst, rel, weight = _edges(num)
@@ -64,15 +64,16 @@ def _prepare(num, mixed, correct, chunk=7, uniform=5, per_step=3, seed=0):
   prepared = device_batching.prepare_slice(
       device_batching.slice_key(seed, 0, 0, 0), pad(src), pad(dst), pad(rel), pad(weight),
       np.int32(num), tables, classes.class_group, chunk=chunk, num_uniform=uniform,
-      num_classes=classes.num_classes, per_call=per_call, correct=correct)
+      num_classes=classes.num_classes, per_call=per_call, correct=correct, rank_by=rank_by)
   return classes, tables, (src, dst, rel, weight), prepared, per_call
 
 
-@pytest.mark.parametrize("mixed", [False, True])
-def test_chunks_hold_every_real_edge_once_and_one_class_each(mixed):
+@pytest.mark.parametrize("mixed,rank_by", [(False, "count"), (True, "count"), (False, "sort"),
+                                           (True, "sort")])
+def test_chunks_hold_every_real_edge_once_and_one_class_each(mixed, rank_by):
   num, chunk, per_step = 1_500, 7, 3
   classes, tables, (src, dst, rel, weight), prepared, per_call = _prepare(
-      num, mixed, correct=False, chunk=chunk, per_step=per_step)
+      num, mixed, correct=False, chunk=chunk, per_step=per_step, rank_by=rank_by)
   edge = np.asarray(prepared.edge)  # [B, C]
   real = edge[edge >= 0]
   np.testing.assert_array_equal(np.sort(real), np.arange(num))  # each edge exactly once
@@ -157,13 +158,31 @@ def test_log_q_matches_the_host_equation(mixed):
                              atol=1e-6)
 
 
-def test_preparation_is_seeded():
-  _, _, _, first, _ = _prepare(1_000, True, True, seed=3)
-  _, _, _, again, _ = _prepare(1_000, True, True, seed=3)
-  _, _, _, other, _ = _prepare(1_000, True, True, seed=4)
+@pytest.mark.parametrize("rank_by", ["count", "sort"])
+def test_preparation_is_seeded_and_shuffles(rank_by):
+  _, _, (src, dst, rel, weight), first, _ = _prepare(1_000, True, True, seed=3, rank_by=rank_by)
+  _, _, _, again, _ = _prepare(1_000, True, True, seed=3, rank_by=rank_by)
+  _, _, _, other, _ = _prepare(1_000, True, True, seed=4, rank_by=rank_by)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(first.edge), np.asarray(other.edge))
+  # Shuffled: within a class the file order is gone (consecutive slots hold
+  # edges about E / 3 apart, not 1 or a few).
+  edge = np.asarray(first.edge).ravel()
+  edge = edge[edge >= 0]
+  assert np.median(np.abs(np.diff(edge))) > 100
+
+
+def test_hash_permutation_is_a_seeded_bijection():
+  key = jax.random.key(0)
+  for size in (1 << 10, 1 << 16):
+    perm = np.asarray(device_batching._hash_permutation(key, size))  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.sort(perm), np.arange(size))
+    assert np.median(np.abs(np.diff(perm))) > size / 10  # neighbours land far apart
+  other = np.asarray(device_batching._hash_permutation(jax.random.key(1), 1 << 10))
+  assert not np.array_equal(other, np.asarray(device_batching._hash_permutation(key, 1 << 10)))
+  with pytest.raises(ValueError, match="power of two"):
+    device_batching._hash_permutation(key, 1000)
 
 
 def test_large_buckets_split_into_balanced_slices_of_every_edge():
