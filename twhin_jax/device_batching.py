@@ -51,7 +51,6 @@ from twhin_jax import batching
 from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import negatives
-from twhin_jax import sharding as sharding_lib
 from twhin_jax import step as step_lib
 from twhin_jax.graph import Graph
 
