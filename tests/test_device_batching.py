@@ -77,7 +77,7 @@ def test_chunks_hold_every_real_edge_once_and_one_class_each(mixed, rank_by):
   edge = np.asarray(prepared.edge)  # [B, C]
   real = edge[edge >= 0]
   np.testing.assert_array_equal(np.sort(real), np.arange(num))  # each edge exactly once
-  calls = device_batching.plan_calls(rel, classes, chunk, per_call, np.random.default_rng(0))
+  calls = device_batching.plan_calls(np.bincount(rel, minlength=len(RELATIONS)), classes, chunk, per_call, np.random.default_rng(0))
   group_chunks = collections.Counter()
   seen = []
   for group, start, end in calls:
@@ -112,7 +112,7 @@ def test_call_batches_carry_each_edge_with_its_rows_and_weight(mixed, correct):
       (int(tables.src_lo[r] + s), int(tables.dst_lo[r] + d), float(w * tables.weight[r]))
       for s, d, r, w in zip(src, dst, rel, weight))
   got = collections.Counter()
-  calls = device_batching.plan_calls(rel, classes, chunk, per_call, np.random.default_rng(1))
+  calls = device_batching.plan_calls(np.bincount(rel, minlength=len(RELATIONS)), classes, chunk, per_call, np.random.default_rng(1))
   for number, (group, start, end) in enumerate(calls):
     name = classes.groups[group]
     call = device_batching.DeviceCall(name, prepared, tables_device, start, end,

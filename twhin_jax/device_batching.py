@@ -451,12 +451,13 @@ def _merged(spans):
   return merged
 
 
-def plan_calls(rel: np.ndarray, classes: Classes, chunk: int, per_call: int,
+def plan_calls(rel_count: np.ndarray, classes: Classes, chunk: int, per_call: int,
                rng: np.random.Generator) -> list[tuple[int, int, int]]:
   """The calls of a slice as (group index, first chunk, group end chunk), in
-  a seeded random order, from its relations' counts (a bincount: the device
-  forms the chunks, the host only needs their number)."""
-  class_count = np.bincount(classes.class_of_rel[rel], minlength=classes.num_classes)
+  a seeded random order, from its edges per relation ``rel_count`` [R] (the
+  device forms the chunks, the host only needs their number)."""
+  class_count = np.bincount(classes.class_of_rel, weights=rel_count,
+                            minlength=classes.num_classes).astype(np.int64)  # [K]
   class_chunks = -(-class_count // chunk)  # [K]
   class_start = np.cumsum(class_chunks) - class_chunks
   calls = []
@@ -518,8 +519,12 @@ class DeviceBatchStream:
       for epoch, index, bucket in plan:
         edges = graph.bucket_edges(*bucket)
         for host in read_slices(edges, (seed, epoch, index), self._max_edges):
+          # The host keeps only the counts (its arrays go as soon as they
+          # are on the device).
+          rel_count = np.bincount(host.rel[:host.num_real], minlength=len(graph.relations))
           arrays = jax.device_put((host.src, host.dst, host.rel, host.weight), self._device)
-          yield epoch, index, (host, arrays)
+          yield epoch, index, (host.number, host.num_real, rel_count, arrays)
+          del host, arrays
         yield epoch, index, None  # end of this bucket
 
     self._items = batching.Background(produce(), depth=SLICES_AHEAD)
@@ -533,7 +538,7 @@ class DeviceBatchStream:
                            f"trainer at epoch {epoch} bucket {index}")
       if item is None:
         return
-      host, (src, dst, rel, weight) = item
+      number, num_real, rel_count, (src, dst, rel, weight) = item
       if tables is None:
         bucket = self._bucket_of(epoch, index)
         tables = jax.device_put(RelationTables.of(
@@ -542,15 +547,16 @@ class DeviceBatchStream:
       while len(self._in_flight) >= PREPARED_IN_FLIGHT:
         self._in_flight.popleft().edge.block_until_ready()
       prepared = prepare_slice(
-          slice_key(config.train.seed, epoch, index, host.number), src, dst, rel, weight,
-          np.int32(host.num_real), tables, self._class_group,
+          slice_key(config.train.seed, epoch, index, number), src, dst, rel, weight,
+          np.int32(num_real), tables, self._class_group,
           chunk=config.negatives.chunk_size, num_uniform=config.negatives.num_uniform,
           num_classes=classes.num_classes, per_call=self._per_call,
           correct=bool(config.negatives.logq_correction))
       self._in_flight.append(prepared)
-      rng = np.random.default_rng([config.train.seed, epoch, index, host.number])
-      for group, start, end in plan_calls(host.rel[:host.num_real], classes,
-                                          config.negatives.chunk_size, self._per_call, rng):
+      del src, dst, rel, weight, item  # the prepared slice holds what the calls need
+      rng = np.random.default_rng([config.train.seed, epoch, index, number])
+      for group, start, end in plan_calls(rel_count, classes, config.negatives.chunk_size,
+                                          self._per_call, rng):
         name = classes.groups[group]
         yield 0, DeviceCall(name, prepared, tables, start, end, self._layout.groups[name][0],
                             batching.STEPS_PER_CALL, self._per_step,
