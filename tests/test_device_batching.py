@@ -4,6 +4,7 @@ log q it computes, and training with it against the host path."""
 from __future__ import annotations
 
 import collections
+import logging
 from types import SimpleNamespace
 
 import jax
@@ -251,7 +252,7 @@ def test_device_path_trains_like_the_host_path_and_is_reproducible(tmp_path):
     assert not np.array_equal(table, results["host"][1][entity_type])
 
 
-def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path):
+def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path, caplog):
   """Two parameter groups (translation and diagonal relations), mixed chunks,
   softmax with the log-q correction: the step takes the device's batches
   (per-edge relation rows) and the model learns."""
@@ -264,7 +265,9 @@ def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path):
   config.train.loss = "softmax"
   config.train.batch_preparation = "device"
   config.train.eval_every_epochs = 0
-  trainer = train_lib.train(config, str(tmp_path / "mixed"), progress=False)
+  with caplog.at_level(logging.INFO, logger="twhin_jax.train"):
+    trainer = train_lib.train(config, str(tmp_path / "mixed"), progress=False)
+  assert "batch preparation: device" in caplog.text  # the trainer says which path runs
   assert len(trainer.layout.groups) == 2
   metrics = trainer.evaluate("test", progress=False)
   losses = [h["loss"] for h in trainer.history]
