@@ -62,9 +62,11 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT_CALLS = 8
 #: Config fields that may change when an existing run is resumed (the device
 #: schedule too: between buckets every row is home under either schedule, and
-#: runs made before mesh.schedule existed resume with the default).
+#: runs made before mesh.schedule existed resume with the default; and where
+#: batches are prepared, which "auto" resolves per backend anyway: the
+#: buckets after the resume point then draw the other path's batches).
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.",
-                     "mesh.schedule")
+                     "mesh.schedule", "train.batch_preparation")
 #: The persistent compilation cache's directory ("off" turns it off). Default:
 #: $XDG_CACHE_HOME/twhin_jax/jax_cache (~/.cache/twhin_jax/jax_cache).
 COMPILATION_CACHE_ENV = "TWHIN_JAX_CACHE_DIR"
