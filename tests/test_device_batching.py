@@ -274,3 +274,20 @@ def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path, caplog):
   trainer.close()
   assert losses[-1] < losses[0], losses
   assert metrics["mrr"] > 0.05, metrics
+
+
+def test_a_run_resumes_with_the_other_batch_preparation(tmp_path):
+  """Stopped after two buckets on the host path, the run resumes on the
+  device path (train.batch_preparation may change on resume) and finishes."""
+  config = demo_config.get_config("test")
+  config.train.epochs = 1
+  config.train.eval_every_epochs = 0
+  config.train.batch_preparation = "host"
+  workdir = str(tmp_path / "switch")
+  train_lib.train(config, workdir, progress=False, stop_after_buckets=2).close()
+  config.train.batch_preparation = "device"
+  trainer = train_lib.Trainer(config, workdir, progress=False)
+  assert trainer.cursor == {"epoch": 0, "bucket": 2}
+  history = trainer.run()
+  trainer.close()
+  assert len(history) == 1 and history[0]["edges"] > 0
