@@ -4,6 +4,7 @@ log q it computes, and training with it against the host path."""
 from __future__ import annotations
 
 import collections
+import logging
 from types import SimpleNamespace
 
 import jax
@@ -54,7 +55,7 @@ def _edges(num: int, seed: int = 0):
   return src, dst.astype(np.int32), rel, weight
 
 
-def _prepare(num, mixed, correct, chunk=7, uniform=5, per_step=3, seed=0):
+def _prepare(num, mixed, correct, chunk=7, uniform=5, per_step=3, seed=0, rank_by="auto"):
   classes = _classes(mixed)
   tables = _tables(classes, chunk, uniform)
   src, dst, rel, weight = _edges(num)
@@ -64,19 +65,20 @@ def _prepare(num, mixed, correct, chunk=7, uniform=5, per_step=3, seed=0):
   prepared = device_batching.prepare_slice(
       device_batching.slice_key(seed, 0, 0, 0), pad(src), pad(dst), pad(rel), pad(weight),
       np.int32(num), tables, classes.class_group, chunk=chunk, num_uniform=uniform,
-      num_classes=classes.num_classes, per_call=per_call, correct=correct)
+      num_classes=classes.num_classes, per_call=per_call, correct=correct, rank_by=rank_by)
   return classes, tables, (src, dst, rel, weight), prepared, per_call
 
 
-@pytest.mark.parametrize("mixed", [False, True])
-def test_chunks_hold_every_real_edge_once_and_one_class_each(mixed):
+@pytest.mark.parametrize("mixed,rank_by", [(False, "count"), (True, "count"), (False, "sort"),
+                                           (True, "sort")])
+def test_chunks_hold_every_real_edge_once_and_one_class_each(mixed, rank_by):
   num, chunk, per_step = 1_500, 7, 3
   classes, tables, (src, dst, rel, weight), prepared, per_call = _prepare(
-      num, mixed, correct=False, chunk=chunk, per_step=per_step)
+      num, mixed, correct=False, chunk=chunk, per_step=per_step, rank_by=rank_by)
   edge = np.asarray(prepared.edge)  # [B, C]
   real = edge[edge >= 0]
   np.testing.assert_array_equal(np.sort(real), np.arange(num))  # each edge exactly once
-  calls = device_batching.plan_calls(rel, classes, chunk, per_call, np.random.default_rng(0))
+  calls = device_batching.plan_calls(np.bincount(rel, minlength=len(RELATIONS)), classes, chunk, per_call, np.random.default_rng(0))
   group_chunks = collections.Counter()
   seen = []
   for group, start, end in calls:
@@ -111,7 +113,7 @@ def test_call_batches_carry_each_edge_with_its_rows_and_weight(mixed, correct):
       (int(tables.src_lo[r] + s), int(tables.dst_lo[r] + d), float(w * tables.weight[r]))
       for s, d, r, w in zip(src, dst, rel, weight))
   got = collections.Counter()
-  calls = device_batching.plan_calls(rel, classes, chunk, per_call, np.random.default_rng(1))
+  calls = device_batching.plan_calls(np.bincount(rel, minlength=len(RELATIONS)), classes, chunk, per_call, np.random.default_rng(1))
   for number, (group, start, end) in enumerate(calls):
     name = classes.groups[group]
     call = device_batching.DeviceCall(name, prepared, tables_device, start, end,
@@ -157,13 +159,31 @@ def test_log_q_matches_the_host_equation(mixed):
                              atol=1e-6)
 
 
-def test_preparation_is_seeded():
-  _, _, _, first, _ = _prepare(1_000, True, True, seed=3)
-  _, _, _, again, _ = _prepare(1_000, True, True, seed=3)
-  _, _, _, other, _ = _prepare(1_000, True, True, seed=4)
+@pytest.mark.parametrize("rank_by", ["count", "sort"])
+def test_preparation_is_seeded_and_shuffles(rank_by):
+  _, _, (src, dst, rel, weight), first, _ = _prepare(1_000, True, True, seed=3, rank_by=rank_by)
+  _, _, _, again, _ = _prepare(1_000, True, True, seed=3, rank_by=rank_by)
+  _, _, _, other, _ = _prepare(1_000, True, True, seed=4, rank_by=rank_by)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(first.edge), np.asarray(other.edge))
+  # Shuffled: within a class the file order is gone (consecutive slots hold
+  # edges about E / 3 apart, not 1 or a few).
+  edge = np.asarray(first.edge).ravel()
+  edge = edge[edge >= 0]
+  assert np.median(np.abs(np.diff(edge))) > 100
+
+
+def test_hash_permutation_is_a_seeded_bijection():
+  key = jax.random.key(0)
+  for size in (1 << 10, 1 << 16):
+    perm = np.asarray(device_batching._hash_permutation(key, size))  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.sort(perm), np.arange(size))
+    assert np.median(np.abs(np.diff(perm))) > size / 10  # neighbours land far apart
+  other = np.asarray(device_batching._hash_permutation(jax.random.key(1), 1 << 10))
+  assert not np.array_equal(other, np.asarray(device_batching._hash_permutation(key, 1 << 10)))
+  with pytest.raises(ValueError, match="power of two"):
+    device_batching._hash_permutation(key, 1000)
 
 
 def test_large_buckets_split_into_balanced_slices_of_every_edge():
@@ -232,7 +252,7 @@ def test_device_path_trains_like_the_host_path_and_is_reproducible(tmp_path):
     assert not np.array_equal(table, results["host"][1][entity_type])
 
 
-def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path):
+def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path, caplog):
   """Two parameter groups (translation and diagonal relations), mixed chunks,
   softmax with the log-q correction: the step takes the device's batches
   (per-edge relation rows) and the model learns."""
@@ -245,10 +265,29 @@ def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path):
   config.train.loss = "softmax"
   config.train.batch_preparation = "device"
   config.train.eval_every_epochs = 0
-  trainer = train_lib.train(config, str(tmp_path / "mixed"), progress=False)
+  with caplog.at_level(logging.INFO, logger="twhin_jax.train"):
+    trainer = train_lib.train(config, str(tmp_path / "mixed"), progress=False)
+  assert "batch preparation: device" in caplog.text  # the trainer says which path runs
   assert len(trainer.layout.groups) == 2
   metrics = trainer.evaluate("test", progress=False)
   losses = [h["loss"] for h in trainer.history]
   trainer.close()
   assert losses[-1] < losses[0], losses
   assert metrics["mrr"] > 0.05, metrics
+
+
+def test_a_run_resumes_with_the_other_batch_preparation(tmp_path):
+  """Stopped after two buckets on the host path, the run resumes on the
+  device path (train.batch_preparation may change on resume) and finishes."""
+  config = demo_config.get_config("test")
+  config.train.epochs = 1
+  config.train.eval_every_epochs = 0
+  config.train.batch_preparation = "host"
+  workdir = str(tmp_path / "switch")
+  train_lib.train(config, workdir, progress=False, stop_after_buckets=2).close()
+  config.train.batch_preparation = "device"
+  trainer = train_lib.Trainer(config, workdir, progress=False)
+  assert trainer.cursor == {"epoch": 0, "bucket": 2}
+  history = trainer.run()
+  trainer.close()
+  assert len(history) == 1 and history[0]["edges"] > 0

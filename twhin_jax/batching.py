@@ -55,7 +55,7 @@ class PreparedCall:
 
 def prepare_bucket(graph: Graph, layout: model.RelationLayout,
                    working: sharding_lib.WorkingLayout, bucket: tuple[int, int], config,
-                   seed_path: tuple[int, ...]):
+                   seed_path: tuple[int, ...], local_devices: frozenset[int] | None = None):
   """Yields (round, call) for the jitted calls of one bucket, round by round.
 
   Edges are shuffled (seeded by ``seed_path``) and split into G x G
@@ -73,6 +73,15 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   the *slots* (half sub-partitions) of their endpoints, and each goes to the
   (round, device) that holds both slots then, its rows at the positions the
   slots take in that round.
+
+  ``local_devices`` (mesh positions; None: all): with several processes each
+  packs only its own devices' sub-buckets; the other devices' slices of the
+  arrays stay zero (sharding.global_array hands over only local slices).
+  The calls, and the local devices' arrays, are the same as when every
+  device is packed: the placement, the chunk counts of every device (to
+  know the calls) and log q still read all of the bucket's edges, and the
+  random draws of the other devices are made (a permutation of their chunk
+  count) though their chunks are not.
   """
   rng = np.random.default_rng(list(seed_path))
   edges = graph.bucket_edges(*bucket)  # memory-mapped: read as the slices need them
@@ -81,7 +90,8 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
     return
   if working.num_shards > 1 or num_edges <= SLICE_EDGES:
     order = rng.permutation(num_edges)
-    yield from _BucketPacker(graph, layout, working, bucket, config, edges, order).calls(rng)
+    yield from _BucketPacker(graph, layout, working, bucket, config, edges, order,
+                             local_devices).calls(rng)
     return
   # A large bucket on one device streams in slices, so that only the slices
   # in flight are in memory, never a shuffled copy of the whole bucket: its
@@ -147,9 +157,12 @@ class _BucketPacker:
   """prepare_bucket's work on the edges ``order`` selects, in that order."""
 
   def __init__(self, graph: Graph, layout: model.RelationLayout,
-               working: sharding_lib.WorkingLayout, bucket, config, edges, order: np.ndarray):
+               working: sharding_lib.WorkingLayout, bucket, config, edges, order: np.ndarray,
+               local_devices: frozenset[int] | None = None):
     self.layout = layout
     self.shards = working.num_shards
+    self.local = (frozenset(range(self.shards)) if local_devices is None
+                  else frozenset(local_devices))
     self.chunk = config.negatives.chunk_size
     self.num_uniform = config.negatives.num_uniform
     self.per_step = config.train.batch_size // self.chunk
@@ -242,31 +255,50 @@ class _BucketPacker:
     self.uniform_ranges = lambda k, g: (lo[0, :, k, g], n[0, :, k, g], lo[1, :, k, g],
                                         n[1, :, k, g])
 
-  def _cells(self) -> tuple[np.ndarray, np.ndarray]:
-    """(edge indices sorted by (round, device, chunk class), start of each cell)."""
+  def _cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(local devices' edge indices sorted by (round, device, chunk class),
+    start of each cell among them, every device's edges per cell).
+
+    Stable: a cell's edges keep their shuffled order, whichever devices are
+    local."""
     shards, num_classes = self.shards, self.num_classes
+    num_cells = self.num_rounds * shards * num_classes
     cell = (self.round_of * shards + self.device_of) * num_classes + self.edge_class
-    if self.num_rounds * shards * num_classes < 2 ** 15:
+    if num_cells < 2 ** 15:
       cell = cell.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort: O(E)
-    by_cell = np.argsort(cell, kind="stable")
-    counts = np.bincount(cell, minlength=self.num_rounds * shards * num_classes)
-    return by_cell, np.concatenate([[0], np.cumsum(counts)])
+    counts = np.bincount(cell, minlength=num_cells)
+    if len(self.local) == shards:
+      by_cell, local_counts = np.argsort(cell, kind="stable"), counts
+    else:
+      mine = np.flatnonzero(np.isin(self.device_of, sorted(self.local)))
+      by_cell = mine[np.argsort(cell[mine], kind="stable")]
+      local_counts = np.bincount(cell[mine], minlength=num_cells)
+    return by_cell, np.concatenate([[0], np.cumsum(local_counts)]), counts
 
   def calls(self, rng: np.random.Generator):
     """Yields (round, PreparedCall), rounds in order, calls of a round shuffled."""
-    by_cell, starts = self._cells()
+    by_cell, starts, counts = self._cells()
     shards, per_call = self.shards, self.per_step * STEPS_PER_CALL
     for k in range(self.num_rounds):
-      device_chunks = [self._device_chunks(by_cell, starts, k, g, rng) for g in range(shards)]
+      # A device of another process: only its chunk count per group (and the
+      # same random draws), as a range standing in for its chunks.
+      device_chunks = [self._device_chunks(by_cell, starts, k, g, rng) if g in self.local
+                       else self._skip_chunks(counts, k, g, rng) for g in range(shards)]
       calls = []
       for group in sorted(set().union(*device_chunks)):
         most = max(len(groups.get(group, ())) for groups in device_chunks)
         calls.extend((group, start) for start in range(0, most, per_call))
       empty = np.zeros((0, self.chunk), np.int64)
+      first_local = min(self.local)
       for position in rng.permutation(len(calls)):
         group, start = calls[position]
-        per_device = [self._device_call(device_chunks[g].get(group, empty)[start:start + per_call],
-                                        group, *self.uniform_ranges(k, g)) for g in range(shards)]
+        local = {g: self._device_call(device_chunks[g].get(group, empty)[start:start + per_call],
+                                      group, *self.uniform_ranges(k, g)) for g in self.local}
+        if len(local) < shards:
+          other = jax.tree_util.tree_map(np.zeros_like, local[first_local])
+          per_device = [local.get(g, other) for g in range(shards)]
+        else:
+          per_device = [local[g] for g in range(shards)]
         yield k, PreparedCall(group, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_device))
 
   def _device_chunks(self, by_cell, starts, k: int, g: int,
@@ -287,6 +319,20 @@ class _BucketPacker:
       chunks = np.concatenate(lists[group])  # [num_chunks, C] edge indices, -1 = pad
       groups[group] = chunks[rng.permutation(len(chunks))]
     return groups
+
+  def _skip_chunks(self, counts: np.ndarray, k: int, g: int,
+                   rng: np.random.Generator) -> dict[str, range]:
+    """_device_chunks's group -> chunk count (as a range) for a device this
+    process does not pack, drawing the same permutations from ``rng``."""
+    chunks: dict[str, int] = {}
+    for c in range(self.num_classes):
+      n = int(counts[(k * self.shards + g) * self.num_classes + c])
+      if n:
+        group = self.class_group[c]
+        chunks[group] = chunks.get(group, 0) + -(-n // self.chunk)
+    for group in sorted(chunks):
+      rng.permutation(chunks[group])
+    return {group: range(n) for group, n in chunks.items()}
 
   def _device_call(self, call_chunks: np.ndarray, group: str, src_lo_of: np.ndarray,
                    src_n_of: np.ndarray, dst_lo_of: np.ndarray,
@@ -394,13 +440,14 @@ class BatchStream:
   """
 
   def __init__(self, plan, graph: Graph, layout: model.RelationLayout, config,
-               layout_of, depth: int = 8):
+               layout_of, depth: int = 8, local_devices: frozenset[int] | None = None):
     self._plan = list(plan)
 
     def produce():
       for epoch, index, bucket in self._plan:
         yield from ((epoch, index, k, call) for k, call in prepare_bucket(
-            graph, layout, layout_of(bucket), bucket, config, (config.train.seed, epoch, index)))
+            graph, layout, layout_of(bucket), bucket, config, (config.train.seed, epoch, index),
+            local_devices))
         yield epoch, index, None, None  # end of this bucket
 
     self._items = Background(produce(), depth=depth)

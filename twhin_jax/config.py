@@ -21,7 +21,7 @@ Layout of a config (every field is read somewhere; see the field comments)::
   model:      dim, comparator, init_scale, reciprocal, regularization, regularizer
   train:      epochs, batch_size, lr, relation_lr, loss, margin, seed,
               bucket_order, checkpoint_every_buckets, eval_every_epochs,
-              early_stop_{metric,patience,min_delta,min_epochs}
+              early_stop_{metric,patience,min_delta,min_epochs}, batch_preparation
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
   warm_start: parent, new_entities, l2_to_previous

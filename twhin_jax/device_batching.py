@@ -7,10 +7,11 @@ rel, weight; the bucket whole, or a random set of READ_BLOCK_EDGES-edge runs
 of a large one) padded to a power-of-two capacity, and one jitted function
 (``prepare_slice``) does the rest on the device:
 
-  1-2. shuffles the edges and groups them by chunk class in one sort, by
-     (class, a random key from seed, epoch, bucket, slice) (negatives.chunk_classes;
-     classes numbered so that each parameter group's classes are contiguous),
-     and pads each class to a whole number of chunks of C;
+  1-2. shuffles the edges and groups them by chunk class (keyed by seed,
+     epoch, bucket, slice; negatives.chunk_classes, classes numbered so that
+     each parameter group's classes are contiguous), by counting (a hash
+     permutation and a prefix sum per class) or, with many classes, one
+     sort, and pads each class to a whole number of chunks of C;
   3. shuffles the chunks inside each parameter group;
   4. turns every slot into working-table rows, weights and, with
      negatives.logq_correction, log q (negatives.sampling_log_counts's
@@ -50,7 +51,6 @@ from twhin_jax import batching
 from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import negatives
-from twhin_jax import sharding as sharding_lib
 from twhin_jax import step as step_lib
 from twhin_jax.graph import Graph
 
@@ -66,6 +66,9 @@ MIN_CAPACITY = 1 << 10
 #: Salt of the preparation keys, so they never coincide with the step's
 #: negative-sampling keys (train.Trainer.train_bucket folds seed, epoch, bucket).
 _KEY_SALT = 0x5EED_BA7C
+#: Up to this many chunk classes a slice's edges are ordered by counting
+#: (K prefix sums over the slice), past it by one sort.
+COUNT_RANK_CLASSES = 16
 #: Slices read ahead of the device by the background thread.
 SLICES_AHEAD = 2
 #: Prepared slices alive on the device at most: before preparing another, the
@@ -226,17 +229,42 @@ def _pair_counts(first: jax.Array, second: jax.Array, real: jax.Array) -> jax.Ar
   return jnp.zeros(size, jnp.int32).at[order].set(run_count[run], unique_indices=True)
 
 
+def _hash_permutation(key: jax.Array, size: int, rounds: int = 4) -> jax.Array:
+  """A random bijection of [0, size), size a power of two, elementwise (no
+  sort): ``rounds`` of x -> (a x + b) mod size (a odd: a bijection) then
+  x -> x xor (x >> ceil(bits / 2)) (a bijection too, mixing high bits into
+  the low ones the multiply leaves linear), with random a, b. Four rounds
+  match a uniform permutation on the statistics that matter here (nearby
+  edges of the file landing in one chunk: measured on 2^20 edges, 0.19% of
+  neighbouring positions come from edges under 1,000 apart, as for
+  numpy's permutation; 62.1 distinct 1,024-edge file blocks per 64
+  consecutive positions, 62.06 for numpy's)."""
+  bits = size.bit_length() - 1
+  if size != 1 << bits:
+    raise ValueError(f"size {size} is not a power of two")
+  params = jax.random.bits(key, (rounds, 2), jnp.uint32)  # [rounds, (a, b)]
+  mask, shift = jnp.uint32(size - 1), jnp.uint32((bits + 1) // 2)
+  x = jnp.arange(size, dtype=jnp.uint32)
+  for r in range(rounds):
+    x = (x * (params[r, 0] | jnp.uint32(1)) + params[r, 1]) & mask
+    x = x ^ (x >> shift)
+  return x.astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk", "num_uniform", "num_classes",
-                                             "per_call", "correct"))
+                                             "per_call", "correct", "rank_by"))
 def prepare_slice(key: jax.Array, src: jax.Array, dst: jax.Array, rel: jax.Array,
                   weight: jax.Array, num_real: jax.Array, tables: RelationTables,
                   class_group: jax.Array, *, chunk: int, num_uniform: int, num_classes: int,
-                  per_call: int, correct: bool) -> PreparedSlice:
+                  per_call: int, correct: bool, rank_by: str = "auto") -> PreparedSlice:
   """One slice of raw edges [E] (the first ``num_real`` real, the rest
   padding) -> its chunks in training order (PreparedSlice).
 
   ``src``, ``dst``: offsets inside their partitions; ``rel``: relation
-  index; ``class_group`` [K]: group of every chunk class.
+  index; ``class_group`` [K]: group of every chunk class. ``rank_by``: how
+  each class's edges get their random order, "count" (a hash permutation and
+  K prefix sums), "sort" (one sort), or "auto" (count up to
+  COUNT_RANK_CLASSES classes).
   """
   capacity = src.shape[0]
   num_chunks = buffer_chunks(capacity, chunk, num_classes, per_call)
@@ -246,26 +274,45 @@ def prepare_slice(key: jax.Array, src: jax.Array, dst: jax.Array, rel: jax.Array
   rel = jnp.where(real, rel, 0)
   edge_class = jnp.where(real, tables.class_of_rel[rel], num_classes)  # [E] padding: last
 
-  # 1-2. Sorted by (class, random 32-bit key): each class's edges are one run
-  # in random order. One sort (ties, rare, keep file order): on XLA:CPU a
-  # 1M-edge jax.random.permutation (three sorts) plus a stable argsort took
-  # 1.3 s, this sort 0.6 s.
-  edge_bits = jax.random.bits(edge_key, (capacity,), jnp.uint32)  # [E]
-  _, _, by_class = jax.lax.sort((edge_class, edge_bits, index), num_keys=2,
-                                is_stable=True)  # [E] edge indices, class by class
+  # 1-2. Each class's edges in a random order, padded to whole chunks: the
+  # edge of rank j in class k goes to slot slot_start[k] + j.
   class_count = jax.ops.segment_sum(real.astype(jnp.int32), edge_class,
                                     num_segments=num_classes + 1)[:num_classes]  # [K]
   class_chunks = -(-class_count // chunk)  # [K] ceil(n_k / C)
-  sorted_start = _exclusive_cumsum(class_count)  # [K] first sorted position of class k
   slot_start = _exclusive_cumsum(class_chunks) * chunk  # [K] first slot of class k
-  sorted_class = edge_class[by_class]  # [E]
-  safe_class = jnp.minimum(sorted_class, num_classes - 1)
-  slot = index - sorted_start[safe_class] + slot_start[safe_class]  # [E]
+  if rank_by == "auto":
+    rank_by = "count" if num_classes <= COUNT_RANK_CLASSES else "sort"
+  if rank_by == "count":
+    # Counting: edge i sits at position f(i) of a random order (a keyed
+    # bijection, _hash_permutation); its rank in its class is the number of
+    # the class's edges at earlier positions (K prefix sums, no sort).
+    position = _hash_permutation(edge_key, capacity)  # [E]
+    class_at = jnp.full((capacity,), num_classes, jnp.int32).at[position].set(
+        edge_class, unique_indices=True)  # [E] class of the edge at each position
+    rank_at = jnp.zeros((capacity,), jnp.int32)
+    for k in range(num_classes):
+      member = class_at == k
+      rank_at = jnp.where(member, jnp.cumsum(member, dtype=jnp.int32) - 1, rank_at)
+    edge_rank, edge_id = rank_at[position], index  # [E] per edge
+  elif rank_by == "sort":
+    # Sorting by (class, random 32-bit key): each class's edges are one run
+    # in random order (ties, rare, keep file order). On XLA:CPU a 1M-edge
+    # jax.random.permutation (three sorts) plus a stable argsort took 1.3 s,
+    # this one sort 0.6 s, counting (K = 5) 0.1 s.
+    edge_bits = jax.random.bits(edge_key, (capacity,), jnp.uint32)  # [E]
+    sorted_class, _, edge_id = jax.lax.sort((edge_class, edge_bits, index), num_keys=2,
+                                            is_stable=True)  # [E] edges, class by class
+    sorted_start = _exclusive_cumsum(class_count)  # [K] first sorted position of class k
+    edge_rank = index - sorted_start[jnp.minimum(sorted_class, num_classes - 1)]  # [E]
+  else:
+    raise ValueError(f"rank_by={rank_by!r}, not 'auto', 'count' or 'sort'")
+  id_class = edge_class[edge_id]  # [E]
+  slot = slot_start[jnp.minimum(id_class, num_classes - 1)] + edge_rank  # [E]
   # Padding edges get distinct slots past the end (dropped): every index
   # unique, which XLA's scatter runs fastest (docs/architecture.md, "The step").
-  slot = jnp.where(sorted_class < num_classes, slot, num_chunks * chunk + index)
+  slot = jnp.where(id_class < num_classes, slot, num_chunks * chunk + index)
   edge = jnp.full((num_chunks * chunk,), -1, jnp.int32).at[slot].set(
-      by_class, mode="drop", unique_indices=True)
+      edge_id, mode="drop", unique_indices=True)
   edge = edge.reshape(num_chunks, chunk)  # [B, C] class by class, last chunk of each padded
 
   # 3. Chunks shuffled within their group: a random order, then stably by
@@ -404,12 +451,13 @@ def _merged(spans):
   return merged
 
 
-def plan_calls(rel: np.ndarray, classes: Classes, chunk: int, per_call: int,
+def plan_calls(rel_count: np.ndarray, classes: Classes, chunk: int, per_call: int,
                rng: np.random.Generator) -> list[tuple[int, int, int]]:
   """The calls of a slice as (group index, first chunk, group end chunk), in
-  a seeded random order, from its relations' counts (a bincount: the device
-  forms the chunks, the host only needs their number)."""
-  class_count = np.bincount(classes.class_of_rel[rel], minlength=classes.num_classes)
+  a seeded random order, from its edges per relation ``rel_count`` [R] (the
+  device forms the chunks, the host only needs their number)."""
+  class_count = np.bincount(classes.class_of_rel, weights=rel_count,
+                            minlength=classes.num_classes).astype(np.int64)  # [K]
   class_chunks = -(-class_count // chunk)  # [K]
   class_start = np.cumsum(class_chunks) - class_chunks
   calls = []
@@ -471,8 +519,12 @@ class DeviceBatchStream:
       for epoch, index, bucket in plan:
         edges = graph.bucket_edges(*bucket)
         for host in read_slices(edges, (seed, epoch, index), self._max_edges):
+          # The host keeps only the counts (its arrays go as soon as they
+          # are on the device).
+          rel_count = np.bincount(host.rel[:host.num_real], minlength=len(graph.relations))
           arrays = jax.device_put((host.src, host.dst, host.rel, host.weight), self._device)
-          yield epoch, index, (host, arrays)
+          yield epoch, index, (host.number, host.num_real, rel_count, arrays)
+          del host, arrays
         yield epoch, index, None  # end of this bucket
 
     self._items = batching.Background(produce(), depth=SLICES_AHEAD)
@@ -486,7 +538,7 @@ class DeviceBatchStream:
                            f"trainer at epoch {epoch} bucket {index}")
       if item is None:
         return
-      host, (src, dst, rel, weight) = item
+      number, num_real, rel_count, (src, dst, rel, weight) = item
       if tables is None:
         bucket = self._bucket_of(epoch, index)
         tables = jax.device_put(RelationTables.of(
@@ -495,15 +547,16 @@ class DeviceBatchStream:
       while len(self._in_flight) >= PREPARED_IN_FLIGHT:
         self._in_flight.popleft().edge.block_until_ready()
       prepared = prepare_slice(
-          slice_key(config.train.seed, epoch, index, host.number), src, dst, rel, weight,
-          np.int32(host.num_real), tables, self._class_group,
+          slice_key(config.train.seed, epoch, index, number), src, dst, rel, weight,
+          np.int32(num_real), tables, self._class_group,
           chunk=config.negatives.chunk_size, num_uniform=config.negatives.num_uniform,
           num_classes=classes.num_classes, per_call=self._per_call,
           correct=bool(config.negatives.logq_correction))
       self._in_flight.append(prepared)
-      rng = np.random.default_rng([config.train.seed, epoch, index, host.number])
-      for group, start, end in plan_calls(host.rel[:host.num_real], classes,
-                                          config.negatives.chunk_size, self._per_call, rng):
+      del src, dst, rel, weight, item  # the prepared slice holds what the calls need
+      rng = np.random.default_rng([config.train.seed, epoch, index, number])
+      for group, start, end in plan_calls(rel_count, classes, config.negatives.chunk_size,
+                                          self._per_call, rng):
         name = classes.groups[group]
         yield 0, DeviceCall(name, prepared, tables, start, end, self._layout.groups[name][0],
                             batching.STEPS_PER_CALL, self._per_step,

@@ -62,9 +62,11 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT_CALLS = 8
 #: Config fields that may change when an existing run is resumed (the device
 #: schedule too: between buckets every row is home under either schedule, and
-#: runs made before mesh.schedule existed resume with the default).
+#: runs made before mesh.schedule existed resume with the default; and where
+#: batches are prepared, which "auto" resolves per backend anyway: the
+#: buckets after the resume point then draw the other path's batches).
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.",
-                     "mesh.schedule")
+                     "mesh.schedule", "train.batch_preparation")
 #: The persistent compilation cache's directory ("off" turns it off). Default:
 #: $XDG_CACHE_HOME/twhin_jax/jax_cache (~/.cache/twhin_jax/jax_cache).
 COMPILATION_CACHE_ENV = "TWHIN_JAX_CACHE_DIR"
@@ -463,7 +465,13 @@ class Trainer:
       return device_batching.DeviceBatchStream(plan, self.graph, self.layout, config,
                                                self.residency.layout_of,
                                                self.mesh.devices.flat[0])
-    return batching.BatchStream(plan, self.graph, self.layout, config, self.residency.layout_of)
+    # With several processes each packs only its own devices' sub-buckets.
+    local = None
+    if jax.process_count() > 1:
+      local = frozenset(g for g, device in enumerate(self.mesh.devices.flat)
+                        if device.process_index == jax.process_index())
+    return batching.BatchStream(plan, self.graph, self.layout, config, self.residency.layout_of,
+                                local_devices=local)
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
     record = {"epoch": epoch, "loss": loss / max(edges, 1), "edges": edges,
