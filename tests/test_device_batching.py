@@ -265,7 +265,7 @@ def test_device_path_with_groups_mixed_chunks_and_log_q(tmp_path, caplog):
   config.train.loss = "softmax"
   config.train.batch_preparation = "device"
   config.train.eval_every_epochs = 0
-  with caplog.at_level(logging.INFO, logger="twhin_jax.train"):
+  with caplog.at_level(logging.INFO, logger="twhin_jax.device_batching"):
     trainer = train_lib.train(config, str(tmp_path / "mixed"), progress=False)
   assert "batch preparation: device" in caplog.text  # the trainer says which path runs
   assert len(trainer.layout.groups) == 2

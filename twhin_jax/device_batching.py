@@ -39,6 +39,7 @@ continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import collections
+import logging
 import functools
 import math
 from typing import NamedTuple
@@ -53,6 +54,8 @@ from twhin_jax import model
 from twhin_jax import negatives
 from twhin_jax import step as step_lib
 from twhin_jax.graph import Graph
+
+log = logging.getLogger(__name__)
 
 #: A slice holds at least this many edges' capacity (when the bucket has that
 #: many), and at least SLICE_CALLS calls' worth: each slice ends every group
@@ -567,3 +570,23 @@ class DeviceBatchStream:
 
   def close(self) -> None:
     self._items.close()
+
+
+def open_stream(plan, graph: Graph, layout: model.RelationLayout, config, layout_of,
+                mesh: jax.sharding.Mesh):
+  """The prepared calls of ``plan``: formed on the host (batching.BatchStream)
+  or on the device (DeviceBatchStream), as train.batch_preparation resolves
+  for this mesh (resolve_path). With several processes the host path packs
+  only this process's devices' sub-buckets."""
+  first = mesh.devices.flat[0]
+  setting = config.train.batch_preparation
+  path = resolve_path(setting, mesh.devices.size, jax.process_count(), first.platform)
+  log.info("batch preparation: %s (train.batch_preparation=%s, %d device(s), %s)", path,
+           setting, mesh.devices.size, first.platform)
+  if path == "device":
+    return DeviceBatchStream(plan, graph, layout, config, layout_of, first)
+  local = None
+  if jax.process_count() > 1:
+    local = frozenset(g for g, device in enumerate(mesh.devices.flat)
+                      if device.process_index == jax.process_index())
+  return batching.BatchStream(plan, graph, layout, config, layout_of, local_devices=local)

@@ -70,6 +70,16 @@ def sampling_log_counts(rel, src, dst, rel_counts, src_sizes, dst_sizes, chunk: 
   return per_edge(src, src_sizes), per_edge(dst, dst_sizes)
 
 
+def uniform_candidates(config, graph) -> int:
+  """U, the uniform candidates per chunk and side: ``negatives.num_uniform``,
+  or with ``negatives.all_candidates`` (1-vs-all) the rows of the largest
+  partition of any type (a device's range is never larger), every row of a
+  range then being one candidate (``all_rows``)."""
+  if config.negatives.get("all_candidates", False):
+    return max(info.partition_size for info in graph.entities.values())
+  return int(config.negatives.num_uniform)
+
+
 def uniform_log_count(sizes: np.ndarray, chunk: int, num_uniform: int) -> np.ndarray:
   """log q of a uniform draw from N = ``sizes`` rows: U / N plus the batch
   term of an average entity, (C - 1) / N."""

@@ -23,7 +23,6 @@ a resumed run produces the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -41,6 +40,7 @@ from twhin_jax import device_batching
 from twhin_jax import distributed
 from twhin_jax import early_stopping
 from twhin_jax import model
+from twhin_jax import negatives
 from twhin_jax import networks
 from twhin_jax import run_report as reporting  # per-run plots and Markdown
 from twhin_jax import residency as residency_lib
@@ -54,8 +54,6 @@ from twhin_jax import versions
 from twhin_jax.graph import Graph
 from twhin_jax import rundir
 from twhin_jax.rundir import CONFIG_FILE, GRAPH_DIR, METRICS_FILE, TABLES_DIR  # noqa: F401 (re-exported)
-
-log = logging.getLogger(__name__)
 
 #: Sharded calls dispatched ahead of the device on CPU (see Trainer._bound_inflight;
 #: XLA:CPU deadlocks past 32 in-flight multi-device calls with 2 cores).
@@ -318,14 +316,10 @@ class Trainer:
   def _step_fn(self, group: str, visiting: bool):
     config = self.config
     all_candidates = bool(config.negatives.get("all_candidates", False))
-    # 1-vs-all scores every row of a loaded range: as many candidates as the
-    # largest partition (a device's range is never larger).
-    num_uniform = (max(info.partition_size for info in self.graph.entities.values())
-                   if all_candidates else config.negatives.num_uniform)
     return step_lib.make_train_steps(
         model.group_operator(group), config.model.comparator, config.train.loss,
         float(config.train.margin), float(config.train.lr), float(config.train.relation_lr),
-        num_uniform, bool(config.model.reciprocal),
+        negatives.uniform_candidates(config, self.graph), bool(config.model.reciprocal),
         float(config.model.regularization), mesh=self.mesh, visiting=visiting,
         l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer,
         matmul_precision=config.model.get("matmul_precision", "auto"),
@@ -412,7 +406,8 @@ class Trainer:
     bar = tqdm(total=total * config.train.epochs, initial=total * self.cursor["epoch"],
                unit="edge", unit_scale=True, desc=f"train {config.name}",
                disable=not self.progress)
-    stream = self._batch_stream(plan)
+    stream = device_batching.open_stream(plan, self.graph, self.layout, config,
+                                         self.residency.layout_of, self.mesh)
     try:
       for position, (epoch, index, bucket) in enumerate(plan):
         if self.early_stop.stopped:  # validation stopped improving (early_stopping.py)
@@ -449,29 +444,6 @@ class Trainer:
     if self.primary:
       reporting.plot_training(self.history, self.workdir)
     return self.history
-
-  def _batch_stream(self, plan):
-    """The prepared calls of ``plan``: formed on the host (batching.py) or
-    on the device (device_batching.py), as train.batch_preparation resolves
-    for this mesh (device_batching.resolve_path)."""
-    config = self.config
-    path = device_batching.resolve_path(config.train.batch_preparation, self.num_shards,
-                                        jax.process_count(),
-                                        self.mesh.devices.flat[0].platform)
-    log.info("batch preparation: %s (train.batch_preparation=%s, %d device(s), %s)", path,
-             config.train.batch_preparation, self.num_shards,
-             self.mesh.devices.flat[0].platform)
-    if path == "device":
-      return device_batching.DeviceBatchStream(plan, self.graph, self.layout, config,
-                                               self.residency.layout_of,
-                                               self.mesh.devices.flat[0])
-    # With several processes each packs only its own devices' sub-buckets.
-    local = None
-    if jax.process_count() > 1:
-      local = frozenset(g for g, device in enumerate(self.mesh.devices.flat)
-                        if device.process_index == jax.process_index())
-    return batching.BatchStream(plan, self.graph, self.layout, config, self.residency.layout_of,
-                                local_devices=local)
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
     record = {"epoch": epoch, "loss": loss / max(edges, 1), "edges": edges,
