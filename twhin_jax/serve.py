@@ -140,7 +140,8 @@ def load_snapshot(workdir: str, *, exact_below: int = retrieval.EXACT_BELOW,
                   progress: bool = False) -> Snapshot:
   """Opens the run's latest checkpoint (exporting and indexing what is stale)
   and warms every table, vocabulary reader and searcher, so that no request of the
-  new snapshot touches the disk or compiles the exact search for one query."""
+  new snapshot compiles the exact search for one query; a name lookup reads only
+  the vocabulary row groups it needs (a few kept decoded)."""
   started = time.perf_counter()
   retriever = retrieval.Retriever.open(workdir, exact_below=exact_below, progress=progress)
   step = retriever.run["checkpoint"]["step"]
