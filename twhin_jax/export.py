@@ -84,12 +84,17 @@ def _write_parquet(path: str, entity_type: str, vocabulary, table, chunk_rows: i
 
 
 def _write_npy(path: str, table, chunk_rows: int):
+  """A float32 .npy written with plain file writes, a chunk at a time (not
+  through a writable memory map, whose dirty pages would count in the
+  process's memory for the whole table)."""
   tmp, commit = _replace_when_done(path)
-  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=table.shape)
-  for start in range(0, len(table), chunk_rows):
-    out[start:start + chunk_rows] = table[start:start + chunk_rows]
-  out.flush()
-  del out
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False, "shape": tuple(int(n) for n in table.shape)}
+  with open(tmp, "wb") as f:
+    np.lib.format.write_array_header_1_0(f, header)
+    for start in range(0, len(table), chunk_rows):
+      # .data: the chunk's buffer itself (a view of a float32 table: no copy).
+      f.write(np.ascontiguousarray(table[start:start + chunk_rows], np.float32).data)
   commit()
 
 

@@ -217,8 +217,8 @@ class Vocabulary:
       return pa.array([], pa.string())
     first = int(np.searchsorted(self._id_starts, start, side="right")) - 1
     last = int(np.searchsorted(self._id_starts, stop - 1, side="right")) - 1
-    column = pa.chunked_array([self._read_by_id(g) for g in range(first, last + 1)],
-                              pa.string())
+    column = pa.chunked_array([chunk for g in range(first, last + 1)
+                               for chunk in self._read_by_id(g).chunks], pa.string())
     return column.slice(start - int(self._id_starts[first]), stop - start).combine_chunks()
 
   def iter_name_chunks(self, chunk_rows: int) -> Iterator[pa.Array]:
