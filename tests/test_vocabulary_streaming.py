@@ -84,3 +84,19 @@ def test_name_sequence_reads_on_demand(tmp_path, small_groups):
   for thread in threads:
     thread.join()
   assert results == [names] * 4
+
+
+@pytest.mark.parametrize("batch", [1, 5, 200])  # bisect below BISECT_BELOW keys, hashing above
+def test_lookups_by_bisect_and_by_hash_agree(tmp_path, small_groups, monkeypatch, batch):
+  monkeypatch.setattr(vocabulary, "BISECT_BELOW", 8)
+  names = _names(300, seed=5) + ["", "zz\u00e9", "a\U0001F600"]  # empty, non-ASCII, astral
+  vocabulary.write_vocabulary(str(tmp_path), "user", names)
+  vocab = vocabulary.Vocabulary(str(tmp_path), "user")
+  rng = np.random.default_rng(batch)
+  ids = rng.integers(0, len(names), batch)
+  keys = [names[i] for i in ids]
+  np.testing.assert_array_equal(vocab.ids(keys), ids)
+  unknown = ["n000", "zzz", "a", "n0005", "\U0001F600"][:batch]  # between and beyond names
+  np.testing.assert_array_equal(vocab.ids(unknown, missing=-1), -1)
+  with pytest.raises(KeyError, match="unknown user"):
+    vocab.ids(keys[:-1] + [unknown[0]])
