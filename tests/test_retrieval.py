@@ -227,6 +227,8 @@ def test_names_are_looked_up_in_the_exported_vocabulary(demo_run, demo_retriever
     again.lookup_many("user", ["u1", "nobody"])
   with pytest.raises(KeyError, match="out of range"):
     again.lookup("user", 600)
+  with pytest.raises(KeyError, match="unknown user 1.5"):
+    again.lookup("user", 1.5)
   # An export from before export/vocab/ existed: the run is exported again.
   shutil.rmtree(os.path.join(moved, "export", "vocab"))
   def refuse(*args, **kwargs):

@@ -1,8 +1,10 @@
 """Nearest-neighbour retrieval over a trained run: ScaNN indexes and exact search.
 
 A run's embeddings are exported once (``<workdir>/export/<type>.npy``, see
-``twhin_jax.export``) and memory-mapped; relation parameters (forward and,
-for reciprocal models, reverse) are copied next to the indexes. One index per
+``twhin_jax.export``) and memory-mapped; names are looked up in the export's
+copy of the on-disk vocabulary (``export/vocab/``), never loaded whole;
+relation parameters (forward and, for reciprocal models, reverse) are copied
+next to the indexes. One index per
 entity type lives in ``<workdir>/index/<type>/`` with a ``manifest.json``
 (backend, settings, N, d, comparator and the checkpoint it was built from);
 ``Retriever.open`` reloads it and rebuilds only when the checkpoint changed.
@@ -541,8 +543,10 @@ class Retriever:
         if not 0 <= int(item) < count:
           raise KeyError(f"{entity_type} id {int(item)} out of range [0, {count})")
         rows[i] = int(item)
-      else:
+      elif isinstance(item, str):
         named.append(i)
+      else:
+        raise KeyError(f"unknown {entity_type} {item!r}")
     if named:
       vocabulary = self.vocabulary(entity_type)
       with self._vocabulary_lock:
