@@ -100,3 +100,29 @@ def test_lookups_by_bisect_and_by_hash_agree(tmp_path, small_groups, monkeypatch
   np.testing.assert_array_equal(vocab.ids(unknown, missing=-1), -1)
   with pytest.raises(KeyError, match="unknown user"):
     vocab.ids(keys[:-1] + [unknown[0]])
+
+
+def test_the_join_reads_each_row_group_of_the_other_side_about_once(tmp_path, small_groups):
+  """A merge join, not a lookup per name: reading ``right``'s row groups in
+  name order, each about once (a hash join per left group would read all of
+  them per group)."""
+  names = _names(400, seed=6)
+  vocabulary.write_vocabulary(str(tmp_path / "a"), "user", names)
+  vocabulary.write_vocabulary(str(tmp_path / "b"), "user", names[::-1])
+  left = vocabulary.Vocabulary(str(tmp_path / "a"), "user")
+  right = vocabulary.Vocabulary(str(tmp_path / "b"), "user")
+  reads = []
+
+  class Counting:
+    def __init__(self, parquet):
+      self.parquet, self.metadata = parquet, parquet.metadata
+
+    def read_row_group(self, group, **kwargs):
+      reads.append(group)
+      return self.parquet.read_row_group(group, **kwargs)
+  right._by_name = Counting(right._by_name)
+  mapping = vocabulary.id_map(left, right)
+  np.testing.assert_array_equal(mapping, np.arange(400)[::-1])
+  groups = right._by_name.metadata.num_row_groups
+  assert groups == 100 and sorted(set(reads)) == list(range(groups))
+  assert len(reads) <= groups + 5, len(reads)
