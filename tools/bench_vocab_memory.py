@@ -20,9 +20,12 @@ difference ("added"): the memory the step itself took. The peak is reset
 before the step (``/proc/self/clear_refs``), so the inputs' set-up does not
 count. "Arrow peak" is the most Arrow's memory pool held live at once (the
 decoded row groups and chunks); RSS also holds what the allocators keep after
-a free, which varies by some tens of MiB from run to run. Expected: export adds the same at 0.5M and 5M entities, warm start adds
-8 bytes per entity (its int64 id map) and nothing per name; the dict grows
-about 150 bytes per entity.
+a free, which varies by some tens of MiB from run to run.
+
+Expected: export adds no memory per name (past its 1M-row Parquet chunk,
+which is only half full at 0.5M entities); warm start adds 8 bytes per entity
+(its int64 id map) and nothing per name; the dict takes about 150 bytes per
+entity. docs/scale.md has the figures.
 
   python tools/bench_vocab_memory.py                         # 0.5M and 5M entities
   python tools/bench_vocab_memory.py --entities 100000 --json
