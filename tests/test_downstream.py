@@ -131,3 +131,39 @@ def test_lastfm_split_file_and_baseline_task(tmp_path):
   # Common friends in the kept graph predict held-out friendships well above chance.
   assert result["roc_auc"] > 0.7 and result["positive_rate"] == pytest.approx(0.2, abs=0.02)
   assert {"pr_auc", "rce", "map"} <= set(result)
+
+
+def test_leak_check_reads_friend_names_from_the_vocabulary(tmp_path, monkeypatch):
+  """_check_no_leak maps the run's friendship ids to user names through the
+  on-disk vocabulary (ids shuffled against the names) and counts held-out
+  pairs the run saw, in either direction."""
+  import json
+
+  from twhin_jax import config as config_lib
+  from twhin_jax import vocabulary
+  from twhin_jax.downstream import tasks
+  from twhin_jax.graph import FORMAT_VERSION, Graph
+
+  graph_dir = tmp_path / "run" / "graph"
+  names = ["30", "10", "50", "20", "40"]  # local id i is user names[i]
+  manifest = {
+      "format_version": FORMAT_VERSION, "hash": "test",
+      "schema": {"entities": {"user": {"count": len(names), "num_partitions": 1}},
+                 "relations": [dict(name=n, source="user", target="user", operator="none",
+                                    weight=1.0) for n in ("listens", "friend")]},
+      "counts": {s: 0 for s in config_lib.SPLITS}, "bucket_sizes": {},
+  }
+  os.makedirs(graph_dir / "splits" / "valid")
+  with open(graph_dir / "manifest.json", "w") as f:
+    json.dump(manifest, f)
+  vocabulary.write_vocabulary(str(graph_dir), "user", names)
+  # valid edges: friend 30-10, friend 50-40, and a non-friend edge 20-10.
+  for key, values in (("src", [0, 2, 3]), ("rel", [1, 1, 0]), ("dst", [1, 4, 1])):
+    np.save(graph_dir / "splits" / "valid" / f"{key}.npy", np.array(values, np.int64))
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the leak check loaded a whole vocabulary")
+  monkeypatch.setattr(Graph, "names", refuse)
+  tasks._check_no_leak(str(tmp_path / "run"), np.array([[10, 20], [20, 50]]))  # unseen
+  with pytest.raises(ValueError, match="saw 2 of the 3 held-out"):
+    tasks._check_no_leak(str(tmp_path / "run"), np.array([[10, 30], [40, 50], [10, 20]]))

@@ -116,7 +116,7 @@ def test_formats_and_errors(tmp_path):
   layout, emb, params = model()
   written = export.export_embeddings(graph, emb, params, layout, str(tmp_path / "npy"),
                                      formats=("npy",), comparator="cos")
-  assert set(written["entities"]["user"]) == {"npy", "names"}
+  assert set(written["entities"]["user"]) == {"npy", "names", "vocabulary"}
   assert not os.path.exists(tmp_path / "npy" / "user.parquet")
   with pytest.raises(ValueError, match="formats"):
     export.export_embeddings(graph, emb, params, layout, str(tmp_path / "x"), formats=("csv",),
@@ -129,6 +129,47 @@ def test_formats_and_errors(tmp_path):
                              comparator="dot")
   with pytest.raises(ValueError, match="comparator None"):
     export.export_embeddings(graph, emb, params, layout, str(tmp_path / "x"), comparator=None)
+
+
+def _forbid_whole_vocabulary(monkeypatch):
+  """Makes every Graph path that materialises a whole vocabulary raise."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("a whole vocabulary was loaded into memory")
+  monkeypatch.setattr(Graph, "names", refuse)
+  monkeypatch.setattr(Graph, "_name_index", property(refuse))
+  monkeypatch.setattr(Graph, "lookup", refuse)
+
+
+def test_export_streams_names_from_the_on_disk_vocabulary(tmp_path, monkeypatch):
+  """Export reads names a chunk at a time (never Graph.names / _name_index),
+  across vocabulary row groups, and writes the same bytes as before: one
+  name per line, Parquet ids in row order, plus a copy of the vocabulary."""
+  monkeypatch.setattr(vocabulary, "ROW_GROUP_ROWS", 2)  # 4 row groups of users
+  monkeypatch.setattr(export, "NAME_CHUNK_ROWS", 3)  # chunks straddle row groups
+  graph = write_graph(tmp_path / "graph")
+  assert graph.vocabulary("user")._by_id.metadata.num_row_groups == 4
+  os.makedirs(tmp_path / "graph" / "degrees")
+  for t, n in ENTITIES.items():
+    np.save(tmp_path / "graph" / "degrees" / f"{t}.npy", np.arange(n, dtype=np.int64))
+  layout, emb, params = model()
+  _forbid_whole_vocabulary(monkeypatch)
+  out = str(tmp_path / "export")
+  written = export.export_embeddings(graph, emb, params, layout, out, comparator="dot",
+                                     chunk_rows=3)
+  projector = export.write_projector(graph, emb, str(tmp_path / "projector"), sample=4)
+  for t, names in NAMES.items():
+    paths = written["entities"][t]
+    with open(paths["names"], "rb") as f:
+      assert f.read() == "".join(n + "\n" for n in names).encode("utf-8")
+    assert export.read_parquet(paths["parquet"])[0] == names
+    copied = vocabulary.Vocabulary(out, t)
+    assert copied.names(range(len(names))) == names
+    np.testing.assert_array_equal(copied.ids(names[::-1]), np.arange(len(names))[::-1])
+    with open(projector["types"][t]["metadata"], encoding="utf-8") as f:
+      rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    assert len(rows) == 4
+    for name, degree in rows:  # name of the sampled id (= its degree here)
+      assert names[int(degree)] == name
 
 
 # --------------------------------------------------------------------------

@@ -117,3 +117,35 @@ def test_errors_name_the_thing(run, tmp_path, capsys):
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
     rundir.open_run(str(empty))
+
+
+def test_diff_aligns_rows_by_name_through_the_vocabularies(run, tmp_path, monkeypatch):
+  """Another seed shuffles the ids: the diff joins the two on-disk
+  vocabularies (never Graph.names / _name_index) and compares rows by name."""
+  from twhin_jax import demo_config
+  from twhin_jax import train as train_lib
+  from twhin_jax.graph import Graph
+
+  workdir, expected = run
+  config = demo_config.get_config("test")
+  config.model.dim, config.train.epochs, config.train.eval_every_epochs = 16, 1, 0
+  config.train.seed = 1
+  other = str(tmp_path / "other")
+  trainer = train_lib.train(config, other, progress=False)
+  tables_b = trainer.embeddings()
+  names_a = {t: rundir.open_run(workdir).graph.names(t) for t in tables_b}
+  names_b = {t: trainer.graph.names(t) for t in tables_b}
+  trainer.close()
+  assert names_a["user"] != names_b["user"]
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the diff loaded a whole vocabulary")
+  monkeypatch.setattr(Graph, "names", refuse)
+  monkeypatch.setattr(Graph, "_name_index", property(refuse))
+  diff = inspection.diff_runs(workdir, other)
+  for t, table_b in tables_b.items():
+    assert diff["entities"][t] == {"shared": len(names_a[t]), "only_a": 0, "only_b": 0}
+    row_b = {n: i for i, n in enumerate(names_b[t])}
+    aligned_b = table_b[[row_b[n] for n in names_a[t]]]
+    want = float(np.max(np.abs(aligned_b - expected["tables"][t])))
+    assert diff["leaves"][f"tables/{t}/embeddings"]["max_abs_diff"] == pytest.approx(want)

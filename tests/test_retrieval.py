@@ -13,9 +13,12 @@ import pytest
 from twhin_jax import cli
 from twhin_jax import demo_config
 from twhin_jax import export as export_lib
+from twhin_jax import graph as graph_lib
 from twhin_jax import model
 from twhin_jax import retrieval
+from twhin_jax import rundir
 from twhin_jax import train as train_lib
+from twhin_jax import vocabulary
 
 OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
 
@@ -117,8 +120,10 @@ def write_synthetic_run(workdir, comparator, reciprocal, seed=0, n=(300, 400), d
   for entity_type, count in zip(("a", "b"), n):
     np.save(os.path.join(export_dir, f"{entity_type}.npy"),
             rng.normal(size=(count, d)).astype(np.float32))
+    names = [f"{entity_type}{i}" for i in range(count)]
     with open(os.path.join(export_dir, f"{entity_type}.names.txt"), "w") as f:
-      f.writelines(f"{entity_type}{i}\n" for i in range(count))
+      f.writelines(name + "\n" for name in names)
+    vocabulary.write_vocabulary(export_dir, entity_type, names)  # as export.py copies it
   arrays = {}
   for operator in OPERATORS:
     for direction in ("forward", "reverse"):
@@ -198,6 +203,41 @@ def test_same_type_neighbors_exclude_the_entity(demo_retriever):
   assert len(got) == 8 and "t5" not in [g.name for g in got]
   scores = [g.score for g in got]
   assert scores == sorted(scores, reverse=True)
+
+
+def test_names_are_looked_up_in_the_exported_vocabulary(demo_run, demo_retriever, tmp_path,
+                                                       monkeypatch):
+  """No name list or dict: the retriever reads export/vocab/ per request. An
+  export without it (older code) is written again."""
+  before = demo_retriever.neighbors("user", "u3", "favorites", k=10)
+  moved = str(tmp_path / "moved")
+  shutil.copytree(demo_run, moved)
+  for entity_type in ("user", "tweet", "ad"):
+    os.remove(os.path.join(moved, "export", f"{entity_type}.names.txt"))  # never read
+  again = retrieval.Retriever.open(moved, types=("tweet",), exact_below=500, progress=False)
+  assert again.neighbors("user", "u3", "favorites", k=10) == before
+  graph = rundir.open_run(moved).graph
+  rows = [5, 0, 599, 5]
+  assert again.names_of("user", rows) == graph.names_of("user", rows)
+  names = again.names("user")
+  assert not isinstance(names, list) and len(names) == graph.entities["user"].count
+  assert names[599] == graph.names_of("user", [599])[0]
+  np.testing.assert_array_equal(again.lookup_many("user", [names[7], 3, names[2]]), [7, 3, 2])
+  with pytest.raises(KeyError, match="unknown user 'nobody'"):
+    again.lookup_many("user", ["u1", "nobody"])
+  with pytest.raises(KeyError, match="out of range"):
+    again.lookup("user", 600)
+  with pytest.raises(KeyError, match="unknown user 1.5"):
+    again.lookup("user", 1.5)
+  # An export from before export/vocab/ existed: the run is exported again.
+  shutil.rmtree(os.path.join(moved, "export", "vocab"))
+  def refuse(*args, **kwargs):
+    raise AssertionError("a whole vocabulary was loaded into memory")
+  monkeypatch.setattr(graph_lib.Graph, "names", refuse)
+  monkeypatch.setattr(graph_lib.Graph, "_name_index", property(refuse))
+  reopened = retrieval.Retriever.open(moved, types=("tweet",), exact_below=500, progress=False)
+  assert reopened.neighbors("user", "u3", "favorites", k=10) == before
+  assert os.path.exists(os.path.join(moved, "export", "vocab", "user.by_name.parquet"))
 
 
 def test_errors_name_the_bad_thing(demo_retriever):

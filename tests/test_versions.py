@@ -9,6 +9,7 @@ from twhin_jax import demo_config
 from twhin_jax import drift
 from twhin_jax import train as train_lib
 from twhin_jax import versions
+from twhin_jax.graph import Graph
 
 
 def tiny_config(seed: int = 0, epochs: int = 2):
@@ -53,6 +54,28 @@ def test_warm_start_copies_shared_rows_by_name(parent_run, tmp_path):
   assert moved == sum(len(v) for v in parent_names.values())
   for group, params in trainer.rel_state["params"].items():
     np.testing.assert_array_equal(params, parent_relations[group])
+  trainer.close()
+
+
+def test_warm_start_never_loads_a_whole_vocabulary(parent_run, tmp_path, monkeypatch):
+  """The id map is a join of the two on-disk vocabularies: Graph.names,
+  _name_index and lookup (whole-vocabulary paths) are never called, and
+  the rows still land by name."""
+  parent_dir, parent_tables, parent_names = parent_run[:3]
+  expected = {t: dict(zip(parent_names[t], parent_tables[t])) for t in parent_tables}
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("warm start loaded a whole vocabulary")
+  config = tiny_config(seed=2)
+  config.warm_start.parent = parent_dir
+  with monkeypatch.context() as patch:
+    patch.setattr(Graph, "names", refuse)
+    patch.setattr(Graph, "_name_index", property(refuse))
+    patch.setattr(Graph, "lookup", refuse)
+    trainer = train_lib.Trainer(config, str(tmp_path / "v2"), progress=False)
+  for t, table in trainer.embeddings().items():
+    for name, row in zip(trainer.graph.names(t), table):
+      np.testing.assert_array_equal(row, expected[t][name])
   trainer.close()
 
 

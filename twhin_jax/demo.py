@@ -41,8 +41,10 @@ def run_demo(config, workdir: str, progress: bool = True) -> dict:
 
   communities = generate.read_communities(
       os.path.join(workdir, rundir.GENERATED_DIR, "communities.tsv"))
-  user_names = trainer.graph.names("user")
-  user_community = np.array([communities["user"][name] for name in user_names])
+  users = trainer.graph.vocabulary("user")  # names streamed in id order, never held
+  user_community = np.fromiter(
+      (communities["user"][name] for chunk in users.iter_name_chunks(1 << 16)
+       for name in chunk.to_pylist()), np.int64, count=len(users))
   user_table = trainer.embeddings()["user"]
   agreement, chance = community_agreement(user_table, user_community)
   trainer.close()

@@ -7,6 +7,10 @@
                      local-id order; schema metadata twhin.entity_type/dim
   <type>.npy         float32 [count, d], row i = local id i
   <type>.names.txt   the entity names, one per line, row order of the .npy
+  vocab/<type>.parquet, vocab/<type>.by_name.parquet
+                     the graph's on-disk vocabulary (``twhin_jax.vocabulary``),
+                     copied beside the .npy: name <-> row lookups without
+                     loading the names (retrieval and the server use it)
   relations.json     {"format_version", "comparator", "reciprocal",
                      "entities": {type: {count, dim}},
                      "relations": [{name, source, target, operator, dim,
@@ -27,6 +31,8 @@ with ``comparator`` one of dot, cos, l2. ``reverse_parameters`` equal
 ``parameters`` when the model is not reciprocal. Large tables are written in
 chunks of ``chunk_rows`` rows, so memory stays bounded for memory-mapped
 inputs; each file is written under a temporary name and renamed when complete.
+Names are streamed from the graph's on-disk vocabulary a chunk at a time: no
+file of the export holds all names in memory, whatever the entity count.
 
 ``write_projector`` writes the TensorBoard Embedding Projector files of a
 sample of each type (``<type>.vectors.tsv``, ``<type>.metadata.tsv``,
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -44,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twhin_jax import rundir
+from twhin_jax import vocabulary as vocabulary_lib
 from twhin_jax.model import COMPARATORS, RelationLayout
 
 FORMATS = ("parquet", "npy")
@@ -57,35 +65,61 @@ def _replace_when_done(path: str):
   return tmp, lambda: os.replace(tmp, path)
 
 
-def _write_parquet(path: str, entity_type: str, names: list[str], table, chunk_rows: int):
+#: Names per chunk when streaming a vocabulary into a text file.
+NAME_CHUNK_ROWS = 1 << 16
+
+
+def _write_parquet(path: str, entity_type: str, vocabulary, table, chunk_rows: int):
   dim = table.shape[1]
   schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim))],
                      metadata={"twhin.entity_type": entity_type, "twhin.dim": str(dim)})
   tmp, commit = _replace_when_done(path)
   with pq.ParquetWriter(tmp, schema) as writer:
-    for start in range(0, max(len(names), 1), chunk_rows):
+    for start in range(0, max(len(vocabulary), 1), chunk_rows):
       rows = np.ascontiguousarray(table[start:start + chunk_rows], np.float32)  # [n, d]
       vectors = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), dim)
-      ids = pa.array(names[start:start + chunk_rows], pa.string())
+      ids = vocabulary.names_range(start, start + chunk_rows)
       writer.write_table(pa.Table.from_arrays([ids, vectors], schema=schema))
   commit()
 
 
 def _write_npy(path: str, table, chunk_rows: int):
+  """A float32 .npy written with plain file writes, a chunk at a time (not
+  through a writable memory map, whose dirty pages would count in the
+  process's memory for the whole table)."""
   tmp, commit = _replace_when_done(path)
-  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=table.shape)
-  for start in range(0, len(table), chunk_rows):
-    out[start:start + chunk_rows] = table[start:start + chunk_rows]
-  out.flush()
-  del out
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False, "shape": tuple(int(n) for n in table.shape)}
+  with open(tmp, "wb") as f:
+    np.lib.format.write_array_header_1_0(f, header)
+    for start in range(0, len(table), chunk_rows):
+      # .data: the chunk's buffer itself (a view of a float32 table: no copy).
+      f.write(np.ascontiguousarray(table[start:start + chunk_rows], np.float32).data)
   commit()
 
 
-def _write_names(path: str, names: list[str]):
+def _write_names(path: str, vocabulary):
+  """One name per line in id order, streamed a chunk of names at a time."""
   tmp, commit = _replace_when_done(path)
   with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(name + "\n" for name in names)
+    for chunk in vocabulary.iter_name_chunks(NAME_CHUNK_ROWS):
+      f.writelines(name + "\n" for name in chunk.to_pylist())
   commit()
+
+
+def _copy_vocabulary(vocabulary, out_dir: str, entity_type: str) -> dict[str, str]:
+  """Copies a type's vocabulary files into ``out_dir/vocab/`` (file copies:
+  constant memory). Returns {"by_id": path, "by_name": path}."""
+  copied = {}
+  for key, path_of in (("by_id", vocabulary_lib.by_id_path),
+                       ("by_name", vocabulary_lib.by_name_path)):
+    target = path_of(out_dir, entity_type)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp, commit = _replace_when_done(target)
+    shutil.copyfile(vocabulary.files[key], tmp)
+    commit()
+    copied[key] = target
+  return copied
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]):
@@ -113,7 +147,8 @@ def export_embeddings(graph, embeddings: dict, relation_params: dict, layout: Re
     chunk_rows: rows per Parquet row group and per copy chunk.
 
   Returns:
-    {"entities": {type: {"parquet": path, "npy": path, "names": path}},
+    {"entities": {type: {"parquet": path, "npy": path, "names": path,
+                         "vocabulary": {"by_id": path, "by_name": path}}},
      "relations_json": path, "relations_npz": path, "relations_reverse_npz": path}
     (only formats written).
   """
@@ -140,18 +175,20 @@ def export_embeddings(graph, embeddings: dict, relation_params: dict, layout: Re
   os.makedirs(out_dir, exist_ok=True)
   written = {"entities": {}}
   for entity_type, table in tables.items():
-    names = graph.names(entity_type)
-    if len(names) != len(table):
-      raise ValueError(f"vocab of {entity_type!r} has {len(names)} names, table {len(table)} rows")
+    vocabulary = graph.vocabulary(entity_type)
+    if len(vocabulary) != len(table):
+      raise ValueError(f"vocab of {entity_type!r} has {len(vocabulary)} names, "
+                       f"table {len(table)} rows")
     paths = written["entities"][entity_type] = {}
     base = os.path.join(out_dir, entity_type)
     if "parquet" in formats:
       paths["parquet"] = base + ".parquet"
-      _write_parquet(paths["parquet"], entity_type, names, table, chunk_rows)
+      _write_parquet(paths["parquet"], entity_type, vocabulary, table, chunk_rows)
     if "npy" in formats:
       paths["npy"], paths["names"] = base + ".npy", base + ".names.txt"
       _write_npy(paths["npy"], table, chunk_rows)
-      _write_names(paths["names"], names)
+      _write_names(paths["names"], vocabulary)
+      paths["vocabulary"] = _copy_vocabulary(vocabulary, out_dir, entity_type)
 
   forward, reverse, described = {}, {}, []
   for index, rel in enumerate(graph.relations):
@@ -239,7 +276,7 @@ def write_projector(graph, embeddings: dict, out_dir: str, *, sample: int = 5000
     count = len(table)
     rows = (np.arange(count) if sample == 0 or count <= sample
             else np.sort(rng.choice(count, sample, replace=False)))
-    names = graph.names(entity_type)
+    names = graph.names_of(entity_type, rows)  # the sample's names only
     degrees = graph.degrees(entity_type)
     vectors_path = os.path.join(out_dir, f"{entity_type}.vectors.tsv")
     metadata_path = os.path.join(out_dir, f"{entity_type}.metadata.tsv")
@@ -249,8 +286,8 @@ def write_projector(graph, embeddings: dict, out_dir: str, *, sample: int = 5000
     tmp, commit = _replace_when_done(metadata_path)
     with open(tmp, "w", encoding="utf-8") as f:
       f.write("name\tdegree\n")
-      f.writelines(f"{_tsv_cell(names[i])}\t{int(degrees[i]) if len(degrees) else 0}\n"
-                   for i in rows)
+      f.writelines(f"{_tsv_cell(name)}\t{int(degrees[i]) if len(degrees) else 0}\n"
+                   for name, i in zip(names, rows))
     commit()
     written["types"][entity_type] = {"vectors": vectors_path, "metadata": metadata_path,
                                      "rows": int(len(rows))}

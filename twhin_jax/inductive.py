@@ -70,7 +70,7 @@ def embed_new_entity(retriever, entity_type: str, edges: Sequence[tuple]) -> np.
   if not edges:
     raise ValueError("a new entity needs at least one edge to a trained entity")
   retriever._check_type(entity_type)
-  groups: dict[tuple[str, str], list[int]] = {}
+  groups: dict[tuple[str, str], list] = {}  # neighbour names or ids
   for edge in edges:
     relation, neighbour = edge[0], edge[1]
     rel = retriever.relation(relation)
@@ -80,12 +80,13 @@ def embed_new_entity(retriever, entity_type: str, edges: Sequence[tuple]) -> np.
       raise ValueError(f"relation {relation!r} joins {rel.source} -> {rel.target}; a new "
                        f"{entity_type} cannot be its {'target' if side == 'in' else 'source'}")
     other_type = rel.target if side == "out" else rel.source
-    groups.setdefault((relation, side), []).append(retriever.lookup(other_type, neighbour))
+    groups.setdefault((relation, side), []).append(neighbour)
   parts = []
-  for (relation, side), rows in groups.items():
+  for (relation, side), neighbours in groups.items():
     rel = retriever.relation(relation)
     other_type = rel.target if side == "out" else rel.source
-    vectors = np.asarray(retriever.table(other_type)[np.asarray(rows)], np.float32)  # [E_r, d]
+    rows = retriever.lookup_many(other_type, neighbours)  # one vocabulary lookup per group
+    vectors = np.asarray(retriever.table(other_type)[rows], np.float32)  # [E_r, d]
     if side == "out":
       parts.append(model.source_vectors(rel.operator, rel.forward, vectors, retriever.comparator))
     else:

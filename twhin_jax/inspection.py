@@ -38,6 +38,7 @@ import numpy as np
 from twhin_jax import config as config_lib
 from twhin_jax import networks
 from twhin_jax import rundir
+from twhin_jax import vocabulary as vocabulary_lib
 from twhin_jax.embedding_set import load_embeddings
 from twhin_jax.rundir import Run, open_run
 
@@ -381,19 +382,16 @@ def diff_runs(dir_a: str, dir_b: str) -> dict:
     if not (in_a and in_b):
       entities[entity_type] = {"status": "only in " + ("a" if in_a else "b")}
       continue
-    names_a, names_b = run_a.graph.names(entity_type), run_b.graph.names(entity_type)
+    vocab_a, vocab_b = run_a.graph.vocabulary(entity_type), run_b.graph.vocabulary(entity_type)
     table_a, acc_a = _full_type(run_a, entity_type)
     table_b, acc_b = _full_type(run_b, entity_type)
-    if names_a == names_b:
+    if _same_names(vocab_a, vocab_b):
       rows_a = rows_b = slice(None)
-      shared, only_a, only_b = len(names_a), 0, 0
+      shared, only_a, only_b = len(vocab_a), 0, 0
     else:
-      index_b = {n: i for i, n in enumerate(names_b)}
-      pairs = np.array([(i, index_b[n]) for i, n in enumerate(names_a) if n in index_b],
-                       np.int64).reshape(-1, 2)
-      rows_a, rows_b = pairs[:, 0], pairs[:, 1]
-      shared = len(pairs)
-      only_a, only_b = len(names_a) - shared, len(names_b) - shared
+      rows_a, rows_b = _shared_rows(vocab_a, vocab_b)
+      shared = len(rows_a)
+      only_a, only_b = len(vocab_a) - shared, len(vocab_b) - shared
     entities[entity_type] = {"shared": shared, "only_a": only_a, "only_b": only_b}
     for leaf, a, b in (("embeddings", table_a, table_b), ("adagrad", acc_a, acc_b)):
       leaves[f"tables/{entity_type}/{leaf}"] = _leaf_diff(a[rows_a], b[rows_b])
@@ -401,6 +399,25 @@ def diff_runs(dir_a: str, dir_b: str) -> dict:
           "version_a": run_a.meta.get("lineage", {}).get("version_id"),
           "version_b": run_b.meta.get("lineage", {}).get("version_id"),
           "entities": entities, "leaves": leaves}
+
+
+def _same_names(vocab_a, vocab_b) -> bool:
+  """Whether two on-disk vocabularies hold the same names in the same id
+  order, compared a chunk at a time."""
+  if len(vocab_a) != len(vocab_b):
+    return False
+  return all(a.equals(b) for a, b in zip(vocab_a.iter_name_chunks(1 << 16),
+                                         vocab_b.iter_name_chunks(1 << 16)))
+
+
+def _shared_rows(vocab_a, vocab_b) -> tuple[np.ndarray, np.ndarray]:
+  """(rows in a, rows in b) of the names both hold, in a's id order: a merge
+  join of the two vocabularies (vocabulary.iter_shared_ids), no dict of names."""
+  pairs = list(vocabulary_lib.iter_shared_ids(vocab_a, vocab_b))
+  rows_a = np.concatenate([p[0] for p in pairs] or [np.zeros(0, np.int64)])
+  rows_b = np.concatenate([p[1] for p in pairs] or [np.zeros(0, np.int64)])
+  order = np.argsort(rows_a, kind="stable")
+  return rows_a[order], rows_b[order]
 
 
 def _full_type(run: Run, entity_type: str) -> tuple[np.ndarray, np.ndarray]:

@@ -182,13 +182,14 @@ class MixtureModel:
     Relations must be among the model's (from the source type to the target
     type); unknown relations or targets raise, naming them.
     """
-    rows = []
+    targets = []
     for relation, target in engagements:
       if relation not in self.relations:
         raise ValueError(f"relation {relation!r} is not one of this mixture's "
                          f"{self.source_type} -> {self.target_type} relations {self.relations}")
-      rows.append(retriever.lookup(self.target_type, target))
-    return self.mixture_from_targets(rows)
+      targets.append(target)
+    # One lookup in the on-disk vocabulary for all the names.
+    return self.mixture_from_targets(retriever.lookup_many(self.target_type, targets))
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)

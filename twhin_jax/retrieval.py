@@ -1,8 +1,10 @@
 """Nearest-neighbour retrieval over a trained run: ScaNN indexes and exact search.
 
 A run's embeddings are exported once (``<workdir>/export/<type>.npy``, see
-``twhin_jax.export``) and memory-mapped; relation parameters (forward and,
-for reciprocal models, reverse) are copied next to the indexes. One index per
+``twhin_jax.export``) and memory-mapped; names are looked up in the export's
+copy of the on-disk vocabulary (``export/vocab/``), never loaded whole;
+relation parameters (forward and, for reciprocal models, reverse) are copied
+next to the indexes. One index per
 entity type lives in ``<workdir>/index/<type>/`` with a ``manifest.json``
 (backend, settings, N, d, comparator and the checkpoint it was built from);
 ``Retriever.open`` reloads it and rebuilds only when the checkpoint changed.
@@ -69,6 +71,7 @@ from twhin_jax import config as config_lib
 from twhin_jax import export as export_lib
 from twhin_jax import model
 from twhin_jax import rundir
+from twhin_jax import vocabulary as vocabulary_lib
 from twhin_jax.model import RelationLayout, apply_operator
 
 log = logging.getLogger(__name__)
@@ -326,12 +329,22 @@ def _write_json(path: str, document: dict) -> None:
   os.replace(tmp, path)
 
 
+def _has_vocabularies(export_dir: str, entity_types) -> bool:
+  """Whether the export holds every type's on-disk vocabulary (one written by
+  older code has only names.txt)."""
+  return all(os.path.exists(path(export_dir, t)) for t in entity_types
+             for path in (vocabulary_lib.by_id_path, vocabulary_lib.by_name_path))
+
+
 def _export_is_fresh(export_dir: str, entity_types, checkpoint: dict) -> bool:
-  """An export written after the latest checkpoint with every type's .npy."""
+  """An export written after the latest checkpoint with every type's .npy
+  and on-disk vocabulary (an export by older code has none: written again)."""
   marker = os.path.join(export_dir, "relations.json")
   if not os.path.exists(marker):
     return False
   if any(not os.path.exists(os.path.join(export_dir, f"{t}.npy")) for t in entity_types):
+    return False
+  if not _has_vocabularies(export_dir, entity_types):
     return False
   return os.path.getmtime(marker) >= os.path.getmtime(checkpoint["meta_path"])
 
@@ -351,8 +364,10 @@ def prepare_run(workdir: str, *, progress: bool = True) -> dict:
   if os.path.exists(run_path):
     with open(run_path) as f:
       run = json.load(f)
-    if run.get("checkpoint", {}).get("hash") == checkpoint["hash"] and os.path.exists(
-        os.path.join(index_dir, RELATIONS_FILE)):
+    if (run.get("checkpoint", {}).get("hash") == checkpoint["hash"]
+        and os.path.exists(os.path.join(index_dir, RELATIONS_FILE))
+        and _has_vocabularies(os.path.join(workdir, run.get("export_dir", EXPORT_DIR)),
+                              run.get("entities", ()))):
       return run
 
   opened = rundir.open_run(workdir)
@@ -452,8 +467,11 @@ class Retriever:
           for r in run["relations"]}
     self.entity_types = tuple(run["entities"])
     self._tables: dict[str, np.ndarray] = {}
-    self._names: dict[str, list[str]] = {}
-    self._name_index: dict[str, dict[str, int]] = {}
+    # The export's on-disk vocabularies (export/vocab/): names are looked up
+    # per request, never loaded whole. One lock: the server calls from several
+    # threads and a Parquet reader is not meant to be shared unguarded.
+    self._vocabularies: dict[str, vocabulary_lib.Vocabulary] = {}
+    self._vocabulary_lock = threading.Lock()
     self._exact: dict[tuple[str, str], ExactSearcher] = {}
     self._scann: dict[str, tuple[object, ScannSettings]] = {}
     self.manifests: dict[str, dict] = {}
@@ -489,28 +507,51 @@ class Retriever:
           os.path.join(self.export_dir, f"{entity_type}.npy"), mmap_mode="r")
     return self._tables[entity_type]
 
-  def names(self, entity_type: str) -> list[str]:
+  def vocabulary(self, entity_type: str) -> vocabulary_lib.Vocabulary:
+    """The exported vocabulary of a type (export/vocab/<type>.*.parquet)."""
     self._check_type(entity_type)
-    if entity_type not in self._names:
-      with open(os.path.join(self.export_dir, f"{entity_type}.names.txt"),
-                encoding="utf-8") as f:
-        self._names[entity_type] = [line.rstrip("\n") for line in f]
-    return self._names[entity_type]
+    with self._vocabulary_lock:
+      if entity_type not in self._vocabularies:
+        self._vocabularies[entity_type] = vocabulary_lib.Vocabulary(self.export_dir, entity_type)
+      return self._vocabularies[entity_type]
+
+  def names(self, entity_type: str) -> vocabulary_lib.NameSequence:
+    """Every name of a type in row order, as a lazy read-only sequence
+    (``names[i]`` reads one row group); prefer :meth:`names_of` for batches."""
+    return vocabulary_lib.NameSequence(self.vocabulary(entity_type), self._vocabulary_lock)
+
+  def names_of(self, entity_type: str, rows) -> list[str]:
+    """Names of rows (any order, repeats allowed), read from the vocabulary."""
+    vocabulary = self.vocabulary(entity_type)
+    with self._vocabulary_lock:
+      return vocabulary.names(np.asarray(rows, np.int64))
 
   def lookup(self, entity_type: str, name_or_id) -> int:
     """Row of an entity given its name (str) or local id (int)."""
-    if isinstance(name_or_id, (int, np.integer)):
-      self._check_type(entity_type)
-      count = self.run["entities"][entity_type]["count"]
-      if not 0 <= int(name_or_id) < count:
-        raise KeyError(f"{entity_type} id {int(name_or_id)} out of range [0, {count})")
-      return int(name_or_id)
-    if entity_type not in self._name_index:
-      self._name_index[entity_type] = {n: i for i, n in enumerate(self.names(entity_type))}
-    try:
-      return self._name_index[entity_type][name_or_id]
-    except KeyError:
-      raise KeyError(f"unknown {entity_type} {name_or_id!r}") from None
+    return int(self.lookup_many(entity_type, [name_or_id])[0])
+
+  def lookup_many(self, entity_type: str, names_or_ids) -> np.ndarray:
+    """Rows (int64) of entities given by name (str) or local id (int); one
+    vocabulary lookup for all the names. KeyError names the first unknown."""
+    self._check_type(entity_type)
+    items = list(names_or_ids)
+    rows = np.empty(len(items), np.int64)
+    count = self.run["entities"][entity_type]["count"]
+    named = []
+    for i, item in enumerate(items):
+      if isinstance(item, (int, np.integer)):
+        if not 0 <= int(item) < count:
+          raise KeyError(f"{entity_type} id {int(item)} out of range [0, {count})")
+        rows[i] = int(item)
+      elif isinstance(item, str):
+        named.append(i)
+      else:
+        raise KeyError(f"unknown {entity_type} {item!r}")
+    if named:
+      vocabulary = self.vocabulary(entity_type)
+      with self._vocabulary_lock:
+        rows[named] = vocabulary.ids([items[i] for i in named])
+    return rows
 
   def relation(self, name: str) -> Relation:
     try:
@@ -615,7 +656,7 @@ class Retriever:
     if vectors is None:
       if isinstance(entities, (str, int, np.integer)):
         entities = [entities]
-      rows = np.array([self.lookup(known_type, e) for e in entities], np.int64)
+      rows = self.lookup_many(known_type, entities)
       vectors = np.asarray(self.table(known_type)[rows], np.float32)  # [Q, d]
     vectors = np.atleast_2d(np.asarray(vectors, np.float32))  # [Q, d]
     if direction == "forward":
@@ -693,7 +734,8 @@ class Retriever:
       vector = np.asarray(self.table(entity_type)[row], np.float32)[None]
       ids, scores = self.search(entity_type, vector, k + 1, exact=exact)
       pairs = [(i, s) for i, s in zip(ids[0], scores[0]) if i != row][:k]
-      return [Neighbor(int(i), self.names(entity_type)[i], float(s)) for i, s in pairs]
+      names = self.names_of(entity_type, [i for i, _ in pairs])
+      return [Neighbor(int(i), name, float(s)) for (i, s), name in zip(pairs, names)]
     rel = self.relation(relation)
     if direction is None:
       if entity_type == rel.source:
@@ -706,8 +748,8 @@ class Retriever:
                        f"{entity_type!r} is not its {'source' if direction != 'reverse' else 'target'}")
     batch = self.query_vectors(relation, [row], direction=direction)
     ids, scores = self.search(batch.target_type, batch, k, exact=exact)
-    names = self.names(batch.target_type)
-    return [Neighbor(int(i), names[i], float(s)) for i, s in zip(ids[0], scores[0])]
+    names = self.names_of(batch.target_type, ids[0])
+    return [Neighbor(int(i), name, float(s)) for i, s, name in zip(ids[0], scores[0], names)]
 
 
 def build_indexes(workdir: str, types: Sequence[str] | None = None, *,

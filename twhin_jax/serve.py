@@ -30,7 +30,7 @@ GIL (ScaNN, XLA). /reload and /diverse, which can take long, run in a
 thread pool.
 
 Versions without dropped requests. Everything a request needs (the
-Retriever with its tables, names, searchers and relation parameters, and the
+Retriever with its tables, vocabulary readers, searchers and relation parameters, and the
 lineage) lives in one immutable ``Snapshot``. A handler reads the service's
 reference once and uses that snapshot to the end. A reload (``POST /reload``
 or the ``--watch`` poller) builds and warms a complete new snapshot in the
@@ -139,8 +139,9 @@ def _now() -> str:
 def load_snapshot(workdir: str, *, exact_below: int = retrieval.EXACT_BELOW,
                   progress: bool = False) -> Snapshot:
   """Opens the run's latest checkpoint (exporting and indexing what is stale)
-  and warms every table, name index and searcher, so that no request of the
-  new snapshot touches the disk or compiles the exact search for one query."""
+  and warms every table, vocabulary reader and searcher, so that no request of the
+  new snapshot compiles the exact search for one query; a name lookup reads only
+  the vocabulary row groups it needs (a few kept decoded)."""
   started = time.perf_counter()
   retriever = retrieval.Retriever.open(workdir, exact_below=exact_below, progress=progress)
   step = retriever.run["checkpoint"]["step"]
@@ -148,9 +149,8 @@ def load_snapshot(workdir: str, *, exact_below: int = retrieval.EXACT_BELOW,
       os.path.join(checkpoint_lib.checkpoint_root(workdir), str(step)))
   for entity_type in retriever.entity_types:
     table = retriever.table(entity_type)
-    names = retriever.names(entity_type)
-    if names:
-      retriever.lookup(entity_type, names[0])  # builds the name -> row index
+    if len(table):  # opens the on-disk vocabulary and reads its first row groups
+      retriever.lookup(entity_type, retriever.names_of(entity_type, [0])[0])
     probe = np.asarray(table[:1], np.float32)
     for k in (10, 11):  # the default k (and k + 1 of same-type neighbours): jit compiled now
       retriever.search(entity_type, probe, k, exact=True)
@@ -383,14 +383,14 @@ class Service:
     ids, scores, components = mixture_lib.diverse_search(
         snap.retriever, target_type, mix, request.k, clustering=model.clustering,
         exclude=excluded, exact=request.exact, query=query)
-    names = snap.retriever.names(target_type)
+    names = snap.retriever.names_of(target_type, ids)
     return {"entity_type": entity_type, "target_type": target_type,
             "version_id": snap.version_id,
             "mixture": [{"cluster": int(c), "weight": float(w)}
                         for c, w in zip(mix.clusters, mix.weights)],
-            "results": [{"rank": i + 1, "name": names[int(t)], "id": int(t), "score": float(s),
+            "results": [{"rank": i + 1, "name": name, "id": int(t), "score": float(s),
                          "cluster": int(mix.clusters[int(c)])}
-                        for i, (t, s, c) in enumerate(zip(ids, scores, components))]}
+                        for i, (t, s, c, name) in enumerate(zip(ids, scores, components, names))]}
 
   def score(self, snap: Snapshot, request: models.ScoreRequest) -> dict:
     triples = request.triples

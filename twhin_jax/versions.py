@@ -3,7 +3,8 @@ L2-to-previous anchors.
 
 ``warm_start(trainer, parent_dir)`` runs once, when a run with
 ``warm_start.parent`` set starts fresh. It aligns the parent version's
-entities with the new graph's by name, per type:
+entities with the new graph's by name, per type (a merge join of the two
+on-disk vocabularies, a row group at a time: no dict of names):
 
   shared entities   start from the parent's row (and its Adagrad accumulator,
                     so the step sizes continue where the parent stopped);
@@ -35,6 +36,7 @@ from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import rundir
 from twhin_jax import storage
+from twhin_jax import vocabulary as vocabulary_lib
 from twhin_jax.graph import Graph
 
 ANCHORS_DIR = rundir.ANCHORS_DIR
@@ -72,10 +74,12 @@ class ParentVersion:
     return group, params[self.layout.row[r]], params[self.layout.reverse_row[r]]
 
 
-def id_map(new_names: list[str], old_index: dict[str, int]) -> np.ndarray:
-  """Parent id of each new local id (-1: new entity)."""
-  return np.fromiter((old_index.get(name, -1) for name in new_names), np.int64,
-                     count=len(new_names))
+def id_map(graph: Graph, parent_graph: Graph, entity_type: str) -> np.ndarray:
+  """Parent id of each new local id (-1: new entity), int64 [count]: a merge
+  join of the two on-disk vocabularies in name order, a row group at a time
+  (vocabulary.id_map); no name is held beyond the group being joined."""
+  return vocabulary_lib.id_map(graph.vocabulary(entity_type),
+                               parent_graph.vocabulary(entity_type))
 
 
 def neighbor_init(graph: Graph, parent: ParentVersion, config, mapping: dict[str, np.ndarray],
@@ -147,7 +151,7 @@ def warm_start(trainer, parent_dir: str) -> dict:
     if parent.dims[t] != trainer.dims[t]:
       raise ValueError(f"warm start from {parent_dir}: type {t!r} has dim {parent.dims[t]} "
                        f"there and {trainer.dims[t]} here")
-    mapping[t] = id_map(graph.names(t), parent.graph._name_index[t])
+    mapping[t] = id_map(graph, parent.graph, t)
     old_tables[t], old_accs[t] = parent.read_type(t)
   inits = {}
   if config.warm_start.new_entities == "neighbors":

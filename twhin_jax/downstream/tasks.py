@@ -215,7 +215,6 @@ def ciao_rating(source, *, feature_set: str = "U+P", run_dir: str | None = None,
     raise ValueError(f"{run_dir}: not a Ciao run (entity types {sorted(graph.entities)})")
   types = {"none": [], "U": ["user"], "P": ["product"], "U+P": ["user", "product"]}[feature_set]
   embeddings = load_embeddings(source if types else run_dir, types or ["user"])
-  user_names, product_names = graph.names("user"), graph.names("product")
   # Baseline features from the train edges only (no held-out rating leaks into them).
   train_users, train_products, train_stars = _rated_edges(graph, "train")
 
@@ -225,8 +224,8 @@ def ciao_rating(source, *, feature_set: str = "U+P", run_dir: str | None = None,
     mean = np.where(count > 0, total / np.maximum(count, 1), train_stars.mean())
     return np.log1p(count), mean
 
-  user_count, user_mean = count_and_mean(train_users, len(user_names))
-  product_count, product_mean = count_and_mean(train_products, len(product_names))
+  user_count, user_mean = count_and_mean(train_users, graph.entities["user"].count)
+  product_count, product_mean = count_and_mean(train_products, graph.entities["product"].count)
   held = [_rated_edges(graph, split) for split in ("valid", "test")]
   users = np.concatenate([h[0] for h in held])
   products = np.concatenate([h[1] for h in held])
@@ -236,9 +235,10 @@ def ciao_rating(source, *, feature_set: str = "U+P", run_dir: str | None = None,
   labels = (stars >= 4).astype(np.int32)
   dense = np.stack([user_count[users], user_mean[users], product_count[products],
                     product_mean[products]], axis=1)
-  ids = {"user": embeddings.rows("user", [user_names[u] for u in users]).astype(np.int32)
+  # Names of the held-out examples' entities only, from the on-disk vocabulary.
+  ids = {"user": embeddings.rows("user", graph.names_of("user", users)).astype(np.int32)
          if "user" in types else np.zeros(len(users), np.int32),
-         "product": embeddings.rows("product", [product_names[p] for p in products]).astype(
+         "product": embeddings.rows("product", graph.names_of("product", products)).astype(
              np.int32) if "product" in types else np.zeros(len(users), np.int32)}
   id_features = [IdFeature(t, t) for t in types]
   return _run_binary("ciao_rating", feature_set, embeddings, dense, ids, id_features, (), labels,
@@ -297,13 +297,14 @@ def _check_no_leak(run_dir: str, held: np.ndarray) -> None:
   graph = rundir.open_graph(run_dir)
   if "friend" not in graph.relation_index:
     raise ValueError(f"{run_dir}: no friend relation; not a Last.fm run")
-  names = np.array(graph.names("user"))
   friend = graph.relation_index["friend"]
   seen = []
   for split in ("train", "valid", "test"):
     edges = graph.split_edges(split)
     mask = edges["rel"] == friend
-    seen.append(np.stack([names[edges["src"][mask]], names[edges["dst"][mask]]], axis=1))
+    # The friendship ends' names, read from the on-disk vocabulary.
+    seen.append(np.stack([graph.names_of("user", edges["src"][mask]),
+                          graph.names_of("user", edges["dst"][mask])], axis=1))
   seen = np.concatenate(seen).astype(np.int64)
   seen = {(min(a, b), max(a, b)) for a, b in seen}
   leaked = sum((int(a), int(b)) in seen for a, b in held)
