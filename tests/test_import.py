@@ -17,6 +17,7 @@ import pytest
 
 from twhin_jax import config as config_lib
 from twhin_jax import graph as graph_lib
+from twhin_jax import edge_reading
 from twhin_jax import importer
 from twhin_jax.importer import GraphImportError, import_graph
 
@@ -137,7 +138,7 @@ def test_tsv_round_trip(tmp_path):
     assert m["sources"][0]["sha256"] == hashlib.sha256(f.read()).hexdigest()
   assert m["sources"][0]["bytes"] == os.path.getsize(files[0]["path"])
   assert [s["split"] for s in m["sources"]] == ["train", "valid", "test"]
-  assert m["hash"] == importer._manifest_hash(m) and len(m["hash"]) == 16
+  assert m["hash"] == edge_reading.manifest_hash(m) and len(m["hash"]) == 16
   assert not os.path.exists(os.path.join(graph.path, "spool"))
   assert "train 240" in importer.summarize(graph)
 
@@ -387,7 +388,7 @@ def test_entity_type_conflict_inside_one_file(tmp_path):
 def test_first_error_wins_across_blocks(tmp_path, monkeypatch, first):
   # Small blocks: pyarrow parses ahead, so it may report the malformed line
   # of a later block while an earlier block is still being processed.
-  monkeypatch.setattr(importer, "TEXT_BLOCK_BYTES", 2048)
+  monkeypatch.setattr(edge_reading, "TEXT_BLOCK_BYTES", 2048)
   lines = [f"n{i}\tlikes\tn{i + 1}" for i in range(3000)]
   # ~110 lines per block: the second bad line is in the next block.
   malformed, empty = (1500, 1630) if first == "malformed" else (1630, 1500)

@@ -1,8 +1,8 @@
 """The DuckDB stage of the default import engine: validated name edges ->
 ids, shuffle, buckets, degrees and statistics, out of core.
 
-Input: the spool written by pass 1 of ``importer.py`` (one Parquet file of
-validated edges: ``src``, ``dst`` names, their types ``stype``/``dtype``,
+Input: the spool written by pass 1 (``edge_reading.py``, run by
+``importer.py``): one Parquet file of validated edges: ``src``, ``dst`` names, their types ``stype``/``dtype``,
 ``rel``, ``split``, ``pos`` (input order), and ``weight`` if weighted).
 Everything else happens in an embedded DuckDB database file inside the
 import's work directory, on all cores (``data.import_threads``), under
@@ -114,7 +114,7 @@ def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: 
           conflicts_dropped: bool, step: Callable[[str], None] = lambda _: None) -> dict:
   """Writes vocab/, buckets/, splits/ and degrees/ into ``graph_dir`` from
   the spool; returns the statistics for the manifest (see
-  ``importer._manifest``)."""
+  ``edge_reading.make_manifest``)."""
   read = f"read_parquet('{_quote(spool)}')"
   if conflicts_dropped:
     con.execute(f"CREATE TEMP VIEW kept AS SELECT * FROM {read} "
