@@ -179,7 +179,8 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
         bar.set_postfix_str(name)
         bar.update(1)
       stats = import_duckdb.build(
-          con, spool_path, work_dir, types=schema.types, num_partitions=schema.num_partitions,
+          con, spool_path, work_dir, stage_dir, types=schema.types,
+          num_partitions=schema.num_partitions,
           source_type=schema.source_type, target_type=schema.target_type,
           num_relations=len(schema.relations), grid=schema.grid, weighted=weighted, seed=seed,
           drop_unseen=bool(data.get("drop_unseen_eval_entities", False)),
