@@ -162,15 +162,19 @@ def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], 
   # Vocabulary: distinct (type, name), partition by partition, then ranked by
   # eq. (1). With drop_unseen only train edges contribute names.
   step("vocabulary")
+  partitioned.write("by_source", "SELECT * FROM kept", "src")
   train_only = "WHERE split = 0" if drop_unseen else ""
-  partitioned.write("names", f"""
-      SELECT stype AS type, src AS name FROM kept {train_only}
-      UNION ALL SELECT dtype, dst FROM kept {train_only}""", "name")
+  partitioned.write("target_names", f"SELECT dtype AS type, dst AS name FROM kept {train_only}",
+                    "name")
   con.execute("CREATE TABLE distinct_names (type SMALLINT, name VARCHAR)")
   for k in range(parts):
-    names = partitioned.read("names", k, "type, name")
-    if names is not None:
-      con.execute(f"INSERT INTO distinct_names SELECT DISTINCT type, name FROM {names}")
+    names = [x for x in (partitioned.read("by_source", k, "stype AS type, src AS name, split"),
+                         partitioned.read("target_names", k, "type, name, 0 AS split"))
+             if x is not None]
+    if names:
+      union = " UNION ALL ".join(f"SELECT type, name FROM {x} {train_only}" for x in names)
+      con.execute(f"INSERT INTO distinct_names SELECT DISTINCT type, name FROM ({union})")
+  partitioned.remove("target_names")
   # Ranked by an out-of-core sort, not a window function (DuckDB's window
   # operator ran out of memory on 7M names under a 1 GB limit): inserted in
   # sorted order, a row's rowid minus its type's first rowid is its rank.
@@ -205,9 +209,9 @@ def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], 
   # lie in its name's partition.
   step("ids")
   weight = ", e.weight" if weighted else ""
-  con.execute("CREATE TABLE source_stats (rel INTEGER, entities BIGINT)")
-  con.execute("CREATE TABLE source_degree (part INTEGER, type SMALLINT, id BIGINT, n BIGINT)")
-  partitioned.write("by_source", "SELECT * FROM kept", "src")
+  # Train edges per (relation, entity), for degrees and coverage.
+  con.execute("""CREATE TABLE source_degree (part INTEGER, rel INTEGER, type SMALLINT,
+                                             id BIGINT, n BIGINT)""")
   for k in range(parts):
     edges_k = partitioned.read("by_source", k, "*")
     vocab_k = partitioned.read("vocab", k, "type, name, id")
@@ -217,10 +221,8 @@ def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], 
       CREATE OR REPLACE TEMP TABLE joined AS
       SELECT e.pos, e.split, e.rel, e.stype, e.dtype, e.dst, s.id AS src_id{weight}
       FROM {edges_k} e JOIN {vocab_k} s ON s.type = e.stype AND s.name = e.src""")
-    con.execute("""INSERT INTO source_stats SELECT rel, count(DISTINCT src_id) FROM joined
-                   WHERE split = 0 GROUP BY rel""")
-    con.execute(f"""INSERT INTO source_degree SELECT {k}, stype, src_id, count(*) FROM joined
-                    WHERE split = 0 GROUP BY ALL""")
+    con.execute(f"""INSERT INTO source_degree SELECT {k}, rel, stype, src_id, count(*)
+                    FROM joined WHERE split = 0 GROUP BY ALL""")
     partitioned.write("by_target", "SELECT * FROM joined", "dst", append=True)
   con.execute("DROP TABLE IF EXISTS joined")
   partitioned.remove("by_source")
@@ -229,7 +231,9 @@ def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], 
   con.execute(f"""CREATE TABLE edges (pos BIGINT, split TINYINT, rel INTEGER, stype SMALLINT,
                     dtype SMALLINT, src_id BIGINT, dst_id BIGINT
                     {", weight FLOAT" if weighted else ""})""")
-  con.execute("CREATE TABLE target_stats (rel INTEGER, entities BIGINT)")
+  con.execute("CREATE TABLE coverage_stats (side TINYINT, rel INTEGER, entities BIGINT)")
+  con.execute("""INSERT INTO coverage_stats SELECT 0, rel, count(*) FROM source_degree
+                 GROUP BY rel""")
   con.execute("CREATE TABLE duplicate_stats (split TINYINT, extra BIGINT)")
   con.execute("CREATE TABLE degree (type SMALLINT, id BIGINT, degree BIGINT)")
   for k in range(parts):
@@ -243,19 +247,22 @@ def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], 
     else:
       con.execute("CREATE OR REPLACE TEMP TABLE joined AS SELECT * FROM edges LIMIT 0")
     con.execute("INSERT INTO edges SELECT * FROM joined")
-    con.execute("""INSERT INTO target_stats SELECT rel, count(DISTINCT dst_id) FROM joined
-                   WHERE split = 0 GROUP BY rel""")
     # Copies of one edge share its target, so they meet in one partition.
     con.execute("""INSERT INTO duplicate_stats SELECT split, sum(n - 1) FROM (
                      SELECT split, rel, src_id, dst_id, count(*) AS n FROM joined
                      GROUP BY ALL HAVING count(*) > 1) GROUP BY split""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE target_degree AS
+                   SELECT rel, dtype AS type, dst_id AS id, count(*) AS n FROM joined
+                   WHERE split = 0 GROUP BY ALL""")
+    con.execute("""INSERT INTO coverage_stats SELECT 1, rel, count(*) FROM target_degree
+                   GROUP BY rel""")
     con.execute(f"""
       INSERT INTO degree SELECT type, id, sum(n) FROM (
-        SELECT dtype AS type, dst_id AS id, count(*) AS n FROM joined WHERE split = 0
-        GROUP BY ALL
+        SELECT type, id, n FROM target_degree
         UNION ALL SELECT type, id, n FROM source_degree WHERE part = {k})
       GROUP BY ALL""")
   con.execute("DROP TABLE IF EXISTS joined")
+  con.execute("DROP TABLE IF EXISTS target_degree")
   con.execute("DROP TABLE source_degree")
   partitioned.remove()
   con.execute("DROP TABLE vocab")
@@ -357,10 +364,9 @@ def statistics(con, num_relations: int) -> dict:
                                   "GROUP BY split").fetchall():
     duplicates[names[int(split)]] = int(extra)
   coverage = [[0, 0] for _ in range(num_relations)]
-  for side, table in enumerate(("source_stats", "target_stats")):
-    for rel, entities in con.execute(f"SELECT rel, sum(entities) FROM {table} "
-                                     "GROUP BY rel").fetchall():
-      coverage[int(rel)][side] = int(entities)
+  for side, rel, entities in con.execute("SELECT side, rel, sum(entities) FROM coverage_stats "
+                                         "GROUP BY ALL").fetchall():
+    coverage[int(rel)][int(side)] = int(entities)
   coverage = [tuple(c) for c in coverage]
   with_unseen = {s: 0 for s in ("valid", "test")}
   for split, n in con.execute("""
