@@ -57,36 +57,17 @@ def _replace_when_done(path: str):
   return tmp, lambda: os.replace(tmp, path)
 
 
-def _name_chunks(vocabulary, chunk_rows: int):
-  """The names of a vocabulary in id order, in string arrays of
-  ``chunk_rows`` (the last may be short), read from disk as they go."""
-  pending, pending_rows = [], 0
-  for names in vocabulary.iter_names():
-    pending.append(names)
-    pending_rows += len(names)
-    while pending_rows >= chunk_rows:
-      merged = pa.concat_arrays(pending)
-      yield merged.slice(0, chunk_rows)
-      rest = merged.slice(chunk_rows)
-      pending, pending_rows = ([rest] if len(rest) else []), len(rest)
-  if pending_rows:
-    yield pa.concat_arrays(pending)
-
-
-def _write_parquet(path: str, entity_type: str, vocabulary, table, chunk_rows: int):
-  """Names stream from the on-disk vocabulary, so memory does not grow
-  with the entity count."""
+def _write_parquet(path: str, entity_type: str, names: list[str], table, chunk_rows: int):
   dim = table.shape[1]
   schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim))],
                      metadata={"twhin.entity_type": entity_type, "twhin.dim": str(dim)})
   tmp, commit = _replace_when_done(path)
   with pq.ParquetWriter(tmp, schema) as writer:
-    start = 0
-    for ids in _name_chunks(vocabulary, chunk_rows):
-      rows = np.ascontiguousarray(table[start:start + len(ids)], np.float32)  # [n, d]
+    for start in range(0, max(len(names), 1), chunk_rows):
+      rows = np.ascontiguousarray(table[start:start + chunk_rows], np.float32)  # [n, d]
       vectors = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), dim)
-      writer.write_table(pa.Table.from_arrays([ids.cast(pa.string()), vectors], schema=schema))
-      start += len(ids)
+      ids = pa.array(names[start:start + chunk_rows], pa.string())
+      writer.write_table(pa.Table.from_arrays([ids, vectors], schema=schema))
   commit()
 
 
@@ -100,11 +81,10 @@ def _write_npy(path: str, table, chunk_rows: int):
   commit()
 
 
-def _write_names(path: str, vocabulary):
+def _write_names(path: str, names: list[str]):
   tmp, commit = _replace_when_done(path)
   with open(tmp, "w", encoding="utf-8") as f:
-    for names in vocabulary.iter_names():
-      f.writelines(name + "\n" for name in names.to_pylist())
+    f.writelines(name + "\n" for name in names)
   commit()
 
 
@@ -160,19 +140,18 @@ def export_embeddings(graph, embeddings: dict, relation_params: dict, layout: Re
   os.makedirs(out_dir, exist_ok=True)
   written = {"entities": {}}
   for entity_type, table in tables.items():
-    vocabulary = graph.vocabulary(entity_type)
-    if len(vocabulary) != len(table):
-      raise ValueError(f"vocab of {entity_type!r} has {len(vocabulary)} names, "
-                       f"table {len(table)} rows")
+    names = graph.names(entity_type)
+    if len(names) != len(table):
+      raise ValueError(f"vocab of {entity_type!r} has {len(names)} names, table {len(table)} rows")
     paths = written["entities"][entity_type] = {}
     base = os.path.join(out_dir, entity_type)
     if "parquet" in formats:
       paths["parquet"] = base + ".parquet"
-      _write_parquet(paths["parquet"], entity_type, vocabulary, table, chunk_rows)
+      _write_parquet(paths["parquet"], entity_type, names, table, chunk_rows)
     if "npy" in formats:
       paths["npy"], paths["names"] = base + ".npy", base + ".names.txt"
       _write_npy(paths["npy"], table, chunk_rows)
-      _write_names(paths["names"], vocabulary)
+      _write_names(paths["names"], names)
 
   forward, reverse, described = {}, {}, []
   for index, rel in enumerate(graph.relations):
@@ -260,7 +239,7 @@ def write_projector(graph, embeddings: dict, out_dir: str, *, sample: int = 5000
     count = len(table)
     rows = (np.arange(count) if sample == 0 or count <= sample
             else np.sort(rng.choice(count, sample, replace=False)))
-    names = graph.names_of(entity_type, rows)  # only the sampled rows
+    names = graph.names(entity_type)
     degrees = graph.degrees(entity_type)
     vectors_path = os.path.join(out_dir, f"{entity_type}.vectors.tsv")
     metadata_path = os.path.join(out_dir, f"{entity_type}.metadata.tsv")
@@ -270,8 +249,8 @@ def write_projector(graph, embeddings: dict, out_dir: str, *, sample: int = 5000
     tmp, commit = _replace_when_done(metadata_path)
     with open(tmp, "w", encoding="utf-8") as f:
       f.write("name\tdegree\n")
-      f.writelines(f"{_tsv_cell(name)}\t{int(degrees[i]) if len(degrees) else 0}\n"
-                   for name, i in zip(names, rows))
+      f.writelines(f"{_tsv_cell(names[i])}\t{int(degrees[i]) if len(degrees) else 0}\n"
+                   for i in rows)
     commit()
     written["types"][entity_type] = {"vectors": vectors_path, "metadata": metadata_path,
                                      "rows": int(len(rows))}
