@@ -716,31 +716,6 @@ def test_vocabulary_lookups_read_only_row_groups(tmp_path, monkeypatch):
   assert sorted(table.column("id").to_pylist()) == list(range(len(names)))
 
 
-def test_map_ids_merges_two_vocabularies_reading_each_about_once(tmp_path, monkeypatch):
-  """vocabulary.map_ids (warm start's parent ids): the id of every name in
-  another vocabulary, -1 for new names, without a dict of names; the
-  target's row groups are each read at most twice."""
-  from twhin_jax import vocabulary
-  monkeypatch.setattr(vocabulary, "ROW_GROUP_ROWS", 5)
-  rng = np.random.default_rng(1)
-  old = [f"n{i}" for i in rng.permutation(200)]
-  new = [f"n{i}" for i in rng.permutation(np.arange(120, 330))] + ["é", ""]
-  vocabulary.write_vocabulary(str(tmp_path / "old"), "node", old)
-  vocabulary.write_vocabulary(str(tmp_path / "new"), "node", new)
-  source = vocabulary.Vocabulary(str(tmp_path / "new"), "node")
-  target = vocabulary.Vocabulary(str(tmp_path / "old"), "node")
-  reads = collections.Counter()
-  read_row_group = target._by_name.read_row_group
-  def counted(g, **kwargs):
-    reads[g] += 1
-    return read_row_group(g, **kwargs)
-  monkeypatch.setattr(target._by_name, "read_row_group", counted)
-  index = {name: i for i, name in enumerate(old)}
-  np.testing.assert_array_equal(vocabulary.map_ids(source, target),
-                                [index.get(name, -1) for name in new])
-  assert max(reads.values()) <= 2 and len(reads) <= target._by_name.metadata.num_row_groups
-
-
 def test_old_graph_format_is_refused(tmp_path):
   (tmp_path / "manifest.json").write_text('{"format_version": 1}')
   with pytest.raises(ValueError, match=r"graph format 1, this code reads 2.*older twhin-jax"):

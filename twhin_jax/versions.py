@@ -35,7 +35,6 @@ from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import rundir
 from twhin_jax import storage
-from twhin_jax import vocabulary as vocabulary_lib
 from twhin_jax.graph import Graph
 
 ANCHORS_DIR = rundir.ANCHORS_DIR
@@ -73,11 +72,10 @@ class ParentVersion:
     return group, params[self.layout.row[r]], params[self.layout.reverse_row[r]]
 
 
-def id_map(graph: Graph, parent_graph: Graph, entity_type: str) -> np.ndarray:
-  """Parent id of each new local id (-1: new entity), from the two on-disk
-  vocabularies merged in name order (no name held in a dict)."""
-  return vocabulary_lib.map_ids(graph.vocabulary(entity_type),
-                                parent_graph.vocabulary(entity_type))
+def id_map(new_names: list[str], old_index: dict[str, int]) -> np.ndarray:
+  """Parent id of each new local id (-1: new entity)."""
+  return np.fromiter((old_index.get(name, -1) for name in new_names), np.int64,
+                     count=len(new_names))
 
 
 def neighbor_init(graph: Graph, parent: ParentVersion, config, mapping: dict[str, np.ndarray],
@@ -149,7 +147,7 @@ def warm_start(trainer, parent_dir: str) -> dict:
     if parent.dims[t] != trainer.dims[t]:
       raise ValueError(f"warm start from {parent_dir}: type {t!r} has dim {parent.dims[t]} "
                        f"there and {trainer.dims[t]} here")
-    mapping[t] = id_map(graph, parent.graph, t)
+    mapping[t] = id_map(graph.names(t), parent.graph._name_index[t])
     old_tables[t], old_accs[t] = parent.read_type(t)
   inits = {}
   if config.warm_start.new_entities == "neighbors":

@@ -199,19 +199,3 @@ class Vocabulary:
     if missing is not None:
       out[out < 0] = missing
     return out
-
-
-def map_ids(source: Vocabulary, target: Vocabulary) -> np.ndarray:
-  """The id in ``target`` of every id of ``source`` (int64 [len(source)],
-  -1 where ``target`` lacks the name), e.g. a parent version's ids.
-
-  Streams ``source``'s name-sorted file one row group at a time; each row
-  group is a contiguous range of names, so it falls in a few of
-  ``target``'s row groups and both files are read about once: memory is
-  O(ROW_GROUP_ROWS) besides the result, time linear in both sizes.
-  """
-  out = np.full(len(source), -1, np.int64)
-  for g in range(source._by_name.metadata.num_row_groups):
-    pairs = source._by_name.read_row_group(g, columns=["name", "id"])
-    out[pairs.column("id").to_numpy()] = target.ids(pairs.column("name"), missing=-1)
-  return out
