@@ -29,7 +29,7 @@ per-entity statistics) run one hash partition of names at a time,
 
 for E edges (DuckDB's ``hash``; any split works, as ids come from (1) over
 all partitions). A partition holds about 2E/K name occurrences whatever
-the number of distinct names; on 100M edges with about 7M names a single
+the number of distinct names; on 100M edges with about 10M names a single
 DISTINCT over all of them ran out of memory under a 1 GB limit.
 """
 
