@@ -184,22 +184,25 @@ def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], 
     SELECT n.type, n.name FROM distinct_names n JOIN types t ON t.type = n.type
     ORDER BY n.type, md5(t.prefix || n.name), n.name""")
   con.execute("DROP TABLE distinct_names")
-  con.execute("SET preserve_insertion_order = false")
+  # A view, not a table: writing 14M names into a DuckDB table again cost 8 s
+  # of 143 on 20M edges.
+  con.execute("""CREATE TEMP TABLE first_rows AS
+                 SELECT type, min(rowid) AS first, count(*) AS n FROM ranked GROUP BY type""")
   con.execute("""
-    CREATE TABLE vocab AS
+    CREATE TEMP VIEW vocab AS
     SELECT r.type, r.name, (r.rowid - f.first)::BIGINT AS id
-    FROM ranked r JOIN (SELECT type, min(rowid) AS first FROM ranked GROUP BY type) f
-    ON f.type = r.type""")
-  con.execute("DROP TABLE ranked")
+    FROM ranked r JOIN first_rows f ON f.type = r.type""")
   counts = [0] * len(types)
-  for t, n in con.execute("SELECT type, count(*) FROM vocab GROUP BY type").fetchall():
+  for t, n in con.execute("SELECT type, n FROM first_rows").fetchall():
     counts[int(t)] = int(n)
 
   step("vocabulary files")
   for t, name in enumerate(types):
-    by_id = _stream(con, f"SELECT name FROM vocab WHERE type = {t} ORDER BY id")
+    # Still preserving insertion order: a plain scan of ranked is id order.
+    by_id = _stream(con, f"SELECT name FROM ranked WHERE type = {t}")
     by_name = _stream(con, f"SELECT name, id FROM vocab WHERE type = {t} ORDER BY name")
     graph_writer.write_vocabulary(graph_dir, name, by_id, by_name)
+  con.execute("SET preserve_insertion_order = false")
   partitioned.write("vocab", "SELECT type, name, id FROM vocab", "name")
 
   # Edges as ids, one partition of names at a time. Inner joins: with
@@ -265,7 +268,8 @@ def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], 
   con.execute("DROP TABLE IF EXISTS target_degree")
   con.execute("DROP TABLE source_degree")
   partitioned.remove()
-  con.execute("DROP TABLE vocab")
+  con.execute("DROP VIEW vocab")
+  con.execute("DROP TABLE ranked")
 
   sizes = [max(1, -(-n // p)) for n, p in zip(counts, num_partitions)]
   con.register("rel_table", pa.table({
