@@ -17,6 +17,7 @@ import pytest
 
 from twhin_jax import config as config_lib
 from twhin_jax import graph as graph_lib
+from twhin_jax import edge_reading
 from twhin_jax import importer
 from twhin_jax.importer import GraphImportError, import_graph
 
@@ -88,6 +89,25 @@ def named_split(graph, split) -> set[tuple[str, str, str]]:
   return out
 
 
+def assert_same_graph(a, b):
+  assert a.entities == b.entities
+  for t in a.entities:
+    assert a.names(t) == b.names(t), t
+    np.testing.assert_array_equal(a.degrees(t), b.degrees(t))
+  assert a.bucket_sizes() == b.bucket_sizes()
+  for (i, j) in a.bucket_sizes():
+    edges_a, edges_b = a.bucket_edges(i, j), b.bucket_edges(i, j)
+    for key in ("src", "dst", "rel", "weight"):
+      np.testing.assert_array_equal(edges_a[key], edges_b[key], err_msg=f"{i}_{j} {key}")
+  for split in ("valid", "test"):
+    for key, values in a.split_edges(split).items():
+      np.testing.assert_array_equal(values, b.split_edges(split)[key])
+  for key in ("counts", "relation_counts", "skipped", "quality", "coverage", "bucket_sizes",
+              "sources", "options", "weighted", "hash"):
+    assert a.manifest[key] == b.manifest[key], key
+
+
+
 # ----------------------------------------------------------------------------
 # Round trips
 
@@ -137,7 +157,7 @@ def test_tsv_round_trip(tmp_path):
     assert m["sources"][0]["sha256"] == hashlib.sha256(f.read()).hexdigest()
   assert m["sources"][0]["bytes"] == os.path.getsize(files[0]["path"])
   assert [s["split"] for s in m["sources"]] == ["train", "valid", "test"]
-  assert m["hash"] == importer._manifest_hash(m) and len(m["hash"]) == 16
+  assert m["hash"] == edge_reading.manifest_hash(m) and len(m["hash"]) == 16
   assert not os.path.exists(os.path.join(graph.path, "spool"))
   assert "train 240" in importer.summarize(graph)
 
@@ -387,7 +407,7 @@ def test_entity_type_conflict_inside_one_file(tmp_path):
 def test_first_error_wins_across_blocks(tmp_path, monkeypatch, first):
   # Small blocks: pyarrow parses ahead, so it may report the malformed line
   # of a later block while an earlier block is still being processed.
-  monkeypatch.setattr(importer, "TEXT_BLOCK_BYTES", 2048)
+  monkeypatch.setattr(edge_reading, "TEXT_BLOCK_BYTES", 2048)
   lines = [f"n{i}\tlikes\tn{i + 1}" for i in range(3000)]
   # ~110 lines per block: the second bad line is in the next block.
   malformed, empty = (1500, 1630) if first == "malformed" else (1630, 1500)
@@ -740,3 +760,40 @@ def test_ids_follow_the_seeded_md5_order(tmp_path):
     expected = sorted(names, key=lambda n: (
         hashlib.md5(f"11\x1f{entity_type}\x1f{n}".encode()).hexdigest(), n.encode()))
     assert graph.names(entity_type) == expected
+
+
+@pytest.mark.parametrize("drop_unseen", [False, True])
+def test_hash_partitioned_build_gives_the_same_graph(tmp_path, monkeypatch, drop_unseen):
+  """The DuckDB stage split into many hash partitions of names (eq. (2) of
+  import_duckdb.py; some partitions empty) gives the graph of the
+  one-partition build: ids, buckets, splits, degrees and every statistic,
+  including duplicates, self-loops, coverage and unseen entities."""
+  from twhin_jax import import_duckdb
+  rng = np.random.default_rng(3)
+  users = [f"u{i}" for i in range(80)] + ["both"]
+  lines = [f"{users[a]}\tfollows\t{users[b]}\t{w:.2f}" for a, b, w in
+           zip(rng.integers(0, 81, 400) ** 2 % 81, rng.integers(0, 81, 400), rng.random(400))]
+  lines += ["u1\tfollows\tu2\t1"] * 3 + ["u5\tfollows\tu5\t1"]
+  lines += ["u7\tfollows\t\t1"]  # skipped: empty field
+  follows = write_text(tmp_path / "follows.tsv", lines)
+  clicks = write_text(tmp_path / "clicks.tsv",
+                      [f"{users[a]}\tclicks\ti{b}\t1" for a, b in
+                       zip(rng.integers(0, 81, 200), rng.integers(0, 30, 200))]
+                      + ["u3\tclicks\tboth\t1"])  # skipped: 'both' is a user
+  valid = write_text(tmp_path / "valid.tsv", ["u1\tfollows\tu3\t1", "new\tfollows\tu2\t1",
+                                              "u4\tclicks\tnew_item\t1"])
+  files = [config_lib.file_spec(follows, weight=3), config_lib.file_spec(clicks, weight=3),
+           config_lib.file_spec(valid, weight=3, split="valid")]
+  config = make_config(files, entities={"user": 2, "item": 3},
+                       relations=[("follows", "user", "user"), ("clicks", "user", "item")],
+                       seed=11, on_error="skip", drop_unseen_eval_entities=drop_unseen)
+  with pytest.warns(UserWarning, match="import skipped"):
+    whole = import_graph(config, str(tmp_path / "whole"), progress=False)
+  monkeypatch.setattr(import_duckdb, "OCCURRENCES_PER_PARTITION", 40)
+  assert import_duckdb.partition_count(whole.num_edges("train")) > 20
+  with pytest.warns(UserWarning, match="import skipped"):
+    parts = import_graph(config, str(tmp_path / "parts"), progress=False)
+  assert whole.manifest["quality"]["duplicate_edges"]["train"] >= 2
+  assert whole.manifest["quality"]["self_loops"]["train"] >= 1
+  assert whole.manifest["skipped"] == {"empty_field": 1, "entity_type_conflict": 1}
+  assert_same_graph(whole, parts)

@@ -17,7 +17,7 @@ import pytest
 from twhin_jax import config as config_lib
 from twhin_jax.importer import GraphImportError, import_graph
 
-from test_import import make_config, write_text
+from test_import import assert_same_graph, make_config, write_text
 
 pytestmark = pytest.mark.slow
 
@@ -76,24 +76,6 @@ def mixed_input(tmp_path, with_bad_lines: bool):
       relations=[("follows", "user", "user"), ("clicks", "user", "item"),
                  ("views", "user", "ad"), ("wrote", "user", "tweet")], seed=7)
   return spark_config(config)
-
-
-def assert_same_graph(a, b):
-  assert a.entities == b.entities
-  for t in a.entities:
-    assert a.names(t) == b.names(t), t
-    np.testing.assert_array_equal(a.degrees(t), b.degrees(t))
-  assert a.bucket_sizes() == b.bucket_sizes()
-  for (i, j) in a.bucket_sizes():
-    edges_a, edges_b = a.bucket_edges(i, j), b.bucket_edges(i, j)
-    for key in ("src", "dst", "rel", "weight"):
-      np.testing.assert_array_equal(edges_a[key], edges_b[key], err_msg=f"{i}_{j} {key}")
-  for split in ("valid", "test"):
-    for key, values in a.split_edges(split).items():
-      np.testing.assert_array_equal(values, b.split_edges(split)[key])
-  for key in ("counts", "relation_counts", "skipped", "quality", "coverage", "bucket_sizes",
-              "sources", "options", "weighted", "hash"):
-    assert a.manifest[key] == b.manifest[key], key
 
 
 def test_spark_and_duckdb_give_the_same_graph(tmp_path):

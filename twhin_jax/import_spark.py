@@ -4,7 +4,7 @@ as the DuckDB engine, computed by Spark for inputs no single machine holds.
 Spark reads every source itself (text lines, gzipped or not; Parquet;
 adjacency lists), numbers the lines of text files without a single-partition
 step (per-partition counts, then offsets), validates the rows with the
-importer's rules, and computes the graph:
+reading stage's rules (edge_reading.py), and computes the graph:
 
 * ids: eq. (1) of ``import_duckdb.py`` (md5 of a seeded, typed prefix +
   name), assigned in parallel: the key space is cut into ``R`` ranges by the
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from twhin_jax import graph_writer
 from twhin_jax import import_duckdb
-from twhin_jax import importer
+from twhin_jax import edge_reading
 
 #: Hash ranges for the parallel id assignment, per core of the session
 #: (Spark's default parallelism): a few tasks per core.
@@ -100,7 +100,7 @@ def _read_source(spark, index: int, source, data, relation_table):
   from pyspark.sql import functions as F
   columns = source.columns
   if source.format == "parquet":
-    reader = importer._ParquetReader(source)
+    reader = edge_reading.ParquetReader(source)
     frame = spark.read.parquet(source.path).select(
         *[F.col(f"`{name}`").alias(f"c_{role}") for role, name in reader.column_name.items()],
         (F.col("_metadata.row_index") + 1).alias("line"))
@@ -125,7 +125,7 @@ def _read_source(spark, index: int, source, data, relation_table):
                .withColumn("ncols", F.lit(None).cast("int")))
       expected = None
     else:
-      reader = importer._TextReader(source, data.delimiter, data.on_error == "skip")
+      reader = edge_reading.TextReader(source, data.delimiter, data.on_error == "skip")
       expected = reader.num_columns
       text = text.where(F.length(F.col("value")) > 0)
       delimiter = reader.delimiter
@@ -178,49 +178,50 @@ def _regex_quote(text: str) -> str:
 
 
 def _reasons(frame):
-  """Adds ``reason`` (0: fine, else 1 + index in importer.REASONS, first
+  """Adds ``reason`` (0: fine, else 1 + index in edge_reading.REASONS, first
   problem wins as in the DuckDB engine) and ``weight``."""
   from pyspark.sql import functions as F
-  code = {r: i + 1 for i, r in enumerate(importer.REASONS)}
+  code = {r: i + 1 for i, r in enumerate(edge_reading.REASONS)}
   weight = F.expr("try_cast(weight_text AS DOUBLE)")
   empty = lambda c: F.col(c).isNull() | (F.length(F.col(c)) == 0)  # noqa: E731
   bad_weight_text = F.col("has_weight") & empty("weight_text")
   reason = (F.when(F.col("ncols").isNotNull() & (F.col("ncols") != F.col("expected")),
-                   code[importer.COLUMN_COUNT])
+                   code[edge_reading.COLUMN_COUNT])
             .when(empty("src") | empty("dst") | bad_weight_text
-                  | (F.col("relname") == F.lit("")), code[importer.EMPTY_FIELD])
+                  | (F.col("relname") == F.lit("")), code[edge_reading.EMPTY_FIELD])
             .when(F.col("is_parquet") & (F.col("src").rlike("[\r\n]")
                                          | F.col("dst").rlike("[\r\n]")),
-                  code[importer.NEWLINE_IN_NAME])
-            .when(F.col("rel").isNull(), code[importer.UNKNOWN_RELATION])
-            .when(F.col("has_weight") & weight.isNull(), code[importer.WEIGHT_NOT_A_NUMBER])
+                  code[edge_reading.NEWLINE_IN_NAME])
+            .when(F.col("rel").isNull(), code[edge_reading.UNKNOWN_RELATION])
+            .when(F.col("has_weight") & weight.isNull(), code[edge_reading.WEIGHT_NOT_A_NUMBER])
             .when(F.col("has_weight") & (F.isnan(weight) | (F.abs(weight) == float("inf"))),
-                  code[importer.WEIGHT_NOT_FINITE])
-            .when(F.col("has_weight") & (weight < 0), code[importer.WEIGHT_NEGATIVE])
+                  code[edge_reading.WEIGHT_NOT_FINITE])
+            .when(F.col("has_weight") & (weight < 0), code[edge_reading.WEIGHT_NEGATIVE])
             .otherwise(0))
   return frame.withColumn("reason", reason).withColumn(
       "weight", F.when(F.col("has_weight"), weight).otherwise(1.0).cast("float"))
 
 
-def _row_error(row, sources, relation_names) -> importer.GraphImportError:
-  reason = importer.REASONS[row["reason"] - 1]
-  if reason == importer.COLUMN_COUNT:
+def _row_error(row, sources, relation_names) -> edge_reading.GraphImportError:
+  reason = edge_reading.REASONS[row["reason"] - 1]
+  if reason == edge_reading.COLUMN_COUNT:
     message = f"expected {row['expected']} columns, found {row['ncols']}"
-  elif reason == importer.EMPTY_FIELD:
+  elif reason == edge_reading.EMPTY_FIELD:
     role = ("source" if not row["src"] else "target" if not row["dst"]
             else "relation" if not row["relname"] else "weight")
     message = f"empty {role} field"
-  elif reason == importer.NEWLINE_IN_NAME:
+  elif reason == edge_reading.NEWLINE_IN_NAME:
     message = "entity name contains a line break"
-  elif reason == importer.UNKNOWN_RELATION:
+  elif reason == edge_reading.UNKNOWN_RELATION:
     message = (f"unknown relation {row['relname']!r} (declared: "
-               f"{importer._preview(relation_names)})")
+               f"{edge_reading.preview(relation_names)})")
   else:
-    problem = {importer.WEIGHT_NOT_A_NUMBER: "is not a number",
-               importer.WEIGHT_NOT_FINITE: "is not finite",
-               importer.WEIGHT_NEGATIVE: "is negative"}[reason]
+    problem = {edge_reading.WEIGHT_NOT_A_NUMBER: "is not a number",
+               edge_reading.WEIGHT_NOT_FINITE: "is not finite",
+               edge_reading.WEIGHT_NEGATIVE: "is negative"}[reason]
     message = f"weight {row['weight_text']!r} {problem}"
-  return importer.GraphImportError(sources[row["file"]].path, int(row["line"]), message, reason)
+  return edge_reading.GraphImportError(sources[row["file"]].path, int(row["line"]), message,
+                                       reason)
 
 
 def _stream_parquet(directory: str):
@@ -281,8 +282,8 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
       raise _row_error(first[0].asDict(), sources, relation_names)
   else:
     for reason, count in bad.groupBy("reason").count().collect():
-      skipped[importer.REASONS[reason - 1]] = int(count)
-  split_code = F.create_map(*[x for name, code in importer.SPLIT_CODES.items()
+      skipped[edge_reading.REASONS[reason - 1]] = int(count)
+  split_code = F.create_map(*[x for name, code in edge_reading.SPLIT_CODES.items()
                               for x in (F.lit(name), F.lit(code))])
   edges = rows.where(F.col("reason") == 0).select(
       "pos", "sub", "src", "dst", "rel", "stype", "dtype", "weight",
@@ -312,16 +313,16 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
         row = first[0]
         file_index = row["pos"] >> _LINE_BITS
         types = schema.types
-        raise importer.GraphImportError(
+        raise edge_reading.GraphImportError(
             sources[file_index].path, row["pos"] & ((1 << _LINE_BITS) - 1),
             f"{row['name']!r} is used as entity type {types[row['type']]!r} here but is "
             f"already of type {types[row['owner']]!r} (data.names_global: a name has one "
-            "entity type)", importer.ENTITY_TYPE_CONFLICT)
+            "entity type)", edge_reading.ENTITY_TYPE_CONFLICT)
     else:
       dropped = conflicts.select("pos", "sub").distinct()
       count = dropped.count()
       if count:
-        skipped[importer.ENTITY_TYPE_CONFLICT] = int(count)
+        skipped[edge_reading.ENTITY_TYPE_CONFLICT] = int(count)
         edges = edges.join(dropped, ["pos", "sub"], "left_anti")
   edges = _materialise(spark, edges, os.path.join(stage, "edges"))
 
@@ -398,7 +399,7 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
   step("splits")
   for split in ("valid", "test"):
     split_dir = os.path.join(stage, split)
-    (remapped.where(F.col("split") == importer.SPLIT_CODES[split]).orderBy("pos", "sub")
+    (remapped.where(F.col("split") == edge_reading.SPLIT_CODES[split]).orderBy("pos", "sub")
      .select(F.col("src_id").alias("src"), F.col("dst_id").alias("dst"), "rel")
      .write.parquet(split_dir))
     graph_writer.write_split(work_dir, split, _stream_parquet(split_dir))
@@ -419,15 +420,15 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
 
   step("statistics")
   num_relations = len(relation_names)
-  names = {code: s for s, code in importer.SPLIT_CODES.items()}
-  relation_counts = {s: [0] * num_relations for s in importer.SPLIT_CODES}
-  self_loops = {s: 0 for s in importer.SPLIT_CODES}
+  names = {code: s for s, code in edge_reading.SPLIT_CODES.items()}
+  relation_counts = {s: [0] * num_relations for s in edge_reading.SPLIT_CODES}
+  self_loops = {s: 0 for s in edge_reading.SPLIT_CODES}
   loop = ((F.col("stype") == F.col("dtype")) & (F.col("src_id") == F.col("dst_id"))).cast("int")
   for row in remapped.groupBy("split", "rel").agg(F.count("*").alias("n"),
                                                   F.sum(loop).alias("loops")).collect():
     relation_counts[names[row["split"]]][row["rel"]] = int(row["n"])
     self_loops[names[row["split"]]] += int(row["loops"])
-  duplicates = {s: 0 for s in importer.SPLIT_CODES}
+  duplicates = {s: 0 for s in edge_reading.SPLIT_CODES}
   for row in (remapped.groupBy("split", "rel", "src_id", "dst_id").count()
               .where(F.col("count") > 1).groupBy("split")
               .agg(F.sum(F.col("count") - 1).alias("extra")).collect()):
@@ -455,5 +456,5 @@ def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
                relation_counts=relation_counts, self_loops=self_loops, duplicates=duplicates,
                coverage=coverage, eval_edges_with_unseen=with_unseen,
                dropped_unseen_eval_edges=dropped)
-  records = [importer.source_record(s, importer._hash_file(s.path)) for s in sources]
-  return importer.make_manifest(config, schema, stats, records, skipped, weighted)
+  records = [edge_reading.source_record(s, edge_reading.hash_file(s.path)) for s in sources]
+  return edge_reading.make_manifest(config, schema, stats, records, skipped, weighted)
