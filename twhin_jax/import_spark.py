@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -49,6 +50,7 @@ _LINE_BITS = 40
 
 def session(master: str, memory: str, local_dir: str):
   """A Spark session (local[*] by default) with its scratch under ``local_dir``."""
+  # lazy: pyspark (and its JVM) loads only when the Spark engine runs
   from pyspark.sql import SparkSession
   os.makedirs(local_dir, exist_ok=True)
   builder = (SparkSession.builder.master(master or "local[*]").appName("twhin-import")
@@ -79,6 +81,7 @@ def _line_numbers(spark, frame):
   text file, without one partition: each partition's rows are counted, and
   a row's line is the rows of earlier partitions plus its index in its own
   (monotonically_increasing_id holds the partition in its upper bits)."""
+  # lazy: pyspark (and its JVM) loads only when the Spark engine runs
   from pyspark.sql import functions as F
   frame = frame.withColumn("_pid", F.spark_partition_id()).withColumn(
       "_mid", F.monotonically_increasing_id())
@@ -97,6 +100,7 @@ def _line_numbers(spark, frame):
 def _read_source(spark, index: int, source, data, relation_table):
   """One source as rows (file, line, sub, src, dst, relname, weight, ncols,
   ok_text); ``sub`` orders the edges of one adjacency line."""
+  # lazy: pyspark (and its JVM) loads only when the Spark engine runs
   from pyspark.sql import functions as F
   columns = source.columns
   if source.format == "parquet":
@@ -173,13 +177,13 @@ def _materialise(spark, frame, path: str):
 
 
 def _regex_quote(text: str) -> str:
-  import re
   return re.escape(text)
 
 
 def _reasons(frame):
   """Adds ``reason`` (0: fine, else 1 + index in edge_reading.REASONS, first
   problem wins as in the DuckDB engine) and ``weight``."""
+  # lazy: pyspark (and its JVM) loads only when the Spark engine runs
   from pyspark.sql import functions as F
   code = {r: i + 1 for i, r in enumerate(edge_reading.REASONS)}
   weight = F.expr("try_cast(weight_text AS DOUBLE)")
@@ -254,7 +258,9 @@ def build(config, schema, sources, work_dir: str, progress: bool) -> dict:
 
 
 def _build(spark, config, schema, sources, work_dir, stage, step) -> dict:
+  # lazy: pyspark (and its JVM) loads only when the Spark engine runs
   from pyspark.sql import Window
+  # lazy: pyspark (and its JVM) loads only when the Spark engine runs
   from pyspark.sql import functions as F
   data = config.data
   seed = int(config.train.seed)

@@ -345,25 +345,19 @@ class Trainer:
     for k, call in calls:
       if isinstance(call, device_batching.DeviceCall):
         # Formed on the device (device_batching.py): one device, one round.
-        batch = call.batch_at(step_in_bucket)
-        step_in_bucket += batching.STEPS_PER_CALL
-        new, loss, edges = self._step_fn(call.group, False)(
-            state.for_group(call.group, False), batch, key)
-        state = state.with_group(call.group, new)
-        total_loss.append(loss)
-        total_edges.append(edges)
-        continue
-      if tournament:
-        state = state._replace(home=slots.advance(state.home, k))
-        visiting = False
+        batch, visiting = call.batch_at(step_in_bucket), False
       else:
-        state = state._replace(visiting=ring.advance(state.home, state.visiting, k))
-        visiting = k > 0
-      batch = call.batch._replace(step_index=np.broadcast_to(np.arange(
-          step_in_bucket, step_in_bucket + batching.STEPS_PER_CALL, dtype=np.int32),
-          (self.num_shards, batching.STEPS_PER_CALL)))
-      batch = jax.tree_util.tree_map(
-          lambda x: sharding_lib.global_array(x, self.mesh, batch_sharding), batch)
+        if tournament:
+          state = state._replace(home=slots.advance(state.home, k))
+          visiting = False
+        else:
+          state = state._replace(visiting=ring.advance(state.home, state.visiting, k))
+          visiting = k > 0
+        batch = call.batch._replace(step_index=np.broadcast_to(np.arange(
+            step_in_bucket, step_in_bucket + batching.STEPS_PER_CALL, dtype=np.int32),
+            (self.num_shards, batching.STEPS_PER_CALL)))
+        batch = jax.tree_util.tree_map(
+            lambda x: sharding_lib.global_array(x, self.mesh, batch_sharding), batch)
       step_in_bucket += batching.STEPS_PER_CALL
       new, loss, edges = self._step_fn(call.group, visiting)(
           state.for_group(call.group, visiting), batch, key)
