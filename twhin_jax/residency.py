@@ -20,9 +20,9 @@ Memory: the two resident partitions per type (working tables and Adagrad
 state) plus fixed amounts, whatever the partition size: TRANSFER_BYTES per
 chunk copy, READ_AHEAD_BYTES of read-ahead, WRITE_BEHIND_BYTES of writes in
 flight and LOAD_WINDOW chunk reads while a partition is read in; no whole
-partition is ever staged on the host. (A kept partition that changes offset
-is moved by one jitted program, sharding.relayout, which may hold a copy of
-it.) bound_host_allocator keeps freed buffers from piling up in glibc's heap.
+partition is ever staged on the host; a kept partition that changes offset
+moves a chunk at a time (when its type's blocks are all the same size).
+bound_host_allocator keeps freed buffers from piling up in glibc's heap.
 
 With several processes each process reads and writes only its own devices'
 sub-partitions (``local_shards``).
@@ -104,6 +104,24 @@ def _write_rows(mesh):
   specs = sharding_lib.ROWS, sharding_lib.ROWS, sharding_lib.REPLICATED
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs + specs[:2],
                                out_specs=specs[:2], check_vma=False), donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _move_rows(mesh, num_moves: int, count: int):
+  """jitted (table, acc, move_from [k], move_to [k]) -> (table, acc): on every
+  shard, rows [from_i, from_i + count) go to [to_i, to_i + count), all read
+  before any write; table and acc donated. Holds k x count rows extra."""
+  def local(table, acc, move_from, move_to):
+    moved = [(jax.lax.dynamic_slice_in_dim(table, move_from[i], count),
+              jax.lax.dynamic_slice_in_dim(acc, move_from[i], count)) for i in range(num_moves)]
+    for i, (rows, accs) in enumerate(moved):
+      table = jax.lax.dynamic_update_slice_in_dim(table, rows, move_to[i], 0)
+      acc = jax.lax.dynamic_update_slice_in_dim(acc, accs, move_to[i], 0)
+    return table, acc
+
+  rows, replicated = sharding_lib.ROWS, sharding_lib.REPLICATED
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, replicated, replicated),
+                               out_specs=(rows, rows), check_vma=False), donate_argnums=(0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -379,13 +397,25 @@ class Residency:
              and old_layout.offsets[b] != layout.offsets[b]]
     if not moves:
       return old
-    fn = sharding_lib.relayout(self.mesh, tuple(m[2] for m in moves), 0)
 
     def offsets(values):
       return sharding_lib.global_array(np.asarray(values, np.int32).reshape(-1), self.mesh)
 
-    return fn(*old, offsets([m[0] for m in moves]), offsets([m[1] for m in moves]),
-              offsets([]))
+    size = moves[0][2]
+    if any(n != size or a % size or b % size for a, b, n in moves):
+      fn = sharding_lib.relayout(self.mesh, tuple(m[2] for m in moves), 0)
+      return fn(*old, offsets([m[0] for m in moves]), offsets([m[1] for m in moves]),
+                offsets([]))
+    # Equal blocks at multiples of their size: a source range and a
+    # destination range are the same or disjoint, so moving chunk k of every
+    # block before chunk k + 1 never overwrites rows still to be read, and
+    # only one chunk per block is held extra (not a whole partition).
+    step = max(1, TRANSFER_BYTES // ((dim + 1) * 4 * len(self.local_shards) * len(moves)))
+    for r0 in range(0, size, step):
+      count = min(step, size - r0)
+      old = _move_rows(self.mesh, len(moves), count)(
+          *old, offsets([a + r0 for a, _, _ in moves]), offsets([b + r0 for _, b, _ in moves]))
+    return old
 
   def flush(self) -> None:
     """Writes every resident partition back and waits for all writes (of all
