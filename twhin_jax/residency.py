@@ -22,7 +22,8 @@ chunk copy, READ_AHEAD_BYTES of read-ahead, WRITE_BEHIND_BYTES of writes in
 flight and LOAD_WINDOW chunk reads while a partition is read in; no whole
 partition is ever staged on the host; a kept partition that changes offset
 moves a chunk at a time (when its type's blocks are all the same size).
-bound_host_allocator keeps freed buffers from piling up in glibc's heap.
+release_free_host_memory (each swap) keeps freed buffers from piling up in
+glibc's heap.
 
 With several processes each process reads and writes only its own devices'
 sub-partitions (``local_shards``).
@@ -62,35 +63,28 @@ WRITE_BEHIND_BYTES = 128 << 20
 LOAD_WINDOW = 4
 
 
-#: glibc malloc: blocks of at least this many bytes get their own mmap, so a
-#: freed chunk copy goes back to the system at once (see bound_host_allocator).
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-@functools.lru_cache(maxsize=None)
-def bound_host_allocator() -> bool:
-  """Makes freed transfer buffers leave the process (glibc only; once per process).
-
-  glibc raises its mmap threshold each time a large block is freed (up to
-  32 MiB), after which chunk copies, batch arrays and TensorStore buffers
-  come from the heap arenas, which fragment and are rarely returned: on a
-  4M-entity P=16 run RSS crept from 0.9 to 1.6 GiB over 40 buckets with
-  nothing live growing. A fixed threshold (mallopt M_MMAP_THRESHOLD, which
-  also turns the adjustment off) keeps it at 0.9 GiB (docs/scale.md).
-  Returns whether the setting was made."""
+def _glibc():
+  """The C library when it is glibc (None elsewhere)."""
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return False
+    return None
   try:
-    libc = ctypes.CDLL("libc.so.6")
+    return ctypes.CDLL("libc.so.6")
   except OSError:
-    return False
-  m_mmap_threshold = -3  # <malloc.h>
-  return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
+    return None
 
 
-# Before the graph, the runtime and the first tables are allocated (set
-# later, the heap that they leave behind stays: 1.07 GiB instead of 0.95).
-bound_host_allocator()
+_LIBC = _glibc()
+
+
+def release_free_host_memory() -> bool:
+  """Hands the heap's free pages back to the system (glibc malloc_trim).
+
+  Chunk copies, batch arrays and TensorStore buffers are freed every bucket,
+  but glibc keeps freed heap memory in its arenas, fragmented, and rarely
+  returns it: on a 4M-entity P=16 run RSS crept from 0.9 to 1.4-1.6 GiB over
+  40 buckets with nothing live growing. Trimming once per bucket keeps it
+  flat (docs/scale.md). Returns whether memory was released."""
+  return bool(_LIBC is not None and _LIBC.malloc_trim(0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -385,6 +379,7 @@ class Residency:
     for block in needed:
       if block not in kept:
         self._load_block(block, ahead.get(block, []))
+    release_free_host_memory()
 
   def _relayout(self, dim: int, old, old_layout, layout, kept):
     """(table, acc) of one dim in ``layout`` with the kept blocks moved from
