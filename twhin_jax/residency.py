@@ -8,16 +8,22 @@ resident partition on device g, at a fixed offset). ``Residency.load`` swaps
 the set for the next bucket:
 
   evicted    its rows are copied to the host and written back to TensorStore
-             (into the uncommitted slot, storage.SlotMap) in the background
+             (into the uncommitted slot, storage.SlotMap), chunk by chunk;
+             the writes finish in the background
   kept       moved inside device memory to its new offset (or left in place);
              never copied through the host
-  new        read and put on the devices by ``prefetch`` in a thread while
-             the previous bucket trains (after the evicted partitions' writes
-             finished, so one partition is in transit at a time)
+  new        read chunk by chunk straight into its place in the working
+             table; ``prefetch`` reads the first chunks in a thread while
+             the previous bucket trains
 
 Memory: the two resident partitions per type (working tables and Adagrad
-state), one partition in transit, and the fixed budget of the runtime and
-the batches in flight.
+state) plus fixed amounts, whatever the partition size: TRANSFER_BYTES per
+chunk copy, READ_AHEAD_BYTES of read-ahead, WRITE_BEHIND_BYTES of writes in
+flight and LOAD_WINDOW chunk reads while a partition is read in; no whole
+partition is ever staged on the host; a kept partition that changes offset
+moves a chunk at a time (when its type's blocks are all the same size).
+release_free_host_memory (each swap) keeps freed buffers from piling up in
+glibc's heap.
 
 With several processes each process reads and writes only its own devices'
 sub-partitions (``local_shards``).
@@ -25,8 +31,11 @@ sub-partitions (``local_shards``).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import ctypes
 import functools
+import platform
 
 import jax
 import numpy as np
@@ -40,6 +49,73 @@ from twhin_jax.graph import Graph
 Block = storage.Block
 #: shard -> (rows [n, d], accumulators [n]) of one partition's sub-partitions.
 Pieces = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+#: Rows moved between storage and a working table at a time (over this
+#: process's shards): bounds every host copy of a partition in transit.
+TRANSFER_BYTES = 32 << 20
+#: The next bucket's new partitions read ahead (host copies, in chunks) while
+#: this bucket trains; the rest is read when the bucket starts.
+READ_AHEAD_BYTES = 256 << 20
+#: Host copies of evicted rows whose writes may still be in flight.
+WRITE_BEHIND_BYTES = 128 << 20
+#: Chunk reads in flight while a partition is read into the working table.
+LOAD_WINDOW = 4
+
+
+def _glibc():
+  """The C library when it is glibc (None elsewhere)."""
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return None
+  try:
+    return ctypes.CDLL("libc.so.6")
+  except OSError:
+    return None
+
+
+_LIBC = _glibc()
+
+
+def release_free_host_memory() -> bool:
+  """Hands the heap's free pages back to the system (glibc malloc_trim).
+
+  Chunk copies, batch arrays and TensorStore buffers are freed every bucket,
+  but glibc keeps freed heap memory in its arenas, fragmented, and rarely
+  returns it: on a 4M-entity P=16 run RSS crept from 0.9 to 1.4-1.6 GiB over
+  40 buckets with nothing live growing. Trimming once per bucket keeps it
+  flat (docs/scale.md). Returns whether memory was released."""
+  return bool(_LIBC is not None and _LIBC.malloc_trim(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _write_rows(mesh):
+  """jitted (table, acc, at [1], rows [G * n, d], accs [G * n]) -> (table, acc):
+  every shard's n rows written at its row ``at``; table and acc donated."""
+  def local(table, acc, at, rows, accs):
+    return (jax.lax.dynamic_update_slice_in_dim(table, rows, at[0], 0),
+            jax.lax.dynamic_update_slice_in_dim(acc, accs, at[0], 0))
+
+  specs = sharding_lib.ROWS, sharding_lib.ROWS, sharding_lib.REPLICATED
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs + specs[:2],
+                               out_specs=specs[:2], check_vma=False), donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _move_rows(mesh, num_moves: int, count: int):
+  """jitted (table, acc, move_from [k], move_to [k]) -> (table, acc): on every
+  shard, rows [from_i, from_i + count) go to [to_i, to_i + count), all read
+  before any write; table and acc donated. Holds k x count rows extra."""
+  def local(table, acc, move_from, move_to):
+    moved = [(jax.lax.dynamic_slice_in_dim(table, move_from[i], count),
+              jax.lax.dynamic_slice_in_dim(acc, move_from[i], count)) for i in range(num_moves)]
+    for i, (rows, accs) in enumerate(moved):
+      table = jax.lax.dynamic_update_slice_in_dim(table, rows, move_to[i], 0)
+      acc = jax.lax.dynamic_update_slice_in_dim(acc, accs, move_to[i], 0)
+    return table, acc
+
+  rows, replicated = sharding_lib.ROWS, sharding_lib.REPLICATED
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, replicated, replicated),
+                               out_specs=(rows, rows), check_vma=False), donate_argnums=(0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -124,43 +200,98 @@ class Residency:
     self.home: dict[int, state_lib.Rows] = {}
     self.pending_writes: dict[Block, list] = {}
     self.io_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-    self._prefetched: dict[Block, concurrent.futures.Future] = {}
+    #: block -> futures of its first chunks' reads (prefetch), for load().
+    self._ahead: dict[Block, list[concurrent.futures.Future]] = {}
+    #: (host bytes, futures) of the write-backs not yet waited for, oldest first.
+    self._writes_in_flight: collections.deque = collections.deque()
 
   def layout_of(self, bucket: tuple[int, int]) -> sharding_lib.WorkingLayout:
     return layout_for(self.graph, self.dims, bucket_blocks(self.graph, bucket), self.num_shards,
                       self.sub_rows, self.capacity, self.schedule)
 
-  # -- host copies of partitions -----------------------------------------------
+  # -- transfers between storage and the working tables, in row chunks --------
 
-  def _local_span(self, entity_type: str, partition: int) -> tuple[int, int]:
-    """Rows [lo, hi) of a partition that this process's devices hold."""
-    sub = self.sub_rows[entity_type]
-    rows = self.graph.entities[entity_type].partition_rows(partition)
-    lo = min(self.local_shards) * sub
-    return min(lo, rows), min((max(self.local_shards) + 1) * sub, rows)
+  def _chunks(self, entity_type: str) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of a sub-partition moved at a time: about
+    TRANSFER_BYTES over this process's shards, whole storage chunks when
+    that many fit (so reads and writes touch whole zarr chunks)."""
+    sub, dim = self.sub_rows[entity_type], self.dims[entity_type]
+    step = max(1, TRANSFER_BYTES // ((dim + 1) * 4 * len(self.local_shards)))
+    stored_chunk = self.tables.chunk.get(entity_type, 1)
+    if step >= stored_chunk:
+      step -= step % stored_chunk
+    return [(r0, min(r0 + step, sub)) for r0 in range(0, sub, step)]
 
-  def read_block(self, block: Block, store: storage.TableStore | None = None) -> Pieces:
-    """This process's sub-partitions of one partition: shard -> (rows, acc);
-    from the anchor store (slot 0: rows, weights) when ``store`` is given."""
-    lo, hi = self._local_span(*block)
+  def _shard_rows(self, block: Block, g: int, r0: int, r1: int) -> tuple[int, int]:
+    """Partition rows [lo, hi) of sub-partition g's rows [r0, r1) (empty past the end)."""
+    sub, rows = self.sub_rows[block[0]], self.graph.entities[block[0]].partition_rows(block[1])
+    return min(g * sub + r0, rows), min(g * sub + r1, rows)
+
+  def _wait_writes(self, block: Block) -> None:
+    """Waits for the write-back of ``block`` (a read must see its latest rows;
+    several chunk reads may wait at once, so the futures stay listed)."""
+    for future in self.pending_writes.get(block, ()):
+      future.result()
+
+  def _read_chunk(self, block: Block, r0: int, r1: int,
+                  store: storage.TableStore | None = None) -> Pieces:
+    """Rows [r0, r1) of this process's sub-partitions of one partition:
+    shard -> (rows, acc); from the anchor store (slot 0) when ``store`` is given."""
     if store is None:
-      for future in self.pending_writes.pop(block, []):
-        future.result()
-      table, acc = self.tables.read_rows(block, self.slots.current[block], lo, hi)
+      self._wait_writes(block)
+      store, slot = self.tables, self.slots.current[block]
     else:
-      table, acc = store.read_rows(block, 0, lo, hi)
-    sub = self.sub_rows[block[0]]
-    pieces = {}
-    for g in self.local_shards:
-      a, b = max(g * sub - lo, 0), max(min((g + 1) * sub, hi) - lo, 0)
-      pieces[g] = (table[a:b], acc[a:b])
-    return pieces
+      slot = 0
+    return {g: store.read_rows(block, slot, *self._shard_rows(block, g, r0, r1))
+            for g in self.local_shards}
 
-  def _extract(self, block: Block) -> Pieces:
-    """Host copies of one resident partition's rows (this process's shards).
+  def _put_chunk(self, rows: tuple[jax.Array, jax.Array], at: int, pieces: Pieces,
+                 count: int) -> tuple[jax.Array, jax.Array]:
+    """Writes ``pieces`` (``count`` rows per shard, zero past a partition's
+    end) at row ``at`` of every shard of (table, acc); donates both."""
+    dim = rows[0].shape[1]
 
-    Slices first (on the device), then copies: the working table itself is
-    never viewed from the host, so it stays free to be donated."""
+    def column(index):
+      def shard(where):
+        part = pieces[(where[0].start or 0) // count][index]
+        if len(part) == count:
+          return part
+        out = np.zeros((count, dim) if index == 0 else (count,), np.float32)
+        out[:len(part)] = part
+        return out
+      shape = (self.num_shards * count, dim) if index == 0 else (self.num_shards * count,)
+      return jax.make_array_from_callback(shape, sharding_lib.row_sharding(self.mesh), shard)
+
+    at = sharding_lib.global_array(np.asarray([at], np.int32), self.mesh)
+    return _write_rows(self.mesh)(*rows, at, column(0), column(1))
+
+  def _load_block(self, block: Block, ahead: list) -> None:
+    """Reads one partition into its place in the working table, chunk by
+    chunk: the read-ahead first, then at most LOAD_WINDOW chunk reads in
+    flight. (Anchors, with L2-to-previous, likewise from their store.)"""
+    dim, start = self.dims[block[0]], self.layout.offsets[block]
+    chunks = self._chunks(block[0])
+    sources = [(None, ahead, "table", "acc")]
+    if self.anchors is not None:
+      sources.append((self.anchors, [], "anchor", "anchor_weight"))
+    for store, ready, table_field, acc_field in sources:
+      window = collections.deque(ready)
+      submitted = len(window)
+      for r0, r1 in chunks:
+        while submitted < len(chunks) and len(window) < LOAD_WINDOW:
+          window.append(self.io_pool.submit(self._read_chunk, block, *chunks[submitted], store))
+          submitted += 1
+        pieces = window.popleft().result()
+        rows = self.home[dim]
+        table, acc = self._put_chunk((getattr(rows, table_field), getattr(rows, acc_field)),
+                                     start + r0, pieces, r1 - r0)
+        self.home[dim] = rows._replace(**{table_field: table, acc_field: acc})
+
+  def _extract_chunk(self, block: Block, r0: int, r1: int) -> Pieces:
+    """Host copies of rows [r0, r1) of one resident partition's sub-partitions
+    (this process's shards). Slices first (on the device), then copies: the
+    working table itself is never viewed from the host, so it stays free to
+    be donated."""
     rows = self.home[self.dims[block[0]]]
     start = self.layout.offsets[block]
     accs = {s.index[0].start or 0: s.data for s in rows.acc.addressable_shards}
@@ -168,135 +299,135 @@ class Residency:
     for shard in rows.table.addressable_shards:
       begin = shard.index[0].start or 0
       g = begin // self.capacity[self.dims[block[0]]]
-      count = self.layout.rows_in_shard(block, g)
-      sub = self.sub_rows[block[0]]  # one program per type, whatever the shard holds
-      pieces[g] = (np.array(_rows_at(shard.data, start, sub))[:count],
-                   np.array(_rows_at(accs[begin], start, sub))[:count])
+      lo, hi = self._shard_rows(block, g, r0, r1)
+      pieces[g] = (np.array(_rows_at(shard.data, start + r0, r1 - r0))[:hi - lo],
+                   np.array(_rows_at(accs[begin], start + r0, r1 - r0))[:hi - lo])
     return pieces
 
-  def _write_back(self, block: Block, pieces: Pieces) -> None:
+  def _write_back(self, block: Block) -> None:
+    """Copies one resident partition to the host and starts writing it to
+    the uncommitted slot, chunk by chunk: at most WRITE_BEHIND_BYTES of
+    host copies are in flight (older writes are waited for first)."""
     slot = self.slots.write_target(block)
     self.slots.current[block] = slot
-    sub = self.sub_rows[block[0]]
     futures = []
-    for g, (table, acc) in pieces.items():
-      if len(table):
-        futures.extend(self.tables.write_rows(block, slot, g * sub, table, acc))
+    for r0, r1 in self._chunks(block[0]):
+      for g, (table, acc) in self._extract_chunk(block, r0, r1).items():
+        if len(table):
+          lo = self._shard_rows(block, g, r0, r1)[0]
+          written = self.tables.write_rows(block, slot, lo, table, acc)
+          futures.extend(written)
+          self._writes_in_flight.append((table.nbytes + acc.nbytes, written))
+      self._bound_writes(WRITE_BEHIND_BYTES)
     self.pending_writes[block] = futures
 
-  def _upload(self, block: Block, pieces: Pieces) -> tuple[jax.Array, jax.Array]:
-    """One partition as row-sharded device arrays [G * sub, d] and [G * sub]:
-    sub-partition g on device g (zero rows past the partition's end)."""
-    sub, dim = self.sub_rows[block[0]], self.dims[block[0]]
-
-    def column(index):
-      def shard(where):
-        part = pieces[(where[0].start or 0) // sub][index]
-        if len(part) == sub:
-          return part
-        out = np.zeros((sub, dim) if index == 0 else (sub,), np.float32)
-        out[:len(part)] = part
-        return out
-      shape = (self.num_shards * sub, dim) if index == 0 else (self.num_shards * sub,)
-      return jax.make_array_from_callback(shape, sharding_lib.row_sharding(self.mesh), shard)
-
-    return column(0), column(1)
-
-  def _fetch(self, block: Block, writes=()) -> tuple[jax.Array, jax.Array]:
-    """Reads one partition and puts it on the devices. ``writes``: futures to
-    wait for first, so an evicted partition's host copy is gone before the
-    next one is read (one partition in transit, not two)."""
-    for future in writes:
-      future.result()
-    return self._upload(block, self.read_block(block))
+  def _bound_writes(self, limit: int) -> None:
+    """Waits for the oldest writes until at most ``limit`` bytes are in flight."""
+    in_flight = self._writes_in_flight
+    while in_flight and (sum(n for n, _ in in_flight) > limit
+                         or all(f.done() for f in in_flight[0][1])):
+      for future in in_flight.popleft()[1]:
+        future.result()
 
   # -- swapping -----------------------------------------------------------------
 
   def prefetch(self, bucket: tuple[int, int]) -> None:
-    """Starts reading the partitions of ``bucket`` that are not resident, in
-    the background, onto the devices."""
+    """Starts reading the first chunks of the partitions of ``bucket`` that
+    are not resident, in the background: at most READ_AHEAD_BYTES (a
+    partition being written back is read after its write)."""
     resident = set(self.layout.offsets) if self.layout else set()
-    writes = [f for futures in self.pending_writes.values() for f in futures]
-    # Partitions that the switch will evict are written back first; reading
-    # them here would race with that write, so leave them to load().
-    self._prefetched = {block: self.io_pool.submit(self._fetch, block, writes)
-                        for block in bucket_blocks(self.graph, bucket)
-                        if block not in resident and block not in self.pending_writes}
+    budget, ahead = READ_AHEAD_BYTES, {}
+    for block in bucket_blocks(self.graph, bucket):
+      if block in resident:
+        continue
+      ahead[block] = []
+      chunk_bytes = (self.dims[block[0]] + 1) * 4 * len(self.local_shards)
+      for r0, r1 in self._chunks(block[0]):
+        budget -= (r1 - r0) * chunk_bytes
+        if budget < 0:
+          break
+        ahead[block].append(self.io_pool.submit(self._read_chunk, block, r0, r1))
+    self._ahead = ahead
 
   def load(self, bucket: tuple[int, int]) -> None:
     """Makes the bucket's partitions resident: evicted ones are written back
-    (in the background), kept ones move inside device memory, new ones come
-    from the prefetch (or are read now)."""
+    (the writes finish in the background), kept ones move inside device
+    memory, new ones are read chunk by chunk into their place (starting
+    from the read-ahead of ``prefetch``)."""
     needed = bucket_blocks(self.graph, bucket)
-    prefetched, self._prefetched = self._prefetched, {}
+    ahead, self._ahead = self._ahead, {}
     if self.layout is not None and sorted(self.layout.offsets) == needed:
       return
     old_layout = self.layout
     kept = [b for b in needed if old_layout is not None and b in old_layout.offsets]
     for block in (old_layout.offsets if old_layout is not None else ()):
       if block not in needed:
-        self._write_back(block, self._extract(block))
-    loaded = {}
-    for block in needed:
-      if block not in kept:
-        loaded[block] = (prefetched.pop(block).result() if block in prefetched
-                         else self._fetch(block))
-    anchors = {}
-    if self.anchors is not None:
-      # The previous version's rows (static: never written back).
-      anchors = {block: self._upload(block, self.read_block(block, self.anchors))
-                 for block in needed if block not in kept}
+        # A read-ahead of it could not have been made (it was resident).
+        self._write_back(block)
     layout = layout_for(self.graph, self.dims, needed, self.num_shards, self.sub_rows,
                         self.capacity, self.schedule)
     home = {}
     for dim in layout.blocks:
       old = self.home.get(dim)
-      rows = self._relayout(dim, old and (old.table, old.acc), old_layout, layout, kept, loaded)
+      rows = self._relayout(dim, old and (old.table, old.acc), old_layout, layout, kept)
       anchor = (None, None)
       if self.anchors is not None:
         anchor = self._relayout(dim, old and (old.anchor, old.anchor_weight), old_layout,
-                                layout, kept, anchors)
+                                layout, kept)
       home[dim] = state_lib.Rows(*rows, *anchor)
     self.home, self.layout = home, layout
+    for block in needed:
+      if block not in kept:
+        self._load_block(block, ahead.get(block, []))
+    release_free_host_memory()
 
-  def _relayout(self, dim: int, old, old_layout, layout, kept, loaded):
-    """(table, acc) of one dim in ``layout``: kept blocks moved from ``old``
-    (donated), loaded blocks written from their device copies."""
+  def _relayout(self, dim: int, old, old_layout, layout, kept):
+    """(table, acc) of one dim in ``layout`` with the kept blocks moved from
+    ``old`` (donated); new blocks are read in afterwards (_load_block)."""
     rows = self.num_shards * self.capacity[dim]
     if old is None:
       old = (sharding_lib.zeros(self.mesh, (rows, dim))(), sharding_lib.zeros(self.mesh, (rows,))())
     moves = [(old_layout.offsets[b], layout.offsets[b], self.sub_rows[b[0]])
              for b in kept if self.dims[b[0]] == dim
              and old_layout.offsets[b] != layout.offsets[b]]
-    loads = [(layout.offsets[b], loaded[b]) for b in layout.blocks[dim] if b in loaded]
-    if not moves and not loads:
+    if not moves:
       return old
-    fn = sharding_lib.relayout(self.mesh, tuple(m[2] for m in moves), len(loads))
 
     def offsets(values):
       return sharding_lib.global_array(np.asarray(values, np.int32).reshape(-1), self.mesh)
 
-    return fn(*old, offsets([m[0] for m in moves]), offsets([m[1] for m in moves]),
-              offsets([at for at, _ in loads]), *[p[0] for _, p in loads],
-              *[p[1] for _, p in loads])
+    size = moves[0][2]
+    if any(n != size or a % size or b % size for a, b, n in moves):
+      fn = sharding_lib.relayout(self.mesh, tuple(m[2] for m in moves), 0)
+      return fn(*old, offsets([m[0] for m in moves]), offsets([m[1] for m in moves]),
+                offsets([]))
+    # Equal blocks at multiples of their size: a source range and a
+    # destination range are the same or disjoint, so moving chunk k of every
+    # block before chunk k + 1 never overwrites rows still to be read, and
+    # only one chunk per block is held extra (not a whole partition).
+    step = max(1, TRANSFER_BYTES // ((dim + 1) * 4 * len(self.local_shards) * len(moves)))
+    for r0 in range(0, size, step):
+      count = min(step, size - r0)
+      old = _move_rows(self.mesh, len(moves), count)(
+          *old, offsets([a + r0 for a, _, _ in moves]), offsets([b + r0 for _, b, _ in moves]))
+    return old
 
   def flush(self) -> None:
-    """Writes every resident partition back (one at a time, so at most one
-    partition's host copy exists) and waits for all writes (of all hosts)."""
+    """Writes every resident partition back and waits for all writes (of all
+    hosts); at most WRITE_BEHIND_BYTES of host copies exist at a time."""
     for block in list(self.layout.offsets) if self.layout is not None else ():
-      self._write_back(block, self._extract(block))
-      for future in self.pending_writes.pop(block):
-        future.result()
+      self._write_back(block)
+    self._bound_writes(0)
     for block in list(self.pending_writes):
-      for future in self.pending_writes.pop(block):
-        future.result()
+      self._wait_writes(block)
+    self.pending_writes.clear()
     distributed.sync("tables flushed")
 
   def drop(self) -> None:
     """Forgets the resident rows (after flush()), so the next load() reads
     every partition from storage again (early stopping's restore writes the
     best copy there)."""
-    self.layout, self.home, self._prefetched = None, {}, {}
+    self.layout, self.home, self._ahead = None, {}, {}
 
   def close(self) -> None:
     self.io_pool.shutdown(wait=True)
