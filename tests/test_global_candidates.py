@@ -8,10 +8,8 @@ sharded step trains what one device trains.
   relation parameters within 1e-5 of the change), for a plain, a
   reciprocal and a candidate-transforming operator; without global
   candidates the same call is far off (the comparison is not vacuous);
-* quality (Kinship, 4 fake devices, the tournament schedule): test MRR within
-  0.02 of one device (issue 12);
-* the config: "auto" resolves by loss and type pairs, "on" is refused where
-  it cannot apply.
+* the config: "auto" resolves by schedule, loss and type pairs, "on" is
+  refused where it cannot apply.
 """
 
 from __future__ import annotations
@@ -61,6 +59,7 @@ def test_without_global_candidates_the_same_call_differs(exact_result):
 
 def _kg_config(loss: str = "softmax"):
   c = config_lib.base_config()
+  c.mesh.schedule = "tournament"
   c.entities = {"entity": dict(num_partitions=1, dim=0)}
   c.relations = [dict(name=r, source="entity", target="entity", operator="translation")
                  for r in ("a", "b")]
@@ -69,7 +68,7 @@ def _kg_config(loss: str = "softmax"):
   return c
 
 
-def test_auto_resolves_by_loss_and_type_pairs():
+def test_auto_resolves_by_schedule_loss_and_type_pairs():
   assert negatives.global_candidates(_kg_config())
   assert not negatives.global_candidates(_kg_config("logistic"))
   mixed = _kg_config()
@@ -84,6 +83,12 @@ def test_auto_resolves_by_loss_and_type_pairs():
   off = _kg_config()
   off.negatives.global_candidates = "off"
   assert not negatives.global_candidates(off)
+  # The ring (inexact for a type that is source and target) only when asked.
+  ring = _kg_config()
+  ring.mesh.schedule = "ring"
+  assert not negatives.global_candidates(ring)
+  ring.negatives.global_candidates = "on"
+  assert negatives.global_candidates(ring)
 
 
 def test_config_refuses_on_where_it_cannot_apply():

@@ -192,9 +192,11 @@ def base_config() -> ml_collections.ConfigDict:
   # With several devices, score every edge against the uniform candidates
   # (or, with all_candidates, the rows) of *all* devices, not only its own
   # device's 1/G of the type: a distributed softmax, so G devices see the
-  # candidates one device sees (step.global_uniform_lse). "auto": on for the
-  # softmax loss when every parameter group joins one (source, target) type
-  # pair (negatives.global_candidates_obstacle); "on" demands it; "off".
+  # candidates one device sees (step.global_uniform_lse). "auto": on with
+  # mesh.schedule "tournament" (exact there) for the softmax loss when every
+  # parameter group joins one (source, target) type pair
+  # (negatives.global_candidates_obstacle); "on" demands it (the ring too);
+  # "off".
   c.negatives.global_candidates = "auto"
 
   c.eval = ml_collections.ConfigDict()

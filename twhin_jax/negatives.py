@@ -171,8 +171,16 @@ def global_candidates_obstacle(config) -> str | None:
 
 
 def global_candidates(config) -> bool:
-  """Whether sharded steps use global candidates (negatives.global_candidates,
-  "auto": wherever global_candidates_obstacle finds nothing against it).
-  Only a mesh of more than one device uses them (step.make_train_steps)."""
+  """Whether sharded steps use global candidates (negatives.global_candidates).
+
+  "auto": with mesh.schedule "tournament", wherever global_candidates_obstacle
+  finds nothing against it: rows are disjoint across devices there, so a
+  step equals the one-device step over the same edges and candidates. The
+  ring updates a same-type block's home rows and its visiting copy at once
+  (sharding.py), and candidates from every device would add to those
+  summed updates, so it takes them only with "on". Only a mesh of more than
+  one device uses them (step.make_train_steps)."""
   setting = config.negatives.get("global_candidates", "auto")
-  return setting != "off" and global_candidates_obstacle(config) is None
+  if setting == "off" or global_candidates_obstacle(config) is not None:
+    return False
+  return setting == "on" or config.mesh.get("schedule", "ring") == "tournament"

@@ -98,6 +98,10 @@ class StepSettings(NamedTuple):
   #: each query's softmax runs over the union of every device's uniform
   #: candidates (global_uniform_lse), not only its own device's.
   global_candidates: bool = False
+  #: Uniform draws per chunk and side on each device with global candidates:
+  #: ceil(U / G), so the union of the G devices' draws is U uniform draws
+  #: from the whole type, as on one device, at 1/G of its scoring work.
+  uniform_per_device: int = 0
 
 
 def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, params,
@@ -109,7 +113,8 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
   log sum_{e'} exp(f(e') - log q(e')) of each edge over every device's
   uniform candidates; it stands in for the local uniform columns as one
   logit, which leaves the softmax unchanged: logsumexp composes."""
-  operator, comparator, num_uniform = settings.operator, settings.comparator, settings.num_uniform
+  operator, comparator = settings.operator, settings.comparator
+  num_uniform = src_rows.shape[0] - weight.shape[0]  # U (global candidates: this device's)
   loss_fn = losses_lib.LOSSES[settings.loss]
   c = weight.shape[0]
   lhs, rhs = src_rows[:c], dst_rows[:c]  # [C, d] each
@@ -260,21 +265,33 @@ def global_uniform_lse(settings: StepSettings, src_rows, dst_rows, params, rever
   return src_lse, dst_lse
 
 
-def global_uniform_log_count(n: jax.Array, chunk: int, num_uniform: int) -> jax.Array:
+def global_uniform_log_count(n: jax.Array, chunk: int, per_device: int) -> jax.Array:
   """log q of a uniform candidate under global candidates, per chunk [S].
 
-  Device h draws U rows uniformly from its range of n_h rows, and the ranges
-  of the G devices' chunks at one position partition the type's N = sum_h n_h
-  loaded rows (psum), so a row of device h is drawn U / n_h times (G U / N
-  when the ranges are equal: the union is a uniform draw of G U rows from
-  the whole type). The batch term of an average entity is (C - 1) / N, as
-  in negatives.uniform_log_count:
+  Device h draws u = ceil(U / G) rows uniformly from its range of n_h rows,
+  and the ranges of the G devices' chunks at one position partition the
+  type's N = sum_h n_h loaded rows (psum), so a row of device h is drawn
+  u / n_h times (G u / N ~ U / N when the ranges are equal: the union is a
+  uniform draw of G u rows from the whole type, as one device draws U). The
+  batch term of an average entity is (C - 1) / N, as in
+  negatives.uniform_log_count:
 
-      q = U / n_h + (C - 1) / N
+      q = u / n_h + (C - 1) / N
   """
   total = jax.lax.psum(n, sharding_lib.AXIS)
-  return jnp.log(num_uniform / jnp.maximum(n, 1) + (chunk - 1) / jnp.maximum(total, 1)).astype(
+  return jnp.log(per_device / jnp.maximum(n, 1) + (chunk - 1) / jnp.maximum(total, 1)).astype(
       jnp.float32)
+
+
+def global_edge_log_q(logq: jax.Array, n: jax.Array, num_uniform: int,
+                      per_device: int) -> jax.Array:
+  """A chunk's own entities' log q [S, C] with u = ceil(U / G) draws per
+  device instead of the U the host assumed (negatives.sampling_log_counts:
+  q = (C - 1) c_r(v) / n_r + U / n, n [S] the device's range, which holds
+  v): q' = q - U / n + u / n (the batch term clamped at 0 against rounding)."""
+  n = jnp.maximum(n, 1)[:, None].astype(jnp.float32)
+  batch_term = jnp.maximum(jnp.exp(logq) - num_uniform / n, 0.0)
+  return jnp.log(batch_term + per_device / n)
 
 
 def step_loss(settings: StepSettings, src_rows, dst_rows, rel_params, src_ids, dst_ids, rel,
@@ -321,10 +338,11 @@ def _step_log_q(settings: StepSettings, batch: StepBatch):
   logq = negatives.log_q(batch)
   if not settings.global_candidates or settings.all_candidates or batch.src_logq is None:
     return logq
-  c = batch.src.shape[1]
-  return (logq[0], logq[1],
-          global_uniform_log_count(batch.src_n, c, settings.num_uniform),
-          global_uniform_log_count(batch.dst_n, c, settings.num_uniform))
+  c, u, per_device = batch.src.shape[1], settings.num_uniform, settings.uniform_per_device
+  return (global_edge_log_q(logq[0], batch.src_n, u, per_device),
+          global_edge_log_q(logq[1], batch.dst_n, u, per_device),
+          global_uniform_log_count(batch.src_n, c, per_device),
+          global_uniform_log_count(batch.dst_n, c, per_device))
 
 
 def one_step(settings: StepSettings, carry, batch: StepBatch):
@@ -337,6 +355,8 @@ def one_step(settings: StepSettings, carry, batch: StepBatch):
     neg_src, src_valid = negatives.all_rows(batch.src_lo, batch.src_n, num_uniform)  # [S, U]
     neg_dst, dst_valid = negatives.all_rows(batch.dst_lo, batch.dst_n, num_uniform)  # [S, U]
   else:
+    if settings.global_candidates:
+      num_uniform = settings.uniform_per_device
     neg_src = negatives.draw_uniform(src_key, batch.src_lo, batch.src_n, num_uniform)  # [S, U]
     neg_dst = negatives.draw_uniform(dst_key, batch.dst_lo, batch.dst_n, num_uniform)  # [S, U]
     src_valid = dst_valid = jnp.ones(neg_src.shape, bool)
@@ -427,11 +447,13 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   """
   if global_candidates and loss != "softmax":
     raise ValueError(f"global candidates need the softmax loss, got {loss!r}")
+  global_candidates = bool(global_candidates and mesh is not None and mesh.size > 1
+                           and num_uniform > 0)
   settings = StepSettings(operator, comparator, loss, margin, lr, relation_lr, num_uniform,
                           reciprocal, regularization, l2_to_previous, mesh is not None,
                           regularizer, model.resolve_matmul_precision(matmul_precision),
-                          all_candidates,
-                          bool(global_candidates and mesh is not None and mesh.size > 1))
+                          all_candidates, global_candidates,
+                          -(-num_uniform // mesh.size) if global_candidates else 0)
   if mesh is None:
     return jax.jit(functools.partial(local_steps, settings), donate_argnums=(0,))
   state_spec = state_lib.state_spec(visiting, anchored=bool(l2_to_previous))
