@@ -65,6 +65,7 @@ def _kg_config(loss: str = "softmax"):
                  for r in ("a", "b")]
   c.data.files = [config_lib.file_spec("edges.tsv")]
   c.train.loss = loss
+  c.negatives.global_candidates = "auto"
   return c
 
 
@@ -89,6 +90,13 @@ def test_auto_resolves_by_schedule_loss_and_type_pairs():
   assert not negatives.global_candidates(ring)
   ring.negatives.global_candidates = "on"
   assert negatives.global_candidates(ring)
+
+
+def test_off_by_default():
+  config = _kg_config()
+  del config.negatives["global_candidates"]
+  assert not negatives.global_candidates(config)
+  assert config_lib.base_config().negatives.global_candidates == "off"
 
 
 def test_config_refuses_on_where_it_cannot_apply():

@@ -196,8 +196,9 @@ def base_config() -> ml_collections.ConfigDict:
   # mesh.schedule "tournament" (exact there) for the softmax loss when every
   # parameter group joins one (source, target) type pair
   # (negatives.global_candidates_obstacle); "on" demands it (the ring too);
-  # "off".
-  c.negatives.global_candidates = "auto"
+  # "off" (the default: on Kinship it did not raise test MRR on 2 or 4 fake
+  # devices, docs/architecture.md, "Global candidates").
+  c.negatives.global_candidates = "off"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # queries ranked per device call
@@ -438,7 +439,7 @@ def validate(config) -> None:
     _fail("negatives", "chunk_size 1 with num_uniform 0 leaves no negatives")
   if not isinstance(n.get("all_candidates", False), bool):
     _fail("negatives.all_candidates", f"must be true or false, got {n.all_candidates!r}")
-  global_setting = n.get("global_candidates", "auto")
+  global_setting = n.get("global_candidates", "off")
   if global_setting not in negatives.GLOBAL_CANDIDATE_SETTINGS:
     _fail("negatives.global_candidates",
           f"must be one of {negatives.GLOBAL_CANDIDATE_SETTINGS}, got {global_setting!r}")

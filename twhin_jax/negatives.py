@@ -143,7 +143,8 @@ def negative_mask(ids: jax.Array, weight: jax.Array, num_uniform: int,
 # Global candidates (sharded steps; step.global_uniform_lse).
 
 #: negatives.global_candidates: "auto" (on where it applies), "on" (the
-#: config must allow it) or "off" (each device's softmax sees its own rows).
+#: config must allow it) or "off" (the default: each device's softmax sees
+#: its own rows).
 GLOBAL_CANDIDATE_SETTINGS = ("auto", "on", "off")
 
 
@@ -180,7 +181,7 @@ def global_candidates(config) -> bool:
   (sharding.py), and candidates from every device would add to those
   summed updates, so it takes them only with "on". Only a mesh of more than
   one device uses them (step.make_train_steps)."""
-  setting = config.negatives.get("global_candidates", "auto")
+  setting = config.negatives.get("global_candidates", "off")
   if setting == "off" or global_candidates_obstacle(config) is not None:
     return False
   return setting == "on" or config.mesh.get("schedule", "ring") == "tournament"
