@@ -110,3 +110,21 @@ def test_config_refuses_on_where_it_cannot_apply():
   config.negatives.global_candidates = "sometimes"
   with pytest.raises(ValueError, match="negatives.global_candidates"):
     config_lib.validate(config)
+
+
+def test_edge_log_q_swaps_the_uniform_term_for_the_per_device_draws():
+  """The host's q = (C - 1) c / n_r + U / n becomes (C - 1) c / n_r + u / n."""
+  import numpy as np
+  from twhin_jax import step as step_lib
+  rel = np.zeros(6, np.int64)
+  src = np.asarray([0, 0, 1, 2, 2, 2])
+  dst = np.asarray([3, 4, 5, 5, 5, 6])
+  sizes = np.full(6, 40)
+  chunk, big_u, small_u = 3, 50, 13
+  host, _ = negatives.sampling_log_counts(rel, src, dst, np.asarray([6]), sizes, sizes, chunk,
+                                           big_u)
+  share = np.asarray([2, 2, 1, 3, 3, 3]) / 6
+  got = step_lib.global_edge_log_q(host[None, :].astype(np.float32), np.asarray([40]), big_u,
+                                   small_u)
+  np.testing.assert_allclose(np.asarray(got)[0], np.log((chunk - 1) * share + small_u / 40),
+                             rtol=1e-5)
