@@ -14,6 +14,10 @@ The edge's own positive (the diagonal of the batch block) and padded edges are
 masked out. Gradients are taken with respect to the gathered rows only, and
 the row-wise Adagrad update is sparse (see optim.py). A call runs T steps
 under ``lax.scan`` so Python dispatch is paid once per T steps.
+
+On a mesh with global candidates (negatives.global_candidates) the uniform
+part of every edge's softmax runs over all devices' candidates: a
+distributed logsumexp over gathered queries (global_uniform_lse).
 """
 
 from __future__ import annotations
