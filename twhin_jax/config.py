@@ -41,6 +41,7 @@ from typing import Any
 
 import ml_collections
 
+from twhin_jax import negatives
 from twhin_jax import networks
 from twhin_jax import storage
 
@@ -188,6 +189,16 @@ def base_config() -> ml_collections.ConfigDict:
   # dropped (every chunk entity is among the rows already); a large
   # chunk_size (= batch_size) shares one pass over the rows by the batch.
   c.negatives.all_candidates = False
+  # With several devices, score every edge against the uniform candidates
+  # (or, with all_candidates, the rows) of *all* devices, not only its own
+  # device's 1/G of the type: a distributed softmax, so G devices see the
+  # candidates one device sees (step.global_uniform_lse). "auto": on with
+  # mesh.schedule "tournament" (exact there) for the softmax loss when every
+  # parameter group joins one (source, target) type pair
+  # (negatives.global_candidates_obstacle); "on" demands it (the ring too);
+  # "off" (the default: on Kinship it did not raise test MRR on 2 or 4 fake
+  # devices, docs/architecture.md, "Global candidates").
+  c.negatives.global_candidates = "off"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256  # queries ranked per device call
@@ -428,6 +439,13 @@ def validate(config) -> None:
     _fail("negatives", "chunk_size 1 with num_uniform 0 leaves no negatives")
   if not isinstance(n.get("all_candidates", False), bool):
     _fail("negatives.all_candidates", f"must be true or false, got {n.all_candidates!r}")
+  global_setting = n.get("global_candidates", "off")
+  if global_setting not in negatives.GLOBAL_CANDIDATE_SETTINGS:
+    _fail("negatives.global_candidates",
+          f"must be one of {negatives.GLOBAL_CANDIDATE_SETTINGS}, got {global_setting!r}")
+  if global_setting == "on" and negatives.global_candidates_obstacle(config):
+    _fail("negatives.global_candidates",
+          f"cannot be 'on': {negatives.global_candidates_obstacle(config)}")
   if t.batch_size < n.chunk_size or t.batch_size % n.chunk_size:
     _fail("train.batch_size", f"must be a positive multiple of negatives.chunk_size "
           f"({n.chunk_size}), got {t.batch_size}")

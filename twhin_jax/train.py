@@ -64,7 +64,7 @@ MAX_INFLIGHT_CALLS = 8
 #: batches are prepared, which "auto" resolves per backend anyway: the
 #: buckets after the resume point then draw the other path's batches).
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.",
-                     "mesh.schedule", "train.batch_preparation")
+                     "mesh.schedule", "train.batch_preparation", "negatives.global_candidates")
 #: The persistent compilation cache's directory ("off" turns it off). Default:
 #: $XDG_CACHE_HOME/twhin_jax/jax_cache (~/.cache/twhin_jax/jax_cache).
 COMPILATION_CACHE_ENV = "TWHIN_JAX_CACHE_DIR"
@@ -323,7 +323,7 @@ class Trainer:
         float(config.model.regularization), mesh=self.mesh, visiting=visiting,
         l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer,
         matmul_precision=config.model.get("matmul_precision", "auto"),
-        all_candidates=all_candidates)
+        all_candidates=all_candidates, global_candidates=negatives.global_candidates(config))
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
     """Trains the resident bucket from its prepared ``calls`` [(round, call)]:
