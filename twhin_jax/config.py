@@ -41,7 +41,6 @@ from typing import Any
 
 import ml_collections
 
-from twhin_jax import negatives
 from twhin_jax import networks
 from twhin_jax import storage
 
@@ -195,7 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
   # candidates one device sees (step.global_uniform_lse). "auto": on with
   # mesh.schedule "tournament" (exact there) for the softmax loss when every
   # parameter group joins one (source, target) type pair
-  # (negatives.global_candidates_obstacle); "on" demands it (the ring too);
+  # (global_candidates_obstacle below); "on" demands it (the ring too);
   # "off" (the default: on Kinship it did not raise test MRR on 2 or 4 fake
   # devices, docs/architecture.md, "Global candidates").
   c.negatives.global_candidates = "off"
@@ -303,6 +302,51 @@ def _check_schema(config) -> None:
     extra = sorted(set(rel.keys()) - set(RELATION_FIELDS))
     if extra:
       _fail(f"relations[{i}].{extra[0]}", f"unknown field (fields: {RELATION_FIELDS})")
+
+
+#: negatives.global_candidates: "auto" (on where it applies), "on" (the
+#: config must allow it) or "off" (the default: each device's softmax sees
+#: its own rows).
+GLOBAL_CANDIDATE_SETTINGS = ("auto", "on", "off")
+
+
+def global_candidates_obstacle(config) -> str | None:
+  """Why the sharded step cannot score every query against all devices'
+  candidates under ``config``, or None when it can.
+
+  The softmax decomposes over devices (a distributed logsumexp); the other
+  losses are not written for it. The devices' chunks at one position of a
+  call belong to one parameter group but may be of different relations, so
+  the candidates a device drew for its chunk serve every device's chunk
+  only when the group's relations join a single (source type, target type)
+  pair (knowledge graphs, one-type graphs)."""
+  if config.train.loss != "softmax":
+    return f"it needs train.loss 'softmax', got {config.train.loss!r}"
+  pairs: dict[tuple[str, int], set[tuple[str, str]]] = {}
+  for rel in config.relations:
+    dim = int(config.entities[rel["source"]].get("dim", 0) or 0) or int(config.model.dim)
+    pairs.setdefault((rel["operator"], dim), set()).add((rel["source"], rel["target"]))
+  mixed = [f"{op}:{dim}" for (op, dim), types in sorted(pairs.items()) if len(types) > 1]
+  if mixed:
+    return (f"the relations of parameter group(s) {', '.join(mixed)} join several "
+            f"(source, target) type pairs")
+  return None
+
+
+def global_candidates(config) -> bool:
+  """Whether sharded steps use global candidates (config.negatives.global_candidates).
+
+  "auto": with mesh.schedule "tournament", wherever global_candidates_obstacle
+  finds nothing against it: rows are disjoint across devices there, so a
+  step equals the one-device step over the same edges and candidates. The
+  ring updates a same-type block's home rows and its visiting copy at once
+  (sharding.py), and candidates from every device would add to those
+  summed updates, so it takes them only with "on". Only a mesh of more than
+  one device uses them (step.make_train_steps)."""
+  setting = config.negatives.get("global_candidates", "off")
+  if setting == "off" or global_candidates_obstacle(config) is not None:
+    return False
+  return setting == "on" or config.mesh.get("schedule", "ring") == "tournament"
 
 
 def validate(config) -> None:
@@ -440,12 +484,12 @@ def validate(config) -> None:
   if not isinstance(n.get("all_candidates", False), bool):
     _fail("negatives.all_candidates", f"must be true or false, got {n.all_candidates!r}")
   global_setting = n.get("global_candidates", "off")
-  if global_setting not in negatives.GLOBAL_CANDIDATE_SETTINGS:
+  if global_setting not in GLOBAL_CANDIDATE_SETTINGS:
     _fail("negatives.global_candidates",
-          f"must be one of {negatives.GLOBAL_CANDIDATE_SETTINGS}, got {global_setting!r}")
-  if global_setting == "on" and negatives.global_candidates_obstacle(config):
+          f"must be one of {GLOBAL_CANDIDATE_SETTINGS}, got {global_setting!r}")
+  if global_setting == "on" and global_candidates_obstacle(config):
     _fail("negatives.global_candidates",
-          f"cannot be 'on': {negatives.global_candidates_obstacle(config)}")
+          f"cannot be 'on': {global_candidates_obstacle(config)}")
   if t.batch_size < n.chunk_size or t.batch_size % n.chunk_size:
     _fail("train.batch_size", f"must be a positive multiple of negatives.chunk_size "
           f"({n.chunk_size}), got {t.batch_size}")

@@ -142,46 +142,8 @@ def negative_mask(ids: jax.Array, weight: jax.Array, num_uniform: int,
 # --------------------------------------------------------------------------
 # Global candidates (sharded steps; step.global_uniform_lse).
 
-#: negatives.global_candidates: "auto" (on where it applies), "on" (the
-#: config must allow it) or "off" (the default: each device's softmax sees
-#: its own rows).
-GLOBAL_CANDIDATE_SETTINGS = ("auto", "on", "off")
-
-
-def global_candidates_obstacle(config) -> str | None:
-  """Why the sharded step cannot score every query against all devices'
-  candidates under ``config``, or None when it can.
-
-  The softmax decomposes over devices (a distributed logsumexp); the other
-  losses are not written for it. The devices' chunks at one position of a
-  call belong to one parameter group but may be of different relations, so
-  the candidates a device drew for its chunk serve every device's chunk
-  only when the group's relations join a single (source type, target type)
-  pair (knowledge graphs, one-type graphs)."""
-  if config.train.loss != "softmax":
-    return f"it needs train.loss 'softmax', got {config.train.loss!r}"
-  pairs: dict[tuple[str, int], set[tuple[str, str]]] = {}
-  for rel in config.relations:
-    dim = int(config.entities[rel["source"]].get("dim", 0) or 0) or int(config.model.dim)
-    pairs.setdefault((rel["operator"], dim), set()).add((rel["source"], rel["target"]))
-  mixed = [f"{op}:{dim}" for (op, dim), types in sorted(pairs.items()) if len(types) > 1]
-  if mixed:
-    return (f"the relations of parameter group(s) {', '.join(mixed)} join several "
-            f"(source, target) type pairs")
-  return None
-
-
-def global_candidates(config) -> bool:
-  """Whether sharded steps use global candidates (negatives.global_candidates).
-
-  "auto": with mesh.schedule "tournament", wherever global_candidates_obstacle
-  finds nothing against it: rows are disjoint across devices there, so a
-  step equals the one-device step over the same edges and candidates. The
-  ring updates a same-type block's home rows and its visiting copy at once
-  (sharding.py), and candidates from every device would add to those
-  summed updates, so it takes them only with "on". Only a mesh of more than
-  one device uses them (step.make_train_steps)."""
-  setting = config.negatives.get("global_candidates", "off")
-  if setting == "off" or global_candidates_obstacle(config) is not None:
-    return False
-  return setting == "on" or config.mesh.get("schedule", "ring") == "tournament"
+# The settings and the rule that decides them are config logic, with no jax,
+# so config.validate can use them (config.py must stay jax-free).
+from twhin_jax.config import GLOBAL_CANDIDATE_SETTINGS  # noqa: E402,F401 (re-exported)
+from twhin_jax.config import global_candidates  # noqa: E402,F401 (re-exported)
+from twhin_jax.config import global_candidates_obstacle  # noqa: E402,F401 (re-exported)
