@@ -13,7 +13,7 @@ from twhin_jax import downstream
 from twhin_jax import embedding_set
 from twhin_jax.downstream import metrics
 
-DATA = os.environ.get("TWHIN_DATA_DIR", "/work/shared/data")
+DATA = os.environ.get("TWHIN_DATA_DIR", "")
 needs_data = pytest.mark.skipif(
     not os.path.exists(os.path.join(DATA, "social", "hetrec2011-lastfm-2k")),
     reason="TWHIN_DATA_DIR holds no datasets")

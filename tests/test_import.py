@@ -494,7 +494,7 @@ def test_existing_graph_dir_is_untouched(tmp_path):
 def _data_dir(*parts):
   root = os.environ.get("TWHIN_DATA_DIR")
   if not root:
-    pytest.skip("TWHIN_DATA_DIR is not set (point it at the datasets, e.g. /work/shared/data)")
+    pytest.skip("TWHIN_DATA_DIR is not set (point it at the datasets, e.g. ../shared/data)")
   path = os.path.join(root, *parts)
   if not os.path.isdir(path):
     pytest.skip(f"{path} does not exist")

@@ -55,7 +55,7 @@ FRIEND_FEATURE_SETS = ("none", "U")
 
 
 def _data_dir(data_dir: str | None) -> str:
-  path = data_dir or os.environ.get("TWHIN_DATA_DIR") or "/work/shared/data"
+  path = data_dir or os.environ.get("TWHIN_DATA_DIR") or os.path.join("..", "shared", "data")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no datasets folder (set TWHIN_DATA_DIR)")
   return path
