@@ -31,53 +31,45 @@ def test_all_rows_pads_and_marks_validity():
   np.testing.assert_array_equal(valid, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
 
 
-@pytest.mark.parametrize("padding", [0, 4])
-def test_chunk_loss_is_the_full_softmax(padding):
+def chunk_loss_and_full_softmax(all_candidates: bool, padding: int, weight, logq):
+  """(the step's chunk loss, the independent full softmax) for one chunk of
+  3 edges over a 7-row table, every row (plus ``padding`` masked slots)
+  among the uniform candidates."""
   rng = np.random.default_rng(0)
   num_rows, dim = 7, 5
   table = rng.normal(size=(num_rows, dim)).astype(np.float32)
   rel_vec = rng.normal(size=dim).astype(np.float32)
   src, dst = np.array([0, 3, 5]), np.array([2, 2, 6])
-  weight = np.array([1.0, 0.5, 1.0], np.float32)
-  # U = rows + padding; the padding positions must not count.
-  lo, n = jnp.array([0]), jnp.array([num_rows])
-  cand, valid = negatives.all_rows(lo, n, num_rows + padding)
+  cand, valid = negatives.all_rows(jnp.array([0]), jnp.array([num_rows]), num_rows + padding)
   src_ids = jnp.concatenate([jnp.asarray(src), cand[0]])
   dst_ids = jnp.concatenate([jnp.asarray(dst), cand[0]])
   settings = step_lib.StepSettings(
       operator="translation", comparator="dot", loss="softmax", margin=0.0, lr=0.1,
       relation_lr=0.1, num_uniform=num_rows + padding, reciprocal=False, regularization=0.0,
-      l2_to_previous=0.0, sharded=False, all_candidates=True)
-  # Non-zero log-q inputs must be ignored: every candidate is seen once.
-  logq = (jnp.ones(3), jnp.ones(3), jnp.array(2.0), jnp.array(2.0))
+      l2_to_previous=0.0, sharded=False, all_candidates=all_candidates)
   params = jnp.asarray(rel_vec)
   loss = step_lib.chunk_loss(settings, jnp.asarray(table)[src_ids], jnp.asarray(table)[dst_ids],
                              src_ids, dst_ids, params, params, jnp.asarray(weight), logq,
                              valid[0], valid[0])
-  expected = full_softmax_loss(table.astype(np.float64), rel_vec, src, dst, weight)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  return float(loss), full_softmax_loss(table.astype(np.float64), rel_vec, src, dst, weight)
+
+
+@pytest.mark.parametrize("padding", [0, 4])
+def test_chunk_loss_is_the_full_softmax(padding):
+  # U = rows + padding; the padding positions must not count.
+  weight = np.array([1.0, 0.5, 1.0], np.float32)
+  # Non-zero log-q inputs must be ignored: every candidate is seen once.
+  logq = (jnp.ones(3), jnp.ones(3), jnp.array(2.0), jnp.array(2.0))
+  loss, expected = chunk_loss_and_full_softmax(True, padding, weight, logq)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def test_sampled_mode_differs_from_the_full_softmax():
   """The same chunk with batch negatives on (the sampled mode) is not the full
   softmax: the test above would notice if the flag were ignored."""
-  rng = np.random.default_rng(0)
-  table = rng.normal(size=(7, 5)).astype(np.float32)
-  rel_vec = rng.normal(size=5).astype(np.float32)
-  src, dst = np.array([0, 3, 5]), np.array([2, 2, 6])
-  weight = np.ones(3, np.float32)
-  cand, valid = negatives.all_rows(jnp.array([0]), jnp.array([7]), 7)
-  src_ids = jnp.concatenate([jnp.asarray(src), cand[0]])
-  dst_ids = jnp.concatenate([jnp.asarray(dst), cand[0]])
-  settings = step_lib.StepSettings("translation", "dot", "softmax", 0.0, 0.1, 0.1, 7, False, 0.0,
-                                   0.0, False, all_candidates=False)
   zeros = (jnp.zeros(3), jnp.zeros(3), jnp.array(0.0), jnp.array(0.0))
-  params = jnp.asarray(rel_vec)
-  loss = step_lib.chunk_loss(settings, jnp.asarray(table)[src_ids], jnp.asarray(table)[dst_ids],
-                             src_ids, dst_ids, params, params, jnp.asarray(weight), zeros,
-                             valid[0], valid[0])
-  expected = full_softmax_loss(table.astype(np.float64), rel_vec, src, dst, weight)
-  assert abs(float(loss) - expected) > 1e-3
+  loss, expected = chunk_loss_and_full_softmax(False, 0, np.ones(3, np.float32), zeros)
+  assert abs(loss - expected) > 1e-3
 
 
 DATA = os.environ.get("TWHIN_DATA_DIR")
