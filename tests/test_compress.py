@@ -12,6 +12,8 @@ import pytest
 from twhin_jax import cli
 from twhin_jax import compress
 from twhin_jax import embedding_set
+from twhin_jax import vocabulary
+from twhin_jax.graph import Graph
 
 
 def clustered(n=600, dim=16, clusters=30, seed=0):
@@ -71,7 +73,10 @@ def run_dir(demo_run_d16):
   return demo_run_d16
 
 
-def test_compress_run_writes_codes_and_reports_recall(run_dir):
+def test_compress_run_writes_codes_and_reports_recall(run_dir, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("a whole vocabulary was loaded into memory")
+  monkeypatch.setattr(Graph, "names", refuse)  # names go from vocab/ to vocab/ as files
   lines = compress.compress_run(run_dir, (4, 64), types=["user", "ad"])
   assert [r["factor"] for r in lines] == [4, 64]
   assert json.load(open(os.path.join(lines[0]["path"], "summary.json")))["factor"] == 4
@@ -79,6 +84,8 @@ def test_compress_run_writes_codes_and_reports_recall(run_dir):
   folder = os.path.join(run_dir, "compressed", "factor_4")
   names, codes, codebook = embedding_set.load_pq(os.path.join(folder, "user.npz"))
   assert codes.shape == (600, 16) and codes.dtype == np.uint8 and len(names) == 600
+  graph_vocabulary = vocabulary.Vocabulary(os.path.join(run_dir, "graph"), "user")
+  assert names[:50] == graph_vocabulary.names(np.arange(50))
   assert os.path.exists(os.path.join(run_dir, "compressed", "recall.png"))
   # A compressed folder is an embedding source: decoded rows plus codes for PQEmbed.
   loaded = embedding_set.load_embeddings(folder)

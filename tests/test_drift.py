@@ -11,6 +11,7 @@ import pytest
 from twhin_jax import cli
 from twhin_jax import drift
 from twhin_jax import embedding_set
+from twhin_jax import vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,36 @@ def test_entities_are_aligned_by_name():
   info = report["per_type"]["item"]
   assert (info["count"], info["only_old"], info["only_new"]) == (40, 10, 3)
   assert report["mean_rel_l2"] == 0.0 and report["overlap_at_k"] == 1.0
+
+
+def test_on_disk_vocabularies_are_aligned_without_holding_names(tmp_path, monkeypatch):
+  """Two export-style folders (<type>.npy + vocab/): names stay on disk
+  (NameSequence views; iterating one whole would raise here), rows are
+  aligned by a merge join of the name-sorted files across many row groups."""
+  monkeypatch.setattr(vocabulary, "ROW_GROUP_ROWS", 4)
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((50, 8)).astype(np.float32)
+  names = [f"e{i:02d}" + ("\u00e9" if i % 5 == 0 else "") for i in range(50)]
+  keep = rng.permutation(40)
+  new_x = np.concatenate([x[keep], rng.standard_normal((3, 8)).astype(np.float32)])
+  new_x[0] *= 2.0  # one shared entity moves by exactly its own norm
+  new_names = [names[i] for i in keep] + ["n0", "n1", "n2"]
+  for folder, table, type_names in (("old", x, names), ("new", new_x, new_names)):
+    os.makedirs(tmp_path / folder)
+    np.save(tmp_path / folder / "item.npy", table)
+    vocabulary.write_vocabulary(str(tmp_path / folder), "item", type_names)
+
+  def refuse(self):
+    raise AssertionError("a whole vocabulary was iterated")
+  monkeypatch.setattr(vocabulary.NameSequence, "__iter__", refuse)
+  old = embedding_set.load_embeddings(str(tmp_path / "old"))
+  assert isinstance(old.names["item"], vocabulary.NameSequence)
+  report = drift.drift(str(tmp_path / "old"), str(tmp_path / "new"), k=5,
+                       out_dir=str(tmp_path / "plots"))
+  info = report["per_type"]["item"]
+  assert (info["count"], info["only_old"], info["only_new"]) == (40, 10, 3)
+  assert report["mean_rel_l2"] == pytest.approx(1.0 / 40, rel=1e-5)  # one of 40 moved by 1.0
+  assert old.lookup("item", names[7]) == 7 and old.rows("item", ["zz", names[3]]).tolist() == [-1, 3]
 
 
 def test_mismatched_dims_name_the_type():

@@ -233,7 +233,7 @@ def drift(old, new, *, k: int = 10, sample: int = 2000, seed: int = 0, metric: s
     if old_table.shape[1] != new_table.shape[1]:
       raise ValueError(f"{entity_type}: dim {old_table.shape[1]} in {old_set.origin} but "
                        f"{new_table.shape[1]} in {new_set.origin}")
-    new_rows_of_old = new_set.rows(entity_type, old_set.names[entity_type])  # [N_old]
+    new_rows_of_old = new_set.rows_of(old_set, entity_type)  # [N_old]
     old_rows = np.flatnonzero(new_rows_of_old >= 0)
     new_rows = new_rows_of_old[old_rows]
     a = np.asarray(old_table[old_rows], np.float64)  # [S, d] aligned by name

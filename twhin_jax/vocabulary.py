@@ -326,6 +326,11 @@ class NameSequence(collections.abc.Sequence):
     with self._lock:
       return self.vocabulary.names(np.asarray(ids, np.int64))
 
+  def ids(self, names, missing: int | None = None) -> np.ndarray:
+    """Ids (rows) of names, as :meth:`Vocabulary.ids`."""
+    with self._lock:
+      return self.vocabulary.ids(names, missing=missing)
+
   def __iter__(self) -> Iterator[str]:
     for start in range(0, len(self), ROW_GROUP_ROWS):
       yield from self[start:start + ROW_GROUP_ROWS]

@@ -359,7 +359,14 @@ def embedding_rankings(retriever, follow: str, user_type: str, query_users: list
   """Filtered top-``depth`` candidates (common user indices) of each user by
   the model's follow score, through ScaNN or the exact path."""
   names = retriever.names(user_type)
-  to_common = np.array([index.get(n, -1) for n in names], np.int64)  # retriever row -> index
+  # retriever row -> common index, from the common users' names looked up in
+  # the on-disk vocabulary (no pass over every name of the type)
+  to_common = np.full(len(names), -1, np.int64)
+  common_names = list(index)
+  rows = names.ids(common_names, missing=-1)
+  found = rows >= 0
+  to_common[rows[found]] = np.fromiter((index[n] for n in common_names), np.int64,
+                                       count=len(common_names))[found]
   known = [u for u in query_users if _has(retriever, user_type, u)]
   out: dict[int, list[int]] = {}
   known.sort(key=lambda u: len(excluded.get(index[u], ())))
