@@ -117,7 +117,8 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
       manifest = import_spark.build(config, schema, sources, work_dir, progress)
     else:
       manifest = _build(config, schema, sources, work_dir, progress)
-    manifest["build"] = dict(engine=engine, seconds=round(time.perf_counter() - started, 2))
+    manifest.setdefault("build", {}).update(engine=engine,
+                                            seconds=round(time.perf_counter() - started, 2))
     with open(os.path.join(work_dir, graph_lib.MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     if os.path.exists(graph_dir):
@@ -151,6 +152,8 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
   seed = int(config.train.seed)
   weighted = any("weight" in s.columns for s in sources)
   spool_path = os.path.join(work_dir, "spool.parquet")
+  stage_seconds = {}  # wall seconds per stage, for manifest["build"]
+  started = time.perf_counter()
   spool = Spool(spool_path, weighted)
   reader_pass = ReadPass(schema, spool, skip_errors=data.on_error == "skip", weighted=weighted,
                         holdout=(float(data.valid_fraction), float(data.test_fraction)),
@@ -160,6 +163,7 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
   finally:
     spool.close()
   skipped = collections.Counter(reader_pass.skipped)
+  stage_seconds["read"] = time.perf_counter() - started
 
   stage_dir = os.path.join(work_dir, "duckdb")
   os.makedirs(stage_dir)
@@ -167,6 +171,7 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
                               int(data.get("import_threads", 0)))
   try:
     conflicts_dropped = False
+    started = time.perf_counter()
     if bool(data.names_global) and len(schema.types) > 1:
       count, first = import_duckdb.find_type_conflicts(con, spool_path,
                                                        skip=data.on_error == "skip")
@@ -175,22 +180,33 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
       if count:
         skipped[ENTITY_TYPE_CONFLICT] += count
         conflicts_dropped = True
-    with tqdm(total=7, desc="import: build", disable=not progress) as bar:
-      def step(name: str) -> None:
+    stage_seconds["names_global"] = time.perf_counter() - started
+    current = [None, time.perf_counter()]  # the stage running, since when
+
+    def step(name: str | None) -> None:
+      now = time.perf_counter()
+      if current[0] is not None:
+        stage_seconds[current[0]] = now - current[1]
+      current[:] = [name, now]
+      if name is not None:
         bar.set_postfix_str(name)
         bar.update(1)
+    with tqdm(total=8, desc="import: build", disable=not progress) as bar:
       stats = import_duckdb.build(
-          con, spool_path, work_dir, stage_dir, types=schema.types,
+          con, spool_path, work_dir, types=schema.types,
           num_partitions=schema.num_partitions,
           source_type=schema.source_type, target_type=schema.target_type,
           num_relations=len(schema.relations), grid=schema.grid, weighted=weighted, seed=seed,
           drop_unseen=bool(data.get("drop_unseen_eval_entities", False)),
           conflicts_dropped=conflicts_dropped, step=step)
+      step(None)
   finally:
     con.close()
     shutil.rmtree(stage_dir, ignore_errors=True)
     os.remove(spool_path) if os.path.exists(spool_path) else None
-  return make_manifest(config, schema, stats, source_records, dict(skipped), weighted)
+  manifest = make_manifest(config, schema, stats, source_records, dict(skipped), weighted)
+  manifest["build"] = dict(stage_seconds={k: round(v, 2) for k, v in stage_seconds.items()})
+  return manifest
 
 
 def summarize(graph: graph_lib.Graph) -> str:
