@@ -153,7 +153,8 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
   weighted = any("weight" in s.columns for s in sources)
   spool_path = os.path.join(work_dir, "spool.parquet")
   stage_seconds = {}  # wall seconds per stage, for manifest["build"]
-  started = time.perf_counter()
+  stage_cpu = {}  # CPU seconds of the process (all threads) per stage
+  started, cpu_started = time.perf_counter(), time.process_time()
   spool = Spool(spool_path, weighted)
   reader_pass = ReadPass(schema, spool, skip_errors=data.on_error == "skip", weighted=weighted,
                         holdout=(float(data.valid_fraction), float(data.test_fraction)),
@@ -164,6 +165,7 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
     spool.close()
   skipped = collections.Counter(reader_pass.skipped)
   stage_seconds["read"] = time.perf_counter() - started
+  stage_cpu["read"] = time.process_time() - cpu_started
 
   stage_dir = os.path.join(work_dir, "duckdb")
   os.makedirs(stage_dir)
@@ -171,7 +173,7 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
                               int(data.get("import_threads", 0)))
   try:
     conflicts_dropped = False
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if bool(data.names_global) and len(schema.types) > 1:
       count, first = import_duckdb.find_type_conflicts(con, spool_path,
                                                        skip=data.on_error == "skip")
@@ -181,13 +183,15 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
         skipped[ENTITY_TYPE_CONFLICT] += count
         conflicts_dropped = True
     stage_seconds["names_global"] = time.perf_counter() - started
-    current = [None, time.perf_counter()]  # the stage running, since when
+    stage_cpu["names_global"] = time.process_time() - cpu_started
+    current = [None, time.perf_counter(), time.process_time()]  # stage, since when
 
     def step(name: str | None) -> None:
-      now = time.perf_counter()
+      now, cpu_now = time.perf_counter(), time.process_time()
       if current[0] is not None:
         stage_seconds[current[0]] = now - current[1]
-      current[:] = [name, now]
+        stage_cpu[current[0]] = cpu_now - current[2]
+      current[:] = [name, now, cpu_now]
       if name is not None:
         bar.set_postfix_str(name)
         bar.update(1)
@@ -205,7 +209,8 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
     shutil.rmtree(stage_dir, ignore_errors=True)
     os.remove(spool_path) if os.path.exists(spool_path) else None
   manifest = make_manifest(config, schema, stats, source_records, dict(skipped), weighted)
-  manifest["build"] = dict(stage_seconds={k: round(v, 2) for k, v in stage_seconds.items()})
+  manifest["build"] = dict(stage_seconds={k: round(v, 2) for k, v in stage_seconds.items()},
+                           stage_cpu_seconds={k: round(v, 2) for k, v in stage_cpu.items()})
   return manifest
 
 
