@@ -30,6 +30,7 @@ the limit (see :func:`build`).
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable
 
 import duckdb
@@ -46,6 +47,23 @@ FETCH_ROWS = 1 << 20
 #: (big-endian), but as a fixed-width key, without comparing strings; the
 #: full hex and the name only break its ties.
 RANK_ORDER = "type, ('0x' || key[1:16])::UBIGINT, key, name"
+
+
+#: The share of ``data.import_memory_limit`` that the steps over names (the
+#: distinct names, their ranking, the two joins) may use: their hash tables
+#: and sorts grow with the number of names, while the later steps over the
+#: edges do not. Capped, they spill sooner instead of raising the peak RSS:
+#: on 5M edges the peak then stays within 15% whether 0.5M or 3.5M names.
+NAME_STEPS_MEMORY_SHARE = 0.4
+
+
+def memory_bytes(size: str) -> int:
+  """Bytes of a size such as '1GB' or '512MiB' (config.data.import_memory_limit)."""
+  match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B", str(size).strip())
+  if match is None:
+    raise ValueError(f"not a size: {size!r}")
+  number, unit, binary = match.groups()
+  return int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
 
 
 def type_prefix(seed: int, type_name: str) -> str:
@@ -119,7 +137,7 @@ def find_type_conflicts(con, spool: str, skip: bool) -> tuple[int, dict | None]:
   return int(count), first
 
 
-def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: list[int],
+def build(con, spool: str, graph_dir: str, *, memory_limit: str, types: list[str], num_partitions: list[int],
           source_type: np.ndarray, target_type: np.ndarray, num_relations: int,
           grid: tuple[int, int], weighted: bool, seed: int, drop_unseen: bool,
           conflicts_dropped: bool, step: Callable[[str], None] = lambda _: None) -> dict:
@@ -158,6 +176,8 @@ def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: 
   # Vocabulary: distinct (type, name); with drop_unseen only train edges
   # contribute names.
   step("vocabulary")
+  names_limit = int(memory_bytes(memory_limit) * NAME_STEPS_MEMORY_SHARE)
+  con.execute(f"SET memory_limit = '{names_limit}B'")
   train_only = "WHERE split = 0" if drop_unseen else ""
   con.execute(f"""
     CREATE TEMP TABLE distinct_names AS SELECT DISTINCT type, name FROM (
@@ -193,14 +213,21 @@ def build(con, spool: str, graph_dir: str, *, types: list[str], num_partitions: 
   # Edges as gids. Inner joins: with drop_unseen, valid/test edges with a
   # name outside the train vocabulary fall out here.
   step("ids")
+  # Two joins, one after the other, so that DuckDB holds one hash table of
+  # the names at a time, not two (on 5M edges with 3.5M names: 690 instead
+  # of 786 MiB of peak RSS, for 0.9 more CPU seconds).
   weight = ", e.weight" if weighted else ""
   con.execute(f"""
+    CREATE TEMP TABLE half_joined AS
+    SELECT e.pos, e.split, e.rel, e.dtype, e.dst, s.rowid AS src_gid{weight}
+    FROM kept e JOIN ranked s ON s.type = e.stype AND s.name = e.src""")
+  con.execute(f"""
     CREATE TEMP TABLE edges AS
-    SELECT e.pos, e.split, e.rel, s.rowid AS src_gid,
-           d.rowid AS dst_gid{weight}
-    FROM kept e JOIN ranked s ON s.type = e.stype AND s.name = e.src
-                JOIN ranked d ON d.type = e.dtype AND d.name = e.dst""")
+    SELECT e.pos, e.split, e.rel, e.src_gid, d.rowid AS dst_gid{weight}
+    FROM half_joined e JOIN ranked d ON d.type = e.dtype AND d.name = e.dst""")
+  con.execute("DROP TABLE half_joined")
   con.execute("DROP TABLE ranked")
+  con.execute(f"SET memory_limit = '{memory_bytes(memory_limit)}B'")
 
   # Per-entity statistics from one aggregate of the train edges' endpoints:
   # train edges per (side, relation, entity); an entity's degree is their

@@ -50,6 +50,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import resource
 import shutil
 import time
 
@@ -154,6 +155,7 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
   spool_path = os.path.join(work_dir, "spool.parquet")
   stage_seconds = {}  # wall seconds per stage, for manifest["build"]
   stage_cpu = {}  # CPU seconds of the process (all threads) per stage
+  stage_rss = {}  # the process's peak RSS (MiB) by the end of each stage
   started, cpu_started = time.perf_counter(), time.process_time()
   spool = Spool(spool_path, weighted)
   reader_pass = ReadPass(schema, spool, skip_errors=data.on_error == "skip", weighted=weighted,
@@ -166,10 +168,12 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
   skipped = collections.Counter(reader_pass.skipped)
   stage_seconds["read"] = time.perf_counter() - started
   stage_cpu["read"] = time.process_time() - cpu_started
+  stage_rss["read"] = _peak_rss_mib()
 
   stage_dir = os.path.join(work_dir, "duckdb")
   os.makedirs(stage_dir)
-  con = import_duckdb.connect(stage_dir, data.get("import_memory_limit", "1GB"),
+  memory_limit = data.get("import_memory_limit", "1GB")
+  con = import_duckdb.connect(stage_dir, memory_limit,
                               int(data.get("import_threads", 0)))
   try:
     conflicts_dropped = False
@@ -191,13 +195,14 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
       if current[0] is not None:
         stage_seconds[current[0]] = now - current[1]
         stage_cpu[current[0]] = cpu_now - current[2]
+        stage_rss[current[0]] = _peak_rss_mib()
       current[:] = [name, now, cpu_now]
       if name is not None:
         bar.set_postfix_str(name)
         bar.update(1)
     with tqdm(total=8, desc="import: build", disable=not progress) as bar:
       stats = import_duckdb.build(
-          con, spool_path, work_dir, types=schema.types,
+          con, spool_path, work_dir, memory_limit=memory_limit, types=schema.types,
           num_partitions=schema.num_partitions,
           source_type=schema.source_type, target_type=schema.target_type,
           num_relations=len(schema.relations), grid=schema.grid, weighted=weighted, seed=seed,
@@ -210,8 +215,14 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
     os.remove(spool_path) if os.path.exists(spool_path) else None
   manifest = make_manifest(config, schema, stats, source_records, dict(skipped), weighted)
   manifest["build"] = dict(stage_seconds={k: round(v, 2) for k, v in stage_seconds.items()},
-                           stage_cpu_seconds={k: round(v, 2) for k, v in stage_cpu.items()})
+                           stage_cpu_seconds={k: round(v, 2) for k, v in stage_cpu.items()},
+                           stage_peak_rss_mib=stage_rss)
   return manifest
+
+
+def _peak_rss_mib() -> int:
+  """The process's peak resident memory so far (a high-water mark)."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
 
 def summarize(graph: graph_lib.Graph) -> str:
