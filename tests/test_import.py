@@ -826,3 +826,24 @@ def test_spilling_single_threaded_build_gives_the_same_graph(tmp_path, drop_unse
   assert set(whole.manifest["build"]["stage_seconds"]) >= {"read", "vocabulary", "ids",
                                                             "buckets", "counts"}
   assert_same_graph(whole, tight)
+
+
+def test_memory_limit_sizes_parse_as_duckdb_reads_them():
+  """import_duckdb.memory_bytes (the name steps' share of the limit) reads
+  the sizes config.data.import_memory_limit accepts, 1000-based for KB/MB/GB
+  and 1024-based for KiB/MiB/GiB as DuckDB does, and DuckDB takes the byte
+  count back unchanged."""
+  import duckdb
+  from twhin_jax import import_duckdb
+  assert import_duckdb.memory_bytes("1GB") == 10 ** 9
+  assert import_duckdb.memory_bytes("512MiB") == 512 * 2 ** 20
+  assert import_duckdb.memory_bytes("1.5 GB") == 1_500_000_000
+  assert import_duckdb.memory_bytes("64KiB") == 65536
+  with pytest.raises(ValueError, match="not a size"):
+    import_duckdb.memory_bytes("1 gigabyte")
+  con = duckdb.connect()
+  for size in ("1GB", "512MiB"):
+    con.execute(f"SET memory_limit = '{size}'")
+    as_set = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    con.execute(f"SET memory_limit = '{import_duckdb.memory_bytes(size)}B'")
+    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == as_set

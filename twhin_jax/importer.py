@@ -19,9 +19,9 @@ Pass 1 (read and validate, ``edge_reading.py``, shared with the Spark
 
 Stage 2 (``import_duckdb.py``): an embedded DuckDB database in the work
   directory checks names against types (``data.names_global``), assigns ids
-  (a seeded hash order, eq. (1) there), joins them onto the edges one hash
-  partition of names at a time (eq. (2) there), and
-  streams buckets (sorted by bucket, then ``pos``), eval splits, degrees,
+  (a seeded hash order, eq. (1) there), joins them onto the edges (one SQL
+  statement per step; DuckDB partitions and spills its hash tables and
+  sorts by itself), and streams buckets (sorted by bucket, then ``pos``), eval splits, degrees,
   the vocabulary files and the statistics of the manifest
   (``graph_writer.py`` writes the files). It runs on all cores and spills to
   disk under the memory limit.
