@@ -790,12 +790,15 @@ def test_rank_order_is_the_hex_order_of_eq_1():
 
 
 @pytest.mark.parametrize("drop_unseen", [False, True])
-def test_spilling_single_threaded_build_gives_the_same_graph(tmp_path, drop_unseen):
+def test_spilling_single_threaded_build_gives_the_same_graph(tmp_path, monkeypatch, drop_unseen):
   """The DuckDB stage on one thread under a tiny memory limit (its hash
-  aggregates, joins and sorts run in a different order and may spill) gives
-  the graph of the default build: ids, buckets, splits, degrees and every
-  statistic, including duplicates, self-loops, coverage, unseen entities
-  and skipped lines."""
+  aggregates, joins and sorts run in a different order and may spill), and
+  with coverage from the per-(side, relation, entity) aggregate instead of
+  the bit masks (import_duckdb.MASK_RELATIONS), gives the graph of the
+  default build: ids, buckets, splits, degrees and every statistic,
+  including duplicates, self-loops, coverage, unseen entities and skipped
+  lines."""
+  from twhin_jax import import_duckdb
   rng = np.random.default_rng(3)
   users = [f"u{i}" for i in range(80)] + ["both"]
   lines = [f"{users[a]}\tfollows\t{users[b]}\t{w:.2f}" for a, b, w in
@@ -818,6 +821,7 @@ def test_spilling_single_threaded_build_gives_the_same_graph(tmp_path, drop_unse
     whole = import_graph(config, str(tmp_path / "whole"), progress=False)
   config.data.import_threads = 1
   config.data.import_memory_limit = "32MB"
+  monkeypatch.setattr(import_duckdb, "MASK_RELATIONS", 1)  # 2 relations here
   with pytest.warns(UserWarning, match="import skipped"):
     tight = import_graph(config, str(tmp_path / "tight"), progress=False)
   assert whole.manifest["quality"]["duplicate_edges"]["train"] >= 2
