@@ -49,11 +49,11 @@ FETCH_ROWS = 1 << 20
 RANK_ORDER = "type, ('0x' || key[1:16])::UBIGINT, key, name"
 
 
-#: The share of ``data.import_memory_limit`` that the steps over names (the
-#: distinct names, their ranking, the two joins) may use: their hash tables
-#: and sorts grow with the number of names, while the later steps over the
-#: edges do not. Capped, they spill sooner instead of raising the peak RSS:
-#: on 5M edges the peak then stays within 15% whether 0.5M or 3.5M names.
+#: The share of ``data.import_memory_limit`` that the steps whose hash
+#: tables grow with the number of names (the distinct names, their ranking,
+#: the two joins, the per-entity statistics) may use; the sorts over the
+#: edges that follow get the whole limit. Capped, those steps spill sooner
+#: instead of raising the peak RSS with the number of names.
 NAME_STEPS_MEMORY_SHARE = 0.4
 
 
@@ -232,7 +232,6 @@ def build(con, spool: str, graph_dir: str, *, memory_limit: str, types: list[str
     FROM half_joined e JOIN ranked d ON d.type = e.dtype AND d.name = e.dst""")
   con.execute("DROP TABLE half_joined")
   con.execute("DROP TABLE ranked")
-  con.execute(f"SET memory_limit = '{memory_bytes(memory_limit)}B'")
 
   # Per-entity statistics from one aggregate of the train edges' endpoints,
   # grouped by entity: its degree, and a bit mask of the (relation, side)
@@ -270,6 +269,8 @@ def build(con, spool: str, graph_dir: str, *, memory_limit: str, types: list[str
   con.execute("""CREATE TEMP TABLE duplicate_stats AS SELECT split, sum(n - 1) AS extra FROM (
                    SELECT split, rel, src_gid, dst_gid, count(*) AS n FROM edges
                    GROUP BY ALL HAVING count(*) > 1) GROUP BY split""")
+
+  con.execute(f"SET memory_limit = '{memory_bytes(memory_limit)}B'")
 
   sizes = [max(1, -(-n // p)) for n, p in zip(counts, num_partitions)]
   con.register("rel_table", pa.table({
