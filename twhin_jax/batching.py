@@ -56,7 +56,9 @@ class PreparedCall:
 def prepare_bucket(graph: Graph, layout: model.RelationLayout,
                    working: sharding_lib.WorkingLayout, bucket: tuple[int, int], config,
                    seed_path: tuple[int, ...], local_devices: frozenset[int] | None = None):
-  """Yields (round, call) for the jitted calls of one bucket, round by round.
+  """Yields (visit, call) for the jitted calls of one bucket, visit by visit
+  (a visit trains round visit % R; only the tournament visits a round more
+  than once, _BucketPacker.calls).
 
   Edges are shuffled (seeded by ``seed_path``) and split into G x G
   sub-buckets by the sub-partitions of their endpoints (sharding.py); round k
@@ -343,7 +345,7 @@ class _BucketPacker:
 
   def _device_chunks(self, by_cell, starts, k: int, g: int,
                      rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Group -> device g's shuffled chunks [num_chunks, C] of visit k (-1 = pad)."""
+    """Group -> device g's shuffled chunks [num_chunks, C] of round k (-1 = pad)."""
     chunk = self.chunk
     lists: dict[str, list[np.ndarray]] = {}
     for c in range(self.num_classes):
@@ -476,7 +478,7 @@ class BatchStream:
   ``plan``: [(epoch, bucket index, bucket)] in training order (computed once,
   by the trainer); bucket (epoch, i) is shuffled with seed path
   (seed, epoch, i). ``bucket_calls(epoch, i)`` yields that bucket's
-  (round, call)s; buckets must be consumed in plan order.
+  (visit, call)s; buckets must be consumed in plan order.
   """
 
   def __init__(self, plan, graph: Graph, layout: model.RelationLayout, config,
