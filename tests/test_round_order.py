@@ -22,12 +22,13 @@ from test_sharded import bucket_setup
 def test_round_passes_takes_a_request_and_otherwise_one_step_a_visit_up_to_a_cap():
   assert device_schedule.round_passes(3, [40, 40]) == 3
   # Automatic: the busiest device's steps in the longest round, so no visit
-  # is longer than a step; never below one pass.
+  # is longer than a step.
   assert device_schedule.round_passes(0, [4, 2, 3, 3, 2]) == 4
   # Long rounds: at most MAX_AUTO_PASSES cycles (each visit costs a call and
   # a slot move).
   assert device_schedule.round_passes(0, [70, 71, 72]) == device_schedule.MAX_AUTO_PASSES
-  assert device_schedule.round_passes(0, [1, 1, 1]) == 1
+  # Rounds of one step still get two passes (part-full steps).
+  assert device_schedule.round_passes(0, [1, 1, 1]) == device_schedule.MIN_AUTO_PASSES == 2
   assert device_schedule.round_passes(0, [0, 0]) == 1
   assert device_schedule.round_passes(0, []) == 1
 
