@@ -56,7 +56,9 @@ class PreparedCall:
 def prepare_bucket(graph: Graph, layout: model.RelationLayout,
                    working: sharding_lib.WorkingLayout, bucket: tuple[int, int], config,
                    seed_path: tuple[int, ...], local_devices: frozenset[int] | None = None):
-  """Yields (round, call) for the jitted calls of one bucket, round by round.
+  """Yields (visit, call) for the jitted calls of one bucket, visit by visit
+  (a visit trains round visit % R; only the tournament visits a round more
+  than once, _BucketPacker.calls).
 
   Edges are shuffled (seeded by ``seed_path``) and split into G x G
   sub-buckets by the sub-partitions of their endpoints (sharding.py); round k
@@ -165,7 +167,8 @@ class _BucketPacker:
                   else frozenset(local_devices))
     self.chunk = config.negatives.chunk_size
     self.num_uniform = config.negatives.num_uniform
-    self.per_step = config.train.batch_size // self.chunk
+    self.batch_size = config.train.batch_size
+    self.per_step = config.train.batch_size // self.chunk  # S: chunks per step and device
     self.mixed = bool(config.negatives.mix_relations)
     self.correct = bool(config.negatives.logq_correction)
     self.rel = np.asarray(edges["rel"])[order].astype(np.int64)
@@ -187,6 +190,8 @@ class _BucketPacker:
           self.edge_src_n, self.edge_dst_n, self.chunk, self.num_uniform)
     self.row_in_group = np.asarray(layout.row, np.int32)
     self.reverse_row_in_group = np.asarray(layout.reverse_row, np.int32)
+    self.tournament = working.schedule == "tournament" and self.shards > 1
+    self.requested_passes = int(config.mesh.get("round_passes", 0))
 
   def _place_ring(self, src: np.ndarray, dst: np.ndarray) -> None:
     """The ring: round k gives device g sub-bucket (g, (g + k) mod G)."""
@@ -276,30 +281,67 @@ class _BucketPacker:
     return by_cell, np.concatenate([[0], np.cumsum(local_counts)]), counts
 
   def calls(self, rng: np.random.Generator):
-    """Yields (round, PreparedCall), rounds in order, calls of a round shuffled."""
+    """Yields (visit, PreparedCall), visits in order, calls of a visit
+    shuffled.
+
+    The ring and one device visit each round once (visit = round). The
+    tournament visits its rounds 0, 1, .., R - 1 num_passes times in turn
+    (device_schedule.round_passes): a device's shuffled chunks of a round
+    and group split into num_passes near-equal runs, pass p trains run p, so
+    consecutive steps cover every cell instead of one round's cells for the
+    whole round. Whole chunks are dealt out, never split, so the chunks (and
+    their batch negatives) are those of a single pass; only their order, and
+    the padding of each visit's last step, change."""
     by_cell, starts, counts = self._cells()
-    shards, per_call = self.shards, self.per_step * STEPS_PER_CALL
-    for k in range(self.num_rounds):
-      # A device of another process: only its chunk count per group (and the
-      # same random draws), as a range standing in for its chunks.
-      device_chunks = [self._device_chunks(by_cell, starts, k, g, rng) if g in self.local
-                       else self._skip_chunks(counts, k, g, rng) for g in range(shards)]
+    shards = self.shards
+    # A device of another process: only its chunk count per group (and the
+    # same random draws), as a range standing in for its chunks.
+    rounds = [[self._device_chunks(by_cell, starts, k, g, rng) if g in self.local
+               else self._skip_chunks(counts, k, g, rng) for g in range(shards)]
+              for k in range(self.num_rounds)]
+    self.num_passes = 1
+    if self.tournament:
+      num_chunks = sum(len(chunks) for per_device in rounds for groups in per_device
+                       for chunks in groups.values())
+      self.per_step = device_schedule.chunks_per_device_step(
+          self.batch_size, self.chunk, self.shards, len(self.rel) / max(num_chunks, 1))
+      round_steps = [max(sum(-(-len(chunks) // self.per_step) for chunks in groups.values())
+                         for groups in per_device) for per_device in rounds]
+      self.num_passes = device_schedule.round_passes(self.requested_passes, round_steps)
+    for v in range(self.num_passes * self.num_rounds):
+      p, k = divmod(v, self.num_rounds)
+      device_chunks = [{group: chunks[len(chunks) * p // self.num_passes:
+                                      len(chunks) * (p + 1) // self.num_passes]
+                        for group, chunks in groups.items()} for groups in rounds[k]]
       calls = []
       for group in sorted(set().union(*device_chunks)):
         most = max(len(groups.get(group, ())) for groups in device_chunks)
-        calls.extend((group, start) for start in range(0, most, per_call))
+        steps = self._steps_per_call(-(-most // self.per_step))
+        per_call = self.per_step * steps
+        calls.extend((group, start, steps) for start in range(0, most, per_call))
       empty = np.zeros((0, self.chunk), np.int64)
       first_local = min(self.local)
       for position in rng.permutation(len(calls)):
-        group, start = calls[position]
+        group, start, steps = calls[position]
+        per_call = self.per_step * steps
         local = {g: self._device_call(device_chunks[g].get(group, empty)[start:start + per_call],
-                                      group, *self.uniform_ranges(k, g)) for g in self.local}
+                                      group, steps, *self.uniform_ranges(k, g))
+                 for g in self.local}
         if len(local) < shards:
           other = jax.tree_util.tree_map(np.zeros_like, local[first_local])
           per_device = [local.get(g, other) for g in range(shards)]
         else:
           per_device = [local[g] for g in range(shards)]
-        yield k, PreparedCall(group, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_device))
+        yield v, PreparedCall(group, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_device))
+
+  def _steps_per_call(self, steps_needed: int) -> int:
+    """T of a visit's calls: STEPS_PER_CALL, or, in the tournament, the
+    power of two (at most STEPS_PER_CALL) that holds the busiest device's
+    steps of the visit, so that short visits do not pay for all-padding steps
+    (at most log2(STEPS_PER_CALL) + 1 shapes to compile)."""
+    if not self.tournament:
+      return STEPS_PER_CALL
+    return min(STEPS_PER_CALL, 1 << max(steps_needed - 1, 0).bit_length())
 
   def _device_chunks(self, by_cell, starts, k: int, g: int,
                      rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -334,16 +376,16 @@ class _BucketPacker:
       rng.permutation(chunks[group])
     return {group: range(n) for group, n in chunks.items()}
 
-  def _device_call(self, call_chunks: np.ndarray, group: str, src_lo_of: np.ndarray,
-                   src_n_of: np.ndarray, dst_lo_of: np.ndarray,
+  def _device_call(self, call_chunks: np.ndarray, group: str, steps: int,
+                   src_lo_of: np.ndarray, src_n_of: np.ndarray, dst_lo_of: np.ndarray,
                    dst_n_of: np.ndarray) -> step_lib.StepBatch:
-    """One device's T steps from chunks of edge indices (-1 = padding);
-    ``*_lo_of`` / ``*_n_of`` [R]: first row and rows of each relation's
-    uniform source / target range on that device in that round."""
+    """One device's T = ``steps`` steps from chunks of edge indices (-1 =
+    padding); ``*_lo_of`` / ``*_n_of`` [R]: first row and rows of each
+    relation's uniform source / target range on that device in that round."""
     chunk, ranges = self.chunk, self.ranges
-    full = STEPS_PER_CALL * self.per_step
-    shape3 = (STEPS_PER_CALL, self.per_step, chunk)
-    shape2 = (STEPS_PER_CALL, self.per_step)
+    full = steps * self.per_step
+    shape3 = (steps, self.per_step, chunk)
+    shape2 = (steps, self.per_step)
     if len(call_chunks) < full:
       call_chunks = np.concatenate(
           [call_chunks, np.full((full - len(call_chunks), chunk), -1, np.int64)])
@@ -376,7 +418,7 @@ class _BucketPacker:
         src_n=src_n.reshape(shape2).astype(np.int32),
         dst_lo=dst_lo_of[chunk_rel].reshape(shape2).astype(np.int32),
         dst_n=dst_n.reshape(shape2).astype(np.int32),
-        step_index=np.zeros(STEPS_PER_CALL, np.int32),  # set by the consumer
+        step_index=np.zeros(steps, np.int32),  # set by the consumer
         **extra)
 
 
@@ -436,7 +478,7 @@ class BatchStream:
   ``plan``: [(epoch, bucket index, bucket)] in training order (computed once,
   by the trainer); bucket (epoch, i) is shuffled with seed path
   (seed, epoch, i). ``bucket_calls(epoch, i)`` yields that bucket's
-  (round, call)s; buckets must be consumed in plan order.
+  (visit, call)s; buckets must be consumed in plan order.
   """
 
   def __init__(self, plan, graph: Graph, layout: model.RelationLayout, config,

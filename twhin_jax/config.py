@@ -25,7 +25,7 @@ Layout of a config (every field is read somewhere; see the field comments)::
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
   warm_start: parent, new_entities, l2_to_previous
-  mesh:       num_devices, schedule
+  mesh:       num_devices, schedule, round_passes
   storage:    driver, zarr_format, prefetch
 """
 
@@ -225,6 +225,12 @@ def base_config() -> ml_collections.ConfigDict:
   # summed) or "tournament" (2G - 1 rounds, no row on two devices at once:
   # G devices train what one device trains; twhin_jax/device_schedule.py).
   c.mesh.schedule = "ring"
+  # Tournament only: how many times a bucket cycles through its 2G - 1
+  # rounds, each pass training a near-equal 1/K slice of every (slot, slot)
+  # cell, so that consecutive steps cover all cells as one device's shuffled
+  # order does instead of one round's cells for many steps
+  # (device_schedule.round_passes). 0: automatic.
+  c.mesh.round_passes = 0
 
   c.storage = ml_collections.ConfigDict()
   c.storage.driver = storage.DEFAULT_DRIVER  # a name registered with storage.register_storage
@@ -513,6 +519,9 @@ def validate(config) -> None:
     _fail("warm_start.l2_to_previous", "needs warm_start.parent (the previous version)")
   if not isinstance(config.mesh.num_devices, int) or config.mesh.num_devices < 0:
     _fail("mesh.num_devices", f"must be an int >= 0, got {config.mesh.num_devices!r}")
+  passes = config.mesh.get("round_passes", 0)
+  if not isinstance(passes, int) or isinstance(passes, bool) or passes < 0:
+    _fail("mesh.round_passes", f"must be an int >= 0 (0: automatic), got {passes!r}")
   if config.mesh.get("schedule", "ring") not in MESH_SCHEDULES:
     _fail("mesh.schedule", f"must be one of {MESH_SCHEDULES}, got {config.mesh.schedule!r}")
   if config.storage.driver not in storage.storage_drivers():

@@ -272,20 +272,27 @@ def slot_moves(mesh: Mesh, pairs: tuple, spans: tuple):
 
 
 class Tournament:
-  """The slot placement of one bucket's 2G - 1 tournament rounds over
-  ``home``: dim -> rows (state.Rows: table, acc and optional read-only
-  anchors, which travel with the rows they anchor). Round 0 is the home
-  placement; ``finish`` brings the slots back to it."""
+  """The slot placement of one bucket's visits of the 2G - 1 tournament
+  rounds over ``home``: dim -> rows (state.Rows: table, acc and optional
+  read-only anchors, which travel with the rows they anchor). Round 0 is the
+  home placement; ``finish`` brings the slots back to it."""
 
   def __init__(self, mesh: Mesh, layout: WorkingLayout):
     self.mesh, self.layout = mesh, layout
     self.plan = device_schedule.tournament(mesh.size)
-    self.round = 0  # the round whose placement the rows are in
+    # Visits of the bucket so far: the rows are in the placement of round
+    # visit % num_rounds (a bucket may cycle through its rounds several
+    # times, batching.py, device_schedule.round_passes).
+    self.visit = 0
+
+  @property
+  def round(self) -> int:
+    return self.visit % self.plan.num_rounds
 
   def _move(self, home: dict) -> dict:
     pairs = tuple(sorted((p, q, tuple(sorted(perm))) for (p, q), perm in
                          device_schedule.permutation_pairs(self.plan, self.round).items()))
-    self.round = (self.round + 1) % self.plan.num_rounds
+    self.visit += 1
     if not pairs:
       return home
     moved = {}
@@ -296,9 +303,10 @@ class Tournament:
       moved[dim] = type(rows)(*(None if x is None else next(new) for x in rows))
     return moved
 
-  def advance(self, home: dict, to_round: int) -> dict:
-    """``home`` placed for round ``to_round`` (>= the current one)."""
-    while self.round < to_round:
+  def advance(self, home: dict, to_visit: int) -> dict:
+    """``home`` placed for visit ``to_visit`` (>= the current one), that is
+    for round ``to_visit % num_rounds``."""
+    while self.visit < to_visit:
       home = self._move(home)
     return home
 

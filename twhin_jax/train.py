@@ -326,11 +326,12 @@ class Trainer:
         all_candidates=all_candidates, global_candidates=negatives.global_candidates(config))
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
-    """Trains the resident bucket from its prepared ``calls`` [(round, call)]:
-    G rounds of the ring (one round with one device), or the 2G - 1 rounds of
-    the tournament, where every round is the plain one-table step on the
-    slots each device holds and the slots move between rounds
-    (sharding.Tournament). Returns (loss, edges)."""
+    """Trains the resident bucket from its prepared ``calls`` [(visit, call)]:
+    G rounds of the ring (one round with one device; a visit is a round), or
+    the 2G - 1 rounds of the tournament visited round_passes times in turn,
+    where every visit is the plain one-table step on the slots each device
+    holds and the slots move between visits (sharding.Tournament). Returns
+    (loss, edges)."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.train.seed), epoch),
                              index)
     key = sharding_lib.global_array(np.asarray(jax.random.key_data(key)), self.mesh)
@@ -353,12 +354,13 @@ class Trainer:
         else:
           state = state._replace(visiting=ring.advance(state.home, state.visiting, k))
           visiting = k > 0
+        steps = call.batch.weight.shape[1]  # [G, T, S, C]: the tournament's T varies
         batch = call.batch._replace(step_index=np.broadcast_to(np.arange(
-            step_in_bucket, step_in_bucket + batching.STEPS_PER_CALL, dtype=np.int32),
-            (self.num_shards, batching.STEPS_PER_CALL)))
+            step_in_bucket, step_in_bucket + steps, dtype=np.int32), (self.num_shards, steps)))
         batch = jax.tree_util.tree_map(
             lambda x: sharding_lib.global_array(x, self.mesh, batch_sharding), batch)
-      step_in_bucket += batching.STEPS_PER_CALL
+      step_in_bucket += (batching.STEPS_PER_CALL if isinstance(call, device_batching.DeviceCall)
+                         else call.batch.weight.shape[1])
       new, loss, edges = self._step_fn(call.group, visiting)(
           state.for_group(call.group, visiting), batch, key)
       state = state.with_group(call.group, new)
