@@ -262,7 +262,8 @@ class Trainer:
           zarr_format=self.config.storage.zarr_format, create=False,
           sub_partitions=self.num_shards, num_slots=1)
     return residency_lib.Residency(self.graph, self.dims, self.tables, self.slots, self.mesh,
-                                   sub_rows, anchors, self.schedule)
+                                   sub_rows, anchors, self.schedule,
+                                   keep_all_bytes=residency_lib.KEEP_ALL_BYTES)
 
   @property
   def rel_state(self) -> dict:
