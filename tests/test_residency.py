@@ -218,3 +218,18 @@ def test_keeping_tables_whole_trains_the_same(tmp_path, monkeypatch):
     np.testing.assert_array_equal(emb_a[t], emb_b[t])
   for a, b in zip(jax.tree.leaves(rel_a), jax.tree.leaves(rel_b)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_flush_writes_only_changed_rows(graph, tmp_path):
+  """A flush right after a flush (the run's end after its last checkpoint)
+  writes nothing: the slots stay on the committed copy; a change is written."""
+  res, tables, slots = make_residency(graph, str(tmp_path / "tables"))
+  res.load((0, 1))
+  res.flush()
+  slots.commit()
+  res.flush()
+  assert slots.current == slots.committed and not res.pending_writes
+  res.home = {dim: rows._replace(table=rows.table * 2.0) for dim, rows in res.home.items()}
+  res.flush()
+  changed = [b for b in res.layout.offsets if slots.current[b] != slots.committed[b]]
+  assert sorted(changed) == sorted(res.layout.offsets)

@@ -231,7 +231,9 @@ class Residency:
     self.capacity = shard_capacity(graph, dims, sub_rows, self.keep_all)
     self.anchors = anchors
     self.layout: sharding_lib.WorkingLayout | None = None
-    self.home: dict[int, state_lib.Rows] = {}
+    self._home: dict[int, state_lib.Rows] = {}
+    #: Whether the resident rows may differ from storage (home set since the last flush).
+    self._dirty = False
     self.pending_writes: dict[Block, list] = {}
     self.io_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     #: block -> futures of its first chunks' reads (prefetch), for load().
@@ -242,6 +244,14 @@ class Residency:
   def blocks_of(self, bucket: tuple[int, int]) -> list[Block]:
     """The partitions resident while ``bucket`` trains (all, with keep_all)."""
     return all_blocks(self.graph) if self.keep_all else bucket_blocks(self.graph, bucket)
+
+  @property
+  def home(self) -> dict[int, state_lib.Rows]:
+    return self._home
+
+  @home.setter
+  def home(self, value: dict[int, state_lib.Rows]) -> None:
+    self._home, self._dirty = value, True
 
   def layout_of(self, bucket: tuple[int, int]) -> sharding_lib.WorkingLayout:
     return layout_for(self.graph, self.dims, self.blocks_of(bucket), self.num_shards,
@@ -452,9 +462,13 @@ class Residency:
 
   def flush(self) -> None:
     """Writes every resident partition back and waits for all writes (of all
-    hosts); at most WRITE_BEHIND_BYTES of host copies exist at a time."""
-    for block in list(self.layout.offsets) if self.layout is not None else ():
+    hosts); at most WRITE_BEHIND_BYTES of host copies exist at a time.
+    Nothing is written when the rows have not changed since the last flush
+    (the run's end, right after its last checkpoint: a 1M x 128 table is
+    512 MB)."""
+    for block in list(self.layout.offsets) if self.layout is not None and self._dirty else ():
       self._write_back(block)
+    self._dirty = False
     self._bound_writes(0)
     for block in list(self.pending_writes):
       self._wait_writes(block)
