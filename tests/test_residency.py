@@ -233,3 +233,27 @@ def test_flush_writes_only_changed_rows(graph, tmp_path):
   res.flush()
   changed = [b for b in res.layout.offsets if slots.current[b] != slots.committed[b]]
   assert sorted(changed) == sorted(res.layout.offsets)
+
+
+def test_every_write_passes_the_write_barrier(graph, tmp_path):
+  """The trainer's checkpoints finish in the background; every write to
+  storage (an eviction, a flush) must first wait for the last one (the
+  barrier), or a kill could leave the latest final checkpoint's slots
+  half overwritten."""
+  res, tables, slots = make_residency(graph, str(tmp_path / "tables"))
+  log = []
+  res.write_barrier = lambda: log.append(dict(slots.current))
+  write_rows = tables.write_rows
+
+  def checked_write(*args, **kwargs):
+    assert log, "a write before the barrier"
+    return write_rows(*args, **kwargs)
+
+  tables.write_rows = checked_write
+  res.load((0, 1))
+  res.home = {dim: rows._replace(table=rows.table + 1.0) for dim, rows in res.home.items()}
+  res.load((1, 1))  # evicts
+  assert log
+  count = len(log)
+  res.flush()
+  assert len(log) > count

@@ -5,12 +5,14 @@ the bucket key computed as one program must equal the op-by-op one."""
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from twhin_jax import batching
+from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import demo_config
 from twhin_jax import schedule
 from twhin_jax import train as train_lib
@@ -82,3 +84,17 @@ def test_the_step_compiles_once(tmp_path):
   # Every group compiles once; the compilation cache may serve a program
   # from disk instead (no "Finished XLA compilation" then), never twice.
   assert len(compiled) <= len(groups), compiled
+
+
+def test_checkpoint_is_final_when_training_returns(tmp_path):
+  """Checkpoints finish in the background; train() returns only after the
+  last one is in place (readers of the run directory find it at once)."""
+  config = demo_config.get_config("test")
+  config.train.epochs = 2
+  trainer = train_lib.train(config, str(tmp_path / "run"), progress=False)
+  root = checkpoint_lib.checkpoint_root(str(tmp_path / "run"))
+  assert not trainer.checkpointer.manager.is_saving_in_progress()
+  assert sorted(int(n) for n in os.listdir(root) if n.isdigit()) == [2_000_000]
+  meta = checkpoint_lib.read_meta(os.path.join(str(root), "2000000"))
+  assert meta["cursor"] == {"epoch": 2, "bucket": 0}
+  trainer.close()

@@ -218,7 +218,7 @@ class Residency:
   def __init__(self, graph: Graph, dims: dict[str, int], tables: storage.TableStore,
                slots: storage.SlotMap, mesh, sub_rows: dict[str, int],
                anchors: storage.TableStore | None = None, schedule: str = "ring",
-               keep_all_bytes: int = 0):
+               keep_all_bytes: int = 0, write_barrier=None):
     self.graph, self.dims, self.tables, self.slots = graph, dims, tables, slots
     self.mesh = mesh
     self.num_shards = mesh.size
@@ -230,6 +230,10 @@ class Residency:
     self.keep_all = self.num_shards == 1 and table_bytes(graph, dims, sub_rows) <= keep_all_bytes
     self.capacity = shard_capacity(graph, dims, sub_rows, self.keep_all)
     self.anchors = anchors
+    #: Called before anything is written to storage (the trainer: wait until
+    #: the last checkpoint is final; the slots written next are the ones
+    #: the checkpoint before it names).
+    self.write_barrier = write_barrier
     self.layout: sharding_lib.WorkingLayout | None = None
     self._home: dict[int, state_lib.Rows] = {}
     #: Whether the resident rows may differ from storage (home set since the last flush).
@@ -356,6 +360,8 @@ class Residency:
     """Copies one resident partition to the host and starts writing it to
     the uncommitted slot, chunk by chunk: at most WRITE_BEHIND_BYTES of
     host copies are in flight (older writes are waited for first)."""
+    if self.write_barrier is not None:
+      self.write_barrier()
     slot = self.slots.write_target(block)
     self.slots.current[block] = slot
     futures = []
@@ -465,7 +471,10 @@ class Residency:
     hosts); at most WRITE_BEHIND_BYTES of host copies exist at a time.
     Nothing is written when the rows have not changed since the last flush
     (the run's end, right after its last checkpoint: a 1M x 128 table is
-    512 MB)."""
+    512 MB). Passes the write barrier either way: callers write the
+    uncommitted slots after a flush (best_checkpoint.py)."""
+    if self.write_barrier is not None:
+      self.write_barrier()
     for block in list(self.layout.offsets) if self.layout is not None and self._dirty else ():
       self._write_back(block)
     self._dirty = False

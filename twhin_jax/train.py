@@ -347,7 +347,8 @@ class Trainer:
           sub_partitions=self.num_shards, num_slots=1)
     return residency_lib.Residency(self.graph, self.dims, self.tables, self.slots, self.mesh,
                                    sub_rows, anchors, self.schedule,
-                                   keep_all_bytes=residency_lib.KEEP_ALL_BYTES)
+                                   keep_all_bytes=residency_lib.KEEP_ALL_BYTES,
+                                   write_barrier=self.checkpointer.wait)
 
   @property
   def rel_state(self) -> dict:
@@ -520,6 +521,7 @@ class Trainer:
     finally:
       stream.close()
       bar.close()
+      self.checkpointer.wait()  # the last checkpoint final when training returns
     self.flush()
     if self.primary:
       reporting.plot_training(self.history, self.workdir)
