@@ -195,3 +195,16 @@ def test_bench_settings_per_partition_count():
   assert settings[0]["communities"] == 20 and settings[0]["community_affinity"] == 0.8
   config = bench.our_config(settings[1], "graph.tsv")
   assert config.entities.node.num_partitions == 4
+
+
+def test_our_train_phase_compiles_from_an_empty_cache(tmp_path):
+  """The timed train call must include compilation: the phase gets its own
+  cache directory, emptied before every run, under the name twhin_jax reads."""
+  stale = tmp_path / "ours-compilation-cache" / "jit_step-abc"
+  stale.parent.mkdir()
+  stale.write_text("a program compiled by an earlier run")
+  env = bench.fresh_compilation_cache(str(tmp_path))
+  assert list(env) == [train_lib.COMPILATION_CACHE_ENV]
+  cache = env[train_lib.COMPILATION_CACHE_ENV]
+  assert cache.startswith(str(tmp_path))
+  assert not os.path.exists(cache) or not os.listdir(cache)

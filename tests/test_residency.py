@@ -23,7 +23,7 @@ def graph(tmp_path_factory):
   return train_lib.prepare_graph(config, str(tmp_path_factory.mktemp("graph")), progress=False)
 
 
-def make_residency(graph, root):
+def make_residency(graph, root, keep_all_bytes=0):
   dims = {t: 8 for t in graph.entities}
   tables = storage.TableStore(root, graph.entities, dims, create=True)
   tables.initialize(seed=0, init_scale=0.1)
@@ -31,7 +31,8 @@ def make_residency(graph, root):
   mesh = sharding_lib.make_mesh(1)
   sub_rows = {t: sharding_lib.sub_partition_rows(e.partition_size, 1)
               for t, e in graph.entities.items()}
-  return residency.Residency(graph, dims, tables, slots, mesh, sub_rows), tables, slots
+  return (residency.Residency(graph, dims, tables, slots, mesh, sub_rows,
+                              keep_all_bytes=keep_all_bytes), tables, slots)
 
 
 def test_bucket_blocks(graph):
@@ -163,3 +164,96 @@ def test_kept_partitions_move_without_mixing_rows(graph, tmp_path, monkeypatch, 
   np.testing.assert_array_equal(np.asarray(moved[1]), expected_acc)
   assert (residency._move_rows.cache_info().currsize > 0) == (sizes[0] == sizes[1])
   res.close()
+
+
+def test_small_tables_stay_whole(graph, tmp_path):
+  """keep_all: every partition resident from the first bucket on, at the
+  relative place it has in a bucket's own layout; no swap writes anything,
+  flush writes every partition."""
+  dims = {t: 8 for t in graph.entities}
+  sub_rows = {t: e.partition_size for t, e in graph.entities.items()}
+  size = residency.table_bytes(graph, dims, sub_rows)
+  assert not make_residency(graph, str(tmp_path / "small"), size - 1)[0].keep_all
+  res, tables, slots = make_residency(graph, str(tmp_path / "tables"), size)
+  assert res.keep_all
+  initial = {b: tables.read(b, 0) for b in tables.blocks()}
+  res.load((0, 1))
+  layout = res.layout
+  used = residency.all_blocks(graph)
+  assert sorted(layout.offsets) == used and set(used) >= set(residency.bucket_blocks(graph, (0, 1)))
+  for block in used:
+    start, rows = layout.offsets[block], layout.block_rows[block]
+    table = np.asarray(res.home[res.dims[block[0]]].table)
+    np.testing.assert_array_equal(table[start:start + rows], initial[block][0])
+  # A bucket's blocks keep their order (the step sorts rows: same order, same sums).
+  own = residency.layout_for(graph, dims, residency.bucket_blocks(graph, (1, 0)), 1, sub_rows,
+                             residency.shard_capacity(graph, dims, sub_rows))
+  pairs = sorted(own.offsets, key=own.offsets.get)
+  assert pairs == sorted(pairs, key=layout.offsets.get)
+  res.home = {dim: rows._replace(table=rows.table + 1.0) for dim, rows in res.home.items()}
+  res.prefetch((1, 0))
+  res.load((1, 0))
+  assert res.layout is layout and not res.pending_writes  # nothing swapped
+  assert slots.current == slots.committed
+  res.flush()
+  for block in used:
+    np.testing.assert_allclose(tables.read(block, slots.current[block])[0],
+                               initial[block][0] + 1.0, rtol=1e-6)
+
+
+def test_keeping_tables_whole_trains_the_same(tmp_path, monkeypatch):
+  """The trainer with small tables kept whole and with every bucket swapped:
+  the same tables and relations, bit for bit (2 partitions, 2 epochs)."""
+  config = demo_config.get_config("test")
+  config.train.epochs = 2
+  results = []
+  for keep in (0, residency.KEEP_ALL_BYTES):
+    monkeypatch.setattr(residency, "KEEP_ALL_BYTES", keep)
+    trainer = train_lib.train(config, str(tmp_path / f"run{keep}"), progress=False)
+    assert trainer.residency.keep_all == bool(keep)
+    results.append((trainer.embeddings(), trainer.rel_state))
+    trainer.close()
+  (emb_a, rel_a), (emb_b, rel_b) = results
+  for t in emb_a:
+    np.testing.assert_array_equal(emb_a[t], emb_b[t])
+  for a, b in zip(jax.tree.leaves(rel_a), jax.tree.leaves(rel_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flush_writes_only_changed_rows(graph, tmp_path):
+  """A flush right after a flush (the run's end after its last checkpoint)
+  writes nothing: the slots stay on the committed copy; a change is written."""
+  res, tables, slots = make_residency(graph, str(tmp_path / "tables"))
+  res.load((0, 1))
+  res.flush()
+  slots.commit()
+  res.flush()
+  assert slots.current == slots.committed and not res.pending_writes
+  res.home = {dim: rows._replace(table=rows.table * 2.0) for dim, rows in res.home.items()}
+  res.flush()
+  changed = [b for b in res.layout.offsets if slots.current[b] != slots.committed[b]]
+  assert sorted(changed) == sorted(res.layout.offsets)
+
+
+def test_every_write_passes_the_write_barrier(graph, tmp_path):
+  """The trainer's checkpoints finish in the background; every write to
+  storage (an eviction, a flush) must first wait for the last one (the
+  barrier), or a kill could leave the latest final checkpoint's slots
+  half overwritten."""
+  res, tables, slots = make_residency(graph, str(tmp_path / "tables"))
+  log = []
+  res.write_barrier = lambda: log.append(dict(slots.current))
+  write_rows = tables.write_rows
+
+  def checked_write(*args, **kwargs):
+    assert log, "a write before the barrier"
+    return write_rows(*args, **kwargs)
+
+  tables.write_rows = checked_write
+  res.load((0, 1))
+  res.home = {dim: rows._replace(table=rows.table + 1.0) for dim, rows in res.home.items()}
+  res.load((1, 1))  # evicts
+  assert log
+  count = len(log)
+  res.flush()
+  assert len(log) > count

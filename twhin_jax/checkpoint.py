@@ -34,35 +34,54 @@ from twhin_jax.rundir import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
 
 
 class Checkpointer:
-  """Save/restore of (state pytree, meta JSON) under ``<workdir>/checkpoints``."""
+  """Save/restore of (state pytree, meta JSON) under ``<workdir>/checkpoints``.
+
+  With one process a save finishes in the background (Orbax's async
+  checkpointing: the state is copied to the host before ``save`` returns;
+  writing, syncing and the final rename follow in a thread; a save took
+  about 0.2 s of waiting for 0.04 s of CPU). ``wait`` blocks until it is
+  final. The trainer waits before anything is written to the table slots the
+  previous checkpoint names (Residency's write barrier), so a kill at any
+  moment leaves the latest final checkpoint intact.
+  """
 
   def __init__(self, workdir: str):
+    asynchronous = jax.process_count() == 1
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(checkpoint_root(workdir), options=options)
 
   def latest_step(self) -> int | None:
+    self.wait()
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
+    """Starts writing a checkpoint (after the one before is final)."""
     meta = dict(meta, format_version=FORMAT_VERSION)
+    self.wait()
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def wait(self) -> None:
+    """Blocks until the last save is final (renamed into place)."""
     self.manager.wait_until_finished()
 
   def restore_meta(self, step: int | None = None) -> dict:
+    self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{self.manager.directory}: no checkpoint")
     return read_meta(os.path.join(str(self.manager.directory), str(step)))
 
   def restore_state(self, abstract_state, step: int | None = None):
+    self.wait()
     step = self.latest_step() if step is None else step
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
 
   def close(self) -> None:
+    self.wait()
     self.manager.close()
 
 

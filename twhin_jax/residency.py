@@ -27,6 +27,14 @@ glibc's heap.
 
 With several processes each process reads and writes only its own devices'
 sub-partitions (``local_shards``).
+
+Small tables stay whole (``keep_all_bytes``, the trainer passes
+KEEP_ALL_BYTES): on one device, when every partition of every type the
+relations use fits in that many bytes (rows and accumulators), the working
+tables hold all of them, read once at the first bucket; a bucket swap is
+then no swap at all, and rows are written to storage only by ``flush``
+(checkpoints). Each partition keeps the relative place it would have in a
+two-partition working table, so training is the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -61,6 +69,12 @@ READ_AHEAD_BYTES = 256 << 20
 WRITE_BEHIND_BYTES = 128 << 20
 #: Chunk reads in flight while a partition is read into the working table.
 LOAD_WINDOW = 4
+#: Tables up to this size (every partition's rows and accumulators) stay
+#: whole in device memory on one device (Residency's keep_all_bytes, as the
+#: trainer sets it): FB15k-237 at d=200 is 12 MB, and swapping its 4
+#: partitions at every one of 16 buckets an epoch cost more than training
+#: them; a 1M x 128 table (516 MB) still swaps.
+KEEP_ALL_BYTES = 256 << 20
 
 
 def _glibc():
@@ -142,20 +156,37 @@ def bucket_blocks(graph: Graph, bucket: tuple[int, int]) -> list[Block]:
                  for block in relation_blocks(graph, bucket, r)})
 
 
-def shard_capacity(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int]) -> dict[int, int]:
+def shard_capacity(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int],
+                   keep_all: bool = False) -> dict[int, int]:
   """Fixed rows of one shard per dim: a sub-partition of every source-side and
-  target-side type (``sub_rows[type]`` rows each).
+  target-side type (``sub_rows[type]`` rows each); with ``keep_all``, every
+  partition of every type the relations use.
 
   Fixed so the jitted step compiles once; diagonal buckets (one partition on
   both sides) leave the tail unused.
   """
   capacity: dict[int, int] = {}
+  if keep_all:
+    for block in all_blocks(graph):
+      capacity[dims[block[0]]] = capacity.get(dims[block[0]], 0) + sub_rows[block[0]]
+    return capacity
   sides = {(rel.source, "src") for rel in graph.relations} | {
       (rel.target, "dst") for rel in graph.relations}
   for entity_type, _ in sides:
     dim = dims[entity_type]
     capacity[dim] = capacity.get(dim, 0) + sub_rows[entity_type]
   return capacity
+
+
+def all_blocks(graph: Graph) -> list[Block]:
+  """Every partition of every type some relation uses, in order."""
+  types = {rel.source for rel in graph.relations} | {rel.target for rel in graph.relations}
+  return sorted((t, p) for t in types for p in range(graph.entities[t].num_partitions))
+
+
+def table_bytes(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int]) -> int:
+  """Bytes of every partition all_blocks names (float32 rows and accumulators)."""
+  return sum(sub_rows[t] * (dims[t] + 1) * 4 for t, _ in all_blocks(graph))
 
 
 def layout_for(graph: Graph, dims: dict[str, int], blocks: list[Block], num_shards: int,
@@ -186,7 +217,8 @@ class Residency:
 
   def __init__(self, graph: Graph, dims: dict[str, int], tables: storage.TableStore,
                slots: storage.SlotMap, mesh, sub_rows: dict[str, int],
-               anchors: storage.TableStore | None = None, schedule: str = "ring"):
+               anchors: storage.TableStore | None = None, schedule: str = "ring",
+               keep_all_bytes: int = 0, write_barrier=None):
     self.graph, self.dims, self.tables, self.slots = graph, dims, tables, slots
     self.mesh = mesh
     self.num_shards = mesh.size
@@ -194,10 +226,18 @@ class Residency:
                          if device.process_index == jax.process_index()]
     self.sub_rows = sub_rows
     self.schedule = schedule  # config.mesh.schedule (WorkingLayout.schedule)
-    self.capacity = shard_capacity(graph, dims, sub_rows)
+    #: Every partition resident at once (see the module docstring).
+    self.keep_all = self.num_shards == 1 and table_bytes(graph, dims, sub_rows) <= keep_all_bytes
+    self.capacity = shard_capacity(graph, dims, sub_rows, self.keep_all)
     self.anchors = anchors
+    #: Called before anything is written to storage (the trainer: wait until
+    #: the last checkpoint is final; the slots written next are the ones
+    #: the checkpoint before it names).
+    self.write_barrier = write_barrier
     self.layout: sharding_lib.WorkingLayout | None = None
-    self.home: dict[int, state_lib.Rows] = {}
+    self._home: dict[int, state_lib.Rows] = {}
+    #: Whether the resident rows may differ from storage (home set since the last flush).
+    self._dirty = False
     self.pending_writes: dict[Block, list] = {}
     self.io_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     #: block -> futures of its first chunks' reads (prefetch), for load().
@@ -205,8 +245,20 @@ class Residency:
     #: (host bytes, futures) of the write-backs not yet waited for, oldest first.
     self._writes_in_flight: collections.deque = collections.deque()
 
+  def blocks_of(self, bucket: tuple[int, int]) -> list[Block]:
+    """The partitions resident while ``bucket`` trains (all, with keep_all)."""
+    return all_blocks(self.graph) if self.keep_all else bucket_blocks(self.graph, bucket)
+
+  @property
+  def home(self) -> dict[int, state_lib.Rows]:
+    return self._home
+
+  @home.setter
+  def home(self, value: dict[int, state_lib.Rows]) -> None:
+    self._home, self._dirty = value, True
+
   def layout_of(self, bucket: tuple[int, int]) -> sharding_lib.WorkingLayout:
-    return layout_for(self.graph, self.dims, bucket_blocks(self.graph, bucket), self.num_shards,
+    return layout_for(self.graph, self.dims, self.blocks_of(bucket), self.num_shards,
                       self.sub_rows, self.capacity, self.schedule)
 
   # -- transfers between storage and the working tables, in row chunks --------
@@ -308,6 +360,8 @@ class Residency:
     """Copies one resident partition to the host and starts writing it to
     the uncommitted slot, chunk by chunk: at most WRITE_BEHIND_BYTES of
     host copies are in flight (older writes are waited for first)."""
+    if self.write_barrier is not None:
+      self.write_barrier()
     slot = self.slots.write_target(block)
     self.slots.current[block] = slot
     futures = []
@@ -337,7 +391,7 @@ class Residency:
     partition being written back is read after its write)."""
     resident = set(self.layout.offsets) if self.layout else set()
     budget, ahead = READ_AHEAD_BYTES, {}
-    for block in bucket_blocks(self.graph, bucket):
+    for block in self.blocks_of(bucket):
       if block in resident:
         continue
       ahead[block] = []
@@ -354,7 +408,7 @@ class Residency:
     (the writes finish in the background), kept ones move inside device
     memory, new ones are read chunk by chunk into their place (starting
     from the read-ahead of ``prefetch``)."""
-    needed = bucket_blocks(self.graph, bucket)
+    needed = self.blocks_of(bucket)
     ahead, self._ahead = self._ahead, {}
     if self.layout is not None and sorted(self.layout.offsets) == needed:
       return
@@ -414,9 +468,16 @@ class Residency:
 
   def flush(self) -> None:
     """Writes every resident partition back and waits for all writes (of all
-    hosts); at most WRITE_BEHIND_BYTES of host copies exist at a time."""
-    for block in list(self.layout.offsets) if self.layout is not None else ():
+    hosts); at most WRITE_BEHIND_BYTES of host copies exist at a time.
+    Nothing is written when the rows have not changed since the last flush
+    (the run's end, right after its last checkpoint: a 1M x 128 table is
+    512 MB). Passes the write barrier either way: callers write the
+    uncommitted slots after a flush (best_checkpoint.py)."""
+    if self.write_barrier is not None:
+      self.write_barrier()
+    for block in list(self.layout.offsets) if self.layout is not None and self._dirty else ():
       self._write_back(block)
+    self._dirty = False
     self._bound_writes(0)
     for block in list(self.pending_writes):
       self._wait_writes(block)

@@ -106,6 +106,12 @@ class StepSettings(NamedTuple):
   #: ceil(U / G), so the union of the G devices' draws is U uniform draws
   #: from the whole type, as on one device, at 1/G of its scoring work.
   uniform_per_device: int = 0
+  #: Steps whose edges are all padding (weight 0: the tail of a group's last
+  #: call) skip the work under lax.cond. Exact: such a step's gradients are
+  #: zero, so its Adagrad updates leave rows, accumulators and relations
+  #: unchanged. One device only: with several, every device must take the
+  #: same branch (the step's collectives).
+  skip_padding: bool = False
 
 
 def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, params,
@@ -350,6 +356,18 @@ def _step_log_q(settings: StepSettings, batch: StepBatch):
 
 
 def one_step(settings: StepSettings, carry, batch: StepBatch):
+  """One step of S chunks (or, with settings.skip_padding, nothing when all
+  its edges are padding: with T steps per call a group's last call is mostly
+  padding when a bucket holds few steps, e.g. 17 real steps in 2 calls of 16)."""
+  if not settings.skip_padding:
+    return _real_step(settings, carry, batch)
+  nothing = lambda carry, batch: (carry, (jnp.zeros((), jnp.float32),
+                                          jnp.zeros((), jnp.int32)))
+  return jax.lax.cond(jnp.any(batch.weight > 0), functools.partial(_real_step, settings),
+                      nothing, carry, batch)
+
+
+def _real_step(settings: StepSettings, carry, batch: StepBatch):
   """One step of S chunks: draw negatives, score, update rows and relations."""
   state, key = carry
   num_uniform = settings.num_uniform
@@ -457,7 +475,8 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                           reciprocal, regularization, l2_to_previous, mesh is not None,
                           regularizer, model.resolve_matmul_precision(matmul_precision),
                           all_candidates, global_candidates,
-                          -(-num_uniform // mesh.size) if global_candidates else 0)
+                          -(-num_uniform // mesh.size) if global_candidates else 0,
+                          skip_padding=mesh is None or mesh.size == 1)
   if mesh is None:
     return jax.jit(functools.partial(local_steps, settings), donate_argnums=(0,))
   state_spec = state_lib.state_spec(visiting, anchored=bool(l2_to_previous))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 import uuid
 
@@ -126,6 +127,89 @@ def prepare_graph(config, workdir: str, progress: bool = True) -> Graph:
     raise ValueError(f"{graph_dir}: imported relations {imported} differ from the config's "
                      f"{declared}; use a fresh workdir")
   return graph
+
+
+@jax.jit
+def _bucket_key_data(seed, epoch, index) -> jax.Array:
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), index)
+  return jax.random.key_data(key)
+
+
+def bucket_key(seed: int, epoch: int, index: int) -> np.ndarray:
+  """The raw key data [2] uint32 of a bucket's negative draws:
+  fold_in(fold_in(key(seed), epoch), index), as one compiled program (three
+  when run op by op)."""
+  if not -2 ** 31 <= seed < 2 ** 31:  # past int32: jax.random.key's own conversion, op by op
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), index)
+    return np.asarray(jax.random.key_data(key))
+  return np.asarray(_bucket_key_data(np.int32(seed), np.int32(epoch), np.int32(index)))
+
+
+def abstract_call_batch(config, mesh: jax.sharding.Mesh) -> step_lib.StepBatch:
+  """Shapes, dtypes and shardings of one host-prepared call's StepBatch
+  (batching._BucketPacker._device_call, as train_bucket hands it to the
+  mesh): [G, T, S, C] per edge, [G, T, S] per chunk, relation rows per edge
+  in mixed chunks, the log-q fields with the correction."""
+  chunk = config.negatives.chunk_size
+  per_step = config.train.batch_size // chunk
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding_lib.AXIS))
+  lead = (mesh.size, batching.STEPS_PER_CALL)
+
+  def spec(shape, dtype=np.int32):
+    return jax.ShapeDtypeStruct(lead + shape, np.dtype(dtype), sharding=sharding)
+
+  per_edge, per_chunk = (per_step, chunk), (per_step,)
+  rel = per_edge if config.negatives.mix_relations else per_chunk
+  extra = {}
+  if config.negatives.logq_correction:
+    extra = dict(src_logq=spec(per_edge, np.float32), dst_logq=spec(per_edge, np.float32),
+                 uniform_src_logq=spec(per_chunk, np.float32),
+                 uniform_dst_logq=spec(per_chunk, np.float32))
+  return step_lib.StepBatch(
+      src=spec(per_edge), dst=spec(per_edge), rel=spec(rel), rel_reverse=spec(rel),
+      weight=spec(per_edge, np.float32), src_lo=spec(per_chunk), src_n=spec(per_chunk),
+      dst_lo=spec(per_chunk), dst_n=spec(per_chunk), step_index=spec(()), **extra)
+
+
+def precompile_steps(trainer: "Trainer") -> threading.Thread | None:
+  """Compiles the one-device step of every parameter group in a thread, from
+  shapes alone, while the first bucket's partitions load and its batches are
+  prepared; the step's first call then finds the program compiled (about 3
+  CPU-seconds on 2 cores, most of the time to the first trained bucket).
+
+  The host path on one device without anchors only (the ring's visiting
+  variants and the device path's batches keep compiling on first use). A
+  failure here costs nothing but the overlap: the call compiles as before."""
+  config, mesh = trainer.config, trainer.mesh
+  path = device_batching.resolve_path(config.train.batch_preparation, mesh.size,
+                                      jax.process_count(), mesh.devices.flat[0].platform)
+  if mesh.size != 1 or path != "host" or trainer.anchor_strength:
+    return None
+  capacity = trainer.residency.capacity
+  rows = jax.sharding.NamedSharding(mesh, sharding_lib.ROWS)
+  key = jax.ShapeDtypeStruct((2,), np.dtype(np.uint32), sharding=sharding_lib.replicated(mesh))
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+  def compile_all():
+    bucket_key(config.train.seed, 0, 0)  # compiled here too
+    for group in sorted(trainer.layout.groups):
+      dim = model.group_dim(group)
+      home = state_lib.Rows(jax.ShapeDtypeStruct((capacity[dim], dim), np.dtype(np.float32),
+                                                 sharding=rows),
+                            jax.ShapeDtypeStruct((capacity[dim],), np.dtype(np.float32),
+                                                 sharding=rows))
+      state = state_lib.StepState(home, None, *jax.tree_util.tree_map(abstract, (
+          trainer._rel_state["params"][group], trainer._rel_state["opt"][group])))
+      try:
+        trainer._step_fn(group, False).lower(state, abstract_call_batch(config, mesh),
+                                             key).compile()
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"[twhin] warning: compiling the step ahead failed ({e}); it compiles on first use",
+              flush=True)
+
+  thread = threading.Thread(target=compile_all, name="precompile-steps", daemon=True)
+  thread.start()
+  return thread
 
 
 class Trainer:
@@ -262,7 +346,9 @@ class Trainer:
           zarr_format=self.config.storage.zarr_format, create=False,
           sub_partitions=self.num_shards, num_slots=1)
     return residency_lib.Residency(self.graph, self.dims, self.tables, self.slots, self.mesh,
-                                   sub_rows, anchors, self.schedule)
+                                   sub_rows, anchors, self.schedule,
+                                   keep_all_bytes=residency_lib.KEEP_ALL_BYTES,
+                                   write_barrier=self.checkpointer.wait)
 
   @property
   def rel_state(self) -> dict:
@@ -332,9 +418,7 @@ class Trainer:
     where every visit is the plain one-table step on the slots each device
     holds and the slots move between visits (sharding.Tournament). Returns
     (loss, edges)."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.train.seed), epoch),
-                             index)
-    key = sharding_lib.global_array(np.asarray(jax.random.key_data(key)), self.mesh)
+    key = sharding_lib.global_array(bucket_key(self.config.train.seed, epoch, index), self.mesh)
     batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
         sharding_lib.AXIS))
     state = state_lib.TrainState(self.residency.home, {}, self._rel_state["params"],
@@ -404,6 +488,7 @@ class Trainer:
                disable=not self.progress)
     stream = device_batching.open_stream(plan, self.graph, self.layout, config,
                                          self.residency.layout_of, self.mesh)
+    compiling = precompile_steps(self) if plan else None
     try:
       for position, (epoch, index, bucket) in enumerate(plan):
         if self.early_stop.stopped:  # validation stopped improving (early_stopping.py)
@@ -414,6 +499,8 @@ class Trainer:
         self.residency.load(bucket)
         if position + 1 < len(plan) and config.storage.prefetch:
           self.residency.prefetch(plan[position + 1][2])
+        if compiling is not None:  # the step's first call must find its program compiled
+          compiling, _ = None, compiling.join()
         loss, edges = self.train_bucket(epoch, index, stream.bucket_calls(epoch, index))
         elapsed = time.perf_counter() - started
         epoch_loss, epoch_edges, epoch_time = (epoch_loss + loss, epoch_edges + edges,
@@ -436,6 +523,7 @@ class Trainer:
     finally:
       stream.close()
       bar.close()
+      self.checkpointer.wait()  # the last checkpoint final when training returns
     self.flush()
     if self.primary:
       reporting.plot_training(self.history, self.workdir)
