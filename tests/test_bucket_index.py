@@ -206,3 +206,64 @@ def test_a_graph_without_the_index_is_read_whole(tiny_graph, tmp_path, monkeypat
   for local, (calls, read), (old_calls, old_read) in zip(parties, by_cells, whole):
     assert old_read == graph.bucket_sizes()[bucket] > read
     _assert_same_local_arrays(calls, old_calls, local, shards)
+
+
+def _run_two_processes(base: str, schedule: str, epochs: int) -> list[dict]:
+  import json
+  import subprocess
+  import sys
+
+  from test_sharded import REPO, _free_port, cpu_env
+  from twhin_jax import distributed
+  port = _free_port()
+  procs = []
+  for index in range(2):
+    env = cpu_env(2, **{distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
+                        distributed.ENV_NUM_PROCESSES: "2",
+                        distributed.ENV_PROCESS_ID: str(index)})
+    env["PYTHONPATH"] = REPO
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "host_share_worker.py"), base, schedule,
+         str(epochs)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  results = []
+  for proc in procs:
+    try:
+      log, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+    assert proc.returncode == 0, log[-3000:]
+    line = [x for x in log.splitlines() if x.startswith("HOST_SHARE ")][-1]
+    results.append(json.loads(line[len("HOST_SHARE "):]))
+  return results
+
+
+@pytest.mark.multihost
+@pytest.mark.parametrize("schedule", ["ring", "tournament"])
+def test_two_processes_read_their_share_and_train_what_whole_reads_train(tmp_path, schedule):
+  """2 processes x 2 devices (jax.distributed on localhost): reading only
+  each process's cells trains bit-identical tables to reading whole buckets,
+  while each process reads about the edges its devices train (whole: all of
+  them), about half of them."""
+  from test_train import committed_tables
+  epochs = 1
+  per_process = _run_two_processes(str(tmp_path), schedule, epochs)
+  cells = committed_tables(str(tmp_path / "cells"))
+  whole = committed_tables(str(tmp_path / "whole"))
+  for entity_type in whole:
+    np.testing.assert_array_equal(cells[entity_type], whole[entity_type], err_msg=entity_type)
+  total = Graph(str(tmp_path / "cells" / "graph")).num_edges("train") * epochs
+  assert [r["whole"]["edges"] for r in per_process] == [total, total]
+  read = [r["cells"]["edges"] for r in per_process]
+  kept = [r["cells"]["kept"] for r in per_process]  # what its devices train
+  assert sum(kept) == total and [r["whole"]["kept"] for r in per_process] == kept
+  for process_read, process_kept in zip(read, kept):
+    # Every edge its devices train and few others (the grid's boundary blocks).
+    assert process_kept <= process_read <= 1.05 * process_kept, (read, kept)
+  if schedule == "ring":  # the tournament gives a chunk-sized type's slots to device 0
+    assert max(read) < 0.6 * total, read
+  for r in per_process:
+    assert r["cells"]["bytes"] == r["cells"]["edges"] * 12  # src, dst, rel int32 (unweighted)
+    assert r["cells"]["train_edges"] == r["whole"]["train_edges"] == total

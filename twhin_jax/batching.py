@@ -105,6 +105,7 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   if num_edges <= SLICE_EDGES:
     order = rng.permutation(num_edges)
     bucket_index.READ_STATS.count(edges, num_edges)
+    bucket_index.READ_STATS.keep(num_edges)
     yield from _BucketPacker(graph, layout, working, bucket, config, edges, order).calls(rng)
     return
   # A large bucket on one device streams in slices, so that only the slices
@@ -135,6 +136,7 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
     slice_rng = np.random.default_rng(seed)
     order = index[slice_rng.permutation(len(index))]
     bucket_index.READ_STATS.count(edges, len(index))
+    bucket_index.READ_STATS.keep(len(index))
     packer = _BucketPacker(graph, layout, working, bucket, config, edges, order)
     return list(packer.calls(slice_rng))
 
@@ -177,6 +179,7 @@ def _prepare_sharded(graph: Graph, layout: model.RelationLayout,
     order.append(mine[np.random.default_rng(list(seed_path) + [DEVICE_SHUFFLE, g])
                       .permutation(len(mine))])
   order = np.concatenate(order) if order else np.zeros(0, np.int64)
+  bucket_index.READ_STATS.keep(len(order))
   if exchange is None and len(local) < shards:
     # The other devices' chunk counts from their edges, placed here too.
     everyone = _BucketPacker(graph, layout, working, bucket, config, held,

@@ -243,8 +243,13 @@ class ReadStats:
 
   def __init__(self):
     self._lock = threading.Lock()
-    self.edges = 0
-    self.bytes = 0
+    self.edges = 0  # rows read
+    self.bytes = 0  # bytes of those rows in the files
+    self.kept = 0  # rows read that this process's devices train
+
+  def keep(self, edges: int) -> None:
+    with self._lock:
+      self.kept += int(edges)
 
   def add(self, edges: int, num_bytes: int) -> None:
     with self._lock:
@@ -259,7 +264,7 @@ class ReadStats:
 
   def reset(self) -> None:
     with self._lock:
-      self.edges = self.bytes = 0
+      self.edges = self.bytes = self.kept = 0
 
 
 READ_STATS = ReadStats()
