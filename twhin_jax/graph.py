@@ -10,6 +10,8 @@ An import (``twhin_jax.importer``) writes a directory::
   buckets/<i>_<j>/dst.npy       int32 [E_ij]: target offsets inside partition j
   buckets/<i>_<j>/rel.npy       int32 [E_ij]: relation index (config order)
   buckets/<i>_<j>/weight.npy    float32 [E_ij]: edge weight (only if weighted)
+  buckets/<i>_<j>/cells.npy     int64 [type pairs, K, K]: edges per cell, the
+                                files grouped by cell (bucket_index.py)
   splits/<valid|test>/{src,rel,dst}.npy   int64 local ids (not bucketed)
 
 Local ids of a type are 0..count-1; partition p of a type with P partitions
