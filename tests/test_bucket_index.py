@@ -267,3 +267,22 @@ def test_two_processes_read_their_share_and_train_what_whole_reads_train(tmp_pat
   for r in per_process:
     assert r["cells"]["bytes"] == r["cells"]["edges"] * 12  # src, dst, rel int32 (unweighted)
     assert r["cells"]["train_edges"] == r["whole"]["train_edges"] == total
+
+
+def test_a_process_without_edges_in_a_bucket_packs_padding(tiny_graph):
+  """A process whose devices train no edge of a bucket (possible with small
+  types) still makes every call, all padding for its devices."""
+  config, graph = tiny_graph
+  shards, bucket = 4, (0, 1)
+  working, layout = _working(config, graph, shards, bucket, "ring")
+  full = list(batching.prepare_bucket(graph, layout, working, bucket, config, (0, 1, 2)))
+  edges = graph.bucket_edges(*bucket)
+  everyone = batching._BucketPacker(graph, layout, working, bucket, config, edges,
+                                    np.arange(len(edges["src"])))
+  nothing = batching._BucketPacker(graph, layout, working, bucket, config, edges,
+                                   np.zeros(0, np.int64), frozenset({3}),
+                                   lambda counts: counts + everyone.cell_counts)
+  calls = list(nothing.calls(np.random.default_rng([0, 1, 2])))
+  assert len(calls) == len(full) > 1
+  for _, call in calls:
+    assert not call.batch.weight.any()

@@ -497,26 +497,30 @@ class _BucketPacker:
           [call_chunks, np.full((full - len(call_chunks), chunk), -1, np.int64)])
     is_real = call_chunks >= 0  # [T*S, C]
     safe = np.where(is_real, call_chunks, 0)
+
+    def at(values: np.ndarray) -> np.ndarray:  # values[safe]; a process may hold no edge
+      return values[safe] if len(values) else np.zeros(safe.shape, values.dtype)
+
     # A chunk that is all padding takes the group's first relation.
-    chunk_rel = np.where(is_real.any(axis=1), self.rel[safe[:, 0]],
+    chunk_rel = np.where(is_real.any(axis=1), at(self.rel)[:, 0],
                          self.layout.groups[group][0]).astype(np.int64)  # [T*S]
     src_n, dst_n = src_n_of[chunk_rel], dst_n_of[chunk_rel]  # [T*S]
-    edge_rel = np.where(is_real, self.rel[safe], chunk_rel[:, None])  # [T*S, C]
-    edge_weight = np.where(is_real, self.weight[safe] * ranges.weight[edge_rel], 0.0)
+    edge_rel = np.where(is_real, at(self.rel), chunk_rel[:, None])  # [T*S, C]
+    edge_weight = np.where(is_real, at(self.weight) * ranges.weight[edge_rel], 0.0)
     # Relation rows per chunk [T, S], or per edge [T, S, C] in mixed chunks.
     rel_rows = edge_rel.reshape(shape3) if self.mixed else chunk_rel.reshape(shape2)
     extra = {}
     if self.correct:
       extra = dict(
-          src_logq=np.where(is_real, self.src_logq[safe], 0.0).reshape(shape3).astype(np.float32),
-          dst_logq=np.where(is_real, self.dst_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+          src_logq=np.where(is_real, at(self.src_logq), 0.0).reshape(shape3).astype(np.float32),
+          dst_logq=np.where(is_real, at(self.dst_logq), 0.0).reshape(shape3).astype(np.float32),
           uniform_src_logq=negatives.uniform_log_count(
               src_n, chunk, self.num_uniform).reshape(shape2),
           uniform_dst_logq=negatives.uniform_log_count(
               dst_n, chunk, self.num_uniform).reshape(shape2))
     return step_lib.StepBatch(
-        src=np.where(is_real, self.src_row[safe], 0).reshape(shape3).astype(np.int32),
-        dst=np.where(is_real, self.dst_row[safe], 0).reshape(shape3).astype(np.int32),
+        src=np.where(is_real, at(self.src_row), 0).reshape(shape3).astype(np.int32),
+        dst=np.where(is_real, at(self.dst_row), 0).reshape(shape3).astype(np.int32),
         rel=self.row_in_group[rel_rows],
         rel_reverse=self.reverse_row_in_group[rel_rows],
         weight=edge_weight.reshape(shape3).astype(np.float32),
