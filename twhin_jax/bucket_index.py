@@ -115,9 +115,25 @@ def group_bucket(directory: str, cell_grid: CellGrid,
   columns = {n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in names}
   num_edges, num_cells = len(columns["src"]), cell_grid.num_cells
 
-  def cells_of(a: int, b: int) -> np.ndarray:
-    return cell_grid.cells(columns["src"][a:b], columns["dst"][a:b], columns["rel"][a:b])
+  key_type = np.uint16 if num_cells <= 1 << 16 else np.int64  # numpy radix-sorts 16-bit keys
 
+  def cells_of(a: int, b: int) -> np.ndarray:
+    cells = cell_grid.cells(columns["src"][a:b], columns["dst"][a:b], columns["rel"][a:b])
+    return cells.astype(key_type)
+
+  if num_edges <= block_edges:  # the whole bucket in memory: one sort, sequential writes
+    cell = cells_of(0, num_edges)
+    by_cell = np.argsort(cell, kind="stable")
+    for n in names:
+      partial = os.path.join(directory, f".{n}.grouping.npy")
+      np.save(partial, np.array(columns[n])[by_cell])  # read sequentially, then gather
+    del columns
+    for n in names:
+      os.replace(os.path.join(directory, f".{n}.grouping.npy"), os.path.join(directory, f"{n}.npy"))
+    counts = np.bincount(cell, minlength=num_cells).reshape(
+        len(cell_grid.type_pairs), cell_grid.grid, cell_grid.grid)
+    np.save(os.path.join(directory, INDEX_FILE), counts)
+    return counts
   counts = np.zeros(num_cells, np.int64)
   for a in range(0, num_edges, block_edges):
     counts += np.bincount(cells_of(a, a + block_edges), minlength=num_cells)
