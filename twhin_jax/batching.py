@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import queue
 import threading
@@ -22,6 +23,7 @@ import threading
 import jax
 import numpy as np
 
+from twhin_jax import bucket_index
 from twhin_jax import device_schedule
 from twhin_jax import model
 from twhin_jax import negatives
@@ -45,6 +47,11 @@ PREP_THREADS = min(8, os.cpu_count() or 1)
 #: Slices being prepared at once (about 120 bytes per edge each, so 2 slices
 #: of 1M edges take about 0.25 GB of the fixed memory budget).
 SLICES_IN_FLIGHT = 2
+#: Seed-path word of a device's own shuffle of its edges (seed path, this, device).
+DEVICE_SHUFFLE = 0xD5
+#: Read only the cells of grouped buckets that a process's devices train
+#: (bucket_index.py); False reads whole buckets (tests compare both).
+USE_BUCKET_INDEX = True
 
 
 @dataclasses.dataclass
@@ -55,20 +62,22 @@ class PreparedCall:
 
 def prepare_bucket(graph: Graph, layout: model.RelationLayout,
                    working: sharding_lib.WorkingLayout, bucket: tuple[int, int], config,
-                   seed_path: tuple[int, ...], local_devices: frozenset[int] | None = None):
+                   seed_path: tuple[int, ...], local_devices: frozenset[int] | None = None,
+                   exchange=None):
   """Yields (visit, call) for the jitted calls of one bucket, visit by visit
   (a visit trains round visit % R; only the tournament visits a round more
   than once, _BucketPacker.calls).
 
-  Edges are shuffled (seeded by ``seed_path``) and split into G x G
-  sub-buckets by the sub-partitions of their endpoints (sharding.py); round k
-  gives device g the sub-bucket (g, (g + k) mod G). Within a device's
-  sub-bucket the edges are grouped by chunk class (negatives.chunk_classes)
-  into chunks of C (the last chunk of each padded with weight-0 edges),
-  chunks of one relation group (operator, dim) are shuffled and packed S to
-  a step and T steps to a call. All devices run the same sequence of calls
-  (one SPMD program), so a device with fewer chunks of a group than another
-  gets all-padding calls.
+  Edges are split into G x G sub-buckets by the sub-partitions of their
+  endpoints (sharding.py); round k gives device g the sub-bucket (g, (g + k)
+  mod G). Each device's edges are shuffled by their own seed (``seed_path``
+  and the device), so that a device's batches depend only on its own edges.
+  Within a device's sub-bucket the edges are grouped by chunk class
+  (negatives.chunk_classes) into chunks of C (the last chunk of each padded
+  with weight-0 edges), chunks of one relation group (operator, dim) are
+  shuffled and packed S to a step and T steps to a call. All devices run the
+  same sequence of calls (one SPMD program), so a device with fewer chunks of
+  a group than another gets all-padding calls.
 
   With ``working.schedule == "tournament"`` the rounds are the 2G - 1 of
   device_schedule.tournament: the edges split into 2G x 2G sub-buckets by
@@ -77,54 +86,190 @@ def prepare_bucket(graph: Graph, layout: model.RelationLayout,
   slots take in that round.
 
   ``local_devices`` (mesh positions; None: all): with several processes each
-  packs only its own devices' sub-buckets; the other devices' slices of the
-  arrays stay zero (sharding.global_array hands over only local slices).
-  The calls, and the local devices' arrays, are the same as when every
-  device is packed: the placement, the chunk counts of every device (to
-  know the calls) and log q still read all of the bucket's edges, and the
-  random draws of the other devices are made (a permutation of their chunk
-  count) though their chunks are not.
+  reads and packs only its own devices' edges; the other devices' slices of
+  the arrays stay zero (sharding.global_array hands over only local slices).
+  When the bucket is grouped by cell (bucket_index.py) a process reads only
+  the cells that overlap its devices' sub-partitions. The calls depend on
+  every device's chunk counts: ``exchange`` (local counts [cells] -> every
+  process's counts summed, e.g. ``KeyValueSum``) supplies the other devices'
+  counts; without it the whole bucket is read to count them. The calls, and
+  the local devices' arrays, are the same whichever devices are local.
   """
   rng = np.random.default_rng(list(seed_path))
   edges = graph.bucket_edges(*bucket)  # memory-mapped: read as the slices need them
   num_edges = len(edges["src"])
   if num_edges == 0:
     return
-  if working.num_shards > 1 or num_edges <= SLICE_EDGES:
+  if working.num_shards > 1:
+    yield from _prepare_sharded(graph, layout, working, bucket, config, seed_path, rng, edges,
+                                local_devices, exchange)
+    return
+  if num_edges <= SLICE_EDGES:
     order = rng.permutation(num_edges)
-    yield from _BucketPacker(graph, layout, working, bucket, config, edges, order,
-                             local_devices).calls(rng)
+    bucket_index.READ_STATS.count(edges, num_edges)
+    bucket_index.READ_STATS.keep(num_edges)
+    yield from _BucketPacker(graph, layout, working, bucket, config, edges, order).calls(rng)
     return
   # A large bucket on one device streams in slices, so that only the slices
-  # in flight are in memory, never a shuffled copy of the whole bucket: its
-  # edges split into runs of READ_BLOCK_EDGES consecutive edges, a seeded
-  # permutation of the runs is cut into slices of RUNS_PER_SLICE runs
-  # (each a random set of runs from all over the bucket), and every slice is
-  # shuffled by its own seed, prepared in a thread (numpy releases the GIL)
-  # and trained after the one before. With several devices the rounds must
-  # stay in order, and the G x G sub-buckets already keep the pieces small.
-  runs = rng.permutation(-(-num_edges // READ_BLOCK_EDGES))
-  slices = [np.sort(runs[i:i + RUNS_PER_SLICE]) for i in range(0, len(runs), RUNS_PER_SLICE)]
+  # in flight are in memory, never a shuffled copy of the whole bucket; every
+  # slice is shuffled by its own seed, prepared in a thread (numpy releases
+  # the GIL) and trained after the one before. A bucket grouped by cell
+  # splits into slices that take a share of every cell (its edges in random
+  # order: each slice is a uniform sample of the bucket,
+  # bucket_index.stratified_slices); an ungrouped one into runs of
+  # READ_BLOCK_EDGES consecutive edges, a seeded permutation of the runs cut
+  # into slices of RUNS_PER_SLICE runs (each a random set of runs from all
+  # over the bucket). With several devices the rounds must stay in order, and
+  # the G x G sub-buckets already keep the pieces small.
+  starts = graph.bucket_cells(*bucket) if USE_BUCKET_INDEX else None
+  if starts is not None and len(starts) - 1 == graph.cell_grid.num_cells:
+    num_slices = -(-num_edges // (RUNS_PER_SLICE * READ_BLOCK_EDGES))
+    slices = bucket_index.stratified_slices(starts, num_slices, rng)
+  else:
+    runs = rng.permutation(-(-num_edges // READ_BLOCK_EDGES))
+    slices = [np.concatenate([np.arange(run * READ_BLOCK_EDGES,
+                                        min((run + 1) * READ_BLOCK_EDGES, num_edges))
+                              for run in np.sort(runs[i:i + RUNS_PER_SLICE])])
+              for i in range(0, len(runs), RUNS_PER_SLICE)]
   seeds = rng.integers(2 ** 63, size=len(slices))
   workers = max(1, min(PREP_THREADS, SLICES_IN_FLIGHT, len(slices)))
 
-  def prepare_slice(slice_runs, seed):
+  def prepare_slice(index, seed):
     slice_rng = np.random.default_rng(seed)
-    index = np.concatenate([np.arange(run * READ_BLOCK_EDGES,
-                                      min((run + 1) * READ_BLOCK_EDGES, num_edges))
-                            for run in slice_runs])
     order = index[slice_rng.permutation(len(index))]
+    bucket_index.READ_STATS.count(edges, len(index))
+    bucket_index.READ_STATS.keep(len(index))
     packer = _BucketPacker(graph, layout, working, bucket, config, edges, order)
     return list(packer.calls(slice_rng))
 
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     pending = collections.deque()
-    for slice_runs, seed in zip(slices, seeds):
-      pending.append(pool.submit(prepare_slice, slice_runs, seed))
+    for index, seed in zip(slices, seeds):
+      pending.append(pool.submit(prepare_slice, index, seed))
       if len(pending) >= workers:
         yield from pending.popleft().result()
     while pending:
       yield from pending.popleft().result()
+
+
+def _prepare_sharded(graph: Graph, layout: model.RelationLayout,
+                     working: sharding_lib.WorkingLayout, bucket, config, seed_path, rng,
+                     edges: dict, local_devices: frozenset[int] | None, exchange):
+  """prepare_bucket with G > 1 devices: read the local devices' edges (only
+  their cells when the bucket is grouped and an ``exchange`` tells the other
+  devices' counts), shuffle each device's edges by its own seed, pack."""
+  shards = working.num_shards
+  local = frozenset(range(shards)) if local_devices is None else frozenset(local_devices)
+  num_edges = len(edges["src"])
+  starts = None
+  if USE_BUCKET_INDEX and len(local) < shards and exchange is not None:
+    starts = graph.bucket_cells(*bucket)
+  if starts is not None:
+    needed = _needed_cells(graph, working, bucket, local)
+    held = bucket_index.read_rows(edges, bucket_index.read_ranges(starts, needed))
+  else:
+    held = edges
+    bucket_index.READ_STATS.count(edges, num_edges)
+  ranges = _RelationRanges.of(graph, working, bucket)
+  rel = np.asarray(held["rel"]).astype(np.int64)
+  device = _device_of(ranges, working, rel, np.asarray(held["src"]).astype(np.int64),
+                      np.asarray(held["dst"]).astype(np.int64))  # [E held]
+  # Every device's edges, in file order, shuffled by the device's own seed.
+  order = []
+  for g in sorted(local):
+    mine = np.flatnonzero(device == g)
+    order.append(mine[np.random.default_rng(list(seed_path) + [DEVICE_SHUFFLE, g])
+                      .permutation(len(mine))])
+  order = np.concatenate(order) if order else np.zeros(0, np.int64)
+  bucket_index.READ_STATS.keep(len(order))
+  if exchange is None and len(local) < shards:
+    # The other devices' chunk counts from their edges, placed here too.
+    everyone = _BucketPacker(graph, layout, working, bucket, config, held,
+                             np.flatnonzero(~np.isin(device, sorted(local))),
+                             frozenset(range(shards)) - local)
+    others = everyone.cell_counts
+    exchange = lambda counts: counts + others  # noqa: E731
+  packer = _BucketPacker(graph, layout, working, bucket, config, held, order, local, exchange)
+  yield from packer.calls(rng)
+
+
+def _device_of(ranges: "_RelationRanges", working: sharding_lib.WorkingLayout,
+               rel: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+  """[E] the device that trains each edge (as _BucketPacker places it)."""
+  if working.schedule == "tournament":
+    plan = device_schedule.tournament(working.num_shards)
+    owner = np.zeros((plan.num_slots, plan.num_slots), np.int64)  # [source slot, target slot]
+    for (x, y), (_, g) in plan.owner().items():
+      owner[x, y] = g
+    return owner[src // (ranges.src_sub // 2)[rel], dst // (ranges.dst_sub // 2)[rel]]
+  return src // ranges.src_sub[rel]
+
+
+def _needed_cells(graph: Graph, working: sharding_lib.WorkingLayout, bucket,
+                  local: frozenset[int]) -> np.ndarray:
+  """[num_cells] bool: the cells of a grouped bucket that hold any edge of
+  the ``local`` devices (bucket_index.needed_cells, per type pair)."""
+  cell_grid, shards = graph.cell_grid, working.num_shards
+  grid = cell_grid.grid
+  needed = np.zeros((len(cell_grid.type_pairs), grid, grid), bool)
+  if working.schedule == "tournament":
+    plan = device_schedule.tournament(shards)
+    units, divide = plan.num_slots, 2
+    owned = np.zeros((units, units), bool)  # [source slot, target slot]
+    for (x, y), (_, g) in plan.owner().items():
+      owned[x, y] = g in local
+  else:
+    units, divide = shards, 1
+    owned = np.zeros((shards, shards), bool)  # [source sub-partition, target sub-partition]
+    owned[sorted(local), :] = True
+  done = set()
+  for r, info in enumerate(graph.relations):
+    pair = int(cell_grid.pair_of[r])
+    if pair in done:
+      continue
+    done.add(pair)
+    src_block, dst_block = residency.relation_blocks(graph, bucket, r)
+    src_units = bucket_index.unit_blocks(cell_grid, graph.entities[info.source].partition_size,
+                                         working.sub_rows[src_block] // divide, units)
+    dst_units = bucket_index.unit_blocks(cell_grid, graph.entities[info.target].partition_size,
+                                         working.sub_rows[dst_block] // divide, units)
+    needed[pair] = bucket_index.needed_cells(src_units, dst_units, owned)
+  return needed.ravel()
+
+
+class KeyValueSum:
+  """``exchange`` for prepare_bucket across processes: sums every process's
+  int64 array for one key through jax.distributed's key-value store (the
+  coordination service; no device collective, so it is safe in the
+  preparing thread while the main thread trains).
+
+  Keys are ``twhin/cell_counts/<stream>/<key>/<process>``; a process deletes
+  its key of the bucket before once it has read everyone's of this one
+  (then every process has read that older key)."""
+
+  _streams = iter(range(1 << 62))  # the same sequence in every process
+
+  def __init__(self, timeout_s: float = 3600.0):
+    from jax._src import distributed as jax_distributed  # the job's coordination client
+    self._client = jax_distributed.global_state.client
+    self._process, self._count = jax.process_index(), jax.process_count()
+    self._stream = next(self._streams)
+    self._timeout_ms = int(timeout_s * 1000)
+    self._previous: str | None = None
+
+  def __call__(self, key: str, counts: np.ndarray) -> np.ndarray:
+    prefix = f"twhin/cell_counts/{self._stream}/{key}"
+    counts = np.ascontiguousarray(counts, "<i8")
+    self._client.key_value_set_bytes(f"{prefix}/{self._process}", counts.tobytes())
+    total = counts.copy()
+    for process in range(self._count):
+      if process != self._process:
+        data = self._client.blocking_key_value_get_bytes(f"{prefix}/{process}", self._timeout_ms)
+        total += np.frombuffer(data, "<i8")
+    if self._previous is not None:
+      self._client.key_value_delete(self._previous)
+    self._previous = f"{prefix}/{self._process}"
+    return total
 
 
 @dataclasses.dataclass
@@ -160,7 +305,7 @@ class _BucketPacker:
 
   def __init__(self, graph: Graph, layout: model.RelationLayout,
                working: sharding_lib.WorkingLayout, bucket, config, edges, order: np.ndarray,
-               local_devices: frozenset[int] | None = None):
+               local_devices: frozenset[int] | None = None, exchange=None):
     self.layout = layout
     self.shards = working.num_shards
     self.local = (frozenset(range(self.shards)) if local_devices is None
@@ -184,10 +329,21 @@ class _BucketPacker:
     self.num_classes = int(class_of.max()) + 1
     self.class_group = {int(c): layout.group[r] for r, c in enumerate(class_of)}  # one per class
     self.edge_class = class_of[self.rel]  # [E]
+    # Cell (round, device, chunk class) of every edge: a device's chunks of a
+    # round are drawn from its cell.
+    num_cells = self.num_rounds * self.shards * self.num_classes
+    self.edge_cell = (self.round_of * self.shards + self.device_of) * self.num_classes \
+        + self.edge_class  # [E]
+    if num_cells < 2 ** 15:
+      self.edge_cell = self.edge_cell.astype(np.int16)  # stable sort of 16-bit keys: a radix sort
+    self.cell_counts = np.bincount(self.edge_cell, minlength=num_cells)  # of the edges held
+    self.exchange = exchange
     if self.correct:
+      # Batch negatives come from the edge's own cell: log q counts there
+      # (with one device, a cell is a chunk class of the bucket).
       self.src_logq, self.dst_logq = negatives.sampling_log_counts(
-          self.edge_class, src, dst, np.bincount(self.edge_class, minlength=self.num_classes),
-          self.edge_src_n, self.edge_dst_n, self.chunk, self.num_uniform)
+          self.edge_cell, src, dst, self.cell_counts, self.edge_src_n, self.edge_dst_n,
+          self.chunk, self.num_uniform)
     self.row_in_group = np.asarray(layout.row, np.int32)
     self.reverse_row_in_group = np.asarray(layout.reverse_row, np.int32)
     self.tournament = working.schedule == "tournament" and self.shards > 1
@@ -261,24 +417,16 @@ class _BucketPacker:
                                         n[1, :, k, g])
 
   def _cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(local devices' edge indices sorted by (round, device, chunk class),
+    """(held edges' indices sorted by cell (round, device, chunk class),
     start of each cell among them, every device's edges per cell).
 
-    Stable: a cell's edges keep their shuffled order, whichever devices are
-    local."""
-    shards, num_classes = self.shards, self.num_classes
-    num_cells = self.num_rounds * shards * num_classes
-    cell = (self.round_of * shards + self.device_of) * num_classes + self.edge_class
-    if num_cells < 2 ** 15:
-      cell = cell.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort: O(E)
-    counts = np.bincount(cell, minlength=num_cells)
-    if len(self.local) == shards:
-      by_cell, local_counts = np.argsort(cell, kind="stable"), counts
-    else:
-      mine = np.flatnonzero(np.isin(self.device_of, sorted(self.local)))
-      by_cell = mine[np.argsort(cell[mine], kind="stable")]
-      local_counts = np.bincount(cell[mine], minlength=num_cells)
-    return by_cell, np.concatenate([[0], np.cumsum(local_counts)]), counts
+    Stable: a cell's edges keep their order. The held edges are the local
+    devices' (all of each); the other devices' counts come from
+    ``exchange``."""
+    by_cell = np.argsort(self.edge_cell, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(self.cell_counts)])
+    counts = self.cell_counts if self.exchange is None else self.exchange(self.cell_counts)
+    return by_cell, starts, counts
 
   def calls(self, rng: np.random.Generator):
     """Yields (visit, PreparedCall), visits in order, calls of a visit
@@ -303,8 +451,10 @@ class _BucketPacker:
     if self.tournament:
       num_chunks = sum(len(chunks) for per_device in rounds for groups in per_device
                        for chunks in groups.values())
+      # Every device's edges (counts, not the held ones): the processes must
+      # agree on the step size, as they issue the same calls.
       self.per_step = device_schedule.chunks_per_device_step(
-          self.batch_size, self.chunk, self.shards, len(self.rel) / max(num_chunks, 1))
+          self.batch_size, self.chunk, self.shards, int(counts.sum()) / max(num_chunks, 1))
       round_steps = [max(sum(-(-len(chunks) // self.per_step) for chunks in groups.values())
                          for groups in per_device) for per_device in rounds]
       self.num_passes = device_schedule.round_passes(self.requested_passes, round_steps)
@@ -391,26 +541,30 @@ class _BucketPacker:
           [call_chunks, np.full((full - len(call_chunks), chunk), -1, np.int64)])
     is_real = call_chunks >= 0  # [T*S, C]
     safe = np.where(is_real, call_chunks, 0)
+
+    def at(values: np.ndarray) -> np.ndarray:  # values[safe]; a process may hold no edge
+      return values[safe] if len(values) else np.zeros(safe.shape, values.dtype)
+
     # A chunk that is all padding takes the group's first relation.
-    chunk_rel = np.where(is_real.any(axis=1), self.rel[safe[:, 0]],
+    chunk_rel = np.where(is_real.any(axis=1), at(self.rel)[:, 0],
                          self.layout.groups[group][0]).astype(np.int64)  # [T*S]
     src_n, dst_n = src_n_of[chunk_rel], dst_n_of[chunk_rel]  # [T*S]
-    edge_rel = np.where(is_real, self.rel[safe], chunk_rel[:, None])  # [T*S, C]
-    edge_weight = np.where(is_real, self.weight[safe] * ranges.weight[edge_rel], 0.0)
+    edge_rel = np.where(is_real, at(self.rel), chunk_rel[:, None])  # [T*S, C]
+    edge_weight = np.where(is_real, at(self.weight) * ranges.weight[edge_rel], 0.0)
     # Relation rows per chunk [T, S], or per edge [T, S, C] in mixed chunks.
     rel_rows = edge_rel.reshape(shape3) if self.mixed else chunk_rel.reshape(shape2)
     extra = {}
     if self.correct:
       extra = dict(
-          src_logq=np.where(is_real, self.src_logq[safe], 0.0).reshape(shape3).astype(np.float32),
-          dst_logq=np.where(is_real, self.dst_logq[safe], 0.0).reshape(shape3).astype(np.float32),
+          src_logq=np.where(is_real, at(self.src_logq), 0.0).reshape(shape3).astype(np.float32),
+          dst_logq=np.where(is_real, at(self.dst_logq), 0.0).reshape(shape3).astype(np.float32),
           uniform_src_logq=negatives.uniform_log_count(
               src_n, chunk, self.num_uniform).reshape(shape2),
           uniform_dst_logq=negatives.uniform_log_count(
               dst_n, chunk, self.num_uniform).reshape(shape2))
     return step_lib.StepBatch(
-        src=np.where(is_real, self.src_row[safe], 0).reshape(shape3).astype(np.int32),
-        dst=np.where(is_real, self.dst_row[safe], 0).reshape(shape3).astype(np.int32),
+        src=np.where(is_real, at(self.src_row), 0).reshape(shape3).astype(np.int32),
+        dst=np.where(is_real, at(self.dst_row), 0).reshape(shape3).astype(np.int32),
         rel=self.row_in_group[rel_rows],
         rel_reverse=self.reverse_row_in_group[rel_rows],
         weight=edge_weight.reshape(shape3).astype(np.float32),
@@ -484,12 +638,16 @@ class BatchStream:
   def __init__(self, plan, graph: Graph, layout: model.RelationLayout, config,
                layout_of, depth: int = 8, local_devices: frozenset[int] | None = None):
     self._plan = list(plan)
+    # With several processes, the other devices' chunk counts come from the
+    # other processes (each reads only its own devices' cells).
+    counts = KeyValueSum() if local_devices is not None and jax.process_count() > 1 else None
 
     def produce():
       for epoch, index, bucket in self._plan:
+        exchange = None if counts is None else functools.partial(counts, f"{epoch}/{index}")
         yield from ((epoch, index, k, call) for k, call in prepare_bucket(
             graph, layout, layout_of(bucket), bucket, config, (config.train.seed, epoch, index),
-            local_devices))
+            local_devices, exchange))
         yield epoch, index, None, None  # end of this bucket
 
     self._items = Background(produce(), depth=depth)

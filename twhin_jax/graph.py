@@ -10,6 +10,8 @@ An import (``twhin_jax.importer``) writes a directory::
   buckets/<i>_<j>/dst.npy       int32 [E_ij]: target offsets inside partition j
   buckets/<i>_<j>/rel.npy       int32 [E_ij]: relation index (config order)
   buckets/<i>_<j>/weight.npy    float32 [E_ij]: edge weight (only if weighted)
+  buckets/<i>_<j>/cells.npy     int64 [type pairs, K, K]: edges per cell, the
+                                files grouped by cell (bucket_index.py)
   splits/<valid|test>/{src,rel,dst}.npy   int64 local ids (not bucketed)
 
 Local ids of a type are 0..count-1; partition p of a type with P partitions
@@ -21,9 +23,18 @@ Format history: 1 kept the vocabulary as ``vocab/<type>.txt`` (read whole
 into a dict for lookups); 2 (this code) keeps it in Parquet and looks names
 up without loading it. A format-1 directory must be imported again.
 
-Several hosts: :func:`host_slices` gives each process an equal, contiguous
-share of every bucket's edges, and ``Graph.bucket_edges(i, j, rows=...)``
-reads only that share (the ``.npy`` files are memory-mapped).
+Bucket index (bucket_index.py): an import groups every bucket's edges by
+cell of a fine grid over (source offset, target offset), random order inside
+a cell, and writes ``buckets/<i>_<j>/cells.npy`` (int64 [type pairs, K, K]
+edge counts) and ``bucket_index`` in the manifest; ``Graph.bucket_cells``
+gives the row range of every cell, so that a process reads only the cells
+its devices train (batching.py). A directory without them (an older import,
+a network view) is read whole.
+
+Several hosts without the device placement: :func:`host_slices` gives each
+process an equal, contiguous share of every bucket's edges, and
+``Graph.bucket_edges(i, j, rows=...)`` reads only that share (the ``.npy``
+files are memory-mapped).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from functools import cached_property
 
 import numpy as np
 
+from twhin_jax import bucket_index as bucket_index_lib
 from twhin_jax import vocabulary as vocabulary_lib
 
 FORMAT_VERSION = 2
@@ -139,6 +151,26 @@ class Graph:
       if not mmap:
         edges = {key: np.array(values) for key, values in edges.items()}
     return edges
+
+  @cached_property
+  def cell_grid(self) -> bucket_index_lib.CellGrid | None:
+    """The grid the buckets are grouped by (None: not grouped)."""
+    if "bucket_index" not in self.manifest:
+      return None
+    return bucket_index_lib.CellGrid.of_manifest(self.manifest)
+
+  def bucket_cells(self, lhs_partition: int, rhs_partition: int) -> np.ndarray | None:
+    """[num_cells + 1] first row of every cell of a bucket's files (see
+    bucket_index.py), or None when the bucket is not grouped by cell."""
+    path = os.path.join(bucket_dir(self.path, lhs_partition, rhs_partition),
+                        bucket_index_lib.INDEX_FILE)
+    if self.cell_grid is None or not os.path.exists(path):
+      return None
+    counts = np.load(path)
+    if counts.size != self.cell_grid.num_cells:
+      raise ValueError(f"{path}: {counts.size} cells, the manifest's grid has "
+                       f"{self.cell_grid.num_cells}; import the graph again")
+    return bucket_index_lib.cell_starts(counts)
 
   def host_slices(self, process_index: int, process_count: int) -> list["BucketSlice"]:
     """This process's share of every non-empty bucket (see :func:`host_slices`)."""

@@ -57,6 +57,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from twhin_jax import bucket_index
 from twhin_jax import config as config_lib
 from twhin_jax import graph as graph_lib
 from twhin_jax.edge_reading import (
@@ -118,6 +119,8 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
       manifest = import_spark.build(config, schema, sources, work_dir, progress)
     else:
       manifest = _build(config, schema, sources, work_dir, progress)
+    # Buckets grouped by cell, so that each host reads only its own edges.
+    bucket_index.index_graph(work_dir, manifest, progress=progress)
     manifest.setdefault("build", {}).update(engine=engine,
                                             seconds=round(time.perf_counter() - started, 2))
     with open(os.path.join(work_dir, graph_lib.MANIFEST), "w") as f:
