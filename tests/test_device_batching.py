@@ -205,6 +205,30 @@ def test_large_buckets_split_into_balanced_slices_of_every_edge():
   np.testing.assert_array_equal(whole[0].src[:num], edges["src"])
 
 
+def test_read_slices_of_a_grouped_bucket_sample_every_cell():
+  """A bucket grouped by cell (bucket_index.py) is read in slices that each
+  take a proportional share of every cell, not runs of consecutive edges
+  (which would hold a few cells only)."""
+  cell_sizes = np.array([40_000, 0, 25_000, 70_000, 5_000, 60_000])
+  starts = np.concatenate([[0], np.cumsum(cell_sizes)])
+  num = int(starts[-1])
+  cell_of_row = np.repeat(np.arange(len(cell_sizes)), cell_sizes)
+  edges = {"src": np.arange(num, dtype=np.int32), "dst": cell_of_row.astype(np.int32),
+           "rel": np.zeros(num, np.int32), "weight": np.ones(num, np.float32)}
+  slices = list(device_batching.read_slices(edges, (0, 1, 2), 50_000, cell_starts=starts))
+  assert len(slices) == 4
+  read = np.concatenate([s.src[:s.num_real] for s in slices])
+  np.testing.assert_array_equal(np.sort(read), np.arange(num))  # every row once
+  for s in slices:
+    assert len(s.src) == device_batching.capacity_for(s.num_real)
+    per_cell = np.bincount(s.dst[:s.num_real], minlength=len(cell_sizes))
+    np.testing.assert_allclose(per_cell, cell_sizes / 4, atol=1)
+  again = list(device_batching.read_slices(edges, (0, 1, 2), 50_000, cell_starts=starts))
+  other = list(device_batching.read_slices(edges, (0, 1, 3), 50_000, cell_starts=starts))
+  assert all((a.src == b.src).all() for a, b in zip(slices, again))  # seeded
+  assert any((a.src != b.src).any() for a, b in zip(slices, other))  # and the seed matters
+
+
 def test_resolve_path():
   resolve = device_batching.resolve_path
   assert resolve("auto", 1, 1, "cpu") == "host"

@@ -27,7 +27,7 @@ uniform random sample of the bucket is a share of every cell
 way instead of runs of consecutive edges, which would now come from a
 handful of cells.
 
-``index_graph`` groups every bucket of a freshly imported graph directory in
+``importer.index_buckets`` groups every bucket of a freshly imported graph in
 place (a two-pass counting sort, ``GROUP_BLOCK_EDGES`` edges in memory at a
 time, stable, so the order inside a cell is the importer's) and records the
 grid in the manifest. Graph directories without ``cells.npy`` (older imports,
@@ -161,25 +161,6 @@ def group_bucket(directory: str, cell_grid: CellGrid,
   counts = counts.reshape(len(cell_grid.type_pairs), cell_grid.grid, cell_grid.grid)
   np.save(os.path.join(directory, INDEX_FILE), counts)
   return counts
-
-
-def index_graph(graph_dir: str, manifest: dict, grid: int = GRID, progress: bool = False) -> None:
-  """Groups every non-empty bucket of the graph being imported into
-  ``graph_dir`` (manifest not yet written) and records the grid in
-  ``manifest`` (its hash recomputed: the stored order changed)."""
-  from tqdm import tqdm
-
-  from twhin_jax import edge_reading  # the manifest's hash function
-  from twhin_jax import graph as graph_lib
-
-  manifest["bucket_index"] = {"grid": grid}
-  cell_grid = CellGrid.of_manifest(manifest)
-  manifest["bucket_index"]["type_pairs"] = [list(p) for p in cell_grid.type_pairs]
-  buckets = [key for key, n in sorted(manifest["bucket_sizes"].items()) if n]
-  for key in tqdm(buckets, desc="import: index buckets", disable=not progress):
-    i, j = (int(x) for x in key.split("_"))
-    group_bucket(graph_lib.bucket_dir(graph_dir, i, j), cell_grid)
-  manifest["hash"] = edge_reading.manifest_hash(manifest)
 
 
 # --------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from twhin_jax import batching
+from twhin_jax import bucket_index
 from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import negatives
@@ -411,17 +412,33 @@ class HostSlice(NamedTuple):
   num_real: int
 
 
-def read_slices(edges: dict, seed_path: tuple[int, ...], max_edges: int):
+def read_slices(edges: dict, seed_path: tuple[int, ...], max_edges: int,
+                cell_starts: np.ndarray | None = None):
   """Yields a bucket's HostSlices: the whole bucket when it fits in
-  ``max_edges``, else a seeded split of its READ_BLOCK_EDGES-edge runs into
-  ceil(E / max_edges) slices of nearly equal size, each read in file order
-  (the device shuffles). Only the slices being read are in memory."""
+  ``max_edges``, else ceil(E / max_edges) slices of nearly equal size, each
+  read in file order (the device shuffles). A bucket grouped by cell
+  (``cell_starts``, bucket_index.py) splits into slices that take a share of
+  every cell (bucket_index.stratified_slices: each a uniform sample, as on
+  the host path); an ungrouped one into a seeded split of its
+  READ_BLOCK_EDGES-edge runs. Only the slices being read are in memory."""
   num_edges = len(edges["src"])
   if num_edges == 0:
     return
   block = batching.READ_BLOCK_EDGES
   num_runs = -(-num_edges // block)
   num_slices = -(-num_edges // max_edges)
+  if num_slices > 1 and cell_starts is not None:
+    rng = np.random.default_rng(list(seed_path))
+    for number, rows in enumerate(bucket_index.stratified_slices(cell_starts, num_slices, rng)):
+      capacity = capacity_for(len(rows))
+      out = {}
+      for name, dtype in (("src", np.int32), ("dst", np.int32), ("rel", np.int32),
+                          ("weight", np.float32)):
+        column = np.zeros(capacity, dtype)
+        column[:len(rows)] = edges[name][rows]
+        out[name] = column
+      yield HostSlice(number, out["src"], out["dst"], out["rel"], out["weight"], len(rows))
+    return
   if num_slices == 1:
     pieces = [np.arange(num_runs)]
   else:
@@ -521,7 +538,10 @@ class DeviceBatchStream:
     def produce():
       for epoch, index, bucket in plan:
         edges = graph.bucket_edges(*bucket)
-        for host in read_slices(edges, (seed, epoch, index), self._max_edges):
+        starts = graph.bucket_cells(*bucket) if batching.USE_BUCKET_INDEX else None
+        if starts is not None and len(starts) - 1 != graph.cell_grid.num_cells:
+          starts = None
+        for host in read_slices(edges, (seed, epoch, index), self._max_edges, starts):
           # The host keeps only the counts (its arrays go as soon as they
           # are on the device).
           rel_count = np.bincount(host.rel[:host.num_real], minlength=len(graph.relations))

@@ -62,7 +62,7 @@ from twhin_jax import config as config_lib
 from twhin_jax import graph as graph_lib
 from twhin_jax.edge_reading import (
     ENTITY_TYPE_CONFLICT, REASONS, SPLIT_CODES, GraphImportError, ReadPass, Schema,
-    SkippedLinesWarning, Source, Spool, import_options, make_manifest, open_reader,
+    SkippedLinesWarning, Source, Spool, import_options, make_manifest, manifest_hash, open_reader,
     read_sources, relation_names_from_files, resolve_source)
 
 # The importer's public names; the reading stage's are re-exported from here
@@ -120,7 +120,7 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
     else:
       manifest = _build(config, schema, sources, work_dir, progress)
     # Buckets grouped by cell, so that each host reads only its own edges.
-    bucket_index.index_graph(work_dir, manifest, progress=progress)
+    index_buckets(work_dir, manifest, progress=progress)
     manifest.setdefault("build", {}).update(engine=engine,
                                             seconds=round(time.perf_counter() - started, 2))
     with open(os.path.join(work_dir, graph_lib.MANIFEST), "w") as f:
@@ -132,6 +132,22 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
     shutil.rmtree(work_dir, ignore_errors=True)
     raise
   return graph_lib.Graph(graph_dir)
+
+
+def index_buckets(graph_dir: str, manifest: dict, grid: int = bucket_index.GRID,
+                  progress: bool = False) -> None:
+  """Groups every non-empty bucket of the graph being imported into
+  ``graph_dir`` (manifest not yet written) by cell (bucket_index.py) and
+  records the grid in ``manifest`` (its hash recomputed: the stored order
+  changed)."""
+  manifest["bucket_index"] = {"grid": grid}
+  cell_grid = bucket_index.CellGrid.of_manifest(manifest)
+  manifest["bucket_index"]["type_pairs"] = [list(p) for p in cell_grid.type_pairs]
+  buckets = [key for key, n in sorted(manifest["bucket_sizes"].items()) if n]
+  for key in tqdm(buckets, desc="import: index buckets", disable=not progress):
+    i, j = (int(x) for x in key.split("_"))
+    bucket_index.group_bucket(graph_lib.bucket_dir(graph_dir, i, j), cell_grid)
+  manifest["hash"] = manifest_hash(manifest)
 
 
 def _conflict_error(first: dict, reader_pass: "ReadPass", sources: list[Source], data,
