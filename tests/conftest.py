@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from twhin_jax import demo_config
@@ -33,3 +35,16 @@ def demo_run_d16(tmp_path_factory):
   """A read-only tiny run (d=16, 2 epochs) shared by modules that only read it
   (tests that write into a run make their own)."""
   return train_tiny_demo(str(tmp_path_factory.mktemp("demo_d16")), dim=16)
+
+
+@pytest.fixture(autouse=True)
+def _keep_data_dir_setting():
+  """Restores TWHIN_DATA_DIR after every test: a report (reproduction_report
+  sets it for the configs it expands) must not point later tests, or the
+  workers they start, at its own folder."""
+  before = os.environ.get("TWHIN_DATA_DIR")
+  yield
+  if before is None:
+    os.environ.pop("TWHIN_DATA_DIR", None)
+  else:
+    os.environ["TWHIN_DATA_DIR"] = before

@@ -38,7 +38,8 @@ MRR_BOUND = 0.02
                     reason="TWHIN_DATA_DIR is not set or has no kg/kinship (point it at ../shared/data)")
 def test_kinship_on_four_devices_matches_one_device():
   out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_quality_worker.py"),
-                        "4", *SETTINGS], env=cpu_env(4), capture_output=True, text=True,
+                        "4", *SETTINGS], env={**cpu_env(4), "TWHIN_DATA_DIR": DATA},
+                       capture_output=True, text=True,
                        timeout=900, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])

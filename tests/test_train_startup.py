@@ -15,6 +15,7 @@ from twhin_jax import batching
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import demo_config
 from twhin_jax import schedule
+from twhin_jax import step as step_lib
 from twhin_jax import train as train_lib
 
 
@@ -60,6 +61,11 @@ def test_the_step_compiles_once(tmp_path):
   config = demo_config.get_config("test")
   config.train.epochs = 1
   compiled = []
+  # A step built and run by an earlier test of this process is reused from
+  # step.make_train_steps' cache and jit's in-memory cache without compiling:
+  # start from neither.
+  step_lib.make_train_steps.cache_clear()
+  jax.clear_caches()
 
   class Collect(logging.Handler):
     def emit(self, record):
