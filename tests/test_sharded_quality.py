@@ -30,6 +30,7 @@ SETTINGS = ["--config.train.epochs=10", "--config.train.eval_every_epochs=0",
 #: The issue's bound for this test (issue 12: "Kinship on 4 fake devices
 #: within 0.02 MRR of 1 device").
 MRR_BOUND = 0.02
+SEEDS = (0, 1, 2)
 
 
 @pytest.mark.multidevice
@@ -37,14 +38,23 @@ MRR_BOUND = 0.02
 @pytest.mark.skipif(not DATA or not os.path.isdir(os.path.join(DATA or "", "kg", "kinship")),
                     reason="TWHIN_DATA_DIR is not set or has no kg/kinship (point it at ../shared/data)")
 def test_kinship_on_four_devices_matches_one_device():
-  out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_quality_worker.py"),
-                        "4", *SETTINGS], env={**cpu_env(4), "TWHIN_DATA_DIR": DATA},
-                       capture_output=True, text=True,
-                       timeout=900, cwd=REPO)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  one, many = result["one"]["mrr"], result["many"]["mrr"]
-  assert one > 0.5, f"one device learnt too little to compare with (test MRR {one:.3f})"
-  assert abs(many - one) <= MRR_BOUND, (
-      f"4 devices: test MRR {many:.4f}, one device {one:.4f} (bound {MRR_BOUND}); "
-      f"losses {result['many']['loss']} vs {result['one']['loss']}")
+  """The mean test MRR over seeds 0-2 of 4 devices is within MRR_BOUND of
+  one device's: a single seed varies by about 0.015 either way (Kinship's
+  2k test triples), which a bound of 0.02 cannot take, while main's round
+  order before the passes fell 0.08 short."""
+  ones, manys = [], []
+  for seed in SEEDS:
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_quality_worker.py"),
+                          "4", *SETTINGS, f"--config.train.seed={seed}"],
+                         env={**cpu_env(4), "TWHIN_DATA_DIR": DATA},
+                         capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    one, many = result["one"]["mrr"], result["many"]["mrr"]
+    assert one > 0.5, f"one device learnt too little to compare with (test MRR {one:.3f})"
+    ones.append(one)
+    manys.append(many)
+  gap = sum(manys) / len(manys) - sum(ones) / len(ones)
+  assert abs(gap) <= MRR_BOUND, (
+      f"4 devices: mean test MRR {manys} vs one device {ones} over seeds {SEEDS}: "
+      f"gap {gap:+.4f} (bound {MRR_BOUND})")
