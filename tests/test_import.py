@@ -762,42 +762,12 @@ def test_ids_follow_the_seeded_md5_order(tmp_path):
     assert graph.names(entity_type) == expected
 
 
-def test_rank_order_is_the_hex_order_of_eq_1():
-  """import_duckdb.RANK_ORDER (the md5's first 16 hex digits as an unsigned
-  integer, then the hex, then the name) sorts as (hex, name) does, which is
-  the order the Spark engine and eq. (1) use. Keys with the high bit set
-  (a signed cast would put them first), equal 16-digit prefixes, equal keys
-  (ties broken by name bytes) and a second type."""
-  import duckdb
-  from twhin_jax import import_duckdb
-  rng = np.random.default_rng(5)
-  prefixes = ["0" * 16, "7fffffffffffffff", "8000000000000000", "ffffffffffffffff",
-              "9a3b000000000000", "09a3b00000000000"]
-  rows = []
-  for _ in range(300):
-    head = prefixes[rng.integers(len(prefixes))] if rng.random() < 0.5 else "".join(
-        rng.choice(list("0123456789abcdef"), 16))
-    tail = "".join(rng.choice(list("0123456789abcdef"), 16)) if rng.random() < 0.7 else "0" * 16
-    rows.append((int(rng.integers(2)), f"n{rng.integers(50)}\u00e9" if rng.random() < 0.2
-                 else f"n{rng.integers(50)}", head + tail))
-  rows = list({(t, n): (t, n, k) for t, n, k in rows}.values())  # (type, name) distinct
-  con = duckdb.connect()
-  con.register("names", pa.table({"type": [r[0] for r in rows], "name": [r[1] for r in rows],
-                                  "key": [r[2] for r in rows]}))
-  got = con.execute(f"SELECT type, name, key FROM names ORDER BY {import_duckdb.RANK_ORDER}"
-                    ).fetchall()
-  assert got == sorted(rows, key=lambda r: (r[0], r[2], r[1].encode()))
-
-
 @pytest.mark.parametrize("drop_unseen", [False, True])
-def test_spilling_single_threaded_build_gives_the_same_graph(tmp_path, monkeypatch, drop_unseen):
-  """The DuckDB stage on one thread under a tiny memory limit (its hash
-  aggregates, joins and sorts run in a different order and may spill), and
-  with coverage from the per-(side, relation, entity) aggregate instead of
-  the bit masks (import_duckdb.MASK_RELATIONS), gives the graph of the
-  default build: ids, buckets, splits, degrees and every statistic,
-  including duplicates, self-loops, coverage, unseen entities and skipped
-  lines."""
+def test_hash_partitioned_build_gives_the_same_graph(tmp_path, monkeypatch, drop_unseen):
+  """The DuckDB stage split into many hash partitions of names (eq. (2) of
+  import_duckdb.py; some partitions empty) gives the graph of the
+  one-partition build: ids, buckets, splits, degrees and every statistic,
+  including duplicates, self-loops, coverage and unseen entities."""
   from twhin_jax import import_duckdb
   rng = np.random.default_rng(3)
   users = [f"u{i}" for i in range(80)] + ["both"]
@@ -819,35 +789,11 @@ def test_spilling_single_threaded_build_gives_the_same_graph(tmp_path, monkeypat
                        seed=11, on_error="skip", drop_unseen_eval_entities=drop_unseen)
   with pytest.warns(UserWarning, match="import skipped"):
     whole = import_graph(config, str(tmp_path / "whole"), progress=False)
-  config.data.import_threads = 1
-  config.data.import_memory_limit = "32MB"
-  monkeypatch.setattr(import_duckdb, "MASK_RELATIONS", 1)  # 2 relations here
+  monkeypatch.setattr(import_duckdb, "OCCURRENCES_PER_PARTITION", 40)
+  assert import_duckdb.partition_count(whole.num_edges("train")) > 20
   with pytest.warns(UserWarning, match="import skipped"):
-    tight = import_graph(config, str(tmp_path / "tight"), progress=False)
+    parts = import_graph(config, str(tmp_path / "parts"), progress=False)
   assert whole.manifest["quality"]["duplicate_edges"]["train"] >= 2
   assert whole.manifest["quality"]["self_loops"]["train"] >= 1
   assert whole.manifest["skipped"] == {"empty_field": 1, "entity_type_conflict": 1}
-  assert set(whole.manifest["build"]["stage_seconds"]) >= {"read", "vocabulary", "ids",
-                                                            "buckets", "counts"}
-  assert_same_graph(whole, tight)
-
-
-def test_memory_limit_sizes_parse_as_duckdb_reads_them():
-  """import_duckdb.memory_bytes (the name steps' share of the limit) reads
-  the sizes config.data.import_memory_limit accepts, 1000-based for KB/MB/GB
-  and 1024-based for KiB/MiB/GiB as DuckDB does, and DuckDB takes the byte
-  count back unchanged."""
-  import duckdb
-  from twhin_jax import import_duckdb
-  assert import_duckdb.memory_bytes("1GB") == 10 ** 9
-  assert import_duckdb.memory_bytes("512MiB") == 512 * 2 ** 20
-  assert import_duckdb.memory_bytes("1.5 GB") == 1_500_000_000
-  assert import_duckdb.memory_bytes("64KiB") == 65536
-  with pytest.raises(ValueError, match="not a size"):
-    import_duckdb.memory_bytes("1 gigabyte")
-  con = duckdb.connect()
-  for size in ("1GB", "512MiB"):
-    con.execute(f"SET memory_limit = '{size}'")
-    as_set = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
-    con.execute(f"SET memory_limit = '{import_duckdb.memory_bytes(size)}B'")
-    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == as_set
+  assert_same_graph(whole, parts)

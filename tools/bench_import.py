@@ -86,14 +86,7 @@ def _import_in_child(path: str, graph_dir: str, partitions: int, num_relations: 
                    # a steadier figure than wall time.
                    cpu_seconds=round(usage.ru_utime + usage.ru_stime - cpu_before, 2),
                    peak_rss_mib=round(peak_kib / 1024, 1),
-                   baseline_rss_mib=round(baseline / 2 ** 20, 1),
-                   # Wall and CPU seconds per stage (DuckDB engine: pass 1 "read",
-                   # then the SQL steps), from manifest["build"].
-                   stage_seconds=graph.manifest.get("build", {}).get("stage_seconds", {}),
-                   stage_cpu_seconds=graph.manifest.get("build", {}).get("stage_cpu_seconds", {}),
-                   # The import's peak RSS (a high-water mark) at each stage's end.
-                   stage_peak_rss_mib=graph.manifest.get("build", {}).get("stage_peak_rss_mib",
-                                                                          {})))
+                   baseline_rss_mib=round(baseline / 2 ** 20, 1)))
 
 
 def main(argv=None) -> None:

@@ -636,11 +636,7 @@ class Spool:
     self.path = path
     self.schema = pa.schema(fields)
     self.num_edges = 0
-    # Dictionary pages only for the small columns: names are mostly distinct
-    # within a row group, and their dictionaries cost pyarrow 1.8 CPU-s per 5M
-    # edges (0.7 without) for a file 20% larger.
-    self._writer = pq.ParquetWriter(path, self.schema, compression="lz4",
-                                    use_dictionary=["stype", "dtype", "rel", "split"])
+    self._writer = pq.ParquetWriter(path, self.schema, compression="lz4")
 
   def append(self, table: pa.Table) -> None:
     if table.num_rows:

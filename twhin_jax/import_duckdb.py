@@ -21,16 +21,22 @@ to the names' order in the files (hubs first, sorted ids...), so the
 contiguous partitions of graph.py get a balanced share; any engine can
 compute (1) row by row, in parallel.
 
-Memory does not grow with the number of names: each step is one SQL
-statement over all rows, and DuckDB's hash aggregate, hash join and sort
-partition their input and spill to the work directory when it does not fit
-the limit (see :func:`build`).
+Memory does not grow with the number of names: the steps that need a
+name's every occurrence at once (the distinct names, the name -> id joins,
+per-entity statistics) run one hash partition of names at a time,
+
+    partition(name) = hash(name) mod K,   K = ceil(2 E / OCCURRENCES_PER_PARTITION)   (2)
+
+for E edges (DuckDB's ``hash``; any split works, as ids come from (1) over
+all partitions). A partition holds about 2E/K name occurrences whatever
+the number of distinct names; on 100M edges with about 10M names a single
+DISTINCT over all of them ran out of memory under a 1 GB limit.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import shutil
 from typing import Callable
 
 import duckdb
@@ -42,33 +48,10 @@ from twhin_jax.edge_reading import SPLIT_CODES
 
 #: Rows per Arrow batch fetched from DuckDB.
 FETCH_ROWS = 1 << 20
-#: The order of eq. (1) over rows (type, name, key = the md5 hex): the key's
-#: first 16 hex digits as an unsigned integer sort as the hex string does
-#: (big-endian), but as a fixed-width key, without comparing strings; the
-#: full hex and the name only break its ties.
-RANK_ORDER = "type, ('0x' || key[1:16])::UBIGINT, key, name"
-
-
-#: The share of ``data.import_memory_limit`` that the steps whose hash
-#: tables grow with the number of names (the distinct names, their ranking,
-#: the two joins, the per-entity statistics) may use; the sorts over the
-#: edges that follow get the whole limit. Capped, those steps spill sooner
-#: instead of raising the peak RSS with the number of names.
-NAME_STEPS_MEMORY_SHARE = 0.4
-
-
-#: Up to this many relations, coverage comes from a bit mask per entity
-#: (2 bits per relation in a UBIGINT; see "statistics" in :func:`build`).
-MASK_RELATIONS = 32
-
-
-def memory_bytes(size: str) -> int:
-  """Bytes of a size such as '1GB' or '512MiB' (config.data.import_memory_limit)."""
-  match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B", str(size).strip())
-  if match is None:
-    raise ValueError(f"not a size: {size!r}")
-  number, unit, binary = match.groups()
-  return int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+#: Name occurrences (two per edge) per hash partition, eq. (2): each
+#: partition's distinct names and joins fit in well under 1 GB of DuckDB
+#: memory, whatever the total number of names.
+OCCURRENCES_PER_PARTITION = 8_000_000
 
 
 def type_prefix(seed: int, type_name: str) -> str:
@@ -142,7 +125,12 @@ def find_type_conflicts(con, spool: str, skip: bool) -> tuple[int, dict | None]:
   return int(count), first
 
 
-def build(con, spool: str, graph_dir: str, *, memory_limit: str, types: list[str], num_partitions: list[int],
+def partition_count(num_edges: int) -> int:
+  """Hash partitions of the vocabulary build for ``num_edges`` edges (eq. (2))."""
+  return max(1, -(-2 * int(num_edges) // OCCURRENCES_PER_PARTITION))
+
+
+def build(con, spool: str, graph_dir: str, stage_dir: str, *, types: list[str], num_partitions: list[int],
           source_type: np.ndarray, target_type: np.ndarray, num_relations: int,
           grid: tuple[int, int], weighted: bool, seed: int, drop_unseen: bool,
           conflicts_dropped: bool, step: Callable[[str], None] = lambda _: None) -> dict:
@@ -150,21 +138,12 @@ def build(con, spool: str, graph_dir: str, *, memory_limit: str, types: list[str
   the spool; returns the statistics for the manifest (see
   ``edge_reading.make_manifest``).
 
-  Every table is a TEMP table: held in DuckDB's buffer pool (evicted to
-  the spill directory under the memory limit) rather than written to the
-  database file, whose compression and checkpoints cost a third of the
-  time of the steps that create them. One statement per step, each over
-  all rows: DuckDB's hash aggregate,
-  hash join and sort partition and spill to disk by themselves under the
-  memory limit (a 20M-edge import with 5M names ran within a 250 MB limit
-  at 400 MiB of RSS), so no step holds every name at once in memory. Names
-  are touched three times only: the distinct names, their ranking by eq.
-  (1) (one md5 per distinct name, not per occurrence), and the two joins
-  that put ids on the edges; every later step works on integers.
-
-  Ids: ``ranked`` holds the distinct (type, name) sorted by (type, key), so
-  its rowid is a global id ``gid`` and a type's ids are a contiguous range:
-  local id = gid - first(type).
+  Names are hash-partitioned (eq. (2)) so that no step holds more than one
+  partition's names: the distinct names, the two name -> id joins and the
+  statistics run partition by partition (a Grace hash join written out:
+  edges partitioned by their source name, joined, repartitioned by their
+  target name, joined). Only sorts (the id ranking, the vocabulary files,
+  the bucket order) see every row at once, and DuckDB's sort spills.
   """
   read = f"read_parquet('{_quote(spool)}')"
   if conflicts_dropped:
@@ -177,151 +156,210 @@ def build(con, spool: str, graph_dir: str, *, memory_limit: str, types: list[str
       "prefix": pa.array([type_prefix(seed, t) for t in types], pa.string())}))
   con.execute("CREATE TEMP TABLE types AS SELECT * FROM type_table")
   con.unregister("type_table")
+  parts = partition_count(_scalar(con, f"SELECT count(*) FROM {read}"))
+  partitioned = _Partitions(con, stage_dir, parts)
 
-  # Vocabulary: distinct (type, name); with drop_unseen only train edges
-  # contribute names.
+  # Vocabulary: distinct (type, name), partition by partition, then ranked by
+  # eq. (1). With drop_unseen only train edges contribute names.
   step("vocabulary")
-  names_limit = int(memory_bytes(memory_limit) * NAME_STEPS_MEMORY_SHARE)
-  con.execute(f"SET memory_limit = '{names_limit}B'")
+  partitioned.write("by_source", "SELECT * FROM kept", "src")
   train_only = "WHERE split = 0" if drop_unseen else ""
-  con.execute(f"""
-    CREATE TEMP TABLE distinct_names AS SELECT DISTINCT type, name FROM (
-      SELECT stype AS type, src AS name FROM kept {train_only}
-      UNION ALL SELECT dtype, dst FROM kept {train_only})""")
-  # Ranked by eq. (1) with an out-of-core sort, not a window function
-  # (DuckDB's window operator ran out of memory on 7M names under a 1 GB
-  # limit): inserted in sorted order, a row's rowid is its gid.
+  partitioned.write("target_names", f"SELECT dtype AS type, dst AS name FROM kept {train_only}",
+                    "name")
+  con.execute("CREATE TABLE distinct_names (type SMALLINT, name VARCHAR)")
+  for k in range(parts):
+    names = [x for x in (partitioned.read("by_source", k, "stype AS type, src AS name, split"),
+                         partitioned.read("target_names", k, "type, name, 0 AS split"))
+             if x is not None]
+    if names:
+      union = " UNION ALL ".join(f"SELECT type, name FROM {x} {train_only}" for x in names)
+      con.execute(f"INSERT INTO distinct_names SELECT DISTINCT type, name FROM ({union})")
+  partitioned.remove("target_names")
+  # Ranked by an out-of-core sort, not a window function (DuckDB's window
+  # operator ran out of memory on 7M names under a 1 GB limit): inserted in
+  # sorted order, a row's rowid minus its type's first rowid is its rank.
   con.execute("SET preserve_insertion_order = true")
-  con.execute(f"""
-    CREATE TEMP TABLE ranked AS SELECT type, name FROM (
-      SELECT n.type, n.name, md5(t.prefix || n.name) AS key
-      FROM distinct_names n JOIN types t ON t.type = n.type)
-    ORDER BY {RANK_ORDER}""")
+  con.execute("""
+    CREATE TABLE ranked AS
+    SELECT n.type, n.name FROM distinct_names n JOIN types t ON t.type = n.type
+    ORDER BY n.type, md5(t.prefix || n.name), n.name""")
   con.execute("DROP TABLE distinct_names")
+  # A view, not a table: writing 14M names into a DuckDB table again cost 8 s
+  # of 143 on 20M edges.
   con.execute("""CREATE TEMP TABLE first_rows AS
                  SELECT type, min(rowid) AS first, count(*) AS n FROM ranked GROUP BY type""")
+  con.execute("""
+    CREATE TEMP VIEW vocab AS
+    SELECT r.type, r.name, (r.rowid - f.first)::BIGINT AS id
+    FROM ranked r JOIN first_rows f ON f.type = r.type""")
   counts = [0] * len(types)
-  firsts = [0] * len(types)
-  for t, first, n in con.execute("SELECT type, first, n FROM first_rows").fetchall():
+  for t, n in con.execute("SELECT type, n FROM first_rows").fetchall():
     counts[int(t)] = int(n)
-    firsts[int(t)] = int(first)
 
   step("vocabulary files")
   for t, name in enumerate(types):
     # Still preserving insertion order: a plain scan of ranked is id order.
     by_id = _stream(con, f"SELECT name FROM ranked WHERE type = {t}")
-    by_name = _stream(con, f"SELECT name, rowid - {firsts[t]} AS id FROM ranked "
-                      f"WHERE type = {t} ORDER BY name")
+    by_name = _stream(con, f"SELECT name, id FROM vocab WHERE type = {t} ORDER BY name")
     graph_writer.write_vocabulary(graph_dir, name, by_id, by_name)
   con.execute("SET preserve_insertion_order = false")
+  partitioned.write("vocab", "SELECT type, name, id FROM vocab", "name")
 
-  # Edges as gids. Inner joins: with drop_unseen, valid/test edges with a
-  # name outside the train vocabulary fall out here.
+  # Edges as ids, one partition of names at a time. Inner joins: with
+  # drop_unseen, valid/test edges with a name outside the train vocabulary
+  # fall out here. The statistics that group by an entity (degrees,
+  # coverage, duplicates) are taken per partition too: an entity's rows all
+  # lie in its name's partition.
   step("ids")
-  # Two joins, one after the other, so that DuckDB holds one hash table of
-  # the names at a time, not two (on 5M edges with 3.5M names: 690 instead
-  # of 786 MiB of peak RSS, for 0.9 more CPU seconds).
   weight = ", e.weight" if weighted else ""
-  con.execute(f"""
-    CREATE TEMP TABLE half_joined AS
-    SELECT e.pos, e.split, e.rel, e.dtype, e.dst, s.rowid AS src_gid{weight}
-    FROM kept e JOIN ranked s ON s.type = e.stype AND s.name = e.src""")
-  con.execute(f"""
-    CREATE TEMP TABLE edges AS
-    SELECT e.pos, e.split, e.rel, e.src_gid, d.rowid AS dst_gid{weight}
-    FROM half_joined e JOIN ranked d ON d.type = e.dtype AND d.name = e.dst""")
-  con.execute("DROP TABLE half_joined")
-  con.execute("DROP TABLE ranked")
+  # Train edges per (relation, entity), for degrees and coverage.
+  con.execute("""CREATE TABLE source_degree (part INTEGER, rel INTEGER, type SMALLINT,
+                                             id BIGINT, n BIGINT)""")
+  for k in range(parts):
+    edges_k = partitioned.read("by_source", k, "*")
+    vocab_k = partitioned.read("vocab", k, "type, name, id")
+    if edges_k is None or vocab_k is None:
+      continue
+    con.execute(f"""
+      CREATE OR REPLACE TEMP TABLE joined AS
+      SELECT e.pos, e.split, e.rel, e.stype, e.dtype, e.dst, s.id AS src_id{weight}
+      FROM {edges_k} e JOIN {vocab_k} s ON s.type = e.stype AND s.name = e.src""")
+    con.execute(f"""INSERT INTO source_degree SELECT {k}, rel, stype, src_id, count(*)
+                    FROM joined WHERE split = 0 GROUP BY ALL""")
+    partitioned.write("by_target", "SELECT * FROM joined", "dst", append=True)
+  con.execute("DROP TABLE IF EXISTS joined")
+  partitioned.remove("by_source")
 
-  # Per-entity statistics from one aggregate of the train edges' endpoints,
-  # grouped by entity: its degree, and a bit mask of the (relation, side)
-  # pairs it takes part in, bit 2 rel + side; a relation's coverage of a side
-  # is the number of entities with that bit. Grouping by entity alone keeps
-  # one group per entity (grouping by (side, relation, entity) had up to
-  # 2 R per entity, and on 20M edges raised the peak RSS to 1.4 GB).
-  step("statistics")
-  if num_relations <= MASK_RELATIONS:
-    con.execute("""
-      CREATE TEMP TABLE degree AS SELECT gid, count(*) AS degree, bit_or(mask) AS mask FROM (
-        SELECT src_gid AS gid, 1::UBIGINT << (2 * rel) AS mask FROM edges WHERE split = 0
-        UNION ALL SELECT dst_gid, 1::UBIGINT << (2 * rel + 1) FROM edges WHERE split = 0)
-      GROUP BY gid""")
-    bits = ", ".join(f"sum(((mask >> {b}) & 1)::BIGINT)" for b in range(2 * num_relations))
-    covered = con.execute(f"SELECT {bits} FROM degree").fetchall()[0]
-    con.register("coverage_table", pa.table({
-        "side": pa.array([b % 2 for b in range(2 * num_relations)], pa.int8()),
-        "rel": pa.array([b // 2 for b in range(2 * num_relations)], pa.int32()),
-        "entities": pa.array([int(c or 0) for c in covered], pa.int64())}))
-    con.execute("CREATE TEMP TABLE coverage_stats AS SELECT * FROM coverage_table")
-    con.unregister("coverage_table")
-  else:  # more (relation, side) pairs than bits in a UBIGINT
-    con.execute("""
-      CREATE TEMP TABLE endpoints AS SELECT side, rel, gid, count(*) AS n FROM (
-        SELECT 0::TINYINT AS side, rel, src_gid AS gid FROM edges WHERE split = 0
-        UNION ALL SELECT 1::TINYINT, rel, dst_gid FROM edges WHERE split = 0)
+  weight = ", h.weight" if weighted else ""
+  con.execute(f"""CREATE TABLE edges (pos BIGINT, split TINYINT, rel INTEGER, stype SMALLINT,
+                    dtype SMALLINT, src_id BIGINT, dst_id BIGINT
+                    {", weight FLOAT" if weighted else ""})""")
+  con.execute("CREATE TABLE coverage_stats (side TINYINT, rel INTEGER, entities BIGINT)")
+  con.execute("""INSERT INTO coverage_stats SELECT 0, rel, count(*) FROM source_degree
+                 GROUP BY rel""")
+  con.execute("CREATE TABLE duplicate_stats (split TINYINT, extra BIGINT)")
+  con.execute("CREATE TABLE degree (type SMALLINT, id BIGINT, degree BIGINT)")
+  for k in range(parts):
+    half_k = partitioned.read("by_target", k, "*")
+    vocab_k = partitioned.read("vocab", k, "type, name, id")
+    if half_k is not None and vocab_k is not None:
+      con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE joined AS
+        SELECT h.pos, h.split, h.rel, h.stype, h.dtype, h.src_id, d.id AS dst_id{weight}
+        FROM {half_k} h JOIN {vocab_k} d ON d.type = h.dtype AND d.name = h.dst""")
+    else:
+      con.execute("CREATE OR REPLACE TEMP TABLE joined AS SELECT * FROM edges LIMIT 0")
+    con.execute("INSERT INTO edges SELECT * FROM joined")
+    # Copies of one edge share its target, so they meet in one partition.
+    con.execute("""INSERT INTO duplicate_stats SELECT split, sum(n - 1) FROM (
+                     SELECT split, rel, src_id, dst_id, count(*) AS n FROM joined
+                     GROUP BY ALL HAVING count(*) > 1) GROUP BY split""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE target_degree AS
+                   SELECT rel, dtype AS type, dst_id AS id, count(*) AS n FROM joined
+                   WHERE split = 0 GROUP BY ALL""")
+    con.execute("""INSERT INTO coverage_stats SELECT 1, rel, count(*) FROM target_degree
+                   GROUP BY rel""")
+    con.execute(f"""
+      INSERT INTO degree SELECT type, id, sum(n) FROM (
+        SELECT type, id, n FROM target_degree
+        UNION ALL SELECT type, id, n FROM source_degree WHERE part = {k})
       GROUP BY ALL""")
-    con.execute("CREATE TEMP TABLE degree AS SELECT gid, sum(n)::BIGINT AS degree "
-                "FROM endpoints GROUP BY gid")
-    con.execute("""CREATE TEMP TABLE coverage_stats AS
-                   SELECT side, rel, count(*) AS entities FROM endpoints GROUP BY ALL""")
-    con.execute("DROP TABLE endpoints")
-  # A gid identifies its type, so (split, rel, src_gid, dst_gid) is an edge.
-  con.execute("""CREATE TEMP TABLE duplicate_stats AS SELECT split, sum(n - 1) AS extra FROM (
-                   SELECT split, rel, src_gid, dst_gid, count(*) AS n FROM edges
-                   GROUP BY ALL HAVING count(*) > 1) GROUP BY split""")
-
-  con.execute(f"SET memory_limit = '{memory_bytes(memory_limit)}B'")
+  con.execute("DROP TABLE IF EXISTS joined")
+  con.execute("DROP TABLE IF EXISTS target_degree")
+  con.execute("DROP TABLE source_degree")
+  partitioned.remove()
+  con.execute("DROP VIEW vocab")
+  con.execute("DROP TABLE ranked")
 
   sizes = [max(1, -(-n // p)) for n, p in zip(counts, num_partitions)]
   con.register("rel_table", pa.table({
       "rel": pa.array(range(num_relations), pa.int32()),
-      "src_first": pa.array([firsts[t] for t in source_type], pa.int64()),
-      "dst_first": pa.array([firsts[t] for t in target_type], pa.int64()),
       "src_size": pa.array([sizes[t] for t in source_type], pa.int64()),
       "dst_size": pa.array([sizes[t] for t in target_type], pa.int64())}))
   con.execute("CREATE TEMP TABLE rels AS SELECT * FROM rel_table")
   con.unregister("rel_table")
-  con.execute("""CREATE TEMP VIEW local_edges AS
-                 SELECT e.*, e.src_gid - r.src_first AS src_id, e.dst_gid - r.dst_first AS dst_id,
-                        r.src_size, r.dst_size
-                 FROM edges e JOIN rels r ON r.rel = e.rel""")
 
   step("buckets")
-  weight = ", weight" if weighted else ""
+  weight = ", e.weight" if weighted else ""
   stream = _stream(con, f"""
-    SELECT (src_id // src_size)::INTEGER AS lhs, (dst_id // dst_size)::INTEGER AS rhs,
-           (src_id % src_size)::INTEGER AS src, (dst_id % dst_size)::INTEGER AS dst,
-           rel::INTEGER AS rel{weight}
-    FROM local_edges WHERE split = 0 ORDER BY lhs, rhs, pos""")
+    SELECT (e.src_id // r.src_size)::INTEGER AS lhs, (e.dst_id // r.dst_size)::INTEGER AS rhs,
+           (e.src_id % r.src_size)::INTEGER AS src, (e.dst_id % r.dst_size)::INTEGER AS dst,
+           e.rel::INTEGER AS rel{weight}
+    FROM edges e JOIN rels r ON r.rel = e.rel
+    WHERE e.split = 0 ORDER BY lhs, rhs, e.pos""")
   bucket_sizes = graph_writer.write_buckets(graph_dir, stream, grid, weighted)
 
   step("splits")
   for split in ("valid", "test"):
-    stream = _stream(con, f"SELECT src_id AS src, dst_id AS dst, rel FROM local_edges "
+    stream = _stream(con, f"SELECT src_id AS src, dst_id AS dst, rel FROM edges "
                      f"WHERE split = {SPLIT_CODES[split]} ORDER BY pos")
     graph_writer.write_split(graph_dir, split, stream)
 
   step("degrees")
   without_train = []
   for t, name in enumerate(types):
-    stream = _stream(con, f"SELECT gid - {firsts[t]} AS id, degree FROM degree "
-                     f"WHERE gid >= {firsts[t]} AND gid < {firsts[t] + counts[t]} ORDER BY gid")
+    stream = _stream(con, f"SELECT id, degree FROM degree WHERE type = {t} ORDER BY id")
     without_train.append(graph_writer.write_degrees(graph_dir, name, counts[t], stream))
 
-  step("counts")
+  step("statistics")
   return dict(counts=counts, bucket_sizes=bucket_sizes, without_train=without_train,
               **statistics(con, num_relations))
 
 
+class _Partitions:
+  """Tables written as Parquet, hash-partitioned on a name column (eq. (2)):
+  ``<stage>/parts/<table>/part=<k>/*.parquet``. With one partition nothing
+  is written: the query itself stands for partition 0."""
+
+  def __init__(self, con, stage: str, parts: int):
+    self.con = con
+    self.parts = parts
+    self.root = os.path.join(stage, "parts")
+    self._single: dict[str, str] = {}
+
+  def write(self, table: str, query: str, name_column: str, append: bool = False) -> None:
+    if self.parts == 1:
+      if append:  # one call per partition: there is only one
+        self.con.execute(f"CREATE TABLE single_{table} AS {query}")
+        self._single[table] = f"single_{table}"
+      else:
+        self._single[table] = f"({query})"
+      return
+    path = os.path.join(self.root, table)
+    os.makedirs(self.root, exist_ok=True)
+    self.con.execute(f"""
+      COPY (SELECT *, (hash({name_column}) % {self.parts})::INTEGER AS part FROM ({query}))
+      TO '{_quote(path)}' (FORMAT parquet, PARTITION_BY (part), COMPRESSION lz4
+                           {", APPEND" if append else ""})""")
+
+  def read(self, table: str, k: int, columns: str) -> str | None:
+    """A FROM item for partition ``k`` of ``table`` (None: no rows there)."""
+    if self.parts == 1:
+      return f"(SELECT {columns} FROM {self._single[table]})"
+    directory = os.path.join(self.root, table, f"part={k}")
+    if not os.path.isdir(directory):
+      return None
+    return (f"(SELECT {columns} FROM read_parquet('{_quote(directory)}/*.parquet', "
+            "hive_partitioning = false))")
+
+  def remove(self, table: str | None = None) -> None:
+    """Deletes a table's files (all tables' without an argument)."""
+    for name in ([table] if table else list(self._single)):
+      if self._single.get(name, "").startswith("single_"):
+        self.con.execute(f"DROP TABLE {self._single[name]}")
+    if table is None:
+      self._single.clear()
+    shutil.rmtree(os.path.join(self.root, table) if table else self.root, ignore_errors=True)
+
+
 def statistics(con, num_relations: int) -> dict:
-  """Counts over table ``edges`` (and ``kept``, ``degree``,
-  ``coverage_stats`` and ``duplicate_stats`` of :func:`build`) for the
-  manifest."""
+  """Counts over table ``edges`` (and ``kept``, ``degree``, and the
+  per-partition tables of :func:`build`) for the manifest."""
   relation_counts = {s: [0] * num_relations for s in SPLIT_CODES}
   self_loops = {s: 0 for s in SPLIT_CODES}
   names = {code: s for s, code in SPLIT_CODES.items()}
   for split, rel, n, loops in con.execute("""
-      SELECT split, rel, count(*), count(*) FILTER (WHERE src_gid = dst_gid)
+      SELECT split, rel, count(*), count(*) FILTER (WHERE stype = dtype AND src_id = dst_id)
       FROM edges GROUP BY ALL""").fetchall():
     relation_counts[names[int(split)]][int(rel)] = int(n)
     self_loops[names[int(split)]] += int(loops)
@@ -338,8 +376,8 @@ def statistics(con, num_relations: int) -> dict:
   for split, n in con.execute("""
       SELECT split, count(*) FROM edges e
       WHERE split > 0 AND (
-        NOT EXISTS (SELECT 1 FROM degree d WHERE d.gid = e.src_gid)
-        OR NOT EXISTS (SELECT 1 FROM degree d WHERE d.gid = e.dst_gid))
+        NOT EXISTS (SELECT 1 FROM degree d WHERE d.type = e.stype AND d.id = e.src_id)
+        OR NOT EXISTS (SELECT 1 FROM degree d WHERE d.type = e.dtype AND d.id = e.dst_id))
       GROUP BY split""").fetchall():
     with_unseen[names[int(split)]] = int(n)
   kept = {s: 0 for s in SPLIT_CODES}

@@ -19,9 +19,9 @@ Pass 1 (read and validate, ``edge_reading.py``, shared with the Spark
 
 Stage 2 (``import_duckdb.py``): an embedded DuckDB database in the work
   directory checks names against types (``data.names_global``), assigns ids
-  (a seeded hash order, eq. (1) there), joins them onto the edges (one SQL
-  statement per step; DuckDB partitions and spills its hash tables and
-  sorts by itself), and streams buckets (sorted by bucket, then ``pos``), eval splits, degrees,
+  (a seeded hash order, eq. (1) there), joins them onto the edges one hash
+  partition of names at a time (eq. (2) there), and
+  streams buckets (sorted by bucket, then ``pos``), eval splits, degrees,
   the vocabulary files and the statistics of the manifest
   (``graph_writer.py`` writes the files). It runs on all cores and spills to
   disk under the memory limit.
@@ -50,7 +50,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import resource
 import shutil
 import time
 
@@ -121,8 +120,7 @@ def import_graph(config, graph_dir: str, *, files: list[dict] | None = None,
       manifest = _build(config, schema, sources, work_dir, progress)
     # Buckets grouped by cell, so that each host reads only its own edges.
     index_buckets(work_dir, manifest, progress=progress)
-    manifest.setdefault("build", {}).update(engine=engine,
-                                            seconds=round(time.perf_counter() - started, 2))
+    manifest["build"] = dict(engine=engine, seconds=round(time.perf_counter() - started, 2))
     with open(os.path.join(work_dir, graph_lib.MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     if os.path.exists(graph_dir):
@@ -172,10 +170,6 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
   seed = int(config.train.seed)
   weighted = any("weight" in s.columns for s in sources)
   spool_path = os.path.join(work_dir, "spool.parquet")
-  stage_seconds = {}  # wall seconds per stage, for manifest["build"]
-  stage_cpu = {}  # CPU seconds of the process (all threads) per stage
-  stage_rss = {}  # the process's peak RSS (MiB) by the end of each stage
-  started, cpu_started = time.perf_counter(), time.process_time()
   spool = Spool(spool_path, weighted)
   reader_pass = ReadPass(schema, spool, skip_errors=data.on_error == "skip", weighted=weighted,
                         holdout=(float(data.valid_fraction), float(data.test_fraction)),
@@ -185,18 +179,13 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
   finally:
     spool.close()
   skipped = collections.Counter(reader_pass.skipped)
-  stage_seconds["read"] = time.perf_counter() - started
-  stage_cpu["read"] = time.process_time() - cpu_started
-  stage_rss["read"] = _peak_rss_mib()
 
   stage_dir = os.path.join(work_dir, "duckdb")
   os.makedirs(stage_dir)
-  memory_limit = data.get("import_memory_limit", "1GB")
-  con = import_duckdb.connect(stage_dir, memory_limit,
+  con = import_duckdb.connect(stage_dir, data.get("import_memory_limit", "1GB"),
                               int(data.get("import_threads", 0)))
   try:
     conflicts_dropped = False
-    started, cpu_started = time.perf_counter(), time.process_time()
     if bool(data.names_global) and len(schema.types) > 1:
       count, first = import_duckdb.find_type_conflicts(con, spool_path,
                                                        skip=data.on_error == "skip")
@@ -205,43 +194,22 @@ def _build(config, schema: Schema, sources: list[Source], work_dir: str,
       if count:
         skipped[ENTITY_TYPE_CONFLICT] += count
         conflicts_dropped = True
-    stage_seconds["names_global"] = time.perf_counter() - started
-    stage_cpu["names_global"] = time.process_time() - cpu_started
-    current = [None, time.perf_counter(), time.process_time()]  # stage, since when
-
-    def step(name: str | None) -> None:
-      now, cpu_now = time.perf_counter(), time.process_time()
-      if current[0] is not None:
-        stage_seconds[current[0]] = now - current[1]
-        stage_cpu[current[0]] = cpu_now - current[2]
-        stage_rss[current[0]] = _peak_rss_mib()
-      current[:] = [name, now, cpu_now]
-      if name is not None:
+    with tqdm(total=7, desc="import: build", disable=not progress) as bar:
+      def step(name: str) -> None:
         bar.set_postfix_str(name)
         bar.update(1)
-    with tqdm(total=8, desc="import: build", disable=not progress) as bar:
       stats = import_duckdb.build(
-          con, spool_path, work_dir, memory_limit=memory_limit, types=schema.types,
+          con, spool_path, work_dir, stage_dir, types=schema.types,
           num_partitions=schema.num_partitions,
           source_type=schema.source_type, target_type=schema.target_type,
           num_relations=len(schema.relations), grid=schema.grid, weighted=weighted, seed=seed,
           drop_unseen=bool(data.get("drop_unseen_eval_entities", False)),
           conflicts_dropped=conflicts_dropped, step=step)
-      step(None)
   finally:
     con.close()
     shutil.rmtree(stage_dir, ignore_errors=True)
     os.remove(spool_path) if os.path.exists(spool_path) else None
-  manifest = make_manifest(config, schema, stats, source_records, dict(skipped), weighted)
-  manifest["build"] = dict(stage_seconds={k: round(v, 2) for k, v in stage_seconds.items()},
-                           stage_cpu_seconds={k: round(v, 2) for k, v in stage_cpu.items()},
-                           stage_peak_rss_mib=stage_rss)
-  return manifest
-
-
-def _peak_rss_mib() -> int:
-  """The process's peak resident memory so far (a high-water mark)."""
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+  return make_manifest(config, schema, stats, source_records, dict(skipped), weighted)
 
 
 def summarize(graph: graph_lib.Graph) -> str:
