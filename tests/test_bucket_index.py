@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from test_sharded import wait_for_all
 from twhin_jax import batching
 from twhin_jax import bucket_index
 from twhin_jax import demo_config
@@ -227,14 +228,7 @@ def _run_two_processes(base: str, schedule: str, epochs: int) -> list[dict]:
          str(epochs)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
   results = []
-  for proc in procs:
-    try:
-      log, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      raise
-    assert proc.returncode == 0, log[-3000:]
+  for log in wait_for_all(procs):
     line = [x for x in log.splitlines() if x.startswith("HOST_SHARE ")][-1]
     results.append(json.loads(line[len("HOST_SHARE "):]))
   return results

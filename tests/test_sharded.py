@@ -163,10 +163,16 @@ def _train_two_processes(workdir: str, epochs: int, port: int) -> list[str]:
          "--config", os.path.join(REPO, "twhin_jax", "demo_config.py") + ":test",
          "--workdir", workdir, f"--config.train.epochs={epochs}"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return wait_for_all(procs)
+
+
+def wait_for_all(procs, timeout: float = 600) -> list[str]:
+  """The combined output of every process, once each has exited with 0;
+  on a timeout every process is killed (one stuck collective stalls all)."""
   logs = []
   for proc in procs:
     try:
-      log, _ = proc.communicate(timeout=600)
+      log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
       for p in procs:
         p.kill()
