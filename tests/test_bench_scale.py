@@ -104,3 +104,28 @@ def test_tiny_run(tmp_path):
   # The results file feeds the table.
   table = bench.format_table(bench.read_results(str(tmp_path / "scratch" / "bench_scale.jsonl")))
   assert "| 20,000 | 2,000 | 2 | 128 |" in table and "1 epoch" in table
+
+
+def test_import_then_train_in_two_stages(tmp_path):
+  """--stage import keeps the imported row; --stage train finishes it later
+  with the import's columns, and refuses a row that was never imported."""
+  scratch = tmp_path / "scratch"
+  env = dict(os.environ, PYTHONPATH=REPO)
+  base = [sys.executable, TOOL, "--sizes", "20000:2000:2", "--dir", str(scratch), "--json",
+          "--plot", str(tmp_path / "scale.png")]
+  missing = subprocess.run(base + ["--stage", "train"], capture_output=True, text=True, env=env,
+                           timeout=300)
+  assert missing.returncode != 0 and "run --stage import for this row first" in missing.stderr
+  subprocess.run(base + ["--stage", "import"], check=True, capture_output=True, text=True,
+                 env=env, timeout=900)
+  (run_dir,) = [p for p in scratch.iterdir() if p.name.startswith("run_")]
+  assert (run_dir / bench.IMPORTED_ROW_FILE).exists()
+  assert not list(scratch.glob("*.tsv"))  # the input goes once imported
+  assert not (scratch / "bench_scale.jsonl").exists()  # no row until it is trained
+  out = subprocess.run(base + ["--stage", "train"], check=True, capture_output=True, text=True,
+                       env=env, timeout=900)
+  (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+  recorded = json.loads((scratch / "bench_scale.jsonl").read_text())
+  assert row["import_s"] == recorded["import_s"] > 0
+  assert row["trained_edges"] == 20000 and row["train_peak_rss_mib"] > 0
+  assert sorted(os.listdir(scratch)) == ["bench_scale.jsonl"]

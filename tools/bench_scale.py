@@ -40,6 +40,12 @@ partitions, their Adagrad state and a fixed budget), the full tables' size,
 and the disk the row used (du of its input and run directory, the larger of
 after import and after training).
 
+A row can run in two stages: --stage import generates and imports it and
+keeps its run directory (with the import's columns in
+bench_scale_import.json); --stage train, with the same --sizes and --dir,
+trains it later and records the whole row. The 500M-edge import takes about
+an hour on 2 cores, so the training code can change in between.
+
 Every finished row is appended to --results (JSON lines; default
 <dir>/bench_scale.jsonl), and the table, --json and the PNG (--plot, peak RSS
 against edges, with the bound) show every row of that file, so the large
@@ -286,10 +292,14 @@ def du_bytes(*paths: str) -> int:
   return total
 
 
-def bench_row(row: dict, scratch: str, keep: bool) -> dict:
-  tag = f"{row['edges']}e_{row['entities']}v"
-  graph_file = os.path.join(scratch, f"power_law_{tag}.tsv")
-  workdir = os.path.join(scratch, f"run_{tag}_p{row['partitions']}_d{row['dim']}")
+#: The import half of a row, kept in its run directory by --stage import so
+#: --stage train can finish the row later (with newer training code, or after
+#: an interruption) without importing again.
+IMPORTED_ROW_FILE = "bench_scale_import.json"
+
+
+def import_row(row: dict, graph_file: str, workdir: str, keep: bool) -> dict:
+  """Generates (unless the input exists) and imports one row: its columns."""
   shutil.rmtree(workdir, ignore_errors=True)
   out = dict(edges=row["edges"], entities=row["entities"], partitions=row["partitions"],
              dim=row["dim"], relations=NUM_RELATIONS)
@@ -298,13 +308,36 @@ def bench_row(row: dict, scratch: str, keep: bool) -> dict:
     out.update(generate_s=generated["seconds"], generate_peak_rss_mib=generated["peak_rss_mib"])
   out["input_mib"] = os.path.getsize(graph_file) / MIB
   imported = run_phase("import", row, graph_file, workdir)
-  disk_after_import = du_bytes(graph_file, workdir)
   out.update(import_s=imported["seconds"], import_edges_per_s=row["edges"] / imported["seconds"],
              import_peak_rss_mib=imported["peak_rss_mib"],
              entities_imported=imported["entities_imported"],
-             imported_mib=du_bytes(os.path.join(workdir, "graph")) / MIB)
+             imported_mib=du_bytes(os.path.join(workdir, "graph")) / MIB,
+             disk_after_import_mib=du_bytes(graph_file, workdir) / MIB,
+             imported=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
   if not keep:  # training reads the imported buckets only
     os.remove(graph_file)
+  with open(os.path.join(workdir, IMPORTED_ROW_FILE), "w") as f:
+    json.dump(out, f)
+  return out
+
+
+def bench_row(row: dict, scratch: str, keep: bool, stage: str = "all") -> dict | None:
+  """One row: import then train (stage "all"), or either half ("import" keeps
+  the run directory for a later "train", which reads the import's columns)."""
+  tag = f"{row['edges']}e_{row['entities']}v"
+  graph_file = os.path.join(scratch, f"power_law_{tag}.tsv")
+  workdir = os.path.join(scratch, f"run_{tag}_p{row['partitions']}_d{row['dim']}")
+  if stage == "train":
+    recorded = os.path.join(workdir, IMPORTED_ROW_FILE)
+    if not os.path.exists(recorded):
+      raise SystemExit(f"--stage train: {recorded} is missing; run --stage import for this row first")
+    with open(recorded) as f:
+      out = json.load(f)
+  else:
+    out = import_row(row, graph_file, workdir, keep)
+    if stage == "import":
+      return None
+  disk_after_import = out.pop("disk_after_import_mib") * MIB
   trained = run_phase("train", row, graph_file, workdir)
   out.update(train_s=trained["train_s"], train_process_s=trained["seconds"],
              buckets_trained=trained["buckets"], buckets_total=row["partitions"] ** 2,
@@ -320,6 +353,8 @@ def bench_row(row: dict, scratch: str, keep: bool) -> dict:
              measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
   if not keep:
     shutil.rmtree(workdir, ignore_errors=True)
+    if os.path.exists(graph_file):
+      os.remove(graph_file)
   return out
 
 
@@ -406,6 +441,10 @@ def main() -> None:
                            "(default <dir>/bench_scale.jsonl)")
   parser.add_argument("--plot", default=None, help="PNG path (default <dir>/bench_scale.png)")
   parser.add_argument("--keep", action="store_true", help="keep each row's input and run")
+  parser.add_argument("--stage", choices=("all", "import", "train"), default="all",
+                      help="import: generate and import each row, keeping its run directory (the "
+                           "input is deleted unless --keep); train: train rows imported so, and "
+                           "record them (default: both)")
   parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
   parser.add_argument("--replot", action="store_true",
                       help="run nothing: the table and the PNG of the rows in --results")
@@ -427,6 +466,8 @@ def main() -> None:
   os.makedirs(scratch, exist_ok=True)
   results = args.results or os.path.join(scratch, "bench_scale.jsonl")
   free = shutil.disk_usage(scratch).free
+  if args.stage == "train":  # plan as the import did: its files are the row's own
+    free += du_bytes(scratch)
   ram = psutil.virtual_memory().total
   rows, notes = plan_rows(sizes, args.dim, args.max_dim, free, ram, args.max_buckets)
   log(f"free disk {free / GIB:.1f} GiB in {scratch}, RAM {ram / GIB:.1f} GiB")
@@ -441,11 +482,16 @@ def main() -> None:
   if args.dry_run:
     return
   for row in rows if not args.replot else ():
-    out = bench_row(row, scratch, args.keep)
+    out = bench_row(row, scratch, args.keep, args.stage)
+    if out is None:
+      continue
     out["notes"] = [n for n in notes if row["max_buckets"] is not None]
     out["ram_mib"] = ram / MIB
     with open(results, "a") as f:
       f.write(json.dumps(out) + "\n")
+  if args.stage == "import":
+    log("imported; finish with --stage train (same --sizes and --dir)")
+    return
   shown = read_results(results)
   plot_path = args.plot or os.path.join(scratch, "bench_scale.png")
   plot(shown, plot_path, ram)
