@@ -259,55 +259,55 @@ def test_every_write_passes_the_write_barrier(graph, tmp_path):
   assert len(log) > count
 
 
-_HEAP_PROBE = r"""
-import ctypes, json, sys
+_ARENA_PROBE = r"""
+import ctypes, sys, tempfile, threading
 import numpy as np
-from twhin_jax import residency
-
-class MallInfo2(ctypes.Structure):
-  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                             "usmblks", "fsmblks", "uordblks", "fordblks",
-                                             "keepcost")]
-
+if sys.argv[1] == "training":
+  from twhin_jax import residency  # noqa: F401 - the training core caps the arenas
 libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == "limit":
-  residency.limit_heap_fragmentation()
-# A swap's row chunk (under 32 MiB), freed: glibc's dynamic threshold rises to it.
-chunk = np.ones(4 << 20, np.float32)
-del chunk
-# Batch arrays of a few buckets (8 bytes an edge, 390k-edge buckets), with
-# small long-lived objects allocated between them, then freed.
-keep, arrays = [], []
-for i in range(60):
-  arrays.append(np.ones(390_000, np.int64))
-  keep.append(np.ones(512, np.int64))  # 4 KiB: from the heap, not numpy's small cache
-del arrays
-print(json.dumps({"free_kept": libc.mallinfo2().fordblks}))
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+def batch_arrays(ready, done):  # a preparation or io thread: bucket-sized arrays
+  arrays = [np.ones(100_000, np.int64) for _ in range(4)]
+  ready.wait()
+  del arrays
+  done.set()
+
+ready = threading.Event()
+threads = [threading.Thread(target=batch_arrays, args=(ready, threading.Event()))
+           for _ in range(8)]
+for t in threads:
+  t.start()
+ready.set()
+for t in threads:
+  t.join()
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+  stream = libc.fopen(f.name.encode(), b"w")
+  libc.malloc_info(0, stream)
+  libc.fclose(stream)
+  print(open(f.name).read().count("<heap nr="))
 """
 
 
-@pytest.mark.skipif(residency._LIBC is None, reason="glibc only (mallopt, mallinfo2)")
-@pytest.mark.parametrize("mode", ["limit", "control"])
-def test_freed_batch_arrays_go_back_to_the_system(mode):
-  """limit_heap_fragmentation (which Residency calls): multi-MiB arrays
-  freed after a 32 MiB chunk leave no free heap behind; without it
-  (control) glibc keeps them, which is what grew RSS between swaps."""
-  import json
+@pytest.mark.skipif(residency._LIBC is None, reason="glibc only (mallopt, malloc_info)")
+@pytest.mark.parametrize("mode", ["training", "control"])
+def test_threads_share_malloc_arenas(mode):
+  """Importing the training core caps glibc's arenas (limit_heap_fragmentation):
+  eight threads allocating bucket-sized arrays share at most MALLOC_ARENAS
+  heaps, so freed blocks are reused across threads instead of each arena
+  keeping its own fragmented free memory; without the cap (control) they
+  get an arena each."""
   import subprocess
   import sys
   env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
   env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], env=env, check=True,
+  out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], env=env, check=True,
                        capture_output=True, text=True).stdout
-  free_kept = json.loads(out.strip().splitlines()[-1])["free_kept"]
-  if mode == "limit":
-    assert free_kept < 16 << 20, free_kept
-  else:  # 60 arrays of 3 MiB: most of their 180 MiB stays in the heap
-    assert free_kept > 100 << 20, free_kept
-
-
-def test_residency_limits_heap_fragmentation(graph, tmp_path):
-  make_residency(graph, str(tmp_path))
-  assert residency._heap_limited or residency._LIBC is None \
-      or "MALLOC_MMAP_THRESHOLD_" in os.environ
+  heaps = int(out.strip().splitlines()[-1])
+  if mode == "training":
+    assert heaps <= residency.MALLOC_ARENAS, heaps
+  else:
+    assert heaps > residency.MALLOC_ARENAS + 2, heaps
