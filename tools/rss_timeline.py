@@ -17,7 +17,9 @@ memory-mapped bucket files still open (their count and resident MiB, from
 /proc/self/smaps) and glibc's heap (mallinfo2: bytes in use and bytes free
 but kept). Prints one JSON object: peak RSS (sampled and ru_maxrss), the
 phase at the peak, RssAnon and RssFile at the peak, the largest bucket-file
-mapping seen, edges/s over the bucket seconds; --out keeps the samples and
+mapping seen, edges/s over the bucket seconds, the process's CPU seconds
+(user + system, all threads; steadier than edges/s on a shared machine);
+--out keeps the samples and
 the per-bucket records. Run it with another branch's twhin_jax first on the
 path to compare branches on the same graph.
 """
@@ -181,7 +183,8 @@ def main() -> None:
             "last_bucket": per_bucket[-1] if per_bucket else None,
             "rss_bound_mib": bench_scale.rss_bound_bytes(row["entities"], args.partitions,
                                                          args.dim) / 2**20,
-            "buckets": len(buckets), "edges": edges, "edges_per_s": edges / max(seconds, 1e-9)}
+            "buckets": len(buckets), "edges": edges, "edges_per_s": edges / max(seconds, 1e-9),
+            "cpu_s": sum(os.times()[:2])}
   print(json.dumps(result))
   if args.out:
     with open(args.out, "w") as f:
