@@ -257,3 +257,57 @@ def test_every_write_passes_the_write_barrier(graph, tmp_path):
   count = len(log)
   res.flush()
   assert len(log) > count
+
+
+_ARENA_PROBE = r"""
+import ctypes, sys, tempfile, threading
+import numpy as np
+if sys.argv[1] == "training":
+  from twhin_jax import residency  # noqa: F401 - the training core caps the arenas
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+def batch_arrays(ready, done):  # a preparation or io thread: bucket-sized arrays
+  arrays = [np.ones(100_000, np.int64) for _ in range(4)]
+  ready.wait()
+  del arrays
+  done.set()
+
+ready = threading.Event()
+threads = [threading.Thread(target=batch_arrays, args=(ready, threading.Event()))
+           for _ in range(8)]
+for t in threads:
+  t.start()
+ready.set()
+for t in threads:
+  t.join()
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+  stream = libc.fopen(f.name.encode(), b"w")
+  libc.malloc_info(0, stream)
+  libc.fclose(stream)
+  print(open(f.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(residency._LIBC is None, reason="glibc only (mallopt, malloc_info)")
+@pytest.mark.parametrize("mode", ["training", "control"])
+def test_threads_share_malloc_arenas(mode):
+  """Importing the training core caps glibc's arenas (limit_heap_fragmentation):
+  eight threads allocating bucket-sized arrays share at most MALLOC_ARENAS
+  heaps, so freed blocks are reused across threads instead of each arena
+  keeping its own fragmented free memory; without the cap (control) they
+  get an arena each."""
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], env=env, check=True,
+                       capture_output=True, text=True).stdout
+  heaps = int(out.strip().splitlines()[-1])
+  if mode == "training":
+    assert heaps <= residency.MALLOC_ARENAS, heaps
+  else:
+    assert heaps > residency.MALLOC_ARENAS + 2, heaps

@@ -9,15 +9,25 @@ tools/bench_scale.py's import phase makes it; W's tables, checkpoints and
 metrics are removed first). Trains --buckets buckets in this process while a
 thread samples RSS every 50 ms; each sample names the Residency / Trainer
 methods running (load, load_block, write_back, relayout, train_bucket, ...),
-so a peak points at its phase. Prints one JSON object: peak RSS (sampled and
-ru_maxrss), the phase at the peak, edges/s over the bucket seconds; --out
-keeps the samples. Run it with another branch's twhin_jax first on the path
-to compare branches on the same graph.
+so a peak points at its phase. Each sample also splits RSS into anonymous
+memory (heap, JAX buffers) and file-backed pages (RssAnon / RssFile of
+/proc/self/status: pages of memory-mapped files, such as bucket files, count
+in RSS while they stay mapped). After every bucket it records the
+memory-mapped bucket files still open (their count and resident MiB, from
+/proc/self/smaps) and glibc's heap (mallinfo2: bytes in use and bytes free
+but kept). Prints one JSON object: peak RSS (sampled and ru_maxrss), the
+phase at the peak, RssAnon and RssFile at the peak, the largest bucket-file
+mapping seen, edges/s over the bucket seconds, the process's CPU seconds
+(user + system, all threads; steadier than edges/s on a shared machine);
+--out keeps the samples and
+the per-bucket records. Run it with another branch's twhin_jax first on the
+path to compare branches on the same graph.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import os
@@ -30,6 +40,60 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+#: /proc/self/status fields sampled (kB there, MiB here).
+STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def status_mib() -> dict[str, float]:
+  """RSS and its anonymous / file-backed / shared parts, MiB (Linux)."""
+  out = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in STATUS_FIELDS:
+          out[key] = int(value.split()[0]) / 1024
+  except OSError:
+    pass
+  return out
+
+
+def mapped_files_mib(marker: str) -> dict[str, float]:
+  """Memory mappings of files whose path contains ``marker``: how many, and
+  their resident MiB (/proc/self/smaps)."""
+  count, rss_kib, inside = 0, 0, False
+  try:
+    with open("/proc/self/smaps") as f:
+      for line in f:
+        first = line.split(maxsplit=5)
+        if len(first) >= 5 and "-" in first[0] and not first[0].endswith(":"):
+          inside = len(first) == 6 and marker in first[5]
+          count += inside
+        elif inside and line.startswith("Rss:"):
+          rss_kib += int(line.split()[1])
+  except OSError:
+    pass
+  return {"mapped_bucket_files": count, "mapped_bucket_mib": rss_kib / 1024}
+
+
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+def heap_mib() -> dict[str, float]:
+  """glibc's heap (mallinfo2): bytes allocated and in use, free but kept."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+  except (OSError, AttributeError):
+    return {}
+  return {"heap_in_use_mib": (info.uordblks + info.hblkhd) / 2**20,
+          "heap_free_kept_mib": info.fordblks / 2**20}
+
 
 PHASES = {"Residency": ["load", "_load_block", "_write_back", "_bound_writes", "_relayout",
                         "flush", "_extract", "_fetch", "read_block"],
@@ -64,8 +128,22 @@ def main() -> None:
     while not stop.is_set():
       with lock:
         running = ",".join(sorted(k for k, v in active.items() if v > 0))
-      samples.append((time.perf_counter() - start, process.memory_info().rss / 2**20, running))
+      parts = status_mib()
+      samples.append((time.perf_counter() - start, process.memory_info().rss / 2**20, running,
+                      parts.get("RssAnon", 0.0), parts.get("RssFile", 0.0)))
       time.sleep(0.05)
+
+  per_bucket = []
+  bucket_marker = os.sep + "buckets" + os.sep
+  original_train_bucket = train_lib.Trainer.train_bucket
+
+  @functools.wraps(original_train_bucket)
+  def train_bucket(self, epoch, index, calls):
+    result = original_train_bucket(self, epoch, index, calls)
+    per_bucket.append({"at_s": time.perf_counter() - start, "epoch": epoch, "bucket_index": index,
+                       **status_mib(), **mapped_files_mib(bucket_marker), **heap_mib()})
+    return result
+  train_lib.Trainer.train_bucket = train_bucket
 
   def tag(cls, name):
     fn = getattr(cls, name)
@@ -98,13 +176,19 @@ def main() -> None:
   peak = max(samples, key=lambda s: s[1])
   result = {"peak_rss_mib": max(peak[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "peak_phase": peak[2], "peak_at_s": peak[0],
+            "peak_rss_anon_mib": peak[3], "peak_rss_file_mib": peak[4],
+            "max_rss_file_mib": max(s[4] for s in samples),
+            "max_mapped_bucket_files": max((b["mapped_bucket_files"] for b in per_bucket), default=0),
+            "max_mapped_bucket_mib": max((b["mapped_bucket_mib"] for b in per_bucket), default=0),
+            "last_bucket": per_bucket[-1] if per_bucket else None,
             "rss_bound_mib": bench_scale.rss_bound_bytes(row["entities"], args.partitions,
                                                          args.dim) / 2**20,
-            "buckets": len(buckets), "edges": edges, "edges_per_s": edges / max(seconds, 1e-9)}
+            "buckets": len(buckets), "edges": edges, "edges_per_s": edges / max(seconds, 1e-9),
+            "cpu_s": sum(os.times()[:2])}
   print(json.dumps(result))
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"samples": samples, "result": result}, f)
+      json.dump({"samples": samples, "buckets": per_bucket, "result": result}, f)
 
 
 if __name__ == "__main__":
