@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from test_sharded import assert_same_local_arrays
 from test_sharded import wait_for_all
 from twhin_jax import batching
 from twhin_jax import bucket_index
@@ -153,20 +154,6 @@ def _pack_as_processes(config, graph, layout, working, bucket, parties, monkeypa
   return results
 
 
-def _assert_same_local_arrays(full, calls, local, shards):
-  assert len(calls) == len(full) > 1
-  for (k_full, call_full), (k, call) in zip(full, calls):
-    assert (k_full, call_full.group) == (k, call.group)
-    for name, a, b in zip(call_full.batch._fields, call_full.batch, call.batch):
-      if a is None:
-        assert b is None
-        continue
-      for g in local:
-        np.testing.assert_array_equal(a[g], b[g], err_msg=f"{name} of device {g}")
-      for g in set(range(shards)) - set(local):
-        assert not b[g].any(), f"{name} of device {g} was packed by {local}"
-
-
 @pytest.mark.parametrize("schedule,parties", [("ring", [{0, 1}, {2, 3}]),
                                               ("ring", [{0}, {1, 2, 3}]),
                                               ("tournament", [{0, 1}, {2, 3}])])
@@ -186,7 +173,7 @@ def test_each_process_reads_its_cells_and_packs_what_the_full_read_packs(
     trained = sum(int((call.batch.weight[g] > 0).sum()) for _, call in full for g in local)
     # Every edge its devices train, and few others (boundary blocks).
     assert trained <= read <= trained + size // 8, (local, trained, read, size)
-    _assert_same_local_arrays(full, calls, local, shards)
+    assert_same_local_arrays(full, calls, local, shards)
 
 
 def test_a_graph_without_the_index_is_read_whole(tiny_graph, tmp_path, monkeypatch):
@@ -206,7 +193,7 @@ def test_a_graph_without_the_index_is_read_whole(tiny_graph, tmp_path, monkeypat
   whole = _pack_as_processes(config, old, layout, working, bucket, parties, monkeypatch)
   for local, (calls, read), (old_calls, old_read) in zip(parties, by_cells, whole):
     assert old_read == graph.bucket_sizes()[bucket] > read
-    _assert_same_local_arrays(calls, old_calls, local, shards)
+    assert_same_local_arrays(calls, old_calls, local, shards)
 
 
 def _run_two_processes(base: str, schedule: str, epochs: int) -> list[dict]:

@@ -166,6 +166,23 @@ def _train_two_processes(workdir: str, epochs: int, port: int) -> list[str]:
   return wait_for_all(procs)
 
 
+def assert_same_local_arrays(full, calls, local, shards):
+  """The calls packed for the devices in ``local`` hold, on those devices,
+  exactly the arrays of the calls packed for every device (``full``), and
+  nothing on the other devices."""
+  assert len(calls) == len(full) > 1
+  for (k_full, call_full), (k, call) in zip(full, calls):
+    assert (k_full, call_full.group) == (k, call.group)
+    for name, a, b in zip(call_full.batch._fields, call_full.batch, call.batch):
+      if a is None:
+        assert b is None
+        continue
+      for g in local:
+        np.testing.assert_array_equal(a[g], b[g], err_msg=f"{name} of device {g}")
+      for g in set(range(shards)) - set(local):
+        assert not b[g].any(), f"{name} of device {g} was packed by {local}"
+
+
 def wait_for_all(procs, timeout: float = 600) -> list[str]:
   """The combined output of every process, once each has exited with 0;
   on a timeout every process is killed (one stuck collective stalls all)."""
