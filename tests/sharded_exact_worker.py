@@ -306,7 +306,7 @@ def target_only_check() -> dict:
   working = trainer.residency.layout
   calls = list(batching.prepare_bucket(trainer.graph, trainer.layout, working, bucket, config,
                                        (config.train.seed, 0, 0)))
-  _, edges = trainer.train_bucket(0, 0, calls)
+  _, edges = train_lib.bucket_totals(*trainer.train_bucket(0, 0, calls))
   got_table = np.asarray(trainer.residency.home[dim].table)
   got_acc = np.asarray(trainer.residency.home[dim].acc)
   got_rel = trainer.rel_state
@@ -377,7 +377,7 @@ def tournament_check() -> dict:
   capacity, working = trainer.residency.capacity[dim], trainer.residency.layout
   calls = list(batching.prepare_bucket(trainer.graph, trainer.layout, working, bucket, config,
                                        (config.train.seed, 0, 0)))
-  _, edges = trainer.train_bucket(0, 0, calls)
+  _, edges = train_lib.bucket_totals(*trainer.train_bucket(0, 0, calls))
   home = trainer.residency.home[dim]
   got_table, got_acc = np.asarray(home.table), np.asarray(home.acc)
   got_rel = trainer.rel_state

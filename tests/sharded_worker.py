@@ -20,7 +20,7 @@ def run(num_devices: int, workdir: str):
   metrics = trainer.evaluate("test", progress=False)
   # Load one bucket so the working tables exist again, then describe them.
   trainer.residency.load((0, 1))
-  report = trainer.sharding_report()
+  report = train_lib.sharding_report(trainer)
   result = {"mrr": metrics["mrr"], "hits@10": metrics["hits@10"], "auc": metrics["auc"],
             "edges": trainer.history[-1]["edges"], "loss": trainer.history[-1]["loss"]}
   trainer.close()

@@ -311,3 +311,50 @@ def test_threads_share_malloc_arenas(mode):
     assert heaps <= residency.MALLOC_ARENAS, heaps
   else:
     assert heaps > residency.MALLOC_ARENAS + 2, heaps
+
+
+def test_dispatching_the_next_bucket_early_trains_the_same(tmp_path, monkeypatch):
+  """Trainer.run dispatches a bucket's swap and steps before the previous
+  bucket has finished (its evicted rows are sliced behind its steps and
+  written by the write-back thread). Against finishing every bucket before
+  the next one starts: the same tables and relations, bit for bit, with a
+  swap at every bucket (2 partitions, 2 epochs, small tables not kept whole)."""
+  config = demo_config.get_config("test")
+  config.train.epochs = 2
+  monkeypatch.setattr(residency, "KEEP_ALL_BYTES", 0)
+  results = []
+  for ahead in (True, False):
+    if not ahead:
+      monkeypatch.setattr(train_lib, "_state_used_after", lambda *args: True)
+    trainer = train_lib.train(config, str(tmp_path / f"run{ahead}"), progress=False)
+    assert not trainer.residency.keep_all
+    results.append((trainer.embeddings(), trainer.rel_state,
+                    [r["edges"] for r in trainer.history]))
+    trainer.close()
+  (emb_a, rel_a, edges_a), (emb_b, rel_b, edges_b) = results
+  assert edges_a == edges_b and all(edges_a)
+  for t in emb_a:
+    np.testing.assert_array_equal(emb_a[t], emb_b[t])
+  for a, b in zip(jax.tree.leaves(rel_a), jax.tree.leaves(rel_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(residency.heap_info() is None, reason="glibc 2.33 or later only (mallinfo2)")
+def test_free_heap_is_returned_past_the_kept_amount():
+  """release_free_host_memory(keep_bytes) leaves up to keep_bytes of free
+  heap with glibc (reused by the next bucket without page faults) and trims
+  past it."""
+  import ctypes
+  libc = ctypes.CDLL("libc.so.6")
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  blocks = [libc.malloc(64 << 10) for _ in range(1024)]  # 64 MiB in heap-sized blocks
+  for block in blocks[:-1]:  # the last one keeps the heap from shrinking by itself
+    libc.free(block)
+  try:
+    free = residency.heap_info().fordblks
+    assert free >= 32 << 20, free
+    assert not residency.release_free_host_memory(keep_bytes=free + (1 << 30))
+    assert residency.release_free_host_memory(keep_bytes=1 << 20)
+  finally:
+    libc.free(blocks[-1])

@@ -27,7 +27,6 @@ path to compare branches on the same graph.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import json
 import os
@@ -77,27 +76,19 @@ def mapped_files_mib(marker: str) -> dict[str, float]:
   return {"mapped_bucket_files": count, "mapped_bucket_mib": rss_kib / 1024}
 
 
-class _MallInfo2(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in (
-      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-      "fordblks", "keepcost")]
-
-
 def heap_mib() -> dict[str, float]:
   """glibc's heap (mallinfo2): bytes allocated and in use, free but kept."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-  except (OSError, AttributeError):
+  from twhin_jax import residency  # after sys.path is set; imports jax
+  info = residency.heap_info()
+  if info is None:
     return {}
   return {"heap_in_use_mib": (info.uordblks + info.hblkhd) / 2**20,
           "heap_free_kept_mib": info.fordblks / 2**20}
 
 
 PHASES = {"Residency": ["load", "_load_block", "_write_back", "_bound_writes", "_relayout",
-                        "flush", "_extract", "_fetch", "read_block"],
-          "Trainer": ["train_bucket", "save_checkpoint"]}
+                        "flush", "_slice_chunk", "_write_slices", "_fetch", "read_block"],
+          "Trainer": ["train_bucket", "_finish_bucket", "save_checkpoint"]}
 
 
 def main() -> None:
@@ -135,15 +126,17 @@ def main() -> None:
 
   per_bucket = []
   bucket_marker = os.sep + "buckets" + os.sep
-  original_train_bucket = train_lib.Trainer.train_bucket
+  original_finish = train_lib.Trainer._finish_bucket
 
-  @functools.wraps(original_train_bucket)
-  def train_bucket(self, epoch, index, calls):
-    result = original_train_bucket(self, epoch, index, calls)
-    per_bucket.append({"at_s": time.perf_counter() - start, "epoch": epoch, "bucket_index": index,
-                       **status_mib(), **mapped_files_mib(bucket_marker), **heap_mib()})
+  @functools.wraps(original_finish)
+  def finish_bucket(self, done, bar):
+    # After the bucket's steps have run (train_bucket only dispatches them).
+    result = original_finish(self, done, bar)
+    per_bucket.append({"at_s": time.perf_counter() - start, "epoch": done.epoch,
+                       "bucket_index": done.index, **status_mib(),
+                       **mapped_files_mib(bucket_marker), **heap_mib()})
     return result
-  train_lib.Trainer.train_bucket = train_bucket
+  train_lib.Trainer._finish_bucket = finish_bucket
 
   def tag(cls, name):
     fn = getattr(cls, name)

@@ -114,6 +114,6 @@ def restore_best(trainer, last_epoch: int) -> bool:
   trainer._rel_state = jax.tree_util.tree_map(
       lambda x: sharding_lib.global_array(np.asarray(x), trainer.mesh),
       jax.tree_util.tree_unflatten(treedef, leaves))
-  trainer._log({"event": "restored_best", "epoch": state.best_epoch, "value": state.best,
+  trainer.log.record({"event": "restored_best", "epoch": state.best_epoch, "value": state.best,
                 "metric": trainer.config.train.early_stop_metric})
   return True

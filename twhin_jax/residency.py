@@ -7,9 +7,10 @@ row-sharded *working table* (sharding.WorkingLayout: sub-partition g of every
 resident partition on device g, at a fixed offset). ``Residency.load`` swaps
 the set for the next bucket:
 
-  evicted    its rows are copied to the host and written back to TensorStore
-             (into the uncommitted slot, storage.SlotMap), chunk by chunk;
-             the writes finish in the background
+  evicted    its rows are sliced on the device behind the steps still
+             queued, then copied to the host and written back to
+             TensorStore (into the uncommitted slot, storage.SlotMap),
+             chunk by chunk, by a write-back thread
   kept       moved inside device memory to its new offset (or left in place);
              never copied through the host
   new        read chunk by chunk straight into its place in the working
@@ -23,8 +24,9 @@ flight and LOAD_WINDOW chunk reads while a partition is read in; no whole
 partition is ever staged on the host; a kept partition that changes offset
 moves a chunk at a time (when its type's blocks are all the same size).
 Freed host buffers must not pile up in glibc's heaps: importing this module
-caps the malloc arenas (limit_heap_fragmentation), and
-release_free_host_memory runs after each swap and each flush.
+caps the malloc arenas (limit_heap_fragmentation), free heap past
+KEPT_FREE_HEAP_BYTES is returned after a swap and all of it after a flush
+(release_free_host_memory).
 
 With several processes each process reads and writes only its own devices'
 sub-partitions (``local_shards``).
@@ -133,15 +135,49 @@ def limit_heap_fragmentation() -> bool:
 limit_heap_fragmentation()
 
 
-def release_free_host_memory() -> bool:
-  """Hands the heap's free pages back to the system (glibc malloc_trim).
+class MallInfo2(ctypes.Structure):
+  """glibc's struct mallinfo2 (malloc.h, glibc 2.33 and later)."""
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+def heap_info() -> MallInfo2 | None:
+  """glibc's heap statistics over every arena (mallinfo2): ``fordblks`` is
+  free memory glibc keeps, ``uordblks + hblkhd`` memory in use. None when
+  the C library is not glibc or too old."""
+  if _LIBC is None or not hasattr(_LIBC, "mallinfo2"):
+    return None
+  _LIBC.mallinfo2.restype = MallInfo2
+  return _LIBC.mallinfo2()
+
+
+#: Free heap that glibc may keep between swaps before it is handed back.
+#: Trimming after every swap kept RSS lowest but cost a kernel-side page
+#: fault for every page of every freed chunk reused in the next bucket: on
+#: 1M entities x d=128 at P=16 (256 swaps an epoch), 12 of the epoch's 50 s
+#: were system time spent so. Reused memory is what a bucket needs anyway;
+#: only memory that piles up past this is returned.
+KEPT_FREE_HEAP_BYTES = 256 << 20
+
+
+def release_free_host_memory(keep_bytes: int = 0) -> bool:
+  """Hands the heap's free pages back to the system (glibc malloc_trim)
+  when more than ``keep_bytes`` are free (always with 0, or when glibc
+  cannot say how much is free).
 
   Chunk copies, batch arrays and TensorStore buffers are freed every bucket,
   but glibc keeps freed heap memory in its arenas, fragmented, and rarely
   returns it: on a 4M-entity P=16 run RSS crept from 0.9 to 1.4-1.6 GiB over
-  40 buckets with nothing live growing. Trimming once per bucket keeps it
-  flat (docs/scale.md). Returns whether memory was released."""
-  return bool(_LIBC is not None and _LIBC.malloc_trim(0))
+  40 buckets with nothing live growing (docs/scale.md). Returns whether
+  memory was released."""
+  if _LIBC is None:
+    return False
+  if keep_bytes:
+    info = heap_info()
+    if info is not None and info.fordblks <= keep_bytes:
+      return False
+  return bool(_LIBC.malloc_trim(0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,6 +319,10 @@ class Residency:
     self._dirty = False
     self.pending_writes: dict[Block, list] = {}
     self.io_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    #: Write-backs: copies evicted rows to the host once the steps before
+    #: them have run, then writes them. Its own thread: a read in io_pool may
+    #: wait for a write-back, never the other way round.
+    self.write_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     #: block -> futures of its first chunks' reads (prefetch), for load().
     self._ahead: dict[Block, list[concurrent.futures.Future]] = {}
     #: (host bytes, futures) of the write-backs not yet waited for, oldest first.
@@ -382,46 +422,64 @@ class Residency:
                                      start + r0, pieces, r1 - r0)
         self.home[dim] = rows._replace(**{table_field: table, acc_field: acc})
 
-  def _extract_chunk(self, block: Block, r0: int, r1: int) -> Pieces:
-    """Host copies of rows [r0, r1) of one resident partition's sub-partitions
-    (this process's shards). Slices first (on the device), then copies: the
-    working table itself is never viewed from the host, so it stays free to
-    be donated."""
+  def _slice_chunk(self, block: Block, r0: int, r1: int) -> dict:
+    """Rows [r0, r1) of one resident partition's sub-partitions (this
+    process's shards), sliced on the device: shard -> (rows, acc, valid
+    rows). Only dispatched, so the slices are taken after every step queued
+    before them and the caller does not wait for those steps; the working
+    table itself is never viewed from the host, so it stays free to be
+    donated."""
     rows = self.home[self.dims[block[0]]]
     start = self.layout.offsets[block]
     accs = {s.index[0].start or 0: s.data for s in rows.acc.addressable_shards}
-    pieces = {}
+    slices = {}
     for shard in rows.table.addressable_shards:
       begin = shard.index[0].start or 0
       g = begin // self.capacity[self.dims[block[0]]]
       lo, hi = self._shard_rows(block, g, r0, r1)
-      pieces[g] = (np.array(_rows_at(shard.data, start + r0, r1 - r0))[:hi - lo],
-                   np.array(_rows_at(accs[begin], start + r0, r1 - r0))[:hi - lo])
-    return pieces
+      slices[g] = (_rows_at(shard.data, start + r0, r1 - r0),
+                   _rows_at(accs[begin], start + r0, r1 - r0), hi - lo)
+    return slices
+
+  def _write_slices(self, block: Block, slot: int, r0: int, r1: int, slices: dict) -> None:
+    """Copies a chunk's device slices to the host (waiting, in this
+    write-back thread, for the steps before them) and writes them to
+    ``slot``; returns when TensorStore has written them."""
+    written = []
+    for g, (table, acc, valid) in slices.items():
+      if valid:
+        lo = self._shard_rows(block, g, r0, r1)[0]
+        written.extend(self.tables.write_rows(block, slot, lo, np.asarray(table)[:valid],
+                                              np.asarray(acc)[:valid]))
+    for future in written:
+      future.result()
 
   def _write_back(self, block: Block) -> None:
-    """Copies one resident partition to the host and starts writing it to
-    the uncommitted slot, chunk by chunk: at most WRITE_BEHIND_BYTES of
-    host copies are in flight (older writes are waited for first)."""
+    """Starts writing one resident partition back to the uncommitted slot,
+    chunk by chunk, without waiting for the bucket that is still training:
+    each chunk is sliced on the device (queued behind that bucket's steps)
+    and copied and written by the write-back thread. At most
+    WRITE_BEHIND_BYTES of such copies exist at a time (older ones are
+    waited for first), so a partition larger than that waits for the
+    bucket's steps like any host copy would."""
     if self.write_barrier is not None:
       self.write_barrier()
     slot = self.slots.write_target(block)
     self.slots.current[block] = slot
     futures = []
+    row_bytes = (self.dims[block[0]] + 1) * 4 * len(self.local_shards)
     for r0, r1 in self._chunks(block[0]):
-      for g, (table, acc) in self._extract_chunk(block, r0, r1).items():
-        if len(table):
-          lo = self._shard_rows(block, g, r0, r1)[0]
-          written = self.tables.write_rows(block, slot, lo, table, acc)
-          futures.extend(written)
-          self._writes_in_flight.append((table.nbytes + acc.nbytes, written))
-      self._bound_writes(WRITE_BEHIND_BYTES)
+      self._bound_writes(WRITE_BEHIND_BYTES - (r1 - r0) * row_bytes)
+      future = self.write_pool.submit(self._write_slices, block, slot, r0, r1,
+                                      self._slice_chunk(block, r0, r1))
+      futures.append(future)
+      self._writes_in_flight.append(((r1 - r0) * row_bytes, [future]))
     self.pending_writes[block] = futures
 
   def _bound_writes(self, limit: int) -> None:
     """Waits for the oldest writes until at most ``limit`` bytes are in flight."""
     in_flight = self._writes_in_flight
-    while in_flight and (sum(n for n, _ in in_flight) > limit
+    while in_flight and (sum(n for n, _ in in_flight) > max(limit, 0)
                          or all(f.done() for f in in_flight[0][1])):
       for future in in_flight.popleft()[1]:
         future.result()
@@ -476,7 +534,9 @@ class Residency:
     for block in needed:
       if block not in kept:
         self._load_block(block, ahead.get(block, []))
-    release_free_host_memory()
+    # Off the critical path, after this swap's write-backs (which free most
+    # of what it may return), in the write-back thread.
+    self.write_pool.submit(release_free_host_memory, KEPT_FREE_HEAP_BYTES)
 
   def _relayout(self, dim: int, old, old_layout, layout, kept):
     """(table, acc) of one dim in ``layout`` with the kept blocks moved from
@@ -536,3 +596,4 @@ class Residency:
 
   def close(self) -> None:
     self.io_pool.shutdown(wait=True)
+    self.write_pool.shutdown(wait=True)

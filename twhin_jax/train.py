@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import typing
 import uuid
 
 import jax
@@ -143,6 +144,49 @@ def bucket_key(seed: int, epoch: int, index: int) -> np.ndarray:
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), index)
     return np.asarray(jax.random.key_data(key))
   return np.asarray(_bucket_key_data(np.int32(seed), np.int32(epoch), np.int32(index)))
+
+
+def bucket_key_on_mesh(seed: int, epoch: int, index: int, mesh) -> jax.Array:
+  """bucket_key replicated over the mesh. In one process it never leaves
+  the device, so taking it does not wait for the steps already queued (the
+  next bucket's steps are dispatched while the last one still runs)."""
+  if jax.process_count() == 1 and -2 ** 31 <= seed < 2 ** 31:
+    return jax.device_put(_bucket_key_data(np.int32(seed), np.int32(epoch), np.int32(index)),
+                          sharding_lib.replicated(mesh))
+  return sharding_lib.global_array(bucket_key(seed, epoch, index), mesh)
+
+
+def bucket_totals(losses: list, edges: list) -> tuple[float, int]:
+  """(summed loss, edges) of a bucket from train_bucket's per-call results;
+  waits for its steps."""
+  return (sum(float(sharding_lib.host_copy(x)) for x in losses),
+          sum(int(sharding_lib.host_copy(x)) for x in edges))
+
+
+def _dispatch_bounded(mesh) -> bool:
+  """Whether calls may only run a few ahead of the device (several CPU
+  devices in one process: Trainer._bound_inflight)."""
+  return mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+def _state_used_after(config, plan: list, position: int) -> bool:
+  """Whether the run's state is saved or read right after bucket
+  ``position`` of the plan: its last bucket, an epoch's last, or a
+  checkpoint every train.checkpoint_every_buckets."""
+  every = config.train.checkpoint_every_buckets
+  return (position + 1 == len(plan) or plan[position + 1][0] != plan[position][0]
+          or bool(every and (position + 1) % every == 0))
+
+
+class _PendingBucket(typing.NamedTuple):
+  """A bucket whose steps are dispatched (Trainer.run)."""
+  position: int
+  epoch: int
+  index: int
+  bucket: tuple[int, int]
+  losses: list
+  edges: list
+  total_steps: int  # Trainer.total_steps once its steps are counted
 
 
 def abstract_call_batch(config, mesh: jax.sharding.Mesh) -> step_lib.StepBatch:
@@ -363,20 +407,6 @@ class Trainer:
     self.flush()
     return {t: self.tables.read_type(t, self.slots) for t in self.graph.entities}
 
-  def sharding_report(self) -> dict[str, str]:
-    """'shape dtype PartitionSpec' of every array the training step touches:
-    working tables and accumulators per dim, the ring's visiting copies and
-    snapshots, relation parameters and optimizer state (pinned by a golden
-    file in tests/test_sharded.py)."""
-    start = sharding_lib.ring_ops(self.mesh)[0]
-    home = self.residency.home
-    ring = {dim: dict(zip(("visiting", "visiting_acc", "snapshot", "snapshot_acc"),
-                          start(rows.table, rows.acc))) for dim, rows in home.items()}
-    return sharding_lib.describe({
-        "tables": {dim: rows.table for dim, rows in home.items()},
-        "adagrad": {dim: rows.acc for dim, rows in home.items()},
-        "ring": ring, "relations": self._rel_state})
-
   def save_checkpoint(self) -> None:
     self.flush()
     meta = {
@@ -396,9 +426,6 @@ class Trainer:
 
   # -- the loop ---------------------------------------------------------------
 
-  def _log(self, record: dict) -> None:
-    self.log.record(record)
-
   def _step_fn(self, group: str, visiting: bool):
     config = self.config
     all_candidates = bool(config.negatives.get("all_candidates", False))
@@ -411,14 +438,15 @@ class Trainer:
         matmul_precision=config.model.get("matmul_precision", "auto"),
         all_candidates=all_candidates, global_candidates=negatives.global_candidates(config))
 
-  def train_bucket(self, epoch: int, index: int, calls) -> tuple[float, int]:
+  def train_bucket(self, epoch: int, index: int, calls) -> tuple[list, list]:
     """Trains the resident bucket from its prepared ``calls`` [(visit, call)]:
     G rounds of the ring (one round with one device; a visit is a round), or
     the 2G - 1 rounds of the tournament visited round_passes times in turn,
     where every visit is the plain one-table step on the slots each device
     holds and the slots move between visits (sharding.Tournament). Returns
-    (loss, edges)."""
-    key = sharding_lib.global_array(bucket_key(self.config.train.seed, epoch, index), self.mesh)
+    every call's (loss, edges) as device values, without waiting for the
+    steps (bucket_totals waits and sums them)."""
+    key = bucket_key_on_mesh(self.config.train.seed, epoch, index, self.mesh)
     batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
         sharding_lib.AXIS))
     state = state_lib.TrainState(self.residency.home, {}, self._rel_state["params"],
@@ -459,9 +487,7 @@ class Trainer:
     self.residency.home = home
     self._rel_state = {"params": state.rel_params, "opt": state.rel_opt}
     self.total_steps += step_in_bucket
-    loss = sum(float(sharding_lib.host_copy(x)) for x in total_loss)
-    edges = sum(int(sharding_lib.host_copy(x)) for x in total_edges)
-    return loss, edges
+    return total_loss, total_edges
 
   def _bound_inflight(self, results: list) -> None:
     """Waits for the call MAX_INFLIGHT_CALLS back when several CPU devices share
@@ -472,14 +498,12 @@ class Trainer:
     inside an all-reduce waiting for that device, nothing moves again.
     Dispatching at most a few calls ahead keeps the launches from ever
     blocking."""
-    if (self.num_shards > 1 and self.mesh.devices.flat[0].platform == "cpu"
-        and len(results) > MAX_INFLIGHT_CALLS):
+    if _dispatch_bounded(self.mesh) and len(results) > MAX_INFLIGHT_CALLS:
       results[-MAX_INFLIGHT_CALLS - 1].block_until_ready()
 
   def run(self, stop_after_buckets: int | None = None) -> list[dict]:
     """Trains the remaining epochs; returns the per-epoch history."""
     config = self.config
-    num_buckets = self.graph.bucket_grid[0] * self.graph.bucket_grid[1]
     plan = schedule.training_plan(config.train.bucket_order, self.graph.bucket_grid,
                                   config.train.seed, config.train.epochs, **self.cursor)
     total = self.graph.num_edges("train")
@@ -489,37 +513,34 @@ class Trainer:
     stream = device_batching.open_stream(plan, self.graph, self.layout, config,
                                          self.residency.layout_of, self.mesh)
     compiling = precompile_steps(self) if plan else None
+    self._epoch_totals, self._last_finish = [0.0, 0, 0.0], time.perf_counter()
+    pending = None
     try:
       for position, (epoch, index, bucket) in enumerate(plan):
         if self.early_stop.stopped:  # validation stopped improving (early_stopping.py)
           break
-        if position == 0 or index == 0:
-          epoch_loss, epoch_edges, epoch_time = 0.0, 0, 0.0
-        started = time.perf_counter()
         self.residency.load(bucket)
         if position + 1 < len(plan) and config.storage.prefetch:
           self.residency.prefetch(plan[position + 1][2])
         if compiling is not None:  # the step's first call must find its program compiled
           compiling, _ = None, compiling.join()
-        loss, edges = self.train_bucket(epoch, index, stream.bucket_calls(epoch, index))
-        elapsed = time.perf_counter() - started
-        epoch_loss, epoch_edges, epoch_time = (epoch_loss + loss, epoch_edges + edges,
-                                               epoch_time + elapsed)
-        bar.update(edges)
-        bar.set_postfix(epoch=epoch, loss=f"{loss / max(edges, 1):.4f}")
-        self.log.bucket({"epoch": epoch, "bucket": list(bucket), "bucket_index": index,
-                         "loss": loss / max(edges, 1), "edges": edges, "seconds": elapsed,
-                         "edges_per_s": edges / max(elapsed, 1e-9)}, self.total_steps)
-        end_of_epoch = index + 1 == num_buckets
-        self.cursor = {"epoch": epoch + 1, "bucket": 0} if end_of_epoch else {
-            "epoch": epoch, "bucket": index + 1}
-        every = config.train.checkpoint_every_buckets
-        if end_of_epoch:
-          self._end_epoch(epoch, epoch_loss, epoch_edges, epoch_time)
-        if end_of_epoch or (every and (position + 1) % every == 0):
-          self.save_checkpoint()
-        if stop_after_buckets is not None and position + 1 >= stop_after_buckets:
-          return self.history
+        losses, edges = self.train_bucket(epoch, index, stream.bucket_calls(epoch, index))
+        dispatched = _PendingBucket(position, epoch, index, bucket, losses, edges,
+                                    self.total_steps)
+        # The previous bucket is finished (waited for, logged) only now, with
+        # this one's swap and steps queued behind it: the host's swap work
+        # overlaps its steps. A bucket after which state is saved or read
+        # (epoch end, checkpoint, stop) is finished before anything follows,
+        # and so is every bucket on several CPU devices (_bound_inflight).
+        if pending is not None:
+          self._finish_bucket(pending, bar)
+        pending = dispatched
+        stop = stop_after_buckets is not None and position + 1 >= stop_after_buckets
+        if stop or _dispatch_bounded(self.mesh) or _state_used_after(config, plan, position):
+          self._finish_bucket(pending, bar)
+          pending = None
+          if stop:
+            return self.history
     finally:
       stream.close()
       bar.close()
@@ -528,6 +549,30 @@ class Trainer:
     if self.primary:
       reporting.plot_training(self.history, self.workdir)
     return self.history
+
+  def _finish_bucket(self, done: _PendingBucket, bar) -> None:
+    """Waits for a dispatched bucket's steps, logs it, moves the cursor past
+    it, and ends the epoch / saves a checkpoint where one is due. The
+    bucket's seconds run from the previous bucket's finish."""
+    loss, edges = bucket_totals(done.losses, done.edges)
+    now = time.perf_counter()
+    elapsed, self._last_finish = now - self._last_finish, now
+    totals = self._epoch_totals = [0.0, 0, 0.0] if done.index == 0 else self._epoch_totals
+    totals[0], totals[1], totals[2] = totals[0] + loss, totals[1] + edges, totals[2] + elapsed
+    bar.update(edges)
+    bar.set_postfix(epoch=done.epoch, loss=f"{loss / max(edges, 1):.4f}")
+    self.log.bucket({"epoch": done.epoch, "bucket": list(done.bucket),
+                     "bucket_index": done.index, "loss": loss / max(edges, 1), "edges": edges,
+                     "seconds": elapsed, "edges_per_s": edges / max(elapsed, 1e-9)},
+                    done.total_steps)
+    end_of_epoch = done.index + 1 == self.graph.bucket_grid[0] * self.graph.bucket_grid[1]
+    self.cursor = {"epoch": done.epoch + 1, "bucket": 0} if end_of_epoch else {
+        "epoch": done.epoch, "bucket": done.index + 1}
+    every = self.config.train.checkpoint_every_buckets
+    if end_of_epoch:
+      self._end_epoch(done.epoch, *totals)
+    if end_of_epoch or (every and (done.position + 1) % every == 0):
+      self.save_checkpoint()
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
     record = {"epoch": epoch, "loss": loss / max(edges, 1), "edges": edges,
@@ -557,6 +602,21 @@ class Trainer:
     self.residency.close()
     self.checkpointer.close()
     self.log.close()
+
+
+def sharding_report(trainer: Trainer) -> dict[str, str]:
+  """'shape dtype PartitionSpec' of every array the training step touches:
+  working tables and accumulators per dim, the ring's visiting copies and
+  snapshots, relation parameters and optimizer state (pinned by a golden
+  file in tests/test_sharded.py)."""
+  start = sharding_lib.ring_ops(trainer.mesh)[0]
+  home = trainer.residency.home
+  ring = {dim: dict(zip(("visiting", "visiting_acc", "snapshot", "snapshot_acc"),
+                        start(rows.table, rows.acc))) for dim, rows in home.items()}
+  return sharding_lib.describe({
+      "tables": {dim: rows.table for dim, rows in home.items()},
+      "adagrad": {dim: rows.acc for dim, rows in home.items()},
+      "ring": ring, "relations": trainer._rel_state})
 
 
 def train(config, workdir: str, *, progress: bool = True,
