@@ -412,7 +412,7 @@ class Residency:
     for store, ready, table_field, acc_field in sources:
       window = collections.deque(ready)
       submitted = len(window)
-      for r0, r1 in chunks:
+      for number, (r0, r1) in enumerate(chunks):
         while submitted < len(chunks) and len(window) < LOAD_WINDOW:
           window.append(self.io_pool.submit(self._read_chunk, block, *chunks[submitted], store))
           submitted += 1
@@ -421,6 +421,11 @@ class Residency:
         table, acc = self._put_chunk((getattr(rows, table_field), getattr(rows, acc_field)),
                                      start + r0, pieces, r1 - r0)
         self.home[dim] = rows._replace(**{table_field: table, acc_field: acc})
+        if number + 1 >= LOAD_WINDOW:
+          # A chunk's copy waits in the device queue until the steps queued
+          # before it (the previous bucket's, dispatched ahead) have run: at
+          # most LOAD_WINDOW chunks wait so, not a whole partition.
+          table.block_until_ready()
 
   def _slice_chunk(self, block: Block, r0: int, r1: int) -> dict:
     """Rows [r0, r1) of one resident partition's sub-partitions (this
