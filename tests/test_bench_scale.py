@@ -122,10 +122,15 @@ def test_import_then_train_in_two_stages(tmp_path):
   assert (run_dir / bench.IMPORTED_ROW_FILE).exists()
   assert not list(scratch.glob("*.tsv"))  # the input goes once imported
   assert not (scratch / "bench_scale.jsonl").exists()  # no row until it is trained
+  # Bucket records of another run on the imported graph (tools/rss_timeline.py)
+  # are neither resumed nor counted.
+  stale = {"epoch": 0, "bucket": [0, 0], "bucket_index": 0, "edges": 12345, "seconds": 1.0}
+  (run_dir / "metrics.jsonl").write_text(json.dumps(stale) + "\n")
   out = subprocess.run(base + ["--stage", "train"], check=True, capture_output=True, text=True,
                        env=env, timeout=900)
   (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
   recorded = json.loads((scratch / "bench_scale.jsonl").read_text())
   assert row["import_s"] == recorded["import_s"] > 0
   assert row["trained_edges"] == 20000 and row["train_peak_rss_mib"] > 0
+  assert row["buckets_trained"] == row["buckets_total"] == 4
   assert sorted(os.listdir(scratch)) == ["bench_scale.jsonl"]

@@ -231,6 +231,10 @@ def phase(args) -> None:
   elif args.phase == "train":
     from twhin_jax import train as train_lib
     config = scale_config(args.graph_file, row)
+    # From scratch: another run on this graph (tools/rss_timeline.py) leaves
+    # tables, checkpoints and bucket records that would be resumed or counted.
+    import bench_train  # noqa: E402 - tools/ is not a package
+    bench_train.remove_training_state(args.workdir)
     started = time.perf_counter()
     trainer = train_lib.train(config, args.workdir, progress=False,
                               stop_after_buckets=row["max_buckets"])

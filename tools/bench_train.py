@@ -63,6 +63,20 @@ def bench_config(graph_file: str, partitions: int, dim: int, epochs: int, relati
   return config
 
 
+def remove_training_state(workdir: str) -> None:
+  """Deletes a run directory's tables, checkpoints, bucket records and
+  config, keeping its imported graph: the next training starts from scratch
+  instead of resuming (or counting) an earlier run on the same graph."""
+  import shutil  # tools only: kept out of the module's top for the worker's start
+  from twhin_jax import train as train_lib  # imports jax, in the worker only
+  for name in ("checkpoints", "tables", train_lib.METRICS_FILE, train_lib.CONFIG_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
 def worker(args) -> None:
   """Runs in its own process: import (phase=import) or train (phase=train)."""
   from twhin_jax import train as train_lib
@@ -75,13 +89,7 @@ def worker(args) -> None:
     return
   # Train from scratch on the imported graph (an earlier setting's tables and
   # checkpoints would be resumed, or refused for a different config).
-  import shutil
-  for name in ("checkpoints", "tables", train_lib.METRICS_FILE, train_lib.CONFIG_FILE):
-    path = os.path.join(args.workdir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+  remove_training_state(args.workdir)
   started = time.perf_counter()
   trainer = train_lib.train(config, args.workdir, progress=False)
   total = time.perf_counter() - started

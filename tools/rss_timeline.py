@@ -31,7 +31,6 @@ import functools
 import json
 import os
 import resource
-import shutil
 import sys
 import threading
 import time
@@ -106,12 +105,8 @@ def main() -> None:
   import bench_scale  # noqa: E402 - tools/ is not a package
   from twhin_jax import residency
   from twhin_jax import train as train_lib
-  for name in ("checkpoints", "tables", train_lib.METRICS_FILE, train_lib.CONFIG_FILE):
-    path = os.path.join(args.workdir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+  import bench_train  # noqa: E402 - tools/ is not a package
+  bench_train.remove_training_state(args.workdir)
   process, start = psutil.Process(), time.perf_counter()
   samples, active, lock, stop = [], {}, threading.Lock(), threading.Event()
 
