@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,7 +68,6 @@ def remove_training_state(workdir: str) -> None:
   """Deletes a run directory's tables, checkpoints, bucket records and
   config, keeping its imported graph: the next training starts from scratch
   instead of resuming (or counting) an earlier run on the same graph."""
-  import shutil  # tools only: kept out of the module's top for the worker's start
   from twhin_jax import train as train_lib  # imports jax, in the worker only
   for name in ("checkpoints", "tables", train_lib.METRICS_FILE, train_lib.CONFIG_FILE):
     path = os.path.join(workdir, name)

@@ -142,13 +142,16 @@ class MallInfo2(ctypes.Structure):
       "fordblks", "keepcost")]
 
 
+if _LIBC is not None and hasattr(_LIBC, "mallinfo2"):
+  _LIBC.mallinfo2.restype = MallInfo2
+
+
 def heap_info() -> MallInfo2 | None:
   """glibc's heap statistics over every arena (mallinfo2): ``fordblks`` is
   free memory glibc keeps, ``uordblks + hblkhd`` memory in use. None when
   the C library is not glibc or too old."""
   if _LIBC is None or not hasattr(_LIBC, "mallinfo2"):
     return None
-  _LIBC.mallinfo2.restype = MallInfo2
   return _LIBC.mallinfo2()
 
 

@@ -169,13 +169,18 @@ def _dispatch_bounded(mesh) -> bool:
   return mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
 
+def _checkpoint_due(config, position: int, end_of_epoch: bool) -> bool:
+  """Whether a checkpoint follows bucket ``position`` of the run's plan: at
+  an epoch's end and every train.checkpoint_every_buckets."""
+  every = config.train.checkpoint_every_buckets
+  return end_of_epoch or bool(every and (position + 1) % every == 0)
+
+
 def _state_used_after(config, plan: list, position: int) -> bool:
   """Whether the run's state is saved or read right after bucket
-  ``position`` of the plan: its last bucket, an epoch's last, or a
-  checkpoint every train.checkpoint_every_buckets."""
-  every = config.train.checkpoint_every_buckets
-  return (position + 1 == len(plan) or plan[position + 1][0] != plan[position][0]
-          or bool(every and (position + 1) % every == 0))
+  ``position`` of the plan: its last bucket, or a checkpoint."""
+  return position + 1 == len(plan) or _checkpoint_due(
+      config, position, plan[position + 1][0] != plan[position][0])
 
 
 class _PendingBucket(typing.NamedTuple):
@@ -513,7 +518,7 @@ class Trainer:
     stream = device_batching.open_stream(plan, self.graph, self.layout, config,
                                          self.residency.layout_of, self.mesh)
     compiling = precompile_steps(self) if plan else None
-    self._epoch_totals, self._last_finish = [0.0, 0, 0.0], time.perf_counter()
+    self._epoch_totals, self._last_finish = (0.0, 0, 0.0), time.perf_counter()
     pending = None
     try:
       for position, (epoch, index, bucket) in enumerate(plan):
@@ -557,8 +562,8 @@ class Trainer:
     loss, edges = bucket_totals(done.losses, done.edges)
     now = time.perf_counter()
     elapsed, self._last_finish = now - self._last_finish, now
-    totals = self._epoch_totals = [0.0, 0, 0.0] if done.index == 0 else self._epoch_totals
-    totals[0], totals[1], totals[2] = totals[0] + loss, totals[1] + edges, totals[2] + elapsed
+    epoch_loss, epoch_edges, epoch_s = (0.0, 0, 0.0) if done.index == 0 else self._epoch_totals
+    self._epoch_totals = (epoch_loss + loss, epoch_edges + edges, epoch_s + elapsed)
     bar.update(edges)
     bar.set_postfix(epoch=done.epoch, loss=f"{loss / max(edges, 1):.4f}")
     self.log.bucket({"epoch": done.epoch, "bucket": list(done.bucket),
@@ -568,10 +573,9 @@ class Trainer:
     end_of_epoch = done.index + 1 == self.graph.bucket_grid[0] * self.graph.bucket_grid[1]
     self.cursor = {"epoch": done.epoch + 1, "bucket": 0} if end_of_epoch else {
         "epoch": done.epoch, "bucket": done.index + 1}
-    every = self.config.train.checkpoint_every_buckets
     if end_of_epoch:
-      self._end_epoch(done.epoch, *totals)
-    if end_of_epoch or (every and (done.position + 1) % every == 0):
+      self._end_epoch(done.epoch, *self._epoch_totals)
+    if _checkpoint_due(self.config, done.position, end_of_epoch):
       self.save_checkpoint()
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
