@@ -132,6 +132,29 @@ def test_writing_non_finite_raises_and_keeps_data(tmp_path, zarr_format, bad):
   np.testing.assert_array_equal(after_acc, before_acc)
 
 
+def test_finite_check_sees_cancelling_infinities_and_sums_that_overflow():
+  big = np.full(8, 3e38, np.float32)  # finite values whose float32 sum overflows
+  assert storage._all_finite(big)
+  assert not storage._all_finite(np.array([np.inf, -np.inf, 1.0], np.float32))
+  assert not storage._all_finite(np.array([[1.0, np.nan]], np.float32))
+  assert storage._all_finite(np.zeros((0, 4), np.float32))
+
+
+def test_a_frozen_write_stores_the_rows(tmp_path):
+  """frozen=True lets TensorStore write from the caller's arrays; the rows
+  read back are those arrays' values."""
+  store = _store(tmp_path, 3)
+  store.initialize(seed=0, init_scale=1.0)
+  rows = store.entities["user"].partition_rows(1)
+  emb = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+  acc = np.arange(rows, dtype=np.float32)
+  for future in store.write_rows(("user", 1), 1, 0, emb, acc, frozen=True):
+    future.result()
+  got_emb, got_acc = store.read(("user", 1), 1)
+  np.testing.assert_array_equal(got_emb, emb)
+  np.testing.assert_array_equal(got_acc, acc)
+
+
 def test_writing_wrong_row_count_raises(tmp_path):
   store = _store(tmp_path, 3)
   with pytest.raises(ValueError, match="expected 2 rows"):
@@ -219,7 +242,7 @@ class _MemoryStorage(storage.EntityStorage):
     emb, acc = self.arrays[(*block, slot)]
     return emb[lo:hi].copy(), acc[lo:hi].copy()
 
-  def write_rows(self, block, slot, lo, embeddings, adagrad):
+  def write_rows(self, block, slot, lo, embeddings, adagrad, *, frozen=False):
     if not (np.all(np.isfinite(embeddings)) and np.all(np.isfinite(adagrad))):
       raise FloatingPointError(f"partition {block}: NaN or inf")
     emb, acc = self.arrays[(*block, slot)]

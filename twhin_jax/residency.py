@@ -457,8 +457,9 @@ class Residency:
     for g, (table, acc, valid) in slices.items():
       if valid:
         lo = self._shard_rows(block, g, r0, r1)[0]
+        # The slices are fresh device arrays nothing changes: written from as they are.
         written.extend(self.tables.write_rows(block, slot, lo, np.asarray(table)[:valid],
-                                              np.asarray(acc)[:valid]))
+                                              np.asarray(acc)[:valid], frozen=True))
     for future in written:
       future.result()
 

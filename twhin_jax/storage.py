@@ -56,6 +56,32 @@ def chunk_rows(partition_size: int, sub_partitions: int = 1) -> int:
   return math.ceil(size / pieces)
 
 
+#: XLA's CPU client uses a host array in place, without a copy, when it is
+#: this aligned (TensorStore's own read arrays are 16 bytes off).
+HOST_ALIGNMENT = 64
+
+
+def _empty_aligned(shape: tuple[int, ...]) -> np.ndarray:
+  """An uninitialised float32 array at a HOST_ALIGNMENT-aligned address, so
+  that rows read into it go to a CPU device without a copy (out-of-core
+  loads read a partition per bucket)."""
+  nbytes = math.prod(shape) * 4
+  buffer = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+  skip = -buffer.ctypes.data % HOST_ALIGNMENT
+  return buffer[skip:skip + nbytes].view(np.float32).reshape(shape)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+  """Whether every value is finite, in one pass without a temporary array:
+  a NaN or an infinity makes the sum NaN or infinite, so a finite sum
+  proves them all finite; only a sum that overflows (or a real NaN) takes
+  the exact, slower check."""
+  with np.errstate(over="ignore", invalid="ignore"):
+    if np.isfinite(values.sum()):
+      return True
+  return bool(np.all(np.isfinite(values)))
+
+
 def stored_partition_size(partition_size: int, chunk: int | None = None) -> int:
   rows = chunk_rows(partition_size) if chunk is None else chunk
   return math.ceil(partition_size / rows) * rows
@@ -125,9 +151,12 @@ class EntityStorage(abc.ABC):
 
   @abc.abstractmethod
   def write_rows(self, block: Block, slot: int, lo: int, embeddings: np.ndarray,
-                 adagrad: np.ndarray) -> list:
+                 adagrad: np.ndarray, *, frozen: bool = False) -> list:
     """Starts writing rows [lo, lo + n) of one partition; returns futures
-    (objects with ``result()``). Must refuse NaN or inf before writing."""
+    (objects with ``result()``). Must refuse NaN or inf before writing.
+
+    ``frozen``: the caller never changes the two arrays afterwards, so the
+    backend may write from them instead of from a copy of its own."""
 
   def read(self, block: Block, slot: int) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [rows, d], adagrad [rows]) of one partition."""
@@ -258,33 +287,44 @@ class TableStore(EntityStorage):
   def read_rows(self, block: Block, slot: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows [lo, hi) of one partition: (embeddings [n, d], adagrad [n])."""
     start, stop = self._rows(block)
-    lo, hi = start + lo, min(start + hi, stop)
+    hi = min(start + hi, stop)
+    lo = min(start + lo, hi)
     entity_type = block[0]
-    emb = self._arrays[(entity_type, slot, "embeddings")][lo:hi].read()
-    acc = self._arrays[(entity_type, slot, "adagrad")][lo:hi].read()
-    return np.asarray(emb.result()), np.asarray(acc.result())
+    emb = _empty_aligned((hi - lo, self.dims[entity_type]))
+    acc = _empty_aligned((hi - lo,))
+    # Read into the aligned arrays (a TensorStore view of each, written from storage).
+    reads = [ts.array(out, copy=False, write=True).write(
+                 self._arrays[(entity_type, slot, name)][lo:hi])
+             for out, name in ((emb, "embeddings"), (acc, "adagrad"))]
+    for future in reads:
+      future.result()
+    return emb, acc
 
   def write_rows(self, block: Block, slot: int, lo: int, embeddings: np.ndarray,
-                 adagrad: np.ndarray) -> list[ts.Future]:
+                 adagrad: np.ndarray, *, frozen: bool = False) -> list[ts.Future]:
     """Starts writing rows [lo, lo + n) of one partition; returns the futures.
 
     Refuses NaN or inf before anything is written, so a diverged run never
-    overwrites saved values.
+    overwrites saved values. With ``frozen`` TensorStore writes straight
+    from the arrays (can_reference_source_data_indefinitely): out-of-core
+    write-backs, a partition per bucket, skip a copy of every row.
     """
     start, stop = self._rows(block)
     n = embeddings.shape[0]
     if adagrad.shape[0] != n or start + lo + n > stop:
       raise ValueError(f"partition {block}: rows [{lo}, {lo + n}) / {adagrad.shape[0]} "
                        f"do not fit its {stop - start} rows")
-    if not np.all(np.isfinite(adagrad)):
+    if not _all_finite(adagrad):
       raise FloatingPointError(f"partition {block}: Adagrad accumulators hold NaN or inf; "
                                "refusing to overwrite the saved table")
-    if not np.all(np.isfinite(embeddings)):
+    if not _all_finite(embeddings):
       bad = int(np.sum(~np.isfinite(embeddings).all(axis=1)))
       raise FloatingPointError(
           f"partition {block}: {bad} rows hold NaN or inf; refusing to overwrite "
           "the saved table (lower train.lr or check the edge weights)")
     entity_type = block[0]
     lo = start + lo
-    return [self._arrays[(entity_type, slot, "embeddings")][lo:lo + n].write(embeddings),
-            self._arrays[(entity_type, slot, "adagrad")][lo:lo + n].write(adagrad)]
+    return [self._arrays[(entity_type, slot, "embeddings")][lo:lo + n].write(
+                embeddings, can_reference_source_data_indefinitely=frozen),
+            self._arrays[(entity_type, slot, "adagrad")][lo:lo + n].write(
+                adagrad, can_reference_source_data_indefinitely=frozen)]
