@@ -114,6 +114,63 @@ def test_affinity_swaps_fewer_partitions_than_random():
   assert affinity < random
 
 
+def _one_type(bucket):
+  """The partitions of a bucket whose source and target are one entity type."""
+  return {bucket[0], bucket[1]}
+
+
+def _loads(order, blocks_of):
+  """Partitions read in over an epoch, two-partition residency."""
+  return sum(len(set(blocks_of(b)) - set(blocks_of(a))) for a, b in zip(order, order[1:]))
+
+
+@FAST
+@given(grid=grids, seed=seeds, epoch=epochs)
+def test_affinity_takes_the_cheapest_next_bucket_by_the_partitions_it_needs(grid, seed, epoch):
+  order = schedule.bucket_order("affinity", grid, seed, epoch, blocks_of=_one_type)
+  assert sorted(order) == sorted(_all_buckets(grid))
+  for k in range(1, len(order)):
+    held = _one_type(order[k - 1])
+    unvisited = _all_buckets(grid) - set(order[:k])
+    cheapest = min(len(_one_type(b) - held) for b in unvisited)
+    assert len(_one_type(order[k]) - held) == cheapest, (k, order)
+
+
+def test_affinity_visits_both_directions_of_a_pair_together_with_one_type():
+  """(i, j) then (j, i), (i, i) or (j, j) costs no swap with one entity type:
+  an epoch on 16 x 16 loads about P^2 / 2 partitions, not P^2."""
+  grid = (16, 16)
+  for seed in range(3):
+    aware = schedule.bucket_order("affinity", grid, seed, 0, blocks_of=_one_type)
+    plain = schedule.bucket_order("affinity", grid, seed, 0)
+    assert _loads(aware, _one_type) < 0.62 * _loads(plain, _one_type)
+    assert _loads(aware, _one_type) <= 16 * 15 // 2 + 16
+
+
+def _affinity_before_blocks_of(grid, seed, epoch):
+  """affinity as it was before it counted partitions (commit bde702d)."""
+  rng = schedule._rng(seed, epoch)
+  remaining = set(schedule.sequential(grid))
+  current = sorted(remaining)[rng.integers(len(remaining))]
+  order = [current]
+  remaining.remove(current)
+  while remaining:
+    near = sorted(b for b in remaining if b[0] == current[0] or b[1] == current[1])
+    pool = near if near else sorted(remaining)
+    current = pool[rng.integers(len(pool))]
+    order.append(current)
+    remaining.remove(current)
+  return order
+
+
+def test_affinity_by_sides_is_the_order_runs_were_planned_with_before():
+  """The default (source and target sides) reproduces the old order draw
+  for draw: a run planned before blocks_of existed resumes the same way."""
+  for grid in ((1, 1), (3, 4), (6, 6), (9, 2)):
+    for seed in range(4):
+      assert schedule.affinity(grid, seed, 2) == _affinity_before_blocks_of(grid, seed, 2)
+
+
 @pytest.mark.parametrize("name", ["", "Random", "inside-out", "bogus"])
 def test_unknown_name_raises_value_error(name):
   with pytest.raises(ValueError, match="unknown bucket order"):

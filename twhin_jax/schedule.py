@@ -9,6 +9,8 @@ already-initialised partitions).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 
 Bucket = tuple[int, int]
@@ -50,21 +52,42 @@ def outside_in(grid: tuple[int, int], seed: int = 0, epoch: int = 0) -> list[Buc
   return inside_out(grid, seed, epoch)[::-1]
 
 
-def affinity(grid: tuple[int, int], seed: int = 0, epoch: int = 0) -> list[Bucket]:
-  """Greedy order that keeps one partition loaded between consecutive buckets.
+def _sides(bucket: Bucket) -> tuple:
+  """The partitions a bucket needs when its two sides are different entity
+  types: its source partition and its target partition."""
+  return (("source", bucket[0]), ("target", bucket[1]))
 
-  Starting from a random bucket, the next bucket is a random unvisited one
-  sharing its source or its target partition with the current one (so only
-  one partition is swapped); only when none is left does it jump anywhere.
+
+def affinity(grid: tuple[int, int], seed: int = 0, epoch: int = 0,
+             blocks_of: Callable[[Bucket], Iterable] = _sides) -> list[Bucket]:
+  """Greedy order that swaps as few partitions as it can between buckets.
+
+  ``blocks_of(bucket)``: the partitions the bucket needs resident
+  (residency.bucket_blocks; by default its source and its target side, as
+  if they were different types). Starting from a random bucket, the next
+  is a random unvisited one among those needing the fewest partitions the
+  current one does not hold. With both sides of one type, (i, j) is
+  followed by (j, i), (i, i) or (j, j) for free, which nearly halves the
+  swaps of an epoch; by default it is one sharing the source or the target
+  partition (one swap), and only when none is left does it jump anywhere.
   """
   rng = _rng(seed, epoch)
-  remaining = set(sequential(grid))
-  current = sorted(remaining)[rng.integers(len(remaining))]
+  buckets = sequential(grid)
+  needs = {b: frozenset(blocks_of(b)) for b in buckets}
+  # block -> the buckets needing it: only those can cost less than a jump.
+  users: dict = {}
+  for b in buckets:
+    for block in needs[b]:
+      users.setdefault(block, set()).add(b)
+  remaining = set(buckets)
+  current = buckets[rng.integers(len(buckets))]
   order = [current]
   remaining.remove(current)
   while remaining:
-    near = sorted(b for b in remaining if b[0] == current[0] or b[1] == current[1])
-    pool = near if near else sorted(remaining)
+    near = {b for block in needs[current] for b in users[block]} & remaining
+    cost = {b: len(needs[b] - needs[current]) for b in near}
+    fewest = min(cost.values(), default=None)
+    pool = sorted(b for b, c in cost.items() if c == fewest) if near else sorted(remaining)
     current = pool[rng.integers(len(pool))]
     order.append(current)
     remaining.remove(current)
@@ -80,21 +103,25 @@ ORDERS = {
 }
 
 
-def bucket_order(name: str, grid: tuple[int, int], seed: int, epoch: int) -> list[Bucket]:
-  """The buckets of one epoch in the named order (see ORDERS)."""
-  try:
-    return ORDERS[name](grid, seed, epoch)
-  except KeyError:
-    raise ValueError(f"unknown bucket order {name!r}; choose from {sorted(ORDERS)}") from None
+def bucket_order(name: str, grid: tuple[int, int], seed: int, epoch: int,
+                 blocks_of: Callable[[Bucket], Iterable] | None = None) -> list[Bucket]:
+  """The buckets of one epoch in the named order (see ORDERS); ``blocks_of``
+  (the partitions a bucket needs) informs the orders that count swaps."""
+  if name not in ORDERS:
+    raise ValueError(f"unknown bucket order {name!r}; choose from {sorted(ORDERS)}")
+  if name == "affinity" and blocks_of is not None:
+    return affinity(grid, seed, epoch, blocks_of)
+  return ORDERS[name](grid, seed, epoch)
 
 
 def training_plan(name: str, grid: tuple[int, int], seed: int, epochs: int, epoch: int = 0,
-                  bucket: int = 0) -> list[tuple[int, int, Bucket]]:
+                  bucket: int = 0, blocks_of: Callable[[Bucket], Iterable] | None = None
+                  ) -> list[tuple[int, int, Bucket]]:
   """[(epoch, bucket index, bucket)] from the cursor (epoch, bucket) to the end
   of training: every epoch's order computed once, for the loop and the batch
   preparation alike."""
   plan = []
   for e in range(epoch, epochs):
-    order = bucket_order(name, grid, seed, e)
+    order = bucket_order(name, grid, seed, e, blocks_of)
     plan.extend((e, i, order[i]) for i in range(bucket if e == epoch else 0, len(order)))
   return plan

@@ -509,8 +509,10 @@ class Trainer:
   def run(self, stop_after_buckets: int | None = None) -> list[dict]:
     """Trains the remaining epochs; returns the per-epoch history."""
     config = self.config
-    plan = schedule.training_plan(config.train.bucket_order, self.graph.bucket_grid,
-                                  config.train.seed, config.train.epochs, **self.cursor)
+    plan = schedule.training_plan(
+        config.train.bucket_order, self.graph.bucket_grid, config.train.seed,
+        config.train.epochs, **self.cursor,
+        blocks_of=lambda bucket: residency_lib.bucket_blocks(self.graph, bucket))
     total = self.graph.num_edges("train")
     bar = tqdm(total=total * config.train.epochs, initial=total * self.cursor["epoch"],
                unit="edge", unit_scale=True, desc=f"train {config.name}",
