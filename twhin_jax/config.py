@@ -151,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss = "logistic"
   c.train.margin = 0.1  # ranking loss only
   c.train.seed = 0
+  # inside_out: PyTorch-BigGraph's default. affinity: the fewest partition
+  # swaps out of core (with one entity type about P^2/2 loads an epoch, not P^2).
   c.train.bucket_order = "inside_out"
   c.train.checkpoint_every_buckets = 1  # 0: only at the end of each epoch
   c.train.eval_every_epochs = 1  # validation MRR per epoch; 0 disables
