@@ -349,12 +349,17 @@ class Residency:
 
   # -- transfers between storage and the working tables, in row chunks --------
 
+  def _row_bytes(self, dim: int) -> int:
+    """Host bytes of one sub-partition row over this process's shards: d
+    embedding floats and one Adagrad accumulator each."""
+    return (dim + 1) * 4 * len(self.local_shards)
+
   def _chunks(self, entity_type: str) -> list[tuple[int, int]]:
     """Row ranges [r0, r1) of a sub-partition moved at a time: about
     TRANSFER_BYTES over this process's shards, whole storage chunks when
     that many fit (so reads and writes touch whole zarr chunks)."""
     sub, dim = self.sub_rows[entity_type], self.dims[entity_type]
-    step = max(1, TRANSFER_BYTES // ((dim + 1) * 4 * len(self.local_shards)))
+    step = max(1, TRANSFER_BYTES // self._row_bytes(dim))
     stored_chunk = self.tables.chunk.get(entity_type, 1)
     if step >= stored_chunk:
       step -= step % stored_chunk
@@ -432,8 +437,8 @@ class Residency:
 
   def _slice_chunk(self, block: Block, r0: int, r1: int) -> dict:
     """Rows [r0, r1) of one resident partition's sub-partitions (this
-    process's shards), sliced on the device: shard -> (rows, acc, valid
-    rows). Only dispatched, so the slices are taken after every step queued
+    process's shards), sliced on the device: shard -> (rows, acc, first
+    partition row, valid rows). Only dispatched, so the slices are taken after every step queued
     before them and the caller does not wait for those steps; the working
     table itself is never viewed from the host, so it stays free to be
     donated."""
@@ -446,17 +451,16 @@ class Residency:
       g = begin // self.capacity[self.dims[block[0]]]
       lo, hi = self._shard_rows(block, g, r0, r1)
       slices[g] = (_rows_at(shard.data, start + r0, r1 - r0),
-                   _rows_at(accs[begin], start + r0, r1 - r0), hi - lo)
+                   _rows_at(accs[begin], start + r0, r1 - r0), lo, hi - lo)
     return slices
 
-  def _write_slices(self, block: Block, slot: int, r0: int, r1: int, slices: dict) -> None:
+  def _write_slices(self, block: Block, slot: int, slices: dict) -> None:
     """Copies a chunk's device slices to the host (waiting, in this
     write-back thread, for the steps before them) and writes them to
     ``slot``; returns when TensorStore has written them."""
     written = []
-    for g, (table, acc, valid) in slices.items():
+    for table, acc, lo, valid in slices.values():
       if valid:
-        lo = self._shard_rows(block, g, r0, r1)[0]
         # The slices are fresh device arrays nothing changes: written from as they are.
         written.extend(self.tables.write_rows(block, slot, lo, np.asarray(table)[:valid],
                                               np.asarray(acc)[:valid], frozen=True))
@@ -476,10 +480,10 @@ class Residency:
     slot = self.slots.write_target(block)
     self.slots.current[block] = slot
     futures = []
-    row_bytes = (self.dims[block[0]] + 1) * 4 * len(self.local_shards)
+    row_bytes = self._row_bytes(self.dims[block[0]])
     for r0, r1 in self._chunks(block[0]):
       self._bound_writes(WRITE_BEHIND_BYTES - (r1 - r0) * row_bytes)
-      future = self.write_pool.submit(self._write_slices, block, slot, r0, r1,
+      future = self.write_pool.submit(self._write_slices, block, slot,
                                       self._slice_chunk(block, r0, r1))
       futures.append(future)
       self._writes_in_flight.append(((r1 - r0) * row_bytes, [future]))
@@ -505,9 +509,9 @@ class Residency:
       if block in resident:
         continue
       ahead[block] = []
-      chunk_bytes = (self.dims[block[0]] + 1) * 4 * len(self.local_shards)
+      row_bytes = self._row_bytes(self.dims[block[0]])
       for r0, r1 in self._chunks(block[0]):
-        budget -= (r1 - r0) * chunk_bytes
+        budget -= (r1 - r0) * row_bytes
         if budget < 0:
           break
         ahead[block].append(self.io_pool.submit(self._read_chunk, block, r0, r1))
@@ -571,7 +575,7 @@ class Residency:
     # destination range are the same or disjoint, so moving chunk k of every
     # block before chunk k + 1 never overwrites rows still to be read, and
     # only one chunk per block is held extra (not a whole partition).
-    step = max(1, TRANSFER_BYTES // ((dim + 1) * 4 * len(self.local_shards) * len(moves)))
+    step = max(1, TRANSFER_BYTES // (self._row_bytes(dim) * len(moves)))
     for r0 in range(0, size, step):
       count = min(step, size - r0)
       old = _move_rows(self.mesh, len(moves), count)(
