@@ -135,6 +135,20 @@ def base_config() -> ml_collections.ConfigDict:
   # (Lacroix et al. 2018).
   c.model.regularization = 0.0
   c.model.regularizer = "l2"
+  # Also penalise the relation parameters each positive edge uses, with the
+  # same lambda and norm (Lacroix et al. penalise all three factors of a
+  # score): without it a trilinear score (diagonal, complex_diagonal) can move
+  # its scale from the entity rows into the free relation parameters, and the
+  # penalty on the rows stops constraining the model. Needs relation_init
+  # "random": parameters that start at the identity (modulus 1) are pulled to
+  # the zero map first (regularizers.py).
+  c.model.regularize_relations = False
+  # How relation parameters start: "identity" (every operator a no-op,
+  # PyTorch-BigGraph's choice) or "random" (N(0, init_scale^2), as the rows).
+  c.model.relation_init = "identity"
+  # Probability that a relation parameter is zeroed for a chunk in training
+  # (inverted dropout; LibKGE's best ComplEx on FB15k-237 drops 0.44).
+  c.model.relation_dropout = 0.0
   # Chunk score matmuls (model.compare_all's precision): "float32", "tf32" (NVIDIA GPU),
   # "bfloat16" (bf16 operands, fp32 sums), or "auto" (tf32 on GPU, float32
   # elsewhere). Tables and Adagrad state are float32 in every case.
@@ -450,6 +464,17 @@ def validate(config) -> None:
     _fail("model.regularizer", f"{config.model.regularizer!r} not in {REGULARIZERS}")
   if config.model.regularization < 0:
     _fail("model.regularization", f"must be >= 0, got {config.model.regularization}")
+  if config.model.get("relation_init", "identity") not in model.RELATION_INITS:
+    _fail("model.relation_init",
+          f"{config.model.relation_init!r} not in {model.RELATION_INITS}")
+  if not isinstance(config.model.get("regularize_relations", False), bool):
+    _fail("model.regularize_relations", "must be True or False")
+  if config.model.get("regularize_relations", False) and config.model.relation_init != "random":
+    _fail("model.regularize_relations",
+          "needs model.relation_init = 'random': a penalty on relations that start at the "
+          "identity pulls every relation to the zero map (regularizers.py)")
+  if not 0.0 <= config.model.get("relation_dropout", 0.0) < 1.0:
+    _fail("model.relation_dropout", f"must be in [0, 1), got {config.model.relation_dropout}")
   if config.model.get("matmul_precision", "auto") not in model.MATMUL_PRECISIONS:
     _fail("model.matmul_precision",
           f"{config.model.matmul_precision!r} not in {model.MATMUL_PRECISIONS}")

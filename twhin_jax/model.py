@@ -53,10 +53,28 @@ _COS_EPS = 1e-9
 #: these; add a name here with its case in the functions below).
 OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
 COMPARATORS = ("dot", "cos", "l2")
+#: How relation parameters start (config model.relation_init).
+RELATION_INITS = ("identity", "random")
 
 
-def init_operator_params(operator: str, num_relations: int, dim: int) -> np.ndarray:
-  """Identity-initialised parameters: every operator starts as a no-op."""
+def init_operator_params(operator: str, num_relations: int, dim: int, init: str = "identity",
+                         scale: float = 1e-3, rng: np.random.Generator | None = None) -> np.ndarray:
+  """Initial parameters of ``num_relations`` relations of one operator.
+
+  ``init="identity"``: every operator starts as a no-op (PyTorch-BigGraph's
+  choice), so the first epochs train the entity rows against the plain
+  comparator. ``init="random"``: every parameter ~ N(0, scale^2), like the
+  entity rows (Lacroix et al. 2018's CP / ComplEx start): the form that an N3
+  penalty on the relations (``model.regularize_relations``) needs, since a
+  penalty on parameters that start at modulus 1 pulls every relation to the
+  zero map before the entity rows have grown (regularizers.py).
+  """
+  if init == "random":
+    shape = init_operator_params(operator, num_relations, dim).shape
+    rng = rng if rng is not None else np.random.default_rng(0)
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+  if init != "identity":
+    raise ValueError(f"unknown relation init {init!r}; choose from {RELATION_INITS}")
   if operator == "none":
     return np.zeros((num_relations, 0), np.float32)
   if operator == "translation":
@@ -200,6 +218,9 @@ class RelationLayout:
     groups: group name -> list of relation indices, in row order.
     reciprocal: whether each relation has reverse-direction parameters.
     reverse_row: row of the reverse parameters (== row when not reciprocal).
+    init: how parameters start (RELATION_INITS; init_operator_params).
+    init_scale: the standard deviation of ``init="random"``.
+    seed: seeds ``init="random"`` (train.seed), one stream per group.
   """
   names: tuple[str, ...]
   operators: tuple[str, ...]
@@ -209,6 +230,9 @@ class RelationLayout:
   groups: dict
   reciprocal: bool = False
   reverse_row: tuple[int, ...] = ()
+  init: str = "identity"
+  init_scale: float = 1e-3
+  seed: int = 0
 
   @classmethod
   def from_config(cls, config) -> "RelationLayout":
@@ -227,13 +251,19 @@ class RelationLayout:
     reciprocal = bool(config.model.reciprocal)
     reverse_row = tuple(r + len(groups[g]) if reciprocal else r for g, r in zip(group, row))
     return cls(tuple(names), tuple(operators), tuple(dims), tuple(group), tuple(row), groups,
-               reciprocal, reverse_row)
+               reciprocal, reverse_row, str(config.model.get("relation_init", "identity")),
+               float(config.model.init_scale), int(config.train.seed))
 
   def init_params(self) -> dict[str, np.ndarray]:
     copies = 2 if self.reciprocal else 1
-    return {name: init_operator_params(name.split(":")[0], copies * len(members),
-                                       int(name.split(":")[1]))
-            for name, members in self.groups.items()}
+    params = {}
+    for index, (name, members) in enumerate(self.groups.items()):
+      # One seeded stream per group (its config-order index), so a group's
+      # start does not depend on the sizes of the others.
+      rng = np.random.default_rng([self.seed, index])
+      params[name] = init_operator_params(name.split(":")[0], copies * len(members),
+                                          int(name.split(":")[1]), self.init, self.init_scale, rng)
+    return params
 
   def param(self, params: dict, relation: int):
     """The parameter array of one relation (index in config order)."""

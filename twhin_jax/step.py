@@ -112,6 +112,14 @@ class StepSettings(NamedTuple):
   #: unchanged. One device only: with several, every device must take the
   #: same branch (the step's collectives).
   skip_padding: bool = False
+  #: model.regularize_relations: lambda * Omega_rel on the relation parameters
+  #: each positive edge uses (regularizers.relation_penalty).
+  regularize_relations: bool = False
+  #: model.relation_dropout: the probability p that a relation parameter is
+  #: zeroed for one chunk (one edge in mixed-relation chunks) in training,
+  #: the rest scaled by 1 / (1 - p) (inverted dropout: evaluation uses the
+  #: parameters as they are).
+  relation_dropout: float = 0.0
 
 
 def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, params,
@@ -305,17 +313,36 @@ def global_edge_log_q(logq: jax.Array, n: jax.Array, num_uniform: int,
 
 
 def step_loss(settings: StepSettings, src_rows, dst_rows, rel_params, src_ids, dst_ids, rel,
-              rel_reverse, weight, logq, src_valid, dst_valid):
+              rel_reverse, weight, logq, src_valid, dst_valid, dropout_key=None):
   """src_rows, dst_rows [S, C+U, d], rel_params [R_g, ...] -> summed loss of S chunks."""
-  params = rel_params[rel]  # [S, ...]
+  params = rel_params[rel]  # [S, ...] ([S, C, ...] with mixed-relation chunks)
   reverse_params = rel_params[rel_reverse]  # [S, ...]
+  penalty = 0.0
+  if settings.regularize_relations and settings.regularization:
+    # On the parameters themselves, not their dropped-out copies. Source
+    # corruption scores with the reverse parameters only when relations are
+    # reciprocal; otherwise both sides use the forward ones.
+    source_side = reverse_params if settings.reciprocal else params
+    penalty = settings.regularization * jnp.sum(jax.vmap(functools.partial(
+        regularizers.relation_penalty, settings.regularizer, settings.operator))(
+            params, source_side, weight))
+  if settings.relation_dropout:
+    forward_key, reverse_key = jax.random.split(dropout_key)
+    params = _dropout(forward_key, params, settings.relation_dropout)
+    reverse_params = _dropout(reverse_key, reverse_params, settings.relation_dropout)
   uniform_lse = None
   if settings.global_candidates:
     uniform_lse = global_uniform_lse(settings, src_rows, dst_rows, params, reverse_params,
                                      src_ids, dst_ids, weight, logq, src_valid, dst_valid)
-  return jnp.sum(jax.vmap(functools.partial(chunk_loss, settings))(
+  return penalty + jnp.sum(jax.vmap(functools.partial(chunk_loss, settings))(
       src_rows, dst_rows, src_ids, dst_ids, params, reverse_params, weight, logq, src_valid,
       dst_valid, uniform_lse))
+
+
+def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout: x_i * b_i / (1 - rate), b_i ~ Bernoulli(1 - rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
 def update_rows(settings: StepSettings, state: state_lib.StepState, src_ids, dst_ids, src_grads,
@@ -396,7 +423,9 @@ def _real_step(settings: StepSettings, carry, batch: StepBatch):
       functools.partial(step_loss, settings), argnums=(0, 1, 2))(
           src_rows, dst_rows, state.rel_params, src_ids, dst_ids, batch.rel,
           batch.rel if batch.rel_reverse is None else batch.rel_reverse, batch.weight,
-          _step_log_q(settings, batch), src_valid, dst_valid)
+          _step_log_q(settings, batch), src_valid, dst_valid,
+          # Its own stream: the negatives' keys stay what they were without dropout.
+          jax.random.fold_in(step_key, 2) if settings.relation_dropout else None)
   home, visiting = update_rows(settings, state, src_ids, dst_ids, src_grads, dst_grads)
   if settings.sharded:
     # Replicated relation parameters: sum the gradients of all devices so
@@ -435,7 +464,8 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                      regularization: float = 0.0, mesh: jax.sharding.Mesh | None = None,
                      visiting: bool = False, l2_to_previous: float = 0.0,
                      regularizer: str = "l2", matmul_precision: str = "auto",
-                     all_candidates: bool = False, global_candidates: bool = False):
+                     all_candidates: bool = False, global_candidates: bool = False,
+                     regularize_relations: bool = False, relation_dropout: float = 0.0):
   """Builds the jitted function (state, batch, key) -> (state, loss_sum, edge_count).
 
   With a ``mesh`` the function runs under ``shard_map`` over its one axis
@@ -454,7 +484,10 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
   ``regularization`` (lambda) adds lambda * Omega over the positive edges, a
   penalty on the rows each batch touches (``regularizer``: "l2",
   sum_e w_e (|theta_s|^2 + |theta_t|^2), or "n3"; see regularizers.py), which
-  keeps popular entities from growing without bound.
+  keeps popular entities from growing without bound; ``regularize_relations``
+  adds the same penalty on the relation parameters each edge uses.
+  ``relation_dropout`` (p) drops each relation parameter a chunk uses with
+  probability p in training (StepSettings.relation_dropout).
 
   ``matmul_precision`` sets the chunk score matmuls only (model.compare_all);
   tables, gradients and Adagrad state stay float32.
@@ -476,7 +509,9 @@ def make_train_steps(operator: str, comparator: str, loss: str, margin: float,
                           regularizer, model.resolve_matmul_precision(matmul_precision),
                           all_candidates, global_candidates,
                           -(-num_uniform // mesh.size) if global_candidates else 0,
-                          skip_padding=mesh is None or mesh.size == 1)
+                          skip_padding=mesh is None or mesh.size == 1,
+                          regularize_relations=bool(regularize_relations and regularization),
+                          relation_dropout=float(relation_dropout))
   if mesh is None:
     return jax.jit(functools.partial(local_steps, settings), donate_argnums=(0,))
   state_spec = state_lib.state_spec(visiting, anchored=bool(l2_to_previous))

@@ -441,7 +441,9 @@ class Trainer:
         float(config.model.regularization), mesh=self.mesh, visiting=visiting,
         l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer,
         matmul_precision=config.model.get("matmul_precision", "auto"),
-        all_candidates=all_candidates, global_candidates=negatives.global_candidates(config))
+        all_candidates=all_candidates, global_candidates=negatives.global_candidates(config),
+        regularize_relations=bool(config.model.get("regularize_relations", False)),
+        relation_dropout=float(config.model.get("relation_dropout", 0.0)))
 
   def train_bucket(self, epoch: int, index: int, calls) -> tuple[list, list]:
     """Trains the resident bucket from its prepared ``calls`` [(visit, call)]:
