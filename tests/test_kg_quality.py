@@ -1,4 +1,5 @@
-"""Real-data quality: a short Kinship run must rank far better than chance."""
+"""Real-data quality: a short Kinship run must rank far better than chance, and
+the KG recipe must rank UMLS well."""
 
 from __future__ import annotations
 
@@ -32,19 +33,23 @@ def test_kinship_mrr_far_above_random(tmp_path):
   assert metrics["hits@10"] >= 0.85, metrics
 
 
-def test_kg_recipe_stops_on_validation_and_beats_the_tuned_config(tmp_path):
-  """The untuned KG recipe (recipes.KG: N3, 25 + 1000 negatives, early
-  stopping) on Kinship: it must stop by itself, end on its best epoch, and
-  rank better than the per-dataset config above. Measured: test MRR 0.806,
-  stopped after 30 epochs (best 26)."""
+def test_kg_recipe_stops_on_validation_and_ranks_umls_well(tmp_path):
+  """The untuned KG recipe (recipes.KG: 1-vs-all, N3 on the rows and, with
+  complex_diagonal, on the relations; early stopping) on UMLS: it must stop
+  by itself, end on its best epoch, and rank well. Measured on CPU: test MRR
+  0.877, Hits@10 0.995, stopped after 34 epochs (best 24); the recipe without
+  the relation term gave 0.807."""
   from twhin_jax import config_builders
   from twhin_jax import recipes
-  config = recipes.apply(config_builders.kg_config("kinship", "$TWHIN_DATA_DIR/kg/kinship"), "kg")
-  trainer = train_lib.train(config, str(tmp_path / "kinship_recipe"), progress=False)
+  if not os.path.isdir(os.path.join(DATA, "kg", "umls")):
+    pytest.skip("TWHIN_DATA_DIR has no kg/umls (point it at ../shared/data)")
+  config = recipes.apply(config_builders.kg_config("umls", "$TWHIN_DATA_DIR/kg/umls"), "kg")
+  assert config.model.regularize_relations and config.model.relation_init == "random"
+  trainer = train_lib.train(config, str(tmp_path / "umls_recipe"), progress=False)
   metrics = trainer.evaluate("test", progress=False)
   trainer.close()
   assert trainer.early_stop.stopped and trainer.cursor["epoch"] < config.train.epochs
   valid = [r["valid"]["mrr"] for r in trainer.history]
   assert trainer.early_stop.best_epoch == int(np.argmax(valid))
-  assert metrics["mrr"] >= 0.75, metrics
-  assert metrics["hits@10"] >= 0.95, metrics
+  assert metrics["mrr"] >= 0.85, metrics
+  assert metrics["hits@10"] >= 0.98, metrics

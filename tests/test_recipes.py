@@ -29,6 +29,21 @@ def test_every_recipe_stops_on_validation_with_one_dimension(kind):
   assert config.train.eval_every_epochs >= 1
 
 
+def test_kg_recipe_penalises_relations_only_of_trilinear_operators():
+  """N3 on the relation parameters (and the random start it needs) where the
+  score is trilinear in them; translation keeps the identity start."""
+  for operator in ("diagonal", "complex_diagonal", "linear"):
+    chosen = recipes.settings("kg", ["translation", operator])
+    assert chosen["model.regularize_relations"] is True
+    assert chosen["model.relation_init"] == "random"
+  for operators in ([], ["translation"], ["none", "translation"]):
+    assert "model.regularize_relations" not in recipes.settings("kg", operators)
+  assert "model.regularize_relations" not in recipes.settings("social", ["complex_diagonal"])
+  config = config_lib.base_config()
+  config.relations = [{"name": "r", "source": "a", "target": "a", "operator": "complex_diagonal"}]
+  assert recipes.apply(config, "kg").model.regularize_relations
+
+
 @needs_fb
 @pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal", "linear"])
 def test_fb15k237_operator_variants_share_the_kg_recipe(operator):
