@@ -413,7 +413,8 @@ def test_eval_reports_edges_with_entities_unseen_in_train(demo_run_d16):
 
 def test_eval_counts_an_unseen_test_entity(tmp_path):
   """A test edge to an entity with no train edge is counted by the import and
-  reported by evaluate_run (1 here, not 0)."""
+  reported by evaluate_run (1 here, not 0). evaluate_run (`twhin eval`) ranks
+  the whole split: eval.max_triples subsamples only the per-epoch validation."""
   from test_import import make_config, write_text
   from twhin_jax import rundir
   from twhin_jax import train as train_lib
@@ -427,7 +428,9 @@ def test_eval_counts_an_unseen_test_entity(tmp_path):
   config.negatives.chunk_size = 2
   config.negatives.num_uniform = 2
   config.train.batch_size = 2
+  config.eval.max_triples = 1
   workdir = str(tmp_path / "run")
   train_lib.train(config, workdir, progress=False).close()
   metrics = evaluation.evaluate_run(rundir.open_run(workdir), "test", progress=False)
   assert metrics["edges_with_unseen_entities"] == 1
+  assert metrics["count"] == 4  # both test triples, head and tail

@@ -595,12 +595,15 @@ def describe_ranking(kind: dict) -> str:
   return f"{words} full ranking"
 
 
-def evaluate_run(run, split: str, *, progress: bool = True,
-                 max_triples: int | None = None) -> dict:
+def evaluate_run(run, split: str, *, progress: bool = True, max_triples: int = 0) -> dict:
   """:func:`evaluate` of a run opened by ``rundir.open_run`` (its latest
   checkpoint's committed tables and relation parameters; no trainer is built
   and nothing is written), plus ``"split"`` and ``"ranking"``
-  (:func:`ranking_kind`). A split without edges is a ValueError."""
+  (:func:`ranking_kind`). A split without edges is a ValueError.
+
+  Every triple of the split is ranked unless ``max_triples`` > 0: the run's
+  ``eval.max_triples`` sizes only its per-epoch validation subsample (a
+  figure reported from it would be a different, noisier quantity)."""
   if run.graph.num_edges(split) == 0:
     raise ValueError(f"{run.workdir}: the {split} split has no edges "
                      f"(graph counts {run.graph.manifest.get('counts', {})}); "
