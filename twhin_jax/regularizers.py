@@ -79,28 +79,28 @@ def penalty(regularizer: str, operator: str, sources: jax.Array, targets: jax.Ar
   Returns:
     A scalar, to be multiplied by lambda and added to the chunk loss.
   """
-  if regularizer == "l2":
-    per_edge = jnp.sum(jnp.square(sources), axis=-1) + jnp.sum(jnp.square(targets), axis=-1)
-    return jnp.sum(weight * per_edge)
-  if regularizer == "n3":
-    complex_valued = operator in COMPLEX_OPERATORS
-    per_edge = cubed_norm(sources, complex_valued) + cubed_norm(targets, complex_valued)  # [C]
-    return jnp.sum(weight * per_edge)
-  raise ValueError(f"unknown regularizer {regularizer!r}; choose from {REGULARIZERS}")
+  per_edge = _norm(regularizer, operator, sources) + _norm(regularizer, operator, targets)
+  return jnp.sum(weight * per_edge)
 
 
-def _row_norm(regularizer: str, operator: str, x: jax.Array) -> jax.Array:
-  """|x|_2^2 or |x|_3^3 of parameters [..., *param_shape] -> [...] (a linear
-  operator's matrix counts as its d^2 entries)."""
-  if x.ndim and x.shape[-1] == 0:  # the "none" operator has no parameters
-    return jnp.zeros(x.shape[:-1], x.dtype)
-  if operator == "linear":
-    x = x.reshape(*x.shape[:-2], -1)
+def _norm(regularizer: str, operator: str, x: jax.Array) -> jax.Array:
+  """Omega's norm of rows x [..., d] over the last axis: |x|_2^2 ("l2") or
+  |x|_3^3 ("n3", complex moduli for complex operators) -> [...]."""
   if regularizer == "l2":
     return jnp.sum(jnp.square(x), axis=-1)
   if regularizer == "n3":
     return cubed_norm(x, operator in COMPLEX_OPERATORS)
   raise ValueError(f"unknown regularizer {regularizer!r}; choose from {REGULARIZERS}")
+
+
+def _parameter_norm(regularizer: str, operator: str, x: jax.Array) -> jax.Array:
+  """_norm of relation parameters [..., *param_shape] -> [...]: a linear
+  operator's matrix counts as its d^2 entries; "none" has no parameters."""
+  if x.ndim and x.shape[-1] == 0:
+    return jnp.zeros(x.shape[:-1], x.dtype)
+  if operator == "linear":
+    x = x.reshape(*x.shape[:-2], -1)
+  return _norm(regularizer, operator, x)
 
 
 def relation_penalty(regularizer: str, operator: str, params: jax.Array,
@@ -110,6 +110,6 @@ def relation_penalty(regularizer: str, operator: str, params: jax.Array,
   params, reverse_params: one relation's parameters (broadcast to every edge)
   or one per edge [C, *param_shape] (mixed-relation chunks); weight [C].
   """
-  per_edge = _row_norm(regularizer, operator, params) + _row_norm(regularizer, operator,
-                                                                 reverse_params)
+  per_edge = (_parameter_norm(regularizer, operator, params)
+              + _parameter_norm(regularizer, operator, reverse_params))
   return jnp.sum(weight * per_edge)

@@ -318,7 +318,7 @@ def step_loss(settings: StepSettings, src_rows, dst_rows, rel_params, src_ids, d
   params = rel_params[rel]  # [S, ...] ([S, C, ...] with mixed-relation chunks)
   reverse_params = rel_params[rel_reverse]  # [S, ...]
   penalty = 0.0
-  if settings.regularize_relations and settings.regularization:
+  if settings.regularize_relations:  # make_train_steps sets it only with a lambda
     # On the parameters themselves, not their dropped-out copies. Source
     # corruption scores with the reverse parameters only when relations are
     # reciprocal; otherwise both sides use the forward ones.
