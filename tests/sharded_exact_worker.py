@@ -17,7 +17,8 @@ from references that it must match, and prints one JSON object:
                               type is never a source: exact up to float order)
   tournament                  the same with mesh.schedule = "tournament" on a
                               graph where users also follow users (2G - 1
-                              rounds, slot moves; exact for any graph)
+                              rounds, slot moves; exact for any graph), with
+                              one Adagrad accumulator per coordinate
 
 Every figure is a max absolute difference (float64 comparison) plus the scale
 of the change it is measured against, so the test can tell "equal up to float
@@ -367,6 +368,9 @@ def tournament_check() -> dict:
   # Three passes through the rounds: the slots cycle home and out again
   # between passes (sharding.Tournament), and the replay must still match.
   config.mesh.round_passes = 3
+  # One Adagrad accumulator per coordinate here (the ring check above keeps
+  # one per row): [rows, d] accumulators travel with the slots.
+  config.train.entity_accumulators = "coordinate"
   trainer = train_lib.Trainer(config, os.path.join(workdir, "run"), progress=False)
   bucket = (0, 0)
   trainer.residency.load(bucket)
@@ -421,7 +425,7 @@ def tournament_check() -> dict:
     params[call.group], opt[call.group] = state.rel_params, state.rel_opt
   ref_table, ref_acc = np.asarray(table), np.asarray(acc)
   result = {"edges": int(edges), "rounds": sorted(rounds),
-            "visits": sorted({visit for visit, _ in calls}),
+            "visits": sorted({visit for visit, _ in calls}), "acc_shape": list(got_acc.shape),
             "table": {"max_error": float(np.max(np.abs(got_table - ref_table))),
                       "max_change": float(np.max(np.abs(ref_table - table0)))},
             "acc": {"max_error": float(np.max(np.abs(got_acc - ref_acc))),

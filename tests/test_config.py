@@ -28,6 +28,7 @@ def test_demo_config_is_valid():
     (lambda c: setattr(c.train, "bucket_order", "zigzag"), "train.bucket_order"),
     (lambda c: setattr(c.train, "batch_preparation", "gpu"), "train.batch_preparation"),
     (lambda c: setattr(c.train, "lr", 0.0), "train.lr"),
+    (lambda c: setattr(c.train, "entity_accumulators", "column"), "train.entity_accumulators"),
     (lambda c: setattr(c.model, "comparator", "manhattan"), "model.comparator"),
     (lambda c: setattr(c.model, "regularization", -1.0), "model.regularization"),
     (lambda c: setattr(c.model, "relation_init", "zeros"), "model.relation_init"),

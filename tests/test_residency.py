@@ -155,7 +155,7 @@ def test_kept_partitions_move_without_mixing_rows(graph, tmp_path, monkeypatch, 
   table = np.arange(rows * 8, dtype=np.float32).reshape(rows, 8)
   acc = np.arange(rows, dtype=np.float32) + 0.5
   moved = res._relayout(8, (jax.numpy.asarray(table), jax.numpy.asarray(acc)), old, new,
-                        [first, second])
+                        [first, second], per_coordinate=False)
   expected_table, expected_acc = table.copy(), acc.copy()
   for block, n in ((first, sizes[0]), (second, sizes[1])):
     a, b = old.offsets[block], new.offsets[block]

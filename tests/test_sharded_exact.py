@@ -186,11 +186,13 @@ def test_tournament_bucket_with_a_source_and_target_type_equals_single_device_re
   """mesh.schedule="tournament" (device_schedule.py): users follow users, yet
   4 devices train the bucket exactly as one device trains the same calls
   (the ring sums two devices' updates of such rows instead), also when the
-  bucket cycles three times through the rounds (mesh.round_passes)."""
+  bucket cycles three times through the rounds (mesh.round_passes), and with
+  one Adagrad accumulator per coordinate."""
   result = worker_result["tournament"]
   assert result["rounds"] == list(range(7))  # 2G - 1 rounds
   # mesh.round_passes = 3: every round visited three times, in turn.
   assert result["visits"] == list(range(21))
   assert result["edges"] == 1500
+  assert len(result["acc_shape"]) == 2  # train.entity_accumulators = "coordinate"
   assert_matches({k: v for k, v in result.items() if isinstance(v, dict)},
                  "4-device tournament bucket vs single-device replay")

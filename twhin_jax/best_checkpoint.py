@@ -40,7 +40,8 @@ def _store(trainer, create: bool) -> storage.TableStore:
       trainer.config.storage.driver, os.path.join(trainer.workdir, BEST_DIR, "tables"),
       entities=trainer.graph.entities, dims=trainer.dims,
       zarr_format=trainer.config.storage.zarr_format, create=create,
-      sub_partitions=trainer.num_shards, num_slots=1)
+      sub_partitions=trainer.num_shards, num_slots=1,
+      coordinate_accumulators=trainer.tables.coordinate_accumulators)
 
 
 def after_validation(trainer, epoch: int, valid: dict) -> bool:

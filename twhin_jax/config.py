@@ -160,7 +160,12 @@ def base_config() -> ml_collections.ConfigDict:
   # run ends on its best epoch's values.
   c.train.epochs = 10
   c.train.batch_size = 1000  # edges per jitted step (a whole number of chunks)
-  c.train.lr = 0.1  # row-wise Adagrad for entity rows
+  c.train.lr = 0.1  # sparse Adagrad for entity rows
+  # Adagrad accumulators of the entity rows: "row" (one float a row,
+  # PyTorch-BigGraph's row-wise Adagrad: the tables' memory grows by 1/d) or
+  # "coordinate" (one per coordinate, torch.optim's Adagrad, which the
+  # published ComplEx / DistMult recipes use: the memory doubles).
+  c.train.entity_accumulators = "row"
   c.train.relation_lr = 0.1  # Adagrad for relation parameters
   c.train.loss = "logistic"
   c.train.margin = 0.1  # ranking loss only
@@ -253,6 +258,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.storage.zarr_format = 3
   c.storage.prefetch = True  # load the next bucket's partitions in background
   return c
+
+
+def coordinate_accumulators(config) -> bool:
+  """Whether entity rows keep one Adagrad accumulator per coordinate
+  (``train.entity_accumulators``; configs saved before it existed: per row)."""
+  return config.train.get("entity_accumulators", "row") == "coordinate"
 
 
 def entity_dim(config, entity_type: str) -> int:
@@ -475,6 +486,9 @@ def validate(config) -> None:
           "identity pulls every relation to the zero map (regularizers.py)")
   if not 0.0 <= config.model.get("relation_dropout", 0.0) < 1.0:
     _fail("model.relation_dropout", f"must be in [0, 1), got {config.model.relation_dropout}")
+  if config.train.get("entity_accumulators", "row") not in storage.ACCUMULATORS:
+    _fail("train.entity_accumulators",
+          f"{config.train.entity_accumulators!r} not in {storage.ACCUMULATORS}")
   if config.model.get("matmul_precision", "auto") not in model.MATMUL_PRECISIONS:
     _fail("model.matmul_precision",
           f"{config.model.matmul_precision!r} not in {model.MATMUL_PRECISIONS}")

@@ -38,6 +38,7 @@ import numpy as np
 from twhin_jax import config as config_lib
 from twhin_jax import networks
 from twhin_jax import rundir
+from twhin_jax import storage
 from twhin_jax import vocabulary as vocabulary_lib
 from twhin_jax.embedding_set import load_embeddings
 from twhin_jax.rundir import Run, open_run
@@ -171,7 +172,7 @@ def table_stats(run: Run, types=None, seed: int = 0) -> dict[str, dict]:
     kept, total, total_sq, finite_rows = [], 0.0, 0.0, 0
     lo, hi = math.inf, -math.inf
     nan_values = inf_values = nan_rows = zero_rows = 0
-    acc_min, acc_max, acc_sum, acc_nan = math.inf, -math.inf, 0.0, 0
+    acc_min, acc_max, acc_sum, acc_nan, acc_values = math.inf, -math.inf, 0.0, 0, 0
     for _, rows, acc in run.stream(entity_type, adagrad=True):
       nan_mask = np.isnan(rows)
       nan_values += int(nan_mask.sum())
@@ -191,6 +192,7 @@ def table_stats(run: Run, types=None, seed: int = 0) -> dict[str, dict]:
       if len(good):
         acc_min, acc_max = min(acc_min, float(good.min())), max(acc_max, float(good.max()))
         acc_sum += float(good.sum())
+        acc_values += len(good)  # one per row, or d with per-coordinate accumulators
     norms = np.concatenate(kept) if kept else np.zeros(0)
     mean = total / finite_rows if finite_rows else math.nan
     stats[entity_type] = {
@@ -205,7 +207,7 @@ def table_stats(run: Run, types=None, seed: int = 0) -> dict[str, dict]:
         "nan_values": nan_values, "nan_rows": nan_rows, "inf_values": inf_values,
         "zero_rows": zero_rows,
         "adagrad_min": acc_min if acc_min < math.inf else math.nan,
-        "adagrad_mean": acc_sum / count if count else math.nan,
+        "adagrad_mean": acc_sum / acc_values if acc_values else math.nan,
         "adagrad_max": acc_max if acc_max > -math.inf else math.nan,
         "adagrad_nan": acc_nan,
     }
@@ -393,6 +395,9 @@ def diff_runs(dir_a: str, dir_b: str) -> dict:
       shared = len(rows_a)
       only_a, only_b = len(vocab_a) - shared, len(vocab_b) - shared
     entities[entity_type] = {"shared": shared, "only_a": only_a, "only_b": only_b}
+    if acc_a.ndim != acc_b.ndim:  # one run keeps an accumulator per coordinate: compare per row
+      acc_a, acc_b = (storage.convert_accumulators(acc, table_a.shape[1], per_coordinate=False)
+                      for acc in (acc_a, acc_b))
     for leaf, a, b in (("embeddings", table_a, table_b), ("adagrad", acc_a, acc_b)):
       leaves[f"tables/{entity_type}/{leaf}"] = _leaf_diff(a[rows_a], b[rows_b])
   return {"a": dir_a, "b": dir_b,

@@ -266,9 +266,17 @@ def all_blocks(graph: Graph) -> list[Block]:
   return sorted((t, p) for t in types for p in range(graph.entities[t].num_partitions))
 
 
-def table_bytes(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int]) -> int:
+def row_floats(dim: int, coordinate_accumulators: bool) -> int:
+  """float32 values of one table row: d embedding floats and its Adagrad
+  accumulators (one, or d with one per coordinate)."""
+  return dim + (dim if coordinate_accumulators else 1)
+
+
+def table_bytes(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int],
+                coordinate_accumulators: bool = False) -> int:
   """Bytes of every partition all_blocks names (float32 rows and accumulators)."""
-  return sum(sub_rows[t] * (dims[t] + 1) * 4 for t, _ in all_blocks(graph))
+  return sum(sub_rows[t] * row_floats(dims[t], coordinate_accumulators) * 4
+             for t, _ in all_blocks(graph))
 
 
 def layout_for(graph: Graph, dims: dict[str, int], blocks: list[Block], num_shards: int,
@@ -309,7 +317,8 @@ class Residency:
     self.sub_rows = sub_rows
     self.schedule = schedule  # config.mesh.schedule (WorkingLayout.schedule)
     #: Every partition resident at once (see the module docstring).
-    self.keep_all = self.num_shards == 1 and table_bytes(graph, dims, sub_rows) <= keep_all_bytes
+    self.keep_all = self.num_shards == 1 and table_bytes(
+        graph, dims, sub_rows, tables.coordinate_accumulators) <= keep_all_bytes
     self.capacity = shard_capacity(graph, dims, sub_rows, self.keep_all)
     self.anchors = anchors
     #: Called before anything is written to storage (the trainer: wait until
@@ -350,9 +359,8 @@ class Residency:
   # -- transfers between storage and the working tables, in row chunks --------
 
   def _row_bytes(self, dim: int) -> int:
-    """Host bytes of one sub-partition row over this process's shards: d
-    embedding floats and one Adagrad accumulator each."""
-    return (dim + 1) * 4 * len(self.local_shards)
+    """Host bytes of one sub-partition row over this process's shards."""
+    return row_floats(dim, self.tables.coordinate_accumulators) * 4 * len(self.local_shards)
 
   def _chunks(self, entity_type: str) -> list[tuple[int, int]]:
     """Row ranges [r0, r1) of a sub-partition moved at a time: about
@@ -392,18 +400,17 @@ class Residency:
                  count: int) -> tuple[jax.Array, jax.Array]:
     """Writes ``pieces`` (``count`` rows per shard, zero past a partition's
     end) at row ``at`` of every shard of (table, acc); donates both."""
-    dim = rows[0].shape[1]
-
     def column(index):
+      tail = rows[index].shape[1:]  # (d,) for rows; () or (d,) for accumulators and weights
       def shard(where):
         part = pieces[(where[0].start or 0) // count][index]
         if len(part) == count:
           return part
-        out = np.zeros((count, dim) if index == 0 else (count,), np.float32)
+        out = np.zeros((count, *tail), np.float32)
         out[:len(part)] = part
         return out
-      shape = (self.num_shards * count, dim) if index == 0 else (self.num_shards * count,)
-      return jax.make_array_from_callback(shape, sharding_lib.row_sharding(self.mesh), shard)
+      return jax.make_array_from_callback((self.num_shards * count, *tail),
+                                          sharding_lib.row_sharding(self.mesh), shard)
 
     at = sharding_lib.global_array(np.asarray([at], np.int32), self.mesh)
     return _write_rows(self.mesh)(*rows, at, column(0), column(1))
@@ -537,11 +544,12 @@ class Residency:
     home = {}
     for dim in layout.blocks:
       old = self.home.get(dim)
-      rows = self._relayout(dim, old and (old.table, old.acc), old_layout, layout, kept)
+      rows = self._relayout(dim, old and (old.table, old.acc), old_layout, layout, kept,
+                            self.tables.coordinate_accumulators)
       anchor = (None, None)
       if self.anchors is not None:
         anchor = self._relayout(dim, old and (old.anchor, old.anchor_weight), old_layout,
-                                layout, kept)
+                                layout, kept, per_coordinate=False)  # one weight a row
       home[dim] = state_lib.Rows(*rows, *anchor)
     self.home, self.layout = home, layout
     for block in needed:
@@ -551,12 +559,14 @@ class Residency:
     # of what it may return), in the write-back thread.
     self.write_pool.submit(release_free_host_memory, KEPT_FREE_HEAP_BYTES)
 
-  def _relayout(self, dim: int, old, old_layout, layout, kept):
+  def _relayout(self, dim: int, old, old_layout, layout, kept, per_coordinate: bool):
     """(table, acc) of one dim in ``layout`` with the kept blocks moved from
-    ``old`` (donated); new blocks are read in afterwards (_load_block)."""
+    ``old`` (donated); new blocks are read in afterwards (_load_block).
+    ``per_coordinate``: acc is [rows, d], else [rows]."""
     rows = self.num_shards * self.capacity[dim]
     if old is None:
-      old = (sharding_lib.zeros(self.mesh, (rows, dim))(), sharding_lib.zeros(self.mesh, (rows,))())
+      old = (sharding_lib.zeros(self.mesh, (rows, dim))(), sharding_lib.zeros(
+          self.mesh, storage.accumulator_shape(rows, dim, per_coordinate))())
     moves = [(old_layout.offsets[b], layout.offsets[b], self.sub_rows[b[0]])
              for b in kept if self.dims[b[0]] == dim
              and old_layout.offsets[b] != layout.offsets[b]]

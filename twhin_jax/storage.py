@@ -3,7 +3,8 @@
 For every entity type there are two *slots*, each a pair of arrays
 
   <root>/<type>/slot<k>/embeddings   float32 [P * S', d]
-  <root>/<type>/slot<k>/adagrad      float32 [P * S']
+  <root>/<type>/slot<k>/adagrad      float32 [P * S'], or [P * S', d] with
+                                     one accumulator per coordinate
 
 where S' is the partition size S rounded up to a whole number of chunks, so a
 partition is a set of whole chunks (partition p holds rows [p S', p S' + S_p)).
@@ -59,6 +60,30 @@ def chunk_rows(partition_size: int, sub_partitions: int = 1) -> int:
 #: XLA's CPU client uses a host array in place, without a copy, when it is
 #: this aligned (TensorStore's own read arrays are 16 bytes off).
 HOST_ALIGNMENT = 64
+
+
+#: ``train.entity_accumulators``: one Adagrad accumulator per table row
+#: (PyTorch-BigGraph's row-wise Adagrad, 1 float a row) or one per coordinate
+#: (the Adagrad of torch.optim / optax, which the published ComplEx and
+#: DistMult recipes use; d floats a row, so the tables' memory doubles).
+ACCUMULATORS = ("row", "coordinate")
+
+
+def accumulator_shape(rows: int, dim: int, per_coordinate: bool) -> tuple[int, ...]:
+  """The accumulators of ``rows`` rows of dimension ``dim``: [rows] or [rows, dim]."""
+  return (rows, dim) if per_coordinate else (rows,)
+
+
+def convert_accumulators(acc: np.ndarray, dim: int, per_coordinate: bool) -> np.ndarray:
+  """Accumulators [n] or [n, dim] in the other layout where needed (a warm
+  start from a parent trained with the other kind). Row -> coordinate gives
+  every coordinate the row's mean squared gradient, (1/d) sum_k g_k^2, the
+  coordinates' expected value; coordinate -> row takes that mean."""
+  if per_coordinate and acc.ndim == 1:
+    return np.repeat(acc[:, None], dim, axis=1)
+  if not per_coordinate and acc.ndim == 2:
+    return acc.mean(axis=1, dtype=np.float32)
+  return acc
 
 
 def _empty_aligned(shape: tuple[int, ...]) -> np.ndarray:
@@ -130,17 +155,25 @@ class SlotMap:
 
 class EntityStorage(abc.ABC):
   """The entity tables of a run: per type and partition, two slots of
-  (embeddings [rows, d], Adagrad accumulators [rows]).
+  (embeddings [rows, d], Adagrad accumulators [rows], or [rows, d] with
+  ``coordinate_accumulators``).
 
   Attributes every backend sets: ``entities`` (type -> EntityInfo), ``dims``
   (type -> d), ``chunk`` (type -> rows per storage chunk: hosts of a
   multi-host run never share one) and ``stored`` (type -> stored rows per
-  partition, >= its partition size).
+  partition, >= its partition size). ``coordinate_accumulators``: one
+  Adagrad accumulator per coordinate (``train.entity_accumulators =
+  "coordinate"``) instead of one per row.
   """
   entities: dict[str, EntityInfo]
   dims: dict[str, int]
   chunk: dict[str, int]
   stored: dict[str, int]
+  coordinate_accumulators: bool = False
+
+  def accumulator_shape(self, entity_type: str, rows: int) -> tuple[int, ...]:
+    """The accumulators of ``rows`` rows of a type: [rows] or [rows, d]."""
+    return accumulator_shape(rows, self.dims[entity_type], self.coordinate_accumulators)
 
   def blocks(self) -> list[Block]:
     return [(t, p) for t, info in self.entities.items() for p in range(info.num_partitions)]
@@ -178,7 +211,8 @@ class EntityStorage(abc.ABC):
       rng = np.random.default_rng([seed, index, 0x1A17])
       emb = (rng.standard_normal((rows, self.dims[block[0]]), np.float32)
              * np.float32(init_scale))
-      for future in self.write(block, 0, emb, np.zeros(rows, np.float32)):
+      for future in self.write(block, 0, emb,
+                               np.zeros(self.accumulator_shape(block[0], rows), np.float32)):
         future.result()
       if progress is not None:
         progress.update(1)
@@ -235,11 +269,14 @@ class TableStore(EntityStorage):
 
   def __init__(self, root: str, entities: dict[str, EntityInfo], dims: dict[str, int], *,
                zarr_format: int = 3, create: bool = False, sub_partitions: int = 1,
-               num_slots: int = 2):
+               num_slots: int = 2, coordinate_accumulators: bool = False):
+    """``coordinate_accumulators`` shapes the tables made with ``create``;
+    opened tables keep the accumulators they were made with."""
     self.root = root
     self.entities = entities
     self.dims = dims
     self.zarr_format = zarr_format
+    self.coordinate_accumulators = coordinate_accumulators
     self._arrays: dict[tuple[str, int, str], ts.TensorStore] = {}
     self._lock = threading.Lock()
     #: Rows per zarr chunk and stored rows per partition, per type.
@@ -248,15 +285,18 @@ class TableStore(EntityStorage):
     for entity_type, info in entities.items():
       rows = chunk_rows(info.partition_size, sub_partitions)
       if not create:
-        rows = self._existing_chunk_rows(root, entity_type, zarr_format) or rows
+        existing = self._existing_accumulators(root, entity_type, zarr_format)
+        if existing is not None:
+          rows, self.coordinate_accumulators = existing
       stored = stored_partition_size(info.partition_size, rows)
       self.chunk[entity_type], self.stored[entity_type] = rows, stored
+      accumulators = self.accumulator_shape(entity_type, info.num_partitions * stored)
       for slot in range(num_slots):
         base = os.path.join(root, entity_type, f"slot{slot}")
         for name, shape, chunks in (
             ("embeddings", [info.num_partitions * stored, dims[entity_type]],
              [rows, dims[entity_type]]),
-            ("adagrad", [info.num_partitions * stored], [rows])):
+            ("adagrad", list(accumulators), [rows, *accumulators[1:]])):
           spec = _spec(os.path.join(base, name), shape, chunks, zarr_format)
           if create:
             spec.update(create=True, delete_existing=True)
@@ -268,15 +308,18 @@ class TableStore(EntityStorage):
             raise FileNotFoundError(f"{base}/{name}: cannot open table ({err})") from err
 
   @staticmethod
-  def _existing_chunk_rows(root: str, entity_type: str, zarr_format: int) -> int | None:
-    """Chunk rows of an existing table (it may have been made for another G)."""
+  def _existing_accumulators(root: str, entity_type: str,
+                             zarr_format: int) -> tuple[int, bool] | None:
+    """(chunk rows, one accumulator per coordinate) of an existing table (it
+    may have been made for another G or with the other accumulators)."""
     path = os.path.join(root, entity_type, "slot0", "adagrad")
     try:
       spec = {"driver": "zarr3" if zarr_format == 3 else "zarr",
               "kvstore": {"driver": "file", "path": path}, "open": True}
-      return int(ts.open(spec).result().chunk_layout.read_chunk.shape[0])
+      array = ts.open(spec).result()
     except ValueError:
       return None  # reported by the open below, with the path
+    return int(array.chunk_layout.read_chunk.shape[0]), array.rank == 2
 
   def _rows(self, block: Block) -> tuple[int, int]:
     entity_type, partition = block
@@ -291,7 +334,7 @@ class TableStore(EntityStorage):
     lo = min(start + lo, hi)
     entity_type = block[0]
     emb = _empty_aligned((hi - lo, self.dims[entity_type]))
-    acc = _empty_aligned((hi - lo,))
+    acc = _empty_aligned(self.accumulator_shape(entity_type, hi - lo))
     # Read into the aligned arrays (a TensorStore view of each, written from storage).
     reads = [ts.array(out, copy=False, write=True).write(
                  self._arrays[(entity_type, slot, name)][lo:hi])
@@ -311,9 +354,10 @@ class TableStore(EntityStorage):
     """
     start, stop = self._rows(block)
     n = embeddings.shape[0]
-    if adagrad.shape[0] != n or start + lo + n > stop:
-      raise ValueError(f"partition {block}: rows [{lo}, {lo + n}) / {adagrad.shape[0]} "
-                       f"do not fit its {stop - start} rows")
+    if adagrad.shape != self.accumulator_shape(block[0], n) or start + lo + n > stop:
+      raise ValueError(f"partition {block}: rows [{lo}, {lo + n}) with accumulators "
+                       f"{adagrad.shape} do not fit its {stop - start} rows "
+                       f"(accumulators {self.accumulator_shape(block[0], n)})")
     if not _all_finite(adagrad):
       raise FloatingPointError(f"partition {block}: Adagrad accumulators hold NaN or inf; "
                                "refusing to overwrite the saved table")

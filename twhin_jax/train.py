@@ -245,8 +245,9 @@ def precompile_steps(trainer: "Trainer") -> threading.Thread | None:
       dim = model.group_dim(group)
       home = state_lib.Rows(jax.ShapeDtypeStruct((capacity[dim], dim), np.dtype(np.float32),
                                                  sharding=rows),
-                            jax.ShapeDtypeStruct((capacity[dim],), np.dtype(np.float32),
-                                                 sharding=rows))
+                            jax.ShapeDtypeStruct(storage.accumulator_shape(
+                                capacity[dim], dim, trainer.tables.coordinate_accumulators),
+                                np.dtype(np.float32), sharding=rows))
       state = state_lib.StepState(home, None, *jax.tree_util.tree_map(abstract, (
           trainer._rel_state["params"][group], trainer._rel_state["opt"][group])))
       try:
@@ -328,7 +329,8 @@ class Trainer:
         self.config.storage.driver, os.path.join(self.workdir, TABLES_DIR),
         entities=self.graph.entities, dims=self.dims,
         zarr_format=self.config.storage.zarr_format, create=create,
-        sub_partitions=self.num_shards)
+        sub_partitions=self.num_shards,
+        coordinate_accumulators=config_lib.coordinate_accumulators(self.config))
 
   def _resume(self) -> None:
     meta = self.checkpointer.restore_meta()

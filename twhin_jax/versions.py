@@ -153,6 +153,9 @@ def warm_start(trainer, parent_dir: str) -> dict:
                        f"there and {trainer.dims[t]} here")
     mapping[t] = id_map(graph, parent.graph, t)
     old_tables[t], old_accs[t] = parent.read_type(t)
+    # The parent may keep the other kind of Adagrad accumulators.
+    old_accs[t] = storage.convert_accumulators(old_accs[t], trainer.dims[t],
+                                               trainer.tables.coordinate_accumulators)
   inits = {}
   if config.warm_start.new_entities == "neighbors":
     inits = neighbor_init(graph, parent, config, mapping, old_tables)
