@@ -184,3 +184,19 @@ def test_training_with_coordinate_accumulators_swaps_keeps_whole_and_resumes_the
     assert first.ndim == 1
     np.testing.assert_allclose(first, parent_acc[:len(first)].mean(axis=1), rtol=1e-6)
   child.close()
+
+
+def test_large_tables_reopen_with_the_chunks_they_were_made_with(tmp_path):
+  """A [rows, d] accumulator array large enough that TensorStore reads it
+  in smaller inner chunks (zarr3 sharding): reopening must take the chunk
+  grid the tables were made with, not the read chunk (a run of FB15k-237's
+  size failed to reopen its best checkpoint so)."""
+  entities = {"entity": EntityInfo(name="entity", count=14541, num_partitions=1)}
+  dims = {"entity": 200}
+  root = str(tmp_path / "tables")
+  made = storage.open_storage("tensorstore", root, entities=entities, dims=dims, create=True,
+                              num_slots=1, coordinate_accumulators=True)
+  reopened = storage.open_storage("tensorstore", root, entities=entities, dims=dims,
+                                  num_slots=1)
+  assert reopened.chunk == made.chunk and reopened.stored == made.stored
+  assert reopened.coordinate_accumulators

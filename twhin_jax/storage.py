@@ -319,7 +319,10 @@ class TableStore(EntityStorage):
       array = ts.open(spec).result()
     except ValueError:
       return None  # reported by the open below, with the path
-    return int(array.chunk_layout.read_chunk.shape[0]), array.rank == 2
+    # The write chunk is the chunk grid the table was made with; TensorStore
+    # may read a large one in smaller inner chunks (zarr3 sharding), so the
+    # read chunk of a [rows, d] array can be smaller.
+    return int(array.chunk_layout.write_chunk.shape[0]), array.rank == 2
 
   def _rows(self, block: Block) -> tuple[int, int]:
     entity_type, partition = block
