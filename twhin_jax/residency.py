@@ -59,7 +59,7 @@ from twhin_jax import storage
 from twhin_jax.graph import Graph
 
 Block = storage.Block
-#: shard -> (rows [n, d], accumulators [n]) of one partition's sub-partitions.
+#: shard -> (rows [n, d], accumulators [n] or [n, d]) of one partition's sub-partitions.
 Pieces = dict[int, tuple[np.ndarray, np.ndarray]]
 
 

@@ -328,8 +328,7 @@ class Trainer:
     return storage.open_storage(
         self.config.storage.driver, os.path.join(self.workdir, TABLES_DIR),
         entities=self.graph.entities, dims=self.dims,
-        zarr_format=self.config.storage.zarr_format, create=create,
-        sub_partitions=self.num_shards,
+        zarr_format=self.config.storage.zarr_format, create=create, sub_partitions=self.num_shards,
         coordinate_accumulators=config_lib.coordinate_accumulators(self.config))
 
   def _resume(self) -> None:
