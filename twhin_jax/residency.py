@@ -46,6 +46,7 @@ import collections
 import concurrent.futures
 import ctypes
 import functools
+import math
 import os
 import platform
 
@@ -268,8 +269,8 @@ def all_blocks(graph: Graph) -> list[Block]:
 
 def row_floats(dim: int, coordinate_accumulators: bool) -> int:
   """float32 values of one table row: d embedding floats and its Adagrad
-  accumulators (one, or d with one per coordinate)."""
-  return dim + (dim if coordinate_accumulators else 1)
+  accumulators (storage.accumulator_shape of one row)."""
+  return dim + math.prod(storage.accumulator_shape(1, dim, coordinate_accumulators))
 
 
 def table_bytes(graph: Graph, dims: dict[str, int], sub_rows: dict[str, int],
