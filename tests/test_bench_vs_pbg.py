@@ -189,12 +189,31 @@ def test_power_law_communities(tmp_path, affinity):
 def test_bench_settings_per_partition_count():
   import argparse
   args = argparse.Namespace(quick=True, nodes=0, edges=0, dim=0, epochs=0, relations="auto",
-                            lr=0.1, workers=2)
+                            lr=0.1, workers=2, devices=1)
   settings = [bench.settings_for(args, "powerlaw10m", p) for p in (1, 4)]
   assert [s["partitions"] for s in settings] == [1, 4]
   assert settings[0]["communities"] == 20 and settings[0]["community_affinity"] == 0.8
   config = bench.our_config(settings[1], "graph.tsv")
   assert config.entities.node.num_partitions == 4
+  assert config.mesh.num_devices == 0 and bench.our_environment(settings[1]) == {}
+
+
+def test_bench_devices_run_ours_on_that_many_cpu_devices_with_the_tournament(monkeypatch):
+  """--devices G: our train and eval phases see G CPU devices (XLA's host
+  platform flag, added to any flags the user set) and train with the
+  tournament, which keeps a row on one device at a time."""
+  import argparse
+  args = argparse.Namespace(quick=True, nodes=0, edges=0, dim=0, epochs=0, relations="auto",
+                            lr=0.1, workers=2, devices=2)
+  settings = bench.settings_for(args, "powerlaw10m", 1)
+  config = bench.our_config(settings, "graph.tsv")
+  assert (config.mesh.num_devices, config.mesh.schedule) == (2, "tournament")
+  config_lib.validate(config)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  env = bench.our_environment(settings)
+  assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x",
+                                      "--xla_force_host_platform_device_count=2"]
+  assert env["JAX_PLATFORMS"] == "cpu"
 
 
 def test_our_train_phase_compiles_from_an_empty_cache(tmp_path):

@@ -92,11 +92,13 @@ def test_auto_resolves_by_schedule_loss_and_type_pairs():
   assert negatives.global_candidates(ring)
 
 
-def test_off_by_default():
+def test_auto_by_default_and_off_for_runs_saved_without_the_field():
+  """New configs take "auto" (on with the tournament); a config saved before
+  the field existed resumes as it trained, with each device's own rows."""
+  assert config_lib.base_config().negatives.global_candidates == "auto"
   config = _kg_config()
   del config.negatives["global_candidates"]
   assert not negatives.global_candidates(config)
-  assert config_lib.base_config().negatives.global_candidates == "off"
 
 
 def test_config_refuses_on_where_it_cannot_apply():

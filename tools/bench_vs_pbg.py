@@ -144,6 +144,7 @@ def settings_for(args, graph: str, partitions: int) -> dict:
       partitions=partitions,
       lr=args.lr,
       workers=args.workers,
+      devices=args.devices,
       batch_size=1000,
       num_batch_negs=50,
       num_uniform_negs=50,
@@ -196,7 +197,25 @@ def our_config(settings: dict, graph_file: str | None):
   config.eval.filtered = True
   config.eval.num_sampled_negatives = 0
   config.eval.max_triples = settings["max_triples"]
+  devices = settings.get("devices", 1)
+  if devices > 1:
+    # One CPU device per core, as PBG runs one Hogwild worker per core; the
+    # tournament keeps every row on one device at a time, so G devices train
+    # what one device trains (docs/architecture.md).
+    config.mesh.num_devices = devices
+    config.mesh.schedule = "tournament"
   return config
+
+
+def our_environment(settings: dict) -> dict:
+  """Environment of our train and eval phases: ``devices`` CPU devices in
+  the one process (XLA's host platform, one per core when devices = cores)."""
+  devices = settings.get("devices", 1)
+  if devices <= 1:
+    return {}
+  flag = f"--xla_force_host_platform_device_count={devices}"
+  return {"XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flag])),
+          "JAX_PLATFORMS": "cpu"}
 
 
 def pbg_config(settings: dict, graph_manifest: dict, data_dir: str, run_dir: str) -> dict:
@@ -627,8 +646,9 @@ def bench_graph(args, graph: str, partitions: int, pbg_python: str, scratch: str
   os.makedirs(ours_dir)
   os.symlink(os.path.abspath(graph_dir), os.path.join(ours_dir, "graph"))
   ours = run_phase(sys.executable, "ours-train", common + ["--workdir", ours_dir], measure=True,
-                   env_extra=fresh_compilation_cache(root))
-  ours_metrics = run_phase(sys.executable, "ours-eval", common + ["--workdir", ours_dir])
+                   env_extra={**fresh_compilation_cache(root), **our_environment(settings)})
+  ours_metrics = run_phase(sys.executable, "ours-eval", common + ["--workdir", ours_dir],
+                           env_extra=our_environment(settings))
 
   # PBG: its input layout once, a fresh checkpoint directory per run.
   pbg_data = os.path.join(root, "pbg-data")
@@ -656,6 +676,7 @@ def bench_graph(args, graph: str, partitions: int, pbg_python: str, scratch: str
       "eval_triples": ours_metrics["count"] // 2, "epochs": epochs, "dim": settings["dim"],
       "partitions": settings["partitions"], "relations": settings["relations"],
       "lr": settings["lr"], "pbg_workers": settings["workers"],
+      "ours_devices": settings["devices"],
       "ours_train_s": ours["train_seconds"], "pbg_train_s": pbg["train_seconds"],
       "ours_edges_per_s": epochs * edges / ours["train_seconds"],
       "pbg_edges_per_s": epochs * edges / pbg["train_seconds"],
@@ -725,6 +746,9 @@ def main() -> None:
   parser.add_argument("--edges", type=int, default=0, help="powerlaw10m: edges (default 10M)")
   parser.add_argument("--lr", type=float, default=0.1, help="entities and relations, both systems")
   parser.add_argument("--workers", type=int, default=2, help="PBG Hogwild workers")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="our CPU devices in one process (XLA host platform; the "
+                           "tournament schedule when > 1)")
   parser.add_argument("--relations", choices=("auto", "single", "reciprocal"), default="auto")
   parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
   parser.add_argument("--dir", default=None,
