@@ -200,8 +200,8 @@ def our_config(settings: dict, graph_file: str | None):
   devices = settings.get("devices", 1)
   if devices > 1:
     # One CPU device per core, as PBG runs one Hogwild worker per core; the
-    # tournament keeps every row on one device at a time, so G devices train
-    # what one device trains (docs/architecture.md).
+    # tournament keeps every row on one device at a time, so no row gets two
+    # devices' updates summed (docs/architecture.md).
     config.mesh.num_devices = devices
     config.mesh.schedule = "tournament"
   return config
