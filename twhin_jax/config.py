@@ -219,9 +219,8 @@ def base_config() -> ml_collections.ConfigDict:
   # ring too); "off": each device's softmax sees its own rows. FB15k-237 on 4
   # fake devices with the tournament: test MRR 0.278 off, 0.301 auto, 0.309 on
   # one device (docs/architecture.md, "FB15k-237 on 1, 2, 4 and 8
-  # devices"). Runs saved
-  # before the default changed keep "off" (global_candidates reads a
-  # missing field as "off").
+  # devices"). Runs saved before the default changed keep "off"
+  # (global_candidates reads a missing field as "off").
   c.negatives.global_candidates = "auto"
 
   c.eval = ml_collections.ConfigDict()

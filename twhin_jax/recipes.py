@@ -70,14 +70,15 @@ COMMON = {
 #: and the subsample (CPU, docs/recipes.md): FB15k-237 complex_diagonal
 #: 0.339 -> 0.341, translation 0.314 -> 0.315, UMLS 0.893 -> 0.895, Nations
 #: 0.789 -> 0.791, Kinship 0.829 -> 0.833.
+KG_BATCH = 100
 KG = {
     "train.lr": 0.1,
     "train.relation_lr": 0.1,
-    "train.batch_size": 100,
+    "train.batch_size": KG_BATCH,
     "model.regularizer": "n3",
     "model.regularization": 0.05,
     "negatives.all_candidates": True,
-    "negatives.chunk_size": 100,  # = train.batch_size: one chunk per step
+    "negatives.chunk_size": KG_BATCH,  # one chunk per step
     "negatives.num_uniform": 1000,  # unused with all_candidates
     "eval.max_triples": 0,  # per-epoch validation on every triple
 }
@@ -119,9 +120,9 @@ RECIPES = {"kg": KG, "social": SOCIAL, "user_item": SOCIAL}
 #: (train.entity_accumulators), the optimizer of the published ComplEx /
 #: DistMult recipes: FB15k-237 complex_diagonal 0.328 -> 0.339, diagonal
 #: 0.324 -> 0.339 (whole test split), UMLS 0.877 -> 0.893, Nations 0.788 ->
-#: 0.789, Kinship 0.789 -> 0.829. Translation's validation MRR did not gain (0.3231 against
-#: 0.3259 by epoch 8), so it keeps one per row; a KG's entity table is
-#: small, so doubling its optimizer memory costs little.
+#: 0.789, Kinship 0.789 -> 0.829. Translation's validation MRR did not gain
+#: (0.3231 against 0.3259 by epoch 8), so it keeps one per row; a KG's
+#: entity table is small, so doubling its optimizer memory costs little.
 TRILINEAR_OPERATORS = ("diagonal", "complex_diagonal", "linear")
 KG_TRILINEAR = {
     "model.relation_init": "random",
