@@ -169,7 +169,9 @@ def main() -> None:
               "--worker-batch-preparation", preparation]
     if not os.path.exists(os.path.join(workdir, "graph", "manifest.json")):
       subprocess.run(common + ["--phase", "import"], check=True)
-    out = subprocess.run(common + ["--phase", "train"], check=True, capture_output=True,
+    # stdout carries the row; stderr passes through, so a failing worker's
+    # traceback reaches the user.
+    out = subprocess.run(common + ["--phase", "train"], check=True, stdout=subprocess.PIPE,
                          text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result.update(graph=f"power_law {args.nodes:,} nodes {args.edges:,} edges", dim=args.dim)

@@ -7,6 +7,7 @@
 #   PRECISIONS="float32 tf32 bfloat16" tools/gpu_check.sh
 #   BATCH_PREP=device tools/gpu_check.sh    # only the device-side batch path
 #   tools/gpu_check.sh --table runs/gpu_check   # only print the table of an earlier run
+#   TWHIN_DATA_DIR=../shared/data tools/gpu_check.sh   # also FB15k-237's MRR per precision
 #
 # A CPU-sized smoke run of the whole script (the same code paths):
 #   JAX_PLATFORMS=cpu PYTHON=.venv/bin/python NODES=20000 EDGES=100000 STEP_ROWS=20000 \
@@ -18,6 +19,12 @@
 #    TensorStore tables) on a generated power-law graph, P=1, last of 3 epochs,
 #    once per batch preparation in $BATCH_PREP (default "host device": numpy
 #    on the host, batching.py, or inside jit, device_batching.py).
+# 3. tools/kg_small.py: FB15k-237 (configs/fb15k237.py, 10 epochs, whole test
+#    split) once per score-matmul precision in $FB_PRECISIONS (default
+#    "float32 tf32 bfloat16" on a GPU), when $TWHIN_DATA_DIR/kg/fb15k-237
+#    exists: whether reduced precision holds the model's quality. It runs
+#    before the trainer rows of the second and later batch preparations, so a
+#    device lease that runs out cuts the least needed rows ($OUT/fb.jsonl).
 # Each prints JSON lines (edges/s, device peak memory) into $OUT (step.jsonl,
 # train.jsonl); the table (trainer / step ratio per batch and precision) goes
 # to stdout and $OUT/table.md. Commit $OUT under docs/gpu/.
@@ -57,6 +64,13 @@ for key in sorted(keys, key=lambda k: (len(str(k[0])), str(k[0]), str(k[1]), k[2
   print(f"| {key[0]} | {key[1]} | {key[2]} | {fmt(s, 'edges_per_s')} | "
         f"{fmt(t, 'edges_per_s')} | {ratio} | "
         f"{fmt(s, 'device_peak_mib')} / {fmt(t, 'device_peak_mib')} |")
+if os.path.exists(os.path.join(out, "fb.jsonl")):
+  print("\n| FB15k-237 score matmuls | test MRR | Hits@10 | epochs (best) | seconds |")
+  print("|---|---:|---:|---:|---:|")
+  for r in read("fb.jsonl"):
+    precision = [o.split("=", 1)[1] for o in r["overrides"] if o.startswith("model.matmul_precision=")]
+    print(f"| {precision[0] if precision else 'auto'} | {r['mrr']:.4f} | {r['hits@10']:.4f} | "
+          f"{r['epochs_run']} ({r['best_epoch'] + 1}) | {r['seconds']:.1f} |")
 EOF
 }
 
@@ -82,7 +96,7 @@ BATCH=${BATCH:-10000}
 CALLS=${CALLS:-30}
 # auto: tf32 on a GPU (JAX's default for fp32 matmuls), float32 on CPU.
 PRECISIONS=${PRECISIONS:-auto bfloat16}
-BATCH_PREP=${BATCH_PREP:-host device}
+BATCH_PREP=${BATCH_PREP:-device host}
 SCRATCH=${SCRATCH:-/tmp/twhin_gpu_scratch}
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.txt"
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
@@ -94,12 +108,31 @@ for precision in $PRECISIONS; do
   done
 done
 # Later settings reuse the generated and imported graph.
-for precision in $PRECISIONS; do
-  for batch in $BATCH $((BATCH * 4)); do
-    "$PY" tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
-      --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 --precision "$precision" \
-      --batch-preparation $BATCH_PREP --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
+train_rows() {  # $1: a batch preparation
+  for precision in $PRECISIONS; do
+    for batch in $BATCH $((BATCH * 4)); do
+      "$PY" tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
+        --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 --precision "$precision" \
+        --batch-preparation "$1" --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
+    done
   done
+}
+read -r -a preparations <<< "$BATCH_PREP"
+train_rows "${preparations[0]}"
+FB_DIR="${TWHIN_DATA_DIR:-}/kg/fb15k-237"
+if [[ -n "${TWHIN_DATA_DIR:-}" && -d "$FB_DIR" ]]; then
+  default_fb="float32 bfloat16"
+  "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" && default_fb="float32 tf32 bfloat16"
+  rm -f "$OUT/fb.jsonl"
+  for precision in ${FB_PRECISIONS-$default_fb}; do
+    # shellcheck disable=SC2086  # FB_SET: extra FIELD=VALUE overrides, word-split on purpose
+    "$PY" tools/kg_small.py --datasets fb15k237 --set "model.matmul_precision=$precision" \
+      ${FB_SET:+$(printf -- '--set %s ' $FB_SET)} --out "$SCRATCH/fb.jsonl" | grep '^{' \
+      | tee -a "$OUT/fb.jsonl"
+  done
+fi
+for preparation in "${preparations[@]:1}"; do
+  train_rows "$preparation"
 done
 rm -rf "$SCRATCH"
 print_table "$OUT" | tee "$OUT/table.md"
