@@ -84,12 +84,14 @@ def test_changed_config_is_refused(demo_run):
     train_lib.Trainer(config, workdir, progress=False)
 
 
-def _train_command(workdir: str, epochs: int, batch_preparation: str = "auto") -> list[str]:
+def _train_command(workdir: str, epochs: int, batch_preparation: str = "auto",
+                   background_checkpoints: str = "auto") -> list[str]:
   return [sys.executable, "-m", "twhin_jax.cli", "train", "--config",
           os.path.join(REPO, "configs", "demo.py:test"), "--workdir", workdir, "--quiet",
           f"--config.train.epochs={epochs}", "--config.train.eval_every_epochs=0",
           "--config.train.checkpoint_every_buckets=1",
-          f"--config.train.batch_preparation={batch_preparation}"]
+          f"--config.train.batch_preparation={batch_preparation}",
+          f"--config.train.background_checkpoints={background_checkpoints}"]
 
 
 def _bucket_lines(workdir: str) -> int:
@@ -101,16 +103,22 @@ def _bucket_lines(workdir: str) -> int:
 
 
 # "auto" is the host path on CPU; "device" forms the batches inside jit
-# (device_batching.py), keyed by (seed, epoch, bucket, slice).
-@pytest.mark.parametrize("batch_preparation", ["auto", "device"])
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, batch_preparation):
+# (device_batching.py), keyed by (seed, epoch, bucket, slice). Background
+# checkpoints ("auto" is off on CPU) write the tables while the next
+# buckets train; the reference run writes its checkpoints in the foreground,
+# so the tables must not depend on when they were written either.
+@pytest.mark.parametrize("batch_preparation,background_checkpoints",
+                         [("auto", "auto"), ("device", "auto"), ("auto", "on")])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, batch_preparation,
+                                                                 background_checkpoints):
   epochs = 3
   reference = str(tmp_path / "reference")
-  subprocess.run(_train_command(reference, epochs, batch_preparation), check=True, cwd=REPO,
-                 timeout=600)
+  subprocess.run(_train_command(reference, epochs, batch_preparation, "off"), check=True,
+                 cwd=REPO, timeout=600)
 
   interrupted = str(tmp_path / "interrupted")
-  process = subprocess.Popen(_train_command(interrupted, epochs, batch_preparation), cwd=REPO)
+  command = _train_command(interrupted, epochs, batch_preparation, background_checkpoints)
+  process = subprocess.Popen(command, cwd=REPO)
   deadline = time.time() + 300
   # 2 x 2 buckets per epoch: stop in the middle of the second epoch.
   while _bucket_lines(interrupted) < 6 and time.time() < deadline:
@@ -121,8 +129,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, batch
   meta = checkpoint_lib.Checkpointer(interrupted).restore_meta()
   assert meta["cursor"]["epoch"] < epochs  # really interrupted
 
-  subprocess.run(_train_command(interrupted, epochs, batch_preparation), check=True, cwd=REPO,
-                 timeout=600)
+  subprocess.run(command, check=True, cwd=REPO, timeout=600)
   ours, theirs = committed_tables(interrupted), committed_tables(reference)
   for entity_type in theirs:
     np.testing.assert_array_equal(ours[entity_type], theirs[entity_type])

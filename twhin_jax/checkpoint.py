@@ -22,6 +22,7 @@ and restore into it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 
 import jax
@@ -50,6 +51,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
                                            enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(checkpoint_root(workdir), options=options)
+    #: save_after's thread: waits for the table writes, then saves.
+    self._saver = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._pending: concurrent.futures.Future | None = None
 
   def latest_step(self) -> int | None:
     self.wait()
@@ -57,13 +61,38 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict) -> None:
     """Starts writing a checkpoint (after the one before is final)."""
-    meta = dict(meta, format_version=FORMAT_VERSION)
     self.wait()
+    self._save_now(step, state, meta)
+
+  def _save_now(self, step: int, state, meta: dict) -> None:
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    self.manager.wait_until_finished()
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
+  def save_after(self, writes: list, step: int, state, meta: dict, on_saved=None) -> None:
+    """Starts a save that waits for ``writes`` (futures of the table writes
+    its slot map names) first, in a thread, and returns at once; then calls
+    ``on_saved`` (the trainer commits its slot map). ``state`` must not
+    change meanwhile (the trainer passes a copy). Until the writes are done
+    no checkpoint names their slots: a kill leaves the one before final.
+    A failed write is raised by the next ``wait``."""
+    self.wait()
+
+    def finish():
+      for write in writes:
+        write.result()
+      self._save_now(step, state, meta)
+      if on_saved is not None:
+        on_saved()
+
+    self._pending = self._saver.submit(finish)
+
   def wait(self) -> None:
     """Blocks until the last save is final (renamed into place)."""
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()
     self.manager.wait_until_finished()
 
   def restore_meta(self, step: int | None = None) -> dict:
@@ -82,6 +111,7 @@ class Checkpointer:
 
   def close(self) -> None:
     self.wait()
+    self._saver.shutdown(wait=True)
     self.manager.close()
 
 

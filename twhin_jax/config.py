@@ -21,7 +21,8 @@ Layout of a config (every field is read somewhere; see the field comments)::
   model:      dim, comparator, init_scale, reciprocal, regularization, regularizer
   train:      epochs, batch_size, lr, relation_lr, loss, margin, seed,
               bucket_order, checkpoint_every_buckets, eval_every_epochs,
-              early_stop_{metric,patience,min_delta,min_epochs}, batch_preparation
+              early_stop_{metric,patience,min_delta,min_epochs}, batch_preparation,
+              background_checkpoints
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
   warm_start: parent, new_entities, l2_to_previous
@@ -53,6 +54,8 @@ ON_ERROR = ("raise", "skip")
 EARLY_STOP_METRICS = ("mrr", "hits@1", "hits@10", "auc", "mr")  # early_stopping.METRICS
 #: train.batch_preparation (device_batching.PATHS; config.py does not import jax).
 BATCH_PREPARATIONS = ("auto", "host", "device")
+#: train.background_checkpoints (train.background_checkpoints resolves "auto").
+BACKGROUND_CHECKPOINTS = ("auto", "on", "off")
 REGULARIZERS = ("l2", "n3")  # regularizers.REGULARIZERS
 
 #: Keys of one entry of ``config.data.files``. An entry reads one file (plain,
@@ -188,6 +191,11 @@ def base_config() -> ml_collections.ConfigDict:
   # in one process, else the host path runs) or "auto" (device on GPU/TPU,
   # host on CPU).
   c.train.batch_preparation = "auto"
+  # Checkpoints that write the tables while the next steps run: "on", "off"
+  # or "auto" (on a GPU or TPU with one process; train.background_checkpoints).
+  # The device holds a snapshot of the resident rows until they are written;
+  # the checkpoint is final only after them, so a kill leaves the one before.
+  c.train.background_checkpoints = "auto"
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.chunk_size = 50  # C: edges sharing negatives (batch negatives)
@@ -524,6 +532,9 @@ def validate(config) -> None:
     _fail("train.early_stop_min_delta", f"must be >= 0, got {t.early_stop_min_delta}")
   if t.batch_preparation not in BATCH_PREPARATIONS:
     _fail("train.batch_preparation", f"{t.batch_preparation!r} not in {BATCH_PREPARATIONS}")
+  if t.get("background_checkpoints", "auto") not in BACKGROUND_CHECKPOINTS:
+    _fail("train.background_checkpoints",
+          f"{t.background_checkpoints!r} not in {BACKGROUND_CHECKPOINTS}")
   n = config.negatives
   if n.chunk_size < 1:
     _fail("negatives.chunk_size", f"must be >= 1, got {n.chunk_size}")

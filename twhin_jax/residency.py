@@ -475,14 +475,15 @@ class Residency:
     for future in written:
       future.result()
 
-  def _write_back(self, block: Block) -> None:
+  def _write_back(self, block: Block, bound_copies: bool = True) -> None:
     """Starts writing one resident partition back to the uncommitted slot,
     chunk by chunk, without waiting for the bucket that is still training:
     each chunk is sliced on the device (queued behind that bucket's steps)
     and copied and written by the write-back thread. At most
     WRITE_BEHIND_BYTES of such copies exist at a time (older ones are
     waited for first), so a partition larger than that waits for the
-    bucket's steps like any host copy would."""
+    bucket's steps like any host copy would. Without ``bound_copies`` every
+    chunk is sliced at once (flush_in_background)."""
     if self.write_barrier is not None:
       self.write_barrier()
     slot = self.slots.write_target(block)
@@ -490,7 +491,8 @@ class Residency:
     futures = []
     row_bytes = self._row_bytes(self.dims[block[0]])
     for r0, r1 in self._chunks(block[0]):
-      self._bound_writes(WRITE_BEHIND_BYTES - (r1 - r0) * row_bytes)
+      if bound_copies:
+        self._bound_writes(WRITE_BEHIND_BYTES - (r1 - r0) * row_bytes)
       future = self.write_pool.submit(self._write_slices, block, slot,
                                       self._slice_chunk(block, r0, r1))
       futures.append(future)
@@ -611,6 +613,26 @@ class Residency:
     self.pending_writes.clear()
     release_free_host_memory()  # the host copies just written (a checkpoint follows)
     distributed.sync("tables flushed")
+
+  def flush_in_background(self) -> list[concurrent.futures.Future]:
+    """Starts writing every resident partition back, as flush() does, and
+    returns the writes' futures without waiting for them (one process).
+
+    Every chunk is sliced on the device at once, behind the steps already
+    queued: a snapshot of the resident rows, which the device holds beside
+    the working tables until the write-back thread has copied each chunk to
+    the host and written it (one chunk's host copy at a time). Steps queued
+    after this call change the working tables, not the snapshot."""
+    if self.write_barrier is not None:
+      self.write_barrier()
+    futures = []
+    for block in list(self.layout.offsets) if self.layout is not None and self._dirty else ():
+      self._write_back(block, bound_copies=False)
+      futures.extend(self.pending_writes[block])
+    self._dirty = False
+    # Queued behind the writes in the write-back thread (flush does it inline).
+    self.write_pool.submit(release_free_host_memory)
+    return futures
 
   def drop(self) -> None:
     """Forgets the resident rows (after flush()), so the next load() reads

@@ -31,6 +31,7 @@ import typing
 import uuid
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -66,7 +67,8 @@ MAX_INFLIGHT_CALLS = 8
 #: batches are prepared, which "auto" resolves per backend anyway: the
 #: buckets after the resume point then draw the other path's batches).
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.",
-                     "mesh.schedule", "train.batch_preparation", "negatives.global_candidates")
+                     "mesh.schedule", "train.batch_preparation", "negatives.global_candidates",
+                     "train.background_checkpoints")
 #: The persistent compilation cache's directory ("off" turns it off). Default:
 #: $XDG_CACHE_HOME/twhin_jax/jax_cache (~/.cache/twhin_jax/jax_cache).
 COMPILATION_CACHE_ENV = "TWHIN_JAX_CACHE_DIR"
@@ -414,21 +416,19 @@ class Trainer:
     return {t: self.tables.read_type(t, self.slots) for t in self.graph.entities}
 
   def save_checkpoint(self) -> None:
-    self.flush()
-    meta = {
-        "cursor": self.cursor,
-        "total_steps": self.total_steps,
-        "seed": self.config.train.seed,
-        "slots": {f"{t}/{p}": s for (t, p), s in self.slots.current.items()},
-        "config": config_lib.to_json_dict(self.config),
-        "lineage": self.lineage,
-        "history": self.history,
-        "early_stopping": self.early_stop.to_json(),
-        "mesh": {"devices": self.num_shards, "processes": jax.process_count()},
-    }
+    """Writes the tables' changed rows and the relation state as one
+    checkpoint; in the background (background_checkpoints) the steps go on
+    while the rows are written, and the checkpoint is final only after them."""
     step = self.cursor["epoch"] * 1_000_000 + self.cursor["bucket"]
-    self.checkpointer.save(step, self._rel_state, meta)
-    self.slots.commit()
+    if not background_checkpoints(self.config, self.mesh):
+      self.flush()
+      self.checkpointer.save(step, self._rel_state, checkpoint_meta(self))
+      self.slots.commit()
+      return
+    writes = self.residency.flush_in_background()
+    # A copy on the device: the next steps donate the state's buffers.
+    state = jax.tree_util.tree_map(jnp.copy, self._rel_state)
+    self.checkpointer.save_after(writes, step, state, checkpoint_meta(self), self.slots.commit)
 
   # -- the loop ---------------------------------------------------------------
 
@@ -611,6 +611,35 @@ class Trainer:
     self.residency.close()
     self.checkpointer.close()
     self.log.close()
+
+
+def checkpoint_meta(trainer: Trainer) -> dict:
+  """A checkpoint's meta (checkpoint.py) at the trainer's cursor; the slot map
+  names the slots the latest writes went to."""
+  return {
+      "cursor": trainer.cursor,
+      "total_steps": trainer.total_steps,
+      "seed": trainer.config.train.seed,
+      "slots": {f"{t}/{p}": s for (t, p), s in trainer.slots.current.items()},
+      "config": config_lib.to_json_dict(trainer.config),
+      "lineage": trainer.lineage,
+      "history": trainer.history,
+      "early_stopping": trainer.early_stop.to_json(),
+      "mesh": {"devices": trainer.num_shards, "processes": jax.process_count()},
+  }
+
+
+def background_checkpoints(config, mesh) -> bool:
+  """Whether checkpoints write the tables while the next steps run
+  (``train.background_checkpoints``). "auto": on a GPU or TPU, where the
+  snapshot of the resident rows sits in device memory and the host is
+  otherwise idle; on CPU the snapshot would double the resident rows in host
+  memory and its writes take the cores the steps use. One process only
+  (several processes agree on every write with a barrier)."""
+  setting = config.train.get("background_checkpoints", "auto")
+  if jax.process_count() > 1 or setting == "off":
+    return False
+  return setting == "on" or mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm", "tpu")
 
 
 def sharding_report(trainer: Trainer) -> dict[str, str]:
