@@ -17,7 +17,10 @@ batching.py; device: inside jit, device_batching.py, one device only; auto:
 device on GPU/TPU); each value is a row.
 
 edges_per_s is measured over the last epoch (steady state: compiled, tables
-initialised); peak_rss_mib is the training process's maximum resident set,
+initialised); it includes the checkpoint that ends the epoch before (every
+epoch is checkpointed: the whole table at P=1), or with background
+checkpoints (--background-checkpoints, on by default on a GPU or TPU) the
+wait for its writes, if any is left; peak_rss_mib is the training process's maximum resident set,
 including the JAX runtime (~0.3 GB on its own). The tables' full size
 (V x d x 4 bytes + V x 4 for Adagrad) is printed beside it: with P partitions
 only about 2V/P rows are resident.
@@ -84,6 +87,7 @@ def worker(args) -> None:
                         args.relations, args.chunk, args.uniform, args.batch, args.devices)
   config.model.matmul_precision = args.precision
   config.train.batch_preparation = args.worker_batch_preparation
+  config.train.background_checkpoints = args.background_checkpoints
   if args.phase == "import":
     train_lib.prepare_graph(config, args.workdir, progress=False)
     return
@@ -108,6 +112,7 @@ def worker(args) -> None:
       "batch": args.batch,
       "precision": model.resolve_matmul_precision(args.precision),  # auto -> per backend
       "batch_preparation": preparation,  # auto -> the path that ran
+      "background_checkpoints": train_lib.background_checkpoints(config, trainer.mesh),
       "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{trainer.num_shards}",
       "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2 ** 20,
       "edges": last["edges"],
@@ -137,6 +142,8 @@ def main() -> None:
   parser.add_argument("--batch-preparation", nargs="+", default=["auto"],
                       choices=("auto", "host", "device"),
                       help="train.batch_preparation; several values: a row each")
+  parser.add_argument("--background-checkpoints", default="auto", choices=("auto", "on", "off"),
+                      help="train.background_checkpoints (auto: on on a GPU or TPU)")
   parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
   parser.add_argument("--json", action="store_true", help="one JSON object per setting")
   # internal: the per-setting worker process
@@ -166,7 +173,8 @@ def main() -> None:
               "--relations", str(args.relations), "--chunk", str(args.chunk),
               "--uniform", str(args.uniform), "--batch", str(args.batch),
               "--devices", str(args.devices), "--precision", args.precision,
-              "--worker-batch-preparation", preparation]
+              "--worker-batch-preparation", preparation,
+              "--background-checkpoints", args.background_checkpoints]
     if not os.path.exists(os.path.join(workdir, "graph", "manifest.json")):
       subprocess.run(common + ["--phase", "import"], check=True)
     # stdout carries the row; stderr passes through, so a failing worker's
