@@ -28,7 +28,10 @@
 # Each prints JSON lines (edges/s, device peak memory) into $OUT (step.jsonl,
 # train.jsonl); the table (trainer / step ratio per batch and precision) goes
 # to stdout and $OUT/table.md. Commit $OUT under docs/gpu/.
-# Wheels the machine lacks (it cannot download) may be carried in .device/wheels.
+# Wheels the machine lacks (it cannot download) may be carried in .device/wheels
+# or .whl; the H200 image of 2026-11-29 lacked ml_collections, duckdb and
+# tensorboardX (pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 -d .whl ml_collections duckdb tensorboardX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -79,9 +82,13 @@ if [[ "${1:-}" == "--table" ]]; then
   exit 0
 fi
 
-if compgen -G ".device/wheels/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-deps --no-index .device/wheels/*.whl
-fi
+for wheels in .device/wheels .whl; do
+  if compgen -G "$wheels/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-deps --no-index --target /tmp/twhin_gpu_site "$wheels"/*.whl \
+      || echo "gpu_check: the wheels in $wheels did not install (another Python?)" >&2
+    export PYTHONPATH="/tmp/twhin_gpu_site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
