@@ -33,13 +33,17 @@ def test_save_after_waits_for_the_writes_then_commits(tmp_path):
   checkpointer.wait()
   write = concurrent.futures.Future()
   committed = []
-  checkpointer.save_after([write], 2, _state(2.0), {"cursor": 2}, lambda: committed.append(2))
+  history = [{"epoch": 0}]
+  checkpointer.save_after([write], 2, _state(2.0), {"cursor": 2, "history": history},
+                          lambda: committed.append(2))
   # The table write is not done: no checkpoint may name its slots yet.
   assert _saved_steps(workdir) == [1] and committed == []
+  history.append({"epoch": 1})  # the trainer's next epoch ends before the save
   write.set_result(None)
   checkpointer.wait()
   assert _saved_steps(workdir) == [2] and committed == [2]
-  assert checkpointer.restore_meta()["cursor"] == 2
+  meta = checkpointer.restore_meta()
+  assert meta["cursor"] == 2 and meta["history"] == [{"epoch": 0}]
   checkpointer.close()
 
 

@@ -23,6 +23,7 @@ and restore into it.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 
 import jax
@@ -76,8 +77,10 @@ class Checkpointer:
     ``on_saved`` (the trainer commits its slot map). ``state`` must not
     change meanwhile (the trainer passes a copy). Until the writes are done
     no checkpoint names their slots: a kill leaves the one before final.
-    A failed write is raised by the next ``wait``."""
+    A failed write is raised by the next ``wait``. ``meta`` is copied now
+    (the trainer's history grows while the writes run)."""
     self.wait()
+    meta = json.loads(json.dumps(meta))
 
     def finish():
       for write in writes:
