@@ -20,7 +20,9 @@ edges_per_s is measured over the last epoch (steady state: compiled, tables
 initialised); it includes the checkpoint that ends the epoch before (every
 epoch is checkpointed: the whole table at P=1), or with background
 checkpoints (--background-checkpoints, on by default on a GPU or TPU) the
-wait for its writes, if any is left; peak_rss_mib is the training process's maximum resident set,
+wait for its writes, if any is left, and the sync that puts them on disk
+(--sync: storage.sync); with --checkpoint-every-seconds longer than the
+run only the last epoch saves, after its time is taken; peak_rss_mib is the training process's maximum resident set,
 including the JAX runtime (~0.3 GB on its own). The tables' full size
 (V x d x 4 bytes + V x 4 for Adagrad) is printed beside it: with P partitions
 only about 2V/P rows are resident.
@@ -88,6 +90,8 @@ def worker(args) -> None:
   config.model.matmul_precision = args.precision
   config.train.batch_preparation = args.worker_batch_preparation
   config.train.background_checkpoints = args.background_checkpoints
+  config.storage.sync = args.sync
+  config.train.checkpoint_every_seconds = args.checkpoint_every_seconds
   if args.phase == "import":
     train_lib.prepare_graph(config, args.workdir, progress=False)
     return
@@ -95,7 +99,20 @@ def worker(args) -> None:
   # checkpoints would be resumed, or refused for a different config).
   remove_training_state(args.workdir)
   started = time.perf_counter()
-  trainer = train_lib.train(config, args.workdir, progress=False)
+  if args.profile:
+    # Where the trainer's main thread spends its wall time (waits on the
+    # device or on checkpoint writes included); worker threads are not seen.
+    import cProfile  # only with --profile
+    import io
+    import pstats
+    profiler = cProfile.Profile()
+    trainer = profiler.runcall(train_lib.train, config, args.workdir, progress=False)
+    report = io.StringIO()
+    pstats.Stats(profiler, stream=report).sort_stats("cumulative").print_stats(45)
+    with open(args.profile, "w") as f:
+      f.write(report.getvalue())
+  else:
+    trainer = train_lib.train(config, args.workdir, progress=False)
   total = time.perf_counter() - started
   last = trainer.history[-1]
   nodes = sum(e.count for e in trainer.graph.entities.values())
@@ -113,6 +130,8 @@ def worker(args) -> None:
       "precision": model.resolve_matmul_precision(args.precision),  # auto -> per backend
       "batch_preparation": preparation,  # auto -> the path that ran
       "background_checkpoints": train_lib.background_checkpoints(config, trainer.mesh),
+      "sync": args.sync,
+      "checkpoint_every_seconds": args.checkpoint_every_seconds,
       "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{trainer.num_shards}",
       "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2 ** 20,
       "edges": last["edges"],
@@ -144,6 +163,12 @@ def main() -> None:
                       help="train.batch_preparation; several values: a row each")
   parser.add_argument("--background-checkpoints", default="auto", choices=("auto", "on", "off"),
                       help="train.background_checkpoints (auto: on on a GPU or TPU)")
+  parser.add_argument("--sync", default="checkpoint", choices=("checkpoint", "write", "none"),
+                      help="storage.sync: when table writes reach the disk")
+  parser.add_argument("--checkpoint-every-seconds", type=float, default=0.0,
+                      help="train.checkpoint_every_seconds (0: a checkpoint every epoch)")
+  parser.add_argument("--profile", default=None,
+                      help="write the training process's cProfile (cumulative, top 45) here")
   parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
   parser.add_argument("--json", action="store_true", help="one JSON object per setting")
   # internal: the per-setting worker process
@@ -174,7 +199,10 @@ def main() -> None:
               "--uniform", str(args.uniform), "--batch", str(args.batch),
               "--devices", str(args.devices), "--precision", args.precision,
               "--worker-batch-preparation", preparation,
-              "--background-checkpoints", args.background_checkpoints]
+              "--background-checkpoints", args.background_checkpoints, "--sync", args.sync,
+              "--checkpoint-every-seconds", str(args.checkpoint_every_seconds)]
+    if args.profile:
+      common += ["--profile", args.profile]
     if not os.path.exists(os.path.join(workdir, "graph", "manifest.json")):
       subprocess.run(common + ["--phase", "import"], check=True)
     # stdout carries the row; stderr passes through, so a failing worker's

@@ -8,6 +8,9 @@
 #   BATCH_PREP=device tools/gpu_check.sh    # only the device-side batch path
 #   tools/gpu_check.sh --table runs/gpu_check   # only print the table of an earlier run
 #   TWHIN_DATA_DIR=../shared/data tools/gpu_check.sh   # also FB15k-237's MRR per precision
+#   BACKGROUND="auto off" SYNC="checkpoint none" PROFILE=1 tools/gpu_check.sh
+#       # checkpoints behind the steps or not, synced once or never; a cProfile
+#       # of the trainer process ($OUT/profile_*.txt, all threads on Python 3.12)
 #
 # A CPU-sized smoke run of the whole script (the same code paths):
 #   JAX_PLATFORMS=cpu PYTHON=.venv/bin/python NODES=20000 EDGES=100000 STEP_ROWS=20000 \
@@ -54,17 +57,23 @@ def read(name):
   return rows
 step = {(r.get("batch", "-"), r.get("precision", "-")): r for r in read("step.jsonl")}
 # Rows written before a field existed: batch_preparation was the host path.
-train = {(r.get("batch", "-"), r.get("precision", "-"), r.get("batch_preparation", "host")): r
+# Rows written before background checkpoints existed wrote them in the foreground.
+# Rows written before storage.sync existed synced every write.
+train = {(r.get("batch", "-"), r.get("precision", "-"), r.get("batch_preparation", "host"),
+          ("background" if r.get("background_checkpoints") else "foreground")
+          + ", sync " + r.get("sync", "write")
+          + (f", every {r['checkpoint_every_seconds']:g} s" if r.get("checkpoint_every_seconds")
+             else "")): r
          for r in read("train.jsonl")}
-keys = set(train) | {k + ("-",) for k in step if not any(t[:2] == k for t in train)}
-print("| batch | matmuls | batches | step alone edges/s | whole trainer edges/s | "
+keys = set(train) | {k + ("-", "-") for k in step if not any(t[:2] == k for t in train)}
+print("| batch | matmuls | batches | checkpoints | step alone edges/s | whole trainer edges/s | "
       "trainer / step | device peak MiB step / trainer |")
-print("|---:|---|---|---:|---:|---:|---|")
-for key in sorted(keys, key=lambda k: (len(str(k[0])), str(k[0]), str(k[1]), k[2])):
+print("|---:|---|---|---|---:|---:|---:|---|")
+for key in sorted(keys, key=lambda k: (len(str(k[0])), str(k[0]), str(k[1]), k[2], k[3])):
   s, t = step.get(key[:2]), train.get(key)
   fmt = lambda r, k: f"{r[k]:,.0f}" if r else "-"
   ratio = f"{t['edges_per_s'] / s['edges_per_s']:.1%}" if s and t else "-"
-  print(f"| {key[0]} | {key[1]} | {key[2]} | {fmt(s, 'edges_per_s')} | "
+  print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {fmt(s, 'edges_per_s')} | "
         f"{fmt(t, 'edges_per_s')} | {ratio} | "
         f"{fmt(s, 'device_peak_mib')} / {fmt(t, 'device_peak_mib')} |")
 if os.path.exists(os.path.join(out, "fb.jsonl")):
@@ -104,6 +113,15 @@ CALLS=${CALLS:-30}
 # auto: tf32 on a GPU (JAX's default for fp32 matmuls), float32 on CPU.
 PRECISIONS=${PRECISIONS:-auto bfloat16}
 BATCH_PREP=${BATCH_PREP:-device host}
+# train.background_checkpoints per trainer row (auto: on on a GPU); "auto off"
+# measures what writing checkpoints behind the steps gains.
+BACKGROUND=${BACKGROUND:-auto}
+# storage.sync per trainer row: "checkpoint" (one syncfs per checkpoint),
+# "write" (an fsync per chunk file, as before 2026-11-29), "none".
+SYNC=${SYNC:-checkpoint}
+# TRAIN_BATCHES: the trainer rows' batch sizes (default: BATCH and 4 x BATCH).
+# CKPT_EVERY: train.checkpoint_every_seconds (default 0: a checkpoint per
+# epoch; 60: of the 3 epochs only the last saves, after its time is taken).
 SCRATCH=${SCRATCH:-/tmp/twhin_gpu_scratch}
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.txt"
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
@@ -117,10 +135,21 @@ done
 # Later settings reuse the generated and imported graph.
 train_rows() {  # $1: a batch preparation
   for precision in $PRECISIONS; do
-    for batch in $BATCH $((BATCH * 4)); do
-      "$PY" tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" --chunk "$CHUNK" \
-        --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 --precision "$precision" \
-        --batch-preparation "$1" --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
+    for batch in ${TRAIN_BATCHES:-$BATCH $((BATCH * 4))}; do
+      for background in $BACKGROUND; do
+        for sync in $SYNC; do
+          profile=()
+          # PROFILE=1: a cProfile of the training process, once per batch size.
+          [[ -n "${PROFILE:-}" && "$background $sync" == "${BACKGROUND%% *} ${SYNC%% *}" ]] \
+            && profile=(--profile "$OUT/profile_${1}_${batch}.txt")
+          "$PY" tools/bench_train.py --nodes "$NODES" --edges "$EDGES" --dim "$DIM" \
+            --chunk "$CHUNK" --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 \
+            --precision "$precision" --batch-preparation "$1" \
+            --background-checkpoints "$background" --sync "$sync" "${profile[@]}" \
+            --checkpoint-every-seconds "${CKPT_EVERY:-0}" \
+            --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
+        done
+      done
     done
   done
 }

@@ -71,9 +71,11 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
-  def save_after(self, writes: list, step: int, state, meta: dict, on_saved=None) -> None:
+  def save_after(self, writes: list, step: int, state, meta: dict, on_saved=None,
+                 before_save=None) -> None:
     """Starts a save that waits for ``writes`` (futures of the table writes
-    its slot map names) first, in a thread, and returns at once; then calls
+    its slot map names) first, in a thread, and returns at once; calls
+    ``before_save`` (the trainer syncs the tables to disk), saves, then calls
     ``on_saved`` (the trainer commits its slot map). ``state`` must not
     change meanwhile (the trainer passes a copy). Until the writes are done
     no checkpoint names their slots: a kill leaves the one before final.
@@ -85,6 +87,8 @@ class Checkpointer:
     def finish():
       for write in writes:
         write.result()
+      if before_save is not None:
+        before_save()
       self._save_now(step, state, meta)
       if on_saved is not None:
         on_saved()

@@ -20,14 +20,15 @@ Layout of a config (every field is read somewhere; see the field comments)::
   data:       where the edges come from (see :data:`FILE_SPEC_FIELDS`)
   model:      dim, comparator, init_scale, reciprocal, regularization, regularizer
   train:      epochs, batch_size, lr, relation_lr, loss, margin, seed,
-              bucket_order, checkpoint_every_buckets, eval_every_epochs,
+              bucket_order, checkpoint_every_buckets, checkpoint_every_seconds,
+              eval_every_epochs,
               early_stop_{metric,patience,min_delta,min_epochs}, batch_preparation,
               background_checkpoints
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
   warm_start: parent, new_entities, l2_to_previous
   mesh:       num_devices, schedule, round_passes
-  storage:    driver, zarr_format, prefetch
+  storage:    driver, zarr_format, prefetch, sync
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ FILE_FORMATS = ("tsv", "csv", "parquet", "adjacency")
 IMPORT_ENGINES = ("duckdb", "spark")
 SPLITS = ("train", "valid", "test")
 MESH_SCHEDULES = ("ring", "tournament")
+#: storage.sync: when table writes are made durable (see base_config).
+STORAGE_SYNCS = ("checkpoint", "write", "none")
 ON_ERROR = ("raise", "skip")
 EARLY_STOP_METRICS = ("mrr", "hits@1", "hits@10", "auc", "mr")  # early_stopping.METRICS
 #: train.batch_preparation (device_batching.PATHS; config.py does not import jax).
@@ -177,6 +180,12 @@ def base_config() -> ml_collections.ConfigDict:
   # swaps out of core (with one entity type about P^2/2 loads an epoch, not P^2).
   c.train.bucket_order = "inside_out"
   c.train.checkpoint_every_buckets = 1  # 0: only at the end of each epoch
+  # A checkpoint that is due (above, or an epoch's end) is skipped while less
+  # than this many seconds have passed since the run's last one; the run's
+  # last bucket always saves. 0: every due checkpoint. For epochs of seconds
+  # (a GPU, P=1), where writing the whole table each epoch costs more than
+  # training it; a resumed run replays, bit for bit, what was not saved.
+  c.train.checkpoint_every_seconds = 0.0
   c.train.eval_every_epochs = 1  # validation MRR per epoch; 0 disables
   c.train.early_stop_metric = "mrr"  # a key of the validation record (early_stopping.METRICS)
   # Evaluations without improvement before stopping; 0: never stop early. 10,
@@ -268,6 +277,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.storage.driver = storage.DEFAULT_DRIVER  # a name registered with storage.register_storage
   c.storage.zarr_format = 3
   c.storage.prefetch = True  # load the next bucket's partitions in background
+  # When table writes reach the disk (not only the operating system's cache):
+  # "checkpoint": once per checkpoint, before it is saved, for every write
+  # since the last (one syncfs); "write": each write (TensorStore's fsync per
+  # chunk file, the slowest); "none": left to the operating system, so a
+  # checkpoint survives a killed process but not a crashed machine.
+  c.storage.sync = "checkpoint"
   return c
 
 
@@ -520,6 +535,9 @@ def validate(config) -> None:
       _fail(f"train.{key}", f"must be > 0, got {t[key]}")
   if t.checkpoint_every_buckets < 0:
     _fail("train.checkpoint_every_buckets", "must be >= 0")
+  interval = t.get("checkpoint_every_seconds", 0.0)
+  if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
+    _fail("train.checkpoint_every_seconds", f"must be a number >= 0, got {interval!r}")
   if t.eval_every_epochs < 0:
     _fail("train.eval_every_epochs", "must be >= 0")
   if t.early_stop_metric not in EARLY_STOP_METRICS:
@@ -583,6 +601,8 @@ def validate(config) -> None:
     _fail("storage.driver", f"{config.storage.driver!r} not in {storage.storage_drivers()}")
   if config.storage.zarr_format not in (2, 3):
     _fail("storage.zarr_format", f"must be 2 or 3, got {config.storage.zarr_format}")
+  if config.storage.get("sync", "checkpoint") not in STORAGE_SYNCS:
+    _fail("storage.sync", f"must be one of {STORAGE_SYNCS}, got {config.storage.sync!r}")
 
 
 def relation_names(config) -> list[str]:

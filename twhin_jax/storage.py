@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -191,6 +194,11 @@ class EntityStorage(abc.ABC):
     ``frozen``: the caller never changes the two arrays afterwards, so the
     backend may write from them instead of from a copy of its own."""
 
+  def sync(self) -> None:
+    """Makes every finished write durable (on disk, not only in the
+    operating system's cache), before a checkpoint names it. A backend whose
+    writes are durable when they finish has nothing to do."""
+
   def read(self, block: Block, slot: int) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [rows, d], adagrad [rows]) of one partition."""
     return self.read_rows(block, slot, 0, self.entities[block[0]].partition_rows(block[1]))
@@ -225,6 +233,13 @@ class EntityStorage(abc.ABC):
       parts = list(pool.map(lambda p: self.read((entity_type, p), source[(entity_type, p)])[0],
                             range(info.num_partitions)))
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, self.dims[entity_type]))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+  """The C library (for syncfs), or None where ctypes cannot find one."""
+  name = ctypes.util.find_library("c")
+  return ctypes.CDLL(name, use_errno=True) if name else None
 
 
 _DRIVERS: dict[str, type[EntityStorage]] = {}
@@ -269,10 +284,21 @@ class TableStore(EntityStorage):
 
   def __init__(self, root: str, entities: dict[str, EntityInfo], dims: dict[str, int], *,
                zarr_format: int = 3, create: bool = False, sub_partitions: int = 1,
-               num_slots: int = 2, coordinate_accumulators: bool = False):
+               num_slots: int = 2, coordinate_accumulators: bool = False,
+               sync_each_write: bool = True):
     """``coordinate_accumulators`` shapes the tables made with ``create``;
-    opened tables keep the accumulators they were made with."""
+    opened tables keep the accumulators they were made with.
+
+    ``sync_each_write``: every write is on disk when its future is done
+    (TensorStore's default: an fsync per chunk file). Without it writes end
+    in the operating system's cache and ``sync`` makes them durable at once;
+    a killed process loses nothing either way, a crashed machine only what
+    no ``sync`` covered. On this machine 1.5 GiB in 32 MB chunks took 5.1 s
+    with an fsync per write and 2.6 s without (one thread; 0.7 s with 4),
+    plus 2.8 s for the one sync."""
     self.root = root
+    self.sync_each_write = sync_each_write
+    context = ts.Context({"file_io_sync": sync_each_write})
     self.entities = entities
     self.dims = dims
     self.zarr_format = zarr_format
@@ -303,9 +329,27 @@ class TableStore(EntityStorage):
           else:
             spec.update(open=True)
           try:
-            self._arrays[(entity_type, slot, name)] = ts.open(spec).result()
+            self._arrays[(entity_type, slot, name)] = ts.open(spec, context=context).result()
           except ValueError as err:
             raise FileNotFoundError(f"{base}/{name}: cannot open table ({err})") from err
+
+  def sync(self) -> None:
+    """Flushes the operating system's cache of the tables' file system to
+    disk (syncfs; os.sync where the C library has none): one call for all
+    the chunk files written since the last."""
+    if self.sync_each_write:
+      return
+    syncfs = getattr(_libc(), "syncfs", None)
+    if syncfs is None:
+      os.sync()
+      return
+    fd = os.open(self.root, os.O_RDONLY)
+    try:
+      if syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{self.root}: syncfs failed: {os.strerror(err)}")
+    finally:
+      os.close(fd)
 
   @staticmethod
   def _existing_accumulators(root: str, entity_type: str,

@@ -22,6 +22,7 @@ a resumed run produces the same numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -68,7 +69,8 @@ MAX_INFLIGHT_CALLS = 8
 #: buckets after the resume point then draw the other path's batches).
 RESUMABLE_CHANGES = ("train.epochs", "train.eval_every_epochs", "train.early_stop", "eval.",
                      "mesh.schedule", "train.batch_preparation", "negatives.global_candidates",
-                     "train.background_checkpoints")
+                     "train.background_checkpoints", "train.checkpoint_every_seconds",
+                     "storage.sync")
 #: The persistent compilation cache's directory ("off" turns it off). Default:
 #: $XDG_CACHE_HOME/twhin_jax/jax_cache (~/.cache/twhin_jax/jax_cache).
 COMPILATION_CACHE_ENV = "TWHIN_JAX_CACHE_DIR"
@@ -176,6 +178,22 @@ def _checkpoint_due(config, position: int, end_of_epoch: bool) -> bool:
   an epoch's end and every train.checkpoint_every_buckets."""
   every = config.train.checkpoint_every_buckets
   return end_of_epoch or bool(every and (position + 1) % every == 0)
+
+
+def checkpoint_now(trainer: Trainer, position: int, end_of_epoch: bool) -> bool:
+  """Whether a checkpoint is saved after bucket ``position``: one is due
+  (_checkpoint_due) and train.checkpoint_every_seconds have passed since the
+  run's last (or its start), or the run ends here (its last epoch is done,
+  or early stopping ended it). Skipping only drops saves, so the buckets
+  finished early for a due checkpoint (_state_used_after) stay correct."""
+  if not _checkpoint_due(trainer.config, position, end_of_epoch):
+    return False
+  now, every = time.perf_counter(), float(trainer.config.train.get("checkpoint_every_seconds", 0))
+  ends = trainer.cursor["epoch"] >= trainer.config.train.epochs or trainer.early_stop.stopped
+  if every and not ends and now - trainer.last_checkpoint_time < every:
+    return False
+  trainer.last_checkpoint_time = now
+  return True
 
 
 def _state_used_after(config, plan: list, position: int) -> bool:
@@ -329,9 +347,8 @@ class Trainer:
   def _open_tables(self, create: bool) -> storage.TableStore:
     return storage.open_storage(
         self.config.storage.driver, os.path.join(self.workdir, TABLES_DIR),
-        entities=self.graph.entities, dims=self.dims,
-        zarr_format=self.config.storage.zarr_format, create=create, sub_partitions=self.num_shards,
-        coordinate_accumulators=config_lib.coordinate_accumulators(self.config))
+        entities=self.graph.entities, dims=self.dims, create=create, sub_partitions=self.num_shards,
+        **table_options(self.config))
 
   def _resume(self) -> None:
     meta = self.checkpointer.restore_meta()
@@ -422,13 +439,15 @@ class Trainer:
     step = self.cursor["epoch"] * 1_000_000 + self.cursor["bucket"]
     if not background_checkpoints(self.config, self.mesh):
       self.flush()
+      make_writes_durable(self)
       self.checkpointer.save(step, self._rel_state, checkpoint_meta(self))
       self.slots.commit()
       return
     writes = self.residency.flush_in_background()
     # A copy on the device: the next steps donate the state's buffers.
     state = jax.tree_util.tree_map(jnp.copy, self._rel_state)
-    self.checkpointer.save_after(writes, step, state, checkpoint_meta(self), self.slots.commit)
+    self.checkpointer.save_after(writes, step, state, checkpoint_meta(self), self.slots.commit,
+                                 before_save=functools.partial(make_writes_durable, self))
 
   # -- the loop ---------------------------------------------------------------
 
@@ -524,6 +543,7 @@ class Trainer:
                                          self.residency.layout_of, self.mesh)
     compiling = precompile_steps(self) if plan else None
     self._epoch_totals, self._last_finish = (0.0, 0, 0.0), time.perf_counter()
+    self.last_checkpoint_time = self._last_finish  # checkpoint_now's interval starts here
     pending = None
     try:
       for position, (epoch, index, bucket) in enumerate(plan):
@@ -580,7 +600,7 @@ class Trainer:
         "epoch": done.epoch, "bucket": done.index + 1}
     if end_of_epoch:
       self._end_epoch(done.epoch, *self._epoch_totals)
-    if _checkpoint_due(self.config, done.position, end_of_epoch):
+    if checkpoint_now(self, done.position, end_of_epoch):
       self.save_checkpoint()
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
@@ -640,6 +660,21 @@ def background_checkpoints(config, mesh) -> bool:
   if jax.process_count() > 1 or setting == "off":
     return False
   return setting == "on" or mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm", "tpu")
+
+
+def table_options(config) -> dict:
+  """The working tables' backend options (TensorStore's) from the config."""
+  return dict(zarr_format=config.storage.zarr_format,
+              coordinate_accumulators=config_lib.coordinate_accumulators(config),
+              sync_each_write=config.storage.get("sync", "checkpoint") == "write")
+
+
+def make_writes_durable(trainer: Trainer) -> None:
+  """Before a checkpoint names the tables' latest writes: puts them on disk
+  with one sync of the tables (``storage.sync = "checkpoint"``); with "write"
+  each write already was, with "none" the operating system decides when."""
+  if trainer.config.storage.get("sync", "checkpoint") == "checkpoint":
+    trainer.tables.sync()
 
 
 def sharding_report(trainer: Trainer) -> dict[str, str]:
