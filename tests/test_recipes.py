@@ -64,3 +64,25 @@ def test_fb15k237_default_is_the_measured_twhin_run():
   config = config_lib.load_config(os.path.join(REPO, "configs", "fb15k237.py"), [])
   assert config.train.epochs == 10 and config.train.early_stop_patience == 0
   assert {r["operator"] for r in config.relations} == {"translation"}
+
+
+needs_kinship = pytest.mark.skipif(
+    not DATA or not os.path.isdir(os.path.join(DATA, "kg", "kinship")),
+    reason="TWHIN_DATA_DIR is not set or has no kg/kinship (point it at ../shared/data)")
+
+
+@needs_kinship
+@pytest.mark.parametrize("name", ["kinship", "nations", "umls"])
+def test_every_kg_config_has_the_operator_variants(name):
+  """configs/<kg>.py:<operator> is the KG recipe with that operator on every
+  relation, as fb15k237's variants are; an unknown variant is named."""
+  for operator in ("translation", "complex_diagonal"):
+    config = config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py:{operator}"), [])
+    config_lib.validate(config)
+    assert config.name == f"{name}-{operator}"
+    assert {r["operator"] for r in config.relations} == {operator}
+    assert config.negatives.all_candidates and config.model.regularizer == "n3"
+    # Trilinear operators take the relation penalty, translation does not.
+    assert config.model.get("regularize_relations", False) == (operator == "complex_diagonal")
+  with pytest.raises(ValueError, match="unknown config variant 'tset'"):
+    config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py:tset"), [])

@@ -101,9 +101,19 @@ def kg_config(name: str, folder: str, *, suffix: str = ".txt", epochs: int = 50,
   config.train.relation_lr = lr if relation_lr is None else relation_lr
   config.train.loss = loss
   config.eval.filtered = True
+  if variant not in VARIANTS and variant != "recipe":
+    # ":<operator>": the recipe with that operator on every relation, the
+    # variants configs/fb15k237.py names, for every KG.
+    from twhin_jax import model  # imports jax: only these variants need its names
+    if variant not in model.OPERATORS:
+      raise ValueError(f"unknown config variant {variant!r}; choose from "
+                       f"{VARIANTS + ('recipe',) + model.OPERATORS}")
+    for rel in config.relations:
+      rel["operator"] = variant
+    config.name, variant = f"{name}-{variant}", "recipe"
   if variant == "recipe":
     # The package's KG recipe (recipes.KG) instead of this dataset's settings:
     # what a graph nobody tuned on gets.
-    config.name = f"{name}-recipe"
+    config.name = config.name if config.name != name else f"{name}-recipe"
     return recipes.apply(config, "kg")
   return apply_variant(config, variant)
