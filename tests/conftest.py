@@ -30,6 +30,19 @@ def train_tiny_demo(workdir: str, *, dim: int | None = None, epochs: int = 2,
   return workdir
 
 
+def record_calls(monkeypatch, owner, name: str, records: list, record) -> None:
+  """Wraps method ``name`` of class ``owner`` so that every call appends
+  ``record(*args)`` to ``records`` and then runs the real method (a spy,
+  not a mock: the real work still happens)."""
+  real = getattr(owner, name)
+
+  def recording(*args, **kwargs):
+    records.append(record(*args, **kwargs))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, recording)
+
+
 @pytest.fixture(scope="session")
 def demo_run_d16(tmp_path_factory):
   """A read-only tiny run (d=16, 2 epochs) shared by modules that only read it

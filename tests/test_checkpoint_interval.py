@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import record_calls
 
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
@@ -23,15 +24,11 @@ def _config(epochs: int, every_seconds: float):
 
 
 def _count_saves(monkeypatch) -> list:
-  steps = []
-  real_save = checkpoint_lib.Checkpointer._save_now
-
-  def recording_save(self, step, state, meta):
-    steps.append(meta["cursor"])
-    real_save(self, step, state, meta)
-
-  monkeypatch.setattr(checkpoint_lib.Checkpointer, "_save_now", recording_save)
-  return steps
+  """The cursor of every checkpoint saved from now on (the saves still run)."""
+  cursors = []
+  record_calls(monkeypatch, checkpoint_lib.Checkpointer, "_save_now", cursors,
+               lambda self, step, state, meta: meta["cursor"])
+  return cursors
 
 
 def test_inside_the_interval_only_the_last_bucket_saves(tmp_path, monkeypatch):

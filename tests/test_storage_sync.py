@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import record_calls
 
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
@@ -68,18 +69,9 @@ def test_tables_are_synced_before_every_checkpoint_is_saved(tmp_path, monkeypatc
   ("checkpoint"), in the trainer's thread or the background saver's; with
   "none" no sync runs."""
   events = []
-  real_sync, real_save = storage.TableStore.sync, checkpoint_lib.Checkpointer._save_now
-
-  def recording_sync(self):
-    events.append("sync")
-    real_sync(self)
-
-  def recording_save(self, step, state, meta):
-    events.append("save")
-    real_save(self, step, state, meta)
-
-  monkeypatch.setattr(storage.TableStore, "sync", recording_sync)
-  monkeypatch.setattr(checkpoint_lib.Checkpointer, "_save_now", recording_save)
+  record_calls(monkeypatch, storage.TableStore, "sync", events, lambda *args: "sync")
+  record_calls(monkeypatch, checkpoint_lib.Checkpointer, "_save_now", events,
+               lambda *args: "save")
   config = demo_config.get_config("test")
   config.train.epochs = 2
   config.train.background_checkpoints = background

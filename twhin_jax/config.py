@@ -292,6 +292,12 @@ def coordinate_accumulators(config) -> bool:
   return config.train.get("entity_accumulators", "row") == "coordinate"
 
 
+def storage_sync(config) -> str:
+  """When table writes reach the disk (``storage.sync``, STORAGE_SYNCS;
+  configs saved before it existed: "checkpoint", what such runs resume with)."""
+  return config.storage.get("sync", "checkpoint")
+
+
 def entity_dim(config, entity_type: str) -> int:
   dim = int(config.entities[entity_type].get("dim", 0) or 0)
   return dim if dim > 0 else int(config.model.dim)
@@ -601,8 +607,8 @@ def validate(config) -> None:
     _fail("storage.driver", f"{config.storage.driver!r} not in {storage.storage_drivers()}")
   if config.storage.zarr_format not in (2, 3):
     _fail("storage.zarr_format", f"must be 2 or 3, got {config.storage.zarr_format}")
-  if config.storage.get("sync", "checkpoint") not in STORAGE_SYNCS:
-    _fail("storage.sync", f"must be one of {STORAGE_SYNCS}, got {config.storage.sync!r}")
+  if storage_sync(config) not in STORAGE_SYNCS:
+    _fail("storage.sync", f"must be one of {STORAGE_SYNCS}, got {storage_sync(config)!r}")
 
 
 def relation_names(config) -> list[str]:

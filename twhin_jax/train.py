@@ -666,14 +666,14 @@ def table_options(config) -> dict:
   """The working tables' backend options (TensorStore's) from the config."""
   return dict(zarr_format=config.storage.zarr_format,
               coordinate_accumulators=config_lib.coordinate_accumulators(config),
-              sync_each_write=config.storage.get("sync", "checkpoint") == "write")
+              sync_each_write=config_lib.storage_sync(config) == "write")
 
 
 def make_writes_durable(trainer: Trainer) -> None:
   """Before a checkpoint names the tables' latest writes: puts them on disk
   with one sync of the tables (``storage.sync = "checkpoint"``); with "write"
   each write already was, with "none" the operating system decides when."""
-  if trainer.config.storage.get("sync", "checkpoint") == "checkpoint":
+  if config_lib.storage_sync(trainer.config) == "checkpoint":
     trainer.tables.sync()
 
 
