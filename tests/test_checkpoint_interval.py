@@ -1,8 +1,13 @@
 """train.checkpoint_every_seconds: due checkpoints are skipped inside the
-interval, the run's last bucket always saves, and a run resumed from an
-older checkpoint replays what was not saved, bit for bit."""
+interval, the run's last bucket always saves, a run resumed from an
+older checkpoint replays what was not saved, bit for bit, "auto" resolves
+per backend, and several processes take one decision."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from conftest import record_calls
 from twhin_jax import checkpoint as checkpoint_lib
 from twhin_jax import config as config_lib
 from twhin_jax import demo_config
+from twhin_jax import distributed
+from twhin_jax import sharding as sharding_lib
 from twhin_jax import train as train_lib
 
 
@@ -67,3 +74,53 @@ def test_interval_is_validated():
   config.train.checkpoint_every_seconds = float("nan")
   with pytest.raises(ValueError, match="train.checkpoint_every_seconds"):
     config_lib.validate(config)
+
+
+def test_auto_interval_resolves_per_backend():
+  config = demo_config.get_config("test")
+  assert config.train.checkpoint_every_seconds is None  # the default: auto
+  config_lib.validate(config)
+  cpu_mesh = sharding_lib.make_mesh(1)
+  assert train_lib.checkpoint_interval(config, cpu_mesh) == 0.0  # every due checkpoint
+
+  class _Device:  # no GPU here: only the platform name is read
+    platform = "gpu"
+
+  class _GpuMesh:
+    devices = np.array([_Device()])
+
+  assert train_lib.checkpoint_interval(config, _GpuMesh()) == config_lib.AUTO_CHECKPOINT_SECONDS
+  config.train.checkpoint_every_seconds = 5
+  assert train_lib.checkpoint_interval(config, _GpuMesh()) == 5.0
+
+
+@pytest.mark.multihost
+def test_processes_share_the_skip_decision(tmp_path):
+  """Process 1's clock runs 10^6 times faster (clock_skew_worker.py), so on
+  its own it would save every due checkpoint while process 0 skips them,
+  and the job would stall in the first save; with process 0 deciding for
+  both it ends, with the same tables as a run that saves every checkpoint."""
+  from test_sharded import REPO, _free_port, committed_tables, cpu_env, wait_for_all
+
+  def job(workdir: str, every: float) -> list[str]:
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "clock_skew_worker.py"), "train",
+         "--distributed", "--quiet",
+         "--config", os.path.join(REPO, "twhin_jax", "demo_config.py") + ":test",
+         "--workdir", workdir, "--config.train.epochs=2",
+         "--config.train.eval_every_epochs=0",
+         f"--config.train.checkpoint_every_seconds={every}"],
+        env=cpu_env(2, **{distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
+                          distributed.ENV_NUM_PROCESSES: "2",
+                          distributed.ENV_PROCESS_ID: str(index)}),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for index in range(2)]
+    return wait_for_all(procs, timeout=300)
+
+  skipping, every = str(tmp_path / "skipping"), str(tmp_path / "every")
+  job(skipping, 3600.0)
+  job(every, 0.0)
+  a, b = committed_tables(skipping), committed_tables(every)
+  for entity_type in a:
+    np.testing.assert_array_equal(a[entity_type], b[entity_type])

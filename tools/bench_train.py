@@ -91,7 +91,8 @@ def worker(args) -> None:
   config.train.batch_preparation = args.worker_batch_preparation
   config.train.background_checkpoints = args.background_checkpoints
   config.storage.sync = args.sync
-  config.train.checkpoint_every_seconds = args.checkpoint_every_seconds
+  config.train.checkpoint_every_seconds = (None if args.checkpoint_every_seconds == "auto"
+                                           else float(args.checkpoint_every_seconds))
   if args.phase == "import":
     train_lib.prepare_graph(config, args.workdir, progress=False)
     return
@@ -131,7 +132,8 @@ def worker(args) -> None:
       "batch_preparation": preparation,  # auto -> the path that ran
       "background_checkpoints": train_lib.background_checkpoints(config, trainer.mesh),
       "sync": args.sync,
-      "checkpoint_every_seconds": args.checkpoint_every_seconds,
+      # auto -> 60 on a GPU or TPU, 0 on CPU
+      "checkpoint_every_seconds": train_lib.checkpoint_interval(config, trainer.mesh),
       "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{trainer.num_shards}",
       "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2 ** 20,
       "edges": last["edges"],
@@ -165,8 +167,9 @@ def main() -> None:
                       help="train.background_checkpoints (auto: on on a GPU or TPU)")
   parser.add_argument("--sync", default="checkpoint", choices=("checkpoint", "write", "none"),
                       help="storage.sync: when table writes reach the disk")
-  parser.add_argument("--checkpoint-every-seconds", type=float, default=0.0,
-                      help="train.checkpoint_every_seconds (0: a checkpoint every epoch)")
+  parser.add_argument("--checkpoint-every-seconds", default="auto",
+                      help="train.checkpoint_every_seconds: seconds (0: a checkpoint every "
+                           "epoch) or auto (60 on a GPU or TPU, 0 on CPU)")
   parser.add_argument("--profile", default=None,
                       help="write the training process's cProfile (cumulative, top 45) here")
   parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")

@@ -120,8 +120,9 @@ BACKGROUND=${BACKGROUND:-auto}
 # "write" (an fsync per chunk file, as before 2026-11-29), "none".
 SYNC=${SYNC:-checkpoint}
 # TRAIN_BATCHES: the trainer rows' batch sizes (default: BATCH and 4 x BATCH).
-# CKPT_EVERY: train.checkpoint_every_seconds (default 0: a checkpoint per
-# epoch; 60: of the 3 epochs only the last saves, after its time is taken).
+# CKPT_EVERY: train.checkpoint_every_seconds (default auto: 60 on a GPU, so
+# of the 3 epochs only the last saves, after its time is taken; 0: a
+# checkpoint per epoch, the default before 2026-11-30).
 SCRATCH=${SCRATCH:-/tmp/twhin_gpu_scratch}
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.txt"
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
@@ -146,7 +147,7 @@ train_rows() {  # $1: a batch preparation
             --chunk "$CHUNK" --uniform "$UNIFORM" --batch "$batch" --partitions 1 --epochs 3 \
             --precision "$precision" --batch-preparation "$1" \
             --background-checkpoints "$background" --sync "$sync" "${profile[@]}" \
-            --checkpoint-every-seconds "${CKPT_EVERY:-0}" \
+            --checkpoint-every-seconds "${CKPT_EVERY:-auto}" \
             --dir "$SCRATCH" --json | tee -a "$OUT/train.jsonl"
         done
       done

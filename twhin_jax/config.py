@@ -59,6 +59,11 @@ EARLY_STOP_METRICS = ("mrr", "hits@1", "hits@10", "auc", "mr")  # early_stopping
 BATCH_PREPARATIONS = ("auto", "host", "device")
 #: train.background_checkpoints (train.background_checkpoints resolves "auto").
 BACKGROUND_CHECKPOINTS = ("auto", "on", "off")
+#: train.checkpoint_every_seconds = None ("auto") on a GPU or TPU: an epoch
+#: there can take under a second (P=1), and writing its whole table each
+#: epoch held the H200 trainer to 36% of its step; at most one checkpoint a
+#: minute let it run at 105-110% (docs/results.md, the second H200 lease).
+AUTO_CHECKPOINT_SECONDS = 60.0
 REGULARIZERS = ("l2", "n3")  # regularizers.REGULARIZERS
 
 #: Keys of one entry of ``config.data.files``. An entry reads one file (plain,
@@ -185,7 +190,9 @@ def base_config() -> ml_collections.ConfigDict:
   # last bucket always saves. 0: every due checkpoint. For epochs of seconds
   # (a GPU, P=1), where writing the whole table each epoch costs more than
   # training it; a resumed run replays, bit for bit, what was not saved.
-  c.train.checkpoint_every_seconds = 0.0
+  # None ("auto"): AUTO_CHECKPOINT_SECONDS on a GPU or TPU, 0 on CPU
+  # (train.checkpoint_interval).
+  c.train.checkpoint_every_seconds = None
   c.train.eval_every_epochs = 1  # validation MRR per epoch; 0 disables
   c.train.early_stop_metric = "mrr"  # a key of the validation record (early_stopping.METRICS)
   # Evaluations without improvement before stopping; 0: never stop early. 10,
@@ -541,9 +548,11 @@ def validate(config) -> None:
       _fail(f"train.{key}", f"must be > 0, got {t[key]}")
   if t.checkpoint_every_buckets < 0:
     _fail("train.checkpoint_every_buckets", "must be >= 0")
-  interval = t.get("checkpoint_every_seconds", 0.0)
-  if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
-    _fail("train.checkpoint_every_seconds", f"must be a number >= 0, got {interval!r}")
+  interval = t.get("checkpoint_every_seconds", None)
+  if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                               or not interval >= 0):
+    _fail("train.checkpoint_every_seconds", f"must be a number >= 0 or None (auto), "
+          f"got {interval!r}")
   if t.eval_every_epochs < 0:
     _fail("train.eval_every_epochs", "must be >= 0")
   if t.early_stop_metric not in EARLY_STOP_METRICS:

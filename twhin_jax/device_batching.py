@@ -53,6 +53,7 @@ from twhin_jax import bucket_index
 from twhin_jax import config as config_lib
 from twhin_jax import model
 from twhin_jax import negatives
+from twhin_jax import sharding as sharding_lib
 from twhin_jax import step as step_lib
 from twhin_jax.graph import Graph
 
@@ -95,7 +96,7 @@ def resolve_path(setting: str, num_shards: int, process_count: int, platform: st
   """
   if setting not in PATHS:
     raise ValueError(f"train.batch_preparation: {setting!r} not in {PATHS}")
-  wanted = setting == "device" or (setting == "auto" and platform in ("gpu", "cuda", "rocm", "tpu"))
+  wanted = setting == "device" or (setting == "auto" and platform in sharding_lib.ACCELERATOR_PLATFORMS)
   if wanted and num_shards == 1 and process_count == 1:
     return "device"
   return "host"

@@ -53,6 +53,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from twhin_jax import device_schedule
 
 AXIS = "devices"
+#: jax platform names of GPUs and TPUs: where the "auto" settings that assume a
+#: device beside an idle host (batch preparation, background checkpoints, the
+#: checkpoint interval) turn on.
+ACCELERATOR_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 #: Row sharding of the working tables and accumulators.
 ROWS = PartitionSpec(AXIS)
 REPLICATED = PartitionSpec()
