@@ -150,18 +150,13 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
 
   # Target corruption: op(theta_s) against the chunk's and the uniform targets.
   forward = model.target_query(operator, comparator, params, lhs)  # [C, d]
-  if uniform_lse is None:
-    # One [C, C+U] matmul against the chunk's and the uniform targets (the
-    # rows dst_rows already holds in that order), not a [C, C] and a [C, U]
-    # one: scores are column by column, and on CPU the larger matmul runs
-    # faster.
-    both = model.score(operator, forward, dst_rows, settings.matmul_precision)  # [C, C+U]
-    batch_block, uniform_dst = both[:, :c], both[:, c:] - uniform_dst_logq
-  else:
-    batch_block = model.score(operator, forward, rhs, settings.matmul_precision)  # [C, C]
   # Row i, column j: f(s_i, r, t_j). Its diagonal holds the positives.
+  batch_block = model.score(operator, forward, rhs, settings.matmul_precision)  # [C, C]
   pos = jnp.diagonal(batch_block)  # [C]
-  if uniform_lse is not None:  # one column, [C, 1]: the logsumexp over every device's candidates
+  if uniform_lse is None:
+    uniform_dst = model.score(operator, forward, neg_dst, settings.matmul_precision)  # [C, U]
+    uniform_dst = uniform_dst - uniform_dst_logq
+  else:  # one column, [C, 1]: the logsumexp over every device's candidates
     uniform_dst = uniform_lse[1][:, None]
     dst_mask = _global_mask(dst_ids, weight, batch_negatives, uniform_lse[1])
   neg_for_dst = jnp.concatenate([batch_block - dst_logq[None, :], uniform_dst], axis=1)
@@ -170,23 +165,18 @@ def chunk_loss(settings: StepSettings, src_rows, dst_rows, src_ids, dst_ids, par
   # block).
   backward = model.source_query(operator, comparator, settings.reciprocal, params,
                                 reverse_params, rhs, per_row=False, fold=False)
-  if settings.reciprocal and uniform_lse is None:
-    # f'(s_j, r, t_i) with the reverse parameters, eq. (1') of model.py, and
-    # the uniform sources: one [C, C+U] matmul, as on the target side.
-    both = model.score(operator, backward, src_rows, settings.matmul_precision)  # [C, C+U]
-    reverse_block, uniform_src = both[:, :c], both[:, c:] - uniform_src_logq
-  elif settings.reciprocal:
-    reverse_block = model.score(operator, backward, lhs, settings.matmul_precision)  # [C, C]
+  if uniform_lse is None:
+    uniform_src = model.score(operator, backward, neg_src, settings.matmul_precision)  # [C, U]
+    uniform_src = uniform_src - uniform_src_logq
   else:
-    # The same f: edge i needs f(s_j, r, t_i), the transpose of the batch block.
-    reverse_block = batch_block.T
-    if uniform_lse is None:
-      uniform_src = model.score(operator, backward, neg_src,
-                                settings.matmul_precision) - uniform_src_logq  # [C, U]
-  pos_for_src = jnp.diagonal(reverse_block) if settings.reciprocal else pos  # [C]
-  if uniform_lse is not None:
     uniform_src = uniform_lse[0][:, None]
     src_mask = _global_mask(src_ids, weight, batch_negatives, uniform_lse[0])
+  if settings.reciprocal:  # f'(s_j, r, t_i) with the reverse parameters, eq. (1') of model.py
+    reverse_block = model.score(operator, backward, lhs, settings.matmul_precision)  # [C, C]
+    pos_for_src = jnp.diagonal(reverse_block)  # [C]
+  else:
+    # The same f: edge i needs f(s_j, r, t_i), the transpose of the batch block.
+    reverse_block, pos_for_src = batch_block.T, pos
   neg_for_src = jnp.concatenate([reverse_block - src_logq[None, :], uniform_src],
                                 axis=1)  # [C, C+U] (global candidates: [C, C+1])
   total = (loss_fn(pos, neg_for_dst, dst_mask, weight, settings.margin)
