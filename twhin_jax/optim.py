@@ -86,10 +86,12 @@ def row_adagrad_update(table: jax.Array, state: RowAdagradState, rows: jax.Array
   starts_run = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
   run = jnp.cumsum(starts_run) - 1  # [K] run number of each sorted entry
   # The row of each run; runs that do not exist get distinct out-of-range ids
-  # (R, R+1, ...), which the scatters drop, and which keep unique_rows
-  # ascending for the search. Distinct ids matter: XLA's CPU scatter is ~6x
-  # slower when one padding id repeats.
-  unique_rows = (num_rows + jnp.arange(k, dtype=rows.dtype)).at[run].set(sorted_rows)
+  # (base, base+1, ...), which the scatters drop. base is past every input id
+  # (padding ids may exceed R), so unique_rows is ascending, as the search
+  # needs. Distinct ids matter: XLA's CPU scatter is ~6x slower when one
+  # padding id repeats.
+  base = jnp.maximum(num_rows, sorted_rows[-1] + 1)
+  unique_rows = (base + jnp.arange(k, dtype=rows.dtype)).at[run].set(sorted_rows)
   segment = jnp.searchsorted(unique_rows, rows)  # [K] run of each entry, in input order
   summed = jax.ops.segment_sum(row_grads, segment, num_segments=k)  # [K, d]
   acc_rows = state.acc.at[unique_rows].get(mode="fill", fill_value=0.0)  # [K] or [K, d]
