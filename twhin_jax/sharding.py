@@ -363,3 +363,8 @@ def describe(tree) -> dict[str, str]:
     spec = getattr(getattr(leaf, "sharding", None), "spec", None)
     out[name] = f"{tuple(leaf.shape)} {leaf.dtype} {spec}"
   return out
+
+
+def on_accelerator(mesh: Mesh) -> bool:
+  """Whether the mesh's devices are GPUs or TPUs (ACCELERATOR_PLATFORMS)."""
+  return mesh.devices.flat[0].platform in ACCELERATOR_PLATFORMS

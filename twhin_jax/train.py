@@ -207,8 +207,7 @@ def checkpoint_interval(config, mesh) -> float:
   every = config.train.get("checkpoint_every_seconds", None)
   if every is not None:
     return float(every)
-  on_accelerator = mesh.devices.flat[0].platform in sharding_lib.ACCELERATOR_PLATFORMS
-  return config_lib.AUTO_CHECKPOINT_SECONDS if on_accelerator else 0.0
+  return config_lib.AUTO_CHECKPOINT_SECONDS if sharding_lib.on_accelerator(mesh) else 0.0
 
 
 def _state_used_after(config, plan: list, position: int) -> bool:
@@ -674,7 +673,7 @@ def background_checkpoints(config, mesh) -> bool:
   setting = config.train.get("background_checkpoints", "auto")
   if jax.process_count() > 1 or setting == "off":
     return False
-  return setting == "on" or mesh.devices.flat[0].platform in sharding_lib.ACCELERATOR_PLATFORMS
+  return setting == "on" or sharding_lib.on_accelerator(mesh)
 
 
 def table_options(config) -> dict:
