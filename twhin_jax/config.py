@@ -22,7 +22,8 @@ Layout of a config (every field is read somewhere; see the field comments)::
   train:      epochs, batch_size, lr, relation_lr, loss, margin, seed,
               bucket_order, checkpoint_every_buckets, checkpoint_every_seconds,
               eval_every_epochs,
-              early_stop_{metric,patience,min_delta,min_epochs}, batch_preparation,
+              early_stop_{metric,patience,min_delta,min_epochs},
+              lr_plateau_{patience,factor}, batch_preparation,
               background_checkpoints
   negatives:  chunk_size (C: batch negatives), num_uniform (U)
   eval:       splits, batch_size, filtered, num_sampled_negatives, max_triples
@@ -202,6 +203,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.early_stop_patience = 10
   c.train.early_stop_min_delta = 0.0  # smallest change that counts as an improvement
   c.train.early_stop_min_epochs = 5  # never stop before this many epochs
+  # Learning rates fall on a plateau (early_stopping.py; PyTorch's
+  # ReduceLROnPlateau): every lr_plateau_patience evaluations without
+  # improvement multiply both rates by lr_plateau_factor. 0: constant rates.
+  c.train.lr_plateau_patience = 0
+  c.train.lr_plateau_factor = 0.5
   # Where each call's batches are formed: "host" (numpy, batching.py),
   # "device" (inside jit from raw edge slices, device_batching.py; one device
   # in one process, else the host path runs) or "auto" (device on GPU/TPU,
@@ -563,6 +569,10 @@ def validate(config) -> None:
     _fail("train.early_stop_min_epochs", f"must be an int >= 0, got {t.early_stop_min_epochs!r}")
   if t.early_stop_min_delta < 0:
     _fail("train.early_stop_min_delta", f"must be >= 0, got {t.early_stop_min_delta}")
+  if not isinstance(t.lr_plateau_patience, int) or t.lr_plateau_patience < 0:
+    _fail("train.lr_plateau_patience", f"must be an int >= 0, got {t.lr_plateau_patience!r}")
+  if not 0 < t.lr_plateau_factor <= 1:
+    _fail("train.lr_plateau_factor", f"must be in (0, 1], got {t.lr_plateau_factor}")
   if t.batch_preparation not in BATCH_PREPARATIONS:
     _fail("train.batch_preparation", f"{t.batch_preparation!r} not in {BATCH_PREPARATIONS}")
   if t.get("background_checkpoints", "auto") not in BACKGROUND_CHECKPOINTS:

@@ -7,8 +7,19 @@ evaluation improves on the best so far when
     higher-is-better:  m > best + min_delta
     lower-is-better:   m < best - min_delta      (mean rank, "mr")
 
+The learning rates can also fall on a plateau (PyTorch's ReduceLROnPlateau,
+which LibKGE's published searches use): every ``lr_patience`` consecutive
+evaluations without improvement multiply them by ``lr_factor``,
+
+    lr_scale <- lr_scale * lr_factor   when bad_evals > 0 and bad_evals mod lr_patience = 0
+
+and the scale stays where it is after an improvement. With lr_patience below
+the stopping patience a run takes one or more smaller steps on its plateau
+before it stops.
+
 The state is a small JSON-able NamedTuple, stored in the checkpoint meta so a
-resumed run stops where an uninterrupted one would. The loop keeps a copy of
+resumed run stops (and scales its learning rates) where an uninterrupted one
+would. The loop keeps a copy of
 the tables at ``best_epoch`` and restores it when training ends (train.py), so
 the checkpoint that evaluation and export read is the best one, not the last.
 """
@@ -28,11 +39,13 @@ class EarlyStopping(NamedTuple):
   """best: best metric so far (None before the first evaluation);
   best_epoch: the (0-based) epoch that reached it, -1 before;
   bad_evals: evaluations since the last improvement;
-  stopped: patience ran out (a resumed run trains no further)."""
+  stopped: patience ran out (a resumed run trains no further);
+  lr_scale: what the learning rates are multiplied by (plateau decays so far)."""
   best: float | None = None
   best_epoch: int = -1
   bad_evals: int = 0
   stopped: bool = False
+  lr_scale: float = 1.0
 
   def to_json(self) -> dict:
     return self._asdict()
@@ -53,7 +66,8 @@ def improves(metric_name: str, value: float, best: float | None, min_delta: floa
 
 def update(state: EarlyStopping, epoch: int, value: float, *, metric_name: str = "mrr",
            patience: int = 3, min_delta: float = 0.0,
-           min_epochs: int = 0) -> tuple[EarlyStopping, bool, bool]:
+           min_epochs: int = 0, lr_patience: int = 0,
+           lr_factor: float = 1.0) -> tuple[EarlyStopping, bool, bool]:
   """Folds in one validation result.
 
   Args:
@@ -67,6 +81,9 @@ def update(state: EarlyStopping, epoch: int, value: float, *, metric_name: str =
     min_epochs: never stop before this many epochs have run: a model started
       near zero can lose a little validation MRR in its first epochs before
       it takes off (Kinship with N3 does), which is not a plateau.
+    lr_patience: evaluations without improvement before the learning rates
+      are multiplied by ``lr_factor`` (again after as many more); 0 never.
+    lr_factor: the multiplier, in (0, 1].
 
   Returns:
     (new state, improved: this epoch is the new best, stop: training should end).
@@ -74,7 +91,16 @@ def update(state: EarlyStopping, epoch: int, value: float, *, metric_name: str =
   if metric_name not in METRICS:
     raise ValueError(f"unknown early-stopping metric {metric_name!r}; choose from {METRICS}")
   if improves(metric_name, value, state.best, min_delta):
-    return EarlyStopping(float(value), int(epoch), 0), True, False
+    return EarlyStopping(float(value), int(epoch), 0, lr_scale=state.lr_scale), True, False
   bad = state.bad_evals + 1
   stop = bool(patience) and bad >= patience and epoch + 1 >= min_epochs
-  return state._replace(bad_evals=bad, stopped=stop), False, stop
+  scale = state.lr_scale * (lr_factor if lr_patience and bad % lr_patience == 0 else 1.0)
+  return state._replace(bad_evals=bad, stopped=stop, lr_scale=scale), False, stop
+
+
+def learning_rates(config, state: EarlyStopping) -> dict[str, float]:
+  """The learning rates of the next steps ("entities", "relations"): the
+  config's, times the plateau scale. After a validation that lowered the
+  scale, these are the next epoch's, not the one just evaluated."""
+  return {"entities": float(config.train.lr) * state.lr_scale,
+          "relations": float(config.train.relation_lr) * state.lr_scale}

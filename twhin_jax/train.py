@@ -468,9 +468,10 @@ class Trainer:
   def _step_fn(self, group: str, visiting: bool):
     config = self.config
     all_candidates = bool(config.negatives.get("all_candidates", False))
+    rates = early_stopping.learning_rates(config, self.early_stop)  # new rates: a new program
     return step_lib.make_train_steps(
         model.group_operator(group), config.model.comparator, config.train.loss,
-        float(config.train.margin), float(config.train.lr), float(config.train.relation_lr),
+        float(config.train.margin), rates["entities"], rates["relations"],
         negatives.uniform_candidates(config, self.graph), bool(config.model.reciprocal),
         float(config.model.regularization), mesh=self.mesh, visiting=visiting,
         l2_to_previous=self.anchor_strength, regularizer=config.model.regularizer,
@@ -618,8 +619,9 @@ class Trainer:
       self.save_checkpoint()
 
   def _end_epoch(self, epoch, loss, edges, seconds) -> None:
-    record = {"epoch": epoch, "loss": loss / max(edges, 1), "edges": edges,
-              "seconds": seconds, "edges_per_s": edges / max(seconds, 1e-9)}
+    rates = early_stopping.learning_rates(self.config, self.early_stop)  # this epoch's rates
+    record = {"epoch": epoch, "loss": loss / max(edges, 1), "edges": edges, "seconds": seconds,
+              "edges_per_s": edges / max(seconds, 1e-9), "lr": rates}
     every = self.config.train.eval_every_epochs
     if every and ((epoch + 1) % every == 0 or epoch + 1 == self.config.train.epochs) \
         and self.graph.num_edges("valid") > 0:
@@ -629,9 +631,7 @@ class Trainer:
       best_checkpoint.after_validation(self, epoch, record["valid"])
       record["best_epoch"] = self.early_stop.best_epoch
     self.history.append(record)
-    self.log.epoch(record, self.total_steps,
-                   {"entities": float(self.config.train.lr),
-                    "relations": float(self.config.train.relation_lr)},
+    self.log.epoch(record, self.total_steps, rates,
                    training_log.resident_row_norms(self.residency.home, self.residency.layout))
 
   def evaluate(self, split: str, max_triples: int = 0, progress: bool | None = None):
