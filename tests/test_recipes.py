@@ -32,16 +32,20 @@ def test_every_recipe_stops_on_validation_with_one_dimension(kind):
 def test_kg_recipe_penalises_relations_only_of_trilinear_operators():
   """N3 on the relation parameters (and the random start it needs) and one
   Adagrad accumulator per coordinate where the score is trilinear in them;
-  translation keeps the identity start and row accumulators."""
+  translation keeps the identity start and row accumulators, and lowers its
+  rates on a validation plateau."""
   for operator in ("diagonal", "complex_diagonal", "linear"):
     chosen = recipes.settings("kg", ["translation", operator])
     assert chosen["model.regularize_relations"] is True
     assert chosen["model.relation_init"] == "random"
     assert chosen["train.entity_accumulators"] == "coordinate"
+    assert "train.lr_plateau_patience" not in chosen  # constant rates
   for operators in ([], ["translation"], ["none", "translation"]):
     assert "model.regularize_relations" not in recipes.settings("kg", operators)
     assert "train.entity_accumulators" not in recipes.settings("kg", operators)
+    assert recipes.settings("kg", operators)["train.lr_plateau_patience"] == 2
   assert "model.regularize_relations" not in recipes.settings("social", ["complex_diagonal"])
+  assert "train.lr_plateau_patience" not in recipes.settings("social", ["translation"])
   config = config_lib.base_config()
   config.relations = [{"name": "r", "source": "a", "target": "a", "operator": "complex_diagonal"}]
   assert recipes.apply(config, "kg").model.regularize_relations
