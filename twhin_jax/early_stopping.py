@@ -19,9 +19,9 @@ before it stops.
 
 The state is a small JSON-able NamedTuple, stored in the checkpoint meta so a
 resumed run stops (and scales its learning rates) where an uninterrupted one
-would. The loop keeps a copy of
-the tables at ``best_epoch`` and restores it when training ends (train.py), so
-the checkpoint that evaluation and export read is the best one, not the last.
+would. The loop keeps a copy of the tables at ``best_epoch`` and restores it
+when training ends (train.py), so the checkpoint that evaluation and export
+read is the best one, not the last.
 """
 
 from __future__ import annotations
