@@ -57,8 +57,7 @@ def after_validation(trainer, epoch: int, valid: dict) -> bool:
       trainer.early_stop, epoch, float(valid[t.early_stop_metric]),
       metric_name=t.early_stop_metric, patience=int(t.early_stop_patience),
       min_delta=float(t.early_stop_min_delta), min_epochs=int(t.early_stop_min_epochs),
-      lr_patience=int(t.get("lr_plateau_patience", 0)),
-      lr_factor=float(t.get("lr_plateau_factor", 1.0)))
+      lr_patience=int(t.lr_plateau_patience), lr_factor=float(t.lr_plateau_factor))
   trainer.early_stop = state
   if improved:
     trainer.flush()
