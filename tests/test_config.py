@@ -55,12 +55,13 @@ def test_validate_names_the_bad_field(mutate, field):
     config_lib.validate(config)
 
 
-def test_complex_diagonal_needs_even_dim():
+@pytest.mark.parametrize("operator", ["complex_diagonal", "rotation"])
+def test_complex_operators_need_even_dim(operator):
   config = good()
   config.model.dim = 15
   for rel in config.relations:
-    rel["operator"] = "complex_diagonal"
-  with pytest.raises(ValueError, match="even dim"):
+    rel["operator"] = operator
+  with pytest.raises(ValueError, match=f"{operator} needs an even dim"):
     config_lib.validate(config)
 
 

@@ -12,7 +12,7 @@ import pytest
 from twhin_jax import config as config_lib
 from twhin_jax import model
 
-OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "rotation", "linear")
 COMPARATORS = ("dot", "cos", "l2")
 
 
@@ -31,6 +31,8 @@ def _random_param(operator, dim, rng):
     return np.zeros((0,), np.float32)
   if operator == "linear":
     return rng.standard_normal((dim, dim)).astype(np.float32)
+  if operator == "rotation":  # phases, anywhere on the circle
+    return rng.uniform(-np.pi, np.pi, dim // 2).astype(np.float32)
   return rng.standard_normal((dim,)).astype(np.float32)
 
 
@@ -47,6 +49,10 @@ def _numpy_operator(operator, param, x):
   if operator == "complex_diagonal":
     half = x.shape[-1] // 2
     z = (x[..., :half] + 1j * x[..., half:]) * (param[:half] + 1j * param[half:])
+    return np.concatenate([z.real, z.imag], axis=-1)
+  if operator == "rotation":
+    half = x.shape[-1] // 2
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * param)
     return np.concatenate([z.real, z.imag], axis=-1)
   if operator == "linear":
     return np.stack([param @ row for row in x.reshape(-1, x.shape[-1])]).reshape(x.shape)
@@ -82,6 +88,7 @@ def test_init_shapes():
   assert model.init_operator_params("translation", 2, 4).shape == (2, 4)
   assert model.init_operator_params("diagonal", 2, 4).shape == (2, 4)
   assert model.init_operator_params("complex_diagonal", 2, 4).shape == (2, 4)
+  assert model.init_operator_params("rotation", 2, 4).shape == (2, 2)  # one phase a coordinate
   assert model.init_operator_params("linear", 2, 4).shape == (2, 4, 4)
   with pytest.raises(ValueError):
     model.init_operator_params("bogus", 2, 4)
@@ -104,9 +111,28 @@ def test_operators_hand_computed():
                    [1.0, 1.0, 1.0, 1.0],
                    [0.0, 2.0, 0.0, -1.0]])
   np.testing.assert_allclose(_apply("linear", m, x), [[1.0, 3.0, 10.0, 0.0]])
+  # phases (pi/2, pi): (1 + 3i) i = -3 + i, (2 + 4i)(-1) = -2 - 4i
+  np.testing.assert_allclose(_apply("rotation", jnp.asarray([np.pi / 2, np.pi]), x),
+                             [[-3.0, -2.0, 1.0, -4.0]], atol=1e-6)
 
 
-@pytest.mark.parametrize("operator", ("translation", "diagonal", "complex_diagonal", "linear"))
+def test_rotation_keeps_moduli_and_is_complex_diagonal_on_the_unit_circle():
+  rng = _rng(4)
+  x = rng.standard_normal((5, 8)).astype(np.float32)
+  phases = rng.uniform(-np.pi, np.pi, 4).astype(np.float32)
+  out = np.asarray(_apply("rotation", jnp.asarray(phases), jnp.asarray(x)))
+  modulus = lambda rows: np.hypot(rows[:, :4], rows[:, 4:])
+  np.testing.assert_allclose(modulus(out), modulus(x), rtol=1e-5)
+  on_circle = np.concatenate([np.cos(phases), np.sin(phases)])
+  np.testing.assert_allclose(out, _apply("complex_diagonal", jnp.asarray(on_circle), jnp.asarray(x)),
+                             rtol=1e-5, atol=1e-6)
+  # Rotating back by -phases is the inverse.
+  back = np.asarray(_apply("rotation", jnp.asarray(-phases), jnp.asarray(out)))
+  np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("operator", ("translation", "diagonal", "complex_diagonal", "rotation",
+                                      "linear"))
 def test_operators_random_against_numpy(operator):
   rng = _rng(2)
   dim = 8

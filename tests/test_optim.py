@@ -144,7 +144,7 @@ def test_row_adagrad_update_magnitude_with_fresh_state():
 
 # --- the training step --------------------------------------------------------
 
-OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "rotation", "linear")
 COMPARATORS = ("dot", "cos", "l2")
 LOSSES = ("logistic", "softmax", "ranking")
 # Each operator, comparator and loss appears (compiling a step takes seconds
@@ -156,6 +156,7 @@ COMBOS = [
     ("complex_diagonal", "l2", "ranking"),
     ("linear", "l2", "logistic"),
     ("none", "cos", "ranking"),
+    ("rotation", "l2", "softmax"),  # RotatE's distance, squared
 ]
 assert {c[0] for c in COMBOS} == set(OPERATORS)
 assert {c[1] for c in COMBOS} == set(COMPARATORS)

@@ -25,7 +25,7 @@ def test_l2_is_weighted_squared_norms():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal"])
+@pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal", "rotation"])
 def test_n3_value_and_gradient_match_closed_form(operator):
   c, d = 4, 6
   s, t = _rows(0, (c, d)), _rows(1, (c, d))
@@ -33,7 +33,7 @@ def test_n3_value_and_gradient_match_closed_form(operator):
 
   def closed_form_cubes(x):
     x = np.asarray(x, np.float64)
-    if operator == "complex_diagonal":
+    if operator in ("complex_diagonal", "rotation"):  # rows of complex numbers
       modulus = np.sqrt(x[..., :d // 2] ** 2 + x[..., d // 2:] ** 2)
       return np.sum(modulus ** 3, -1)
     return np.sum(np.abs(x) ** 3, -1)
@@ -41,7 +41,7 @@ def test_n3_value_and_gradient_match_closed_form(operator):
   def closed_form_grad(x):
     """d/dx |x|^3 = 3|x| x; for a complex coordinate a + ib, d/da |z|^3 = 3|z| a."""
     x = np.asarray(x, np.float64)
-    if operator == "complex_diagonal":
+    if operator in ("complex_diagonal", "rotation"):
       modulus = np.sqrt(x[..., :d // 2] ** 2 + x[..., d // 2:] ** 2)
       return 3 * np.concatenate([modulus, modulus], -1) * x
     return 3 * np.abs(x) * x
@@ -144,6 +144,16 @@ def test_the_none_operator_has_no_relation_penalty():
   value = regularizers.relation_penalty("n3", "none", jnp.zeros((3, 0)), jnp.zeros((3, 0)),
                                         jnp.ones(3))
   assert float(value) == 0.0
+
+
+@pytest.mark.parametrize("regularizer", ["l2", "n3"])
+def test_rotation_phases_have_no_relation_penalty(regularizer):
+  """A rotation has modulus 1 whatever its phases: no penalty, no gradient."""
+  phases = _rows(4, (3, 5))
+  value, grad = jax.value_and_grad(regularizers.relation_penalty, argnums=2)(
+      regularizer, "rotation", phases, phases, jnp.ones(3))
+  assert float(value) == 0.0
+  np.testing.assert_array_equal(grad, np.zeros_like(phases))
 
 
 def test_step_penalises_the_relation_parameters_only_when_asked():

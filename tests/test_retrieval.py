@@ -20,7 +20,7 @@ from twhin_jax import rundir
 from twhin_jax import train as train_lib
 from twhin_jax import vocabulary
 
-OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "rotation", "linear")
 
 
 @pytest.fixture(scope="module")

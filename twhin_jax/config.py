@@ -472,8 +472,8 @@ def validate(config) -> None:
     dst_dim = entity_dim(config, rel["target"])
     if src_dim != dst_dim:
       _fail(f"{field}", f"source and target dims differ ({src_dim} vs {dst_dim})")
-    if rel["operator"] == "complex_diagonal" and src_dim % 2:
-      _fail(f"{field}.operator", f"complex_diagonal needs an even dim, got {src_dim}")
+    if rel["operator"] in model.COMPLEX_OPERATORS and src_dim % 2:
+      _fail(f"{field}.operator", f"{rel['operator']} needs an even dim, got {src_dim}")
 
   networks.validate_networks(config, _fail)
 

@@ -20,7 +20,8 @@
 
 A relation's parameters are what ``twhin_jax.model.apply_operator`` takes:
 shape [0] (none), [d] (translation, diagonal, complex_diagonal: real half
-then imaginary half) or [d, d] (linear). The files alone score any edge:
+then imaginary half), [d/2] (rotation: one phase per complex coordinate) or
+[d, d] (linear). The files alone score any edge:
 
   tail query (s, r, ?):  compare(op_r(theta_s), theta_c)              (model.py eq. 1)
   head query (?, r, t):  reciprocal: compare(op_r'(theta_t), theta_c)  with r' the

@@ -19,12 +19,14 @@ with g_e by the side x stands on and the comparator:
             translation       theta_t
             diagonal          p * theta_t
             complex_diagonal  conj(p) * theta_t   (halves: real, imaginary)
+            rotation          e^{-i phi} * theta_t
             linear            P^T theta_t
     l2, cos: the inverse, op_r(g_e) = theta_t (f = 0 is l2's maximum, cos = 1):
             none              theta_t
             translation       theta_t - p
             diagonal          theta_t / p                 (needs p_i != 0)
             complex_diagonal  theta_t / p, complex        (needs |p_i| != 0)
+            rotation          e^{-i phi} * theta_t        (the adjoint is the inverse)
             linear            P^{-1} theta_t              (needs P invertible)
 
 Reciprocal models' reverse parameters are not used: the new entity is then

@@ -15,7 +15,17 @@ Operators, for a source row x in R^d and relation parameter p:
   translation       x + p                                    p in R^d
   diagonal          x * p                                    p in R^d
   complex_diagonal  (a + ib) * (c + ie), halves of x and p   p in R^d
+  rotation          (a + ib) * e^{i phi}, halves of x        phi in R^{d/2}
   linear            p @ x                                    p in R^{d x d}
+
+rotation is RotatE's operator (Sun et al., ICLR 2019): complex_diagonal with
+every coordinate of the relation on the unit circle, c + ie = cos phi +
+i sin phi, parameterised by its phases. It keeps every modulus,
+|op(x)_k| = |x_k|, so op is orthogonal: its inverse and its adjoint are the
+rotation by -phi, and (unlike diagonal and complex_diagonal) no rescaling of
+the rows can be absorbed by the relation. RotatE's own score is the distance
+-sum_k |op(x)_k - v_k| (an l1 norm of complex moduli); the nearest here is
+the l2 comparator, -|op(x) - v|^2.
 
 Comparators of a transformed source u and target v:
   dot   u . v
@@ -51,7 +61,10 @@ import numpy as np
 _COS_EPS = 1e-9
 #: The operators and comparators a config may name (config.validate reads
 #: these; add a name here with its case in the functions below).
-OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "rotation", "linear")
+#: Operators whose dimension holds complex numbers (real half, imaginary half),
+#: so it must be even.
+COMPLEX_OPERATORS = ("complex_diagonal", "rotation")
 COMPARATORS = ("dot", "cos", "l2")
 #: How relation parameters start (config model.relation_init).
 RELATION_INITS = ("identity", "random")
@@ -86,6 +99,8 @@ def init_operator_params(operator: str, num_relations: int, dim: int, init: str 
     half = dim // 2
     return np.concatenate([np.ones((num_relations, half), np.float32),
                            np.zeros((num_relations, half), np.float32)], axis=1)
+  if operator == "rotation":
+    return np.zeros((num_relations, dim // 2), np.float32)  # phase 0: e^{i0} = 1
   if operator == "linear":
     return np.tile(np.eye(dim, dtype=np.float32)[None], (num_relations, 1, 1))
   raise ValueError(f"unknown operator {operator!r}")
@@ -100,13 +115,30 @@ def apply_operator(operator: str, param: jax.Array, x: jax.Array) -> jax.Array:
   if operator == "diagonal":
     return x * param
   if operator == "complex_diagonal":
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    c, e = param[..., :half], param[..., half:]
-    return jnp.concatenate([a * c - b * e, a * e + b * c], axis=-1)
+    half = param.shape[-1] // 2
+    return complex_multiply(x, param[..., :half], param[..., half:])
+  if operator == "rotation":
+    return rotate(x, param)
   if operator == "linear":
     return jnp.einsum("...ij,...j->...i", param, x)  # [..., d]
   raise ValueError(f"unknown operator {operator!r}")
+
+
+def complex_multiply(x, c, e, xp=jnp):
+  """Rows x [..., d] (real half a, imaginary half b) times c + ie [..., d/2]:
+
+      (a + ib)(c + ie) = (ac - be) + i(ae + bc)
+
+  ``xp``: jax.numpy, or numpy for the host-side formulas (Eq. 5)."""
+  half = x.shape[-1] // 2
+  a, b = x[..., :half], x[..., half:]
+  return xp.concatenate([a * c - b * e, a * e + b * c], axis=-1)
+
+
+def rotate(x, phases, xp=jnp):
+  """Rows x [..., d] times e^{i phases} = cos phases + i sin phases [..., d/2].
+  Rotating by -phases undoes it (the inverse and the adjoint of the rotation)."""
+  return complex_multiply(x, xp.cos(phases), xp.sin(phases), xp)
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -320,8 +352,9 @@ def target_query(operator: str, comparator: str, params, sources: jax.Array) -> 
 def folds_into_query(operator: str, comparator: str) -> bool:
   """Whether candidate sources of a target have one query vector per target
   (so queries of several relations share a batch): the operator is none, the
-  comparator dot (the adjoint), or l2 with translation (a shifted target)."""
-  return (operator == "none" or comparator == "dot"
+  comparator dot (the adjoint), l2 with translation (a shifted target), or
+  rotation with any comparator (a target rotated back: rotations keep norms)."""
+  return (operator in ("none", "rotation") or comparator == "dot"
           or (comparator == "l2" and operator == "translation"))
 
 
@@ -336,6 +369,7 @@ def source_query(operator: str, comparator: str, reciprocal: bool, params, rever
       dot              s' . (A_r^T theta_t) + b_r . theta_t, op_r(x) = A_r x + b_r
                        (the adjoint; ``offset`` = b_r . theta_t)
       l2, translation  -|s' + p - t|^2 = -|s' - (t - p)|^2
+      l2 / cos, rotation  compare(R_phi s', t) = compare(s', R_{-phi} t)
       others           compare(theta_t, op_r(s')): the candidates are transformed
 
   ``params`` / ``reverse_params``: one relation's parameters, or one row per
@@ -351,6 +385,8 @@ def source_query(operator: str, comparator: str, reciprocal: bool, params, rever
   if fold and comparator == "dot":
     vectors, offset = adjoint(operator, params, targets, per_row=per_row)
     return Query(vectors, "dot", offset if with_offset else None)
+  if fold and operator == "rotation":  # l2 or cos: rotations keep norms
+    return Query(rotate(targets, -params), comparator)
   if fold and folds_into_query(operator, comparator):  # l2 + translation
     return Query(targets - params, "l2")
   return Query(targets, comparator, candidate_params=params)
@@ -384,7 +420,8 @@ def adjoint(operator: str, params, targets: jax.Array, per_row: bool = True):
 # The rule inverted: the vector that scores one edge best (paper Eq. 5; the
 # formulas per operator and comparator are in inductive.py's docstring).
 
-SUPPORTED_OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "linear")
+SUPPORTED_OPERATORS = ("none", "translation", "diagonal", "complex_diagonal", "rotation",
+                       "linear")
 _SINGULAR = 1e-6
 
 
@@ -402,16 +439,18 @@ def source_vectors(operator: str, param: np.ndarray, targets: np.ndarray,
   p = np.asarray(param, np.float32)
   if operator == "none":
     return t.copy()
+  if operator == "rotation":  # orthogonal: the adjoint is the inverse, R_{-phi} t
+    if comparator not in ("dot", "l2", "cos"):
+      raise ValueError(f"unknown comparator {comparator!r}")
+    return rotate(t, -p, xp=np)
   if comparator == "dot":  # adjoint A^T t
     if operator == "translation":
       return t.copy()
     if operator == "diagonal":
       return t * p
-    if operator == "complex_diagonal":
+    if operator == "complex_diagonal":  # conj(p) * t
       half = t.shape[-1] // 2
-      c, e = p[:half], p[half:]
-      re, im = t[:, :half], t[:, half:]
-      return np.concatenate([c * re + e * im, c * im - e * re], axis=1)
+      return complex_multiply(t, p[:half], -p[half:], xp=np)
     return t @ p  # rows of (P^T t) = t P
   if comparator not in ("l2", "cos"):
     raise ValueError(f"unknown comparator {comparator!r}")

@@ -11,7 +11,7 @@ lambda * Omega to the chunk loss (``model.regularization`` = lambda,
 N3 is the weighted nuclear 3-norm of Lacroix, Usunier & Obozinski,
 "Canonical Tensor Decomposition for Knowledge Base Completion" (ICML 2018),
 the regulariser of the published ComplEx / CP recipes. For complex-valued
-operators (complex_diagonal) |x|_3^3 = sum_i |x_i|^3 with |x_i| the modulus
+operators (complex_diagonal, rotation) |x|_3^3 = sum_i |x_i|^3 with |x_i| the modulus
 sqrt(a_i^2 + b_i^2) of the i-th complex coordinate (real part in the first
 half of the row, imaginary part in the second, as model.py stores them); for
 real operators it is sum_i |x_i|^3.
@@ -50,9 +50,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from twhin_jax.model import COMPLEX_OPERATORS
+
 REGULARIZERS = ("l2", "n3")
-#: Operators whose rows are complex numbers (real half, imaginary half).
-COMPLEX_OPERATORS = ("complex_diagonal",)
 
 
 def cubed_norm(x: jax.Array, complex_valued: bool) -> jax.Array:
@@ -95,8 +95,10 @@ def _norm(regularizer: str, operator: str, x: jax.Array) -> jax.Array:
 
 def _parameter_norm(regularizer: str, operator: str, x: jax.Array) -> jax.Array:
   """_norm of relation parameters [..., *param_shape] -> [...]: a linear
-  operator's matrix counts as its d^2 entries; "none" has no parameters."""
-  if x.ndim and x.shape[-1] == 0:
+  operator's matrix counts as its d^2 entries; "none" has no parameters, and
+  a rotation's are phases, whose operator has modulus 1 whatever they are
+  (nothing to shrink, so nothing to penalise)."""
+  if (x.ndim and x.shape[-1] == 0) or operator == "rotation":
     return jnp.zeros(x.shape[:-1], x.dtype)
   if operator == "linear":
     x = x.reshape(*x.shape[:-2], -1)

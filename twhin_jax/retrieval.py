@@ -33,9 +33,12 @@ same f(s, r, t):
                         op_r(x) . theta_t = x . (A_r^T theta_t) + b_r . theta_t:
                         q = A_r^T theta_t (the adjoint: translation theta_t,
                         diagonal p * theta_t, complex_diagonal conj(p) * theta_t,
-                        linear P^T theta_t); the constant is added back.
+                        rotation e^{-i phi} theta_t, linear P^T theta_t); the
+                        constant is added back.
     l2 + translation    -|x + p - theta_t|^2 = -|x - (theta_t - p)|^2:
                         q = theta_t - p.
+    l2 / cos + rotation a rotation keeps norms: compare(R_phi x, theta_t) =
+                        compare(x, R_{-phi} theta_t), q = e^{-i phi} theta_t.
     otherwise           (cos or l2 with diagonal/complex/linear) no single
                         query vector exists: the exact path transforms the
                         whole candidate table, op_r(theta_x) for every x, and
