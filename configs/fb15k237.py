@@ -11,7 +11,7 @@ Variants:
   ":<operator>"      the knowledge-graph recipe of twhin_jax/recipes.py (no
                      tuning on this dataset) with one operator for every
                      relation: translation, diagonal, complex_diagonal,
-                     linear, none. Trains until validation MRR stops improving.
+                     rotation, linear, none. Trains until validation MRR stops improving.
   ":test"            CPU-sized smoke run.
 
 `twhin train --config configs/fb15k237.py:complex_diagonal --workdir runs/fb-cx`

@@ -32,18 +32,21 @@ def test_every_recipe_stops_on_validation_with_one_dimension(kind):
 def test_kg_recipe_penalises_relations_only_of_trilinear_operators():
   """N3 on the relation parameters (and the random start it needs) and one
   Adagrad accumulator per coordinate where the score is trilinear in them;
-  translation keeps the identity start and row accumulators, and lowers its
-  rates on a validation plateau."""
+  translation and rotation (|e^{i phi}| = 1: no scale to trade) keep the
+  identity start and lower their rates on a validation plateau; rotation
+  takes per-coordinate accumulators, translation one per row."""
   for operator in ("diagonal", "complex_diagonal", "linear"):
     chosen = recipes.settings("kg", ["translation", operator])
     assert chosen["model.regularize_relations"] is True
     assert chosen["model.relation_init"] == "random"
     assert chosen["train.entity_accumulators"] == "coordinate"
     assert "train.lr_plateau_patience" not in chosen  # constant rates
-  for operators in ([], ["translation"], ["none", "translation"]):
+  for operators in ([], ["translation"], ["none", "translation"], ["rotation"]):
     assert "model.regularize_relations" not in recipes.settings("kg", operators)
-    assert "train.entity_accumulators" not in recipes.settings("kg", operators)
+    assert "model.relation_init" not in recipes.settings("kg", operators)
     assert recipes.settings("kg", operators)["train.lr_plateau_patience"] == 2
+    accumulators = recipes.settings("kg", operators).get("train.entity_accumulators", "row")
+    assert accumulators == ("coordinate" if "rotation" in operators else "row")
   assert "model.regularize_relations" not in recipes.settings("social", ["complex_diagonal"])
   assert "train.lr_plateau_patience" not in recipes.settings("social", ["translation"])
   config = config_lib.base_config()
@@ -52,7 +55,8 @@ def test_kg_recipe_penalises_relations_only_of_trilinear_operators():
 
 
 @needs_fb
-@pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal", "linear"])
+@pytest.mark.parametrize("operator", ["translation", "diagonal", "complex_diagonal", "rotation",
+                                      "linear"])
 def test_fb15k237_operator_variants_share_the_kg_recipe(operator):
   """Every operator variant is the KG recipe with only the operator changed."""
   config = config_lib.load_config(os.path.join(REPO, "configs", f"fb15k237.py:{operator}"), [])
