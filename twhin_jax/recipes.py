@@ -142,7 +142,8 @@ KG_TRILINEAR = {
 #: (docs/recipes.md). The trilinear operators climb to epoch 14-23 without
 #: that oscillation and keep constant rates: on the small KGs the rule moved
 #: complex_diagonal's test MRR by -0.003 to -0.011 (test sets of 200-1,100
-#: triples), and their FB15k-237 runs were not repeated with it.
+#: triples), and on FB15k-237 it added 0.0005 of validation MRR to
+#: complex_diagonal and nothing on test (0.341 both ways).
 KG_PLATEAU_RATES = {
     "train.lr_plateau_patience": 2,
     "train.lr_plateau_factor": 0.5,
