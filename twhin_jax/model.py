@@ -440,7 +440,7 @@ def source_vectors(operator: str, param: np.ndarray, targets: np.ndarray,
   if operator == "none":
     return t.copy()
   if operator == "rotation":  # orthogonal: the adjoint is the inverse, R_{-phi} t
-    if comparator not in ("dot", "l2", "cos"):
+    if comparator not in COMPARATORS:
       raise ValueError(f"unknown comparator {comparator!r}")
     return rotate(t, -p, xp=np)
   if comparator == "dot":  # adjoint A^T t
