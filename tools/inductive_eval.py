@@ -11,10 +11,12 @@ ranks the other half exactly (recall@10, filtered MRR; see
 ``inductive.evaluate_inductive``). A --workdir that already holds both
 trained runs is reused (only the embedding and ranking are redone).
 
-Sizes (about 2-3 minutes on 2 CPU cores): "demo" is the generated
+Sizes (about 2-3 minutes each on 2 CPU cores): "demo" is the generated
 Twitter-like graph with 2,000 users, 6,000 tweets, 50 advertisers, 300 ads,
-10 communities (about 170k edges), d = 64, 6 epochs; "lastfm" is HetRec
-Last.fm ($TWHIN_DATA_DIR) with d = 64, 5 epochs.
+10 communities (about 170k edges), 6 epochs; "lastfm" is HetRec Last.fm
+($TWHIN_DATA_DIR), 5 epochs. The dimension is the dataset config's own
+(the demo's 64; Last.fm's social recipe, recipes.DIM = 200) unless --dim
+sets another: the tool does not choose a dimension of its own.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ from twhin_jax import demo_config
 from twhin_jax import inductive
 
 
-def demo(epochs: int, dim: int):
+def demo(epochs: int, dim: int | None):
   config = demo_config.get_config("test")
   config.data.generator_args = dict(num_users=2000, num_tweets=6000, num_advertisers=50,
                                     num_ads=300, num_communities=10, seed=0)
-  config.model.dim = dim
+  if dim:
+    config.model.dim = dim
   config.train.epochs = epochs
   return config
 
 
-def lastfm(epochs: int, dim: int):
+def lastfm(epochs: int, dim: int | None):
   import importlib.util
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "lastfm.py")
@@ -46,7 +49,8 @@ def lastfm(epochs: int, dim: int):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config.model.dim = dim
+  if dim:
+    config.model.dim = dim
   config.train.epochs = epochs
   return config
 
@@ -57,7 +61,8 @@ def main(argv=None) -> int:
   parser.add_argument("--dataset", default="demo", choices=("demo", "lastfm"))
   parser.add_argument("--workdir", default=None, help="default: a temporary directory")
   parser.add_argument("--epochs", type=int, default=None)
-  parser.add_argument("--dim", type=int, default=64)
+  parser.add_argument("--dim", type=int, default=None,
+                      help="default: the dataset config's (demo 64, lastfm recipes.DIM)")
   parser.add_argument("--holdout-fraction", type=float, default=0.1)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--fold-in-steps", type=int, default=50,
