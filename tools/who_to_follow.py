@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from twhin_jax import recipes  # noqa: E402
 from twhin_jax import who_to_follow as wtf  # noqa: E402
 
 
@@ -53,7 +54,9 @@ def main(argv=None) -> int:
   parser.add_argument("--depth", type=int, default=100, help="ranks counted by MRR")
   parser.add_argument("--lr", default="0.01,0.025,0.05", help="TwHIN lrs tried on validation")
   parser.add_argument("--epochs", default="10,20,40", help="TwHIN epochs tried on validation")
-  parser.add_argument("--dim", type=int, default=100)
+  parser.add_argument("--dim", type=int, default=recipes.DIM,
+                      help="TwHIN's and SkipGram's dimension (default: the recipes' one "
+                           "dimension, recipes.DIM)")
   parser.add_argument("--skipgram-window", default="5,20")
   parser.add_argument("--skipgram-epochs", default="10,30")
   parser.add_argument("--methods", default=",".join(wtf.METHODS),
