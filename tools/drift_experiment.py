@@ -5,8 +5,10 @@ is twhin_jax/drift_experiment.py (``twhin report`` runs it too); this is its
 command line. Writes results.json, results.md and drift_by_degree.png into
 --out; with --json prints one JSON object per strategy:
 
-  python tools/drift_experiment.py --json                  # ~5 min on 2 cores
+  python tools/drift_experiment.py --json                  # ~6.5 min on 2 cores
   python tools/drift_experiment.py --alpha 1 --epochs 10 --dim 64
+
+The dimension defaults to the recipes' one dimension (recipes.DIM).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twhin_jax import drift_experiment  # noqa: E402
+from twhin_jax import recipes  # noqa: E402
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="runs/drift_experiment")
-  parser.add_argument("--dim", type=int, default=64)
+  parser.add_argument("--dim", type=int, default=recipes.DIM)
   parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument("--alpha", type=float, default=1.0, help="L2-to-previous strength")
   parser.add_argument("--new-fraction", type=float, default=0.05)
