@@ -24,6 +24,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twhin_jax import low_coverage  # noqa: E402
+from twhin_jax import recipes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
   parser.add_argument("--data-dir", help="datasets folder (default: $TWHIN_DATA_DIR)")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--coverage", type=float, default=0.1, help="share of users kept")
-  parser.add_argument("--dim", type=int, default=64)
+  parser.add_argument("--dim", type=int, default=recipes.DIM,
+                      help="default: the recipes' one dimension, recipes.DIM")
   parser.add_argument("--max-epochs", type=int, default=40, help="the validation run's length")
   parser.add_argument("--eval-every", type=int, default=5)
   parser.add_argument("--workdir", help="keep runs here (default: a temp dir)")
