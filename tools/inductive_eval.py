@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 
 from twhin_jax import demo_config
 from twhin_jax import inductive
+from twhin_jax import shipped_configs
 
 
 def demo(epochs: int, dim: int | None):
@@ -42,13 +42,7 @@ def demo(epochs: int, dim: int | None):
 
 
 def lastfm(epochs: int, dim: int | None):
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "lastfm.py")
-  spec = importlib.util.spec_from_file_location("lastfm_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = shipped_configs.load("lastfm")
   if dim:
     config.model.dim = dim
   config.train.epochs = epochs
