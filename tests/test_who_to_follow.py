@@ -5,7 +5,9 @@ keeps only the follow and low-coverage relations, and the seed spread."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -167,3 +169,41 @@ def test_read_pairs_names_the_bad_line(tmp_path):
   path.write_text("a\tb\nc\n")
   with pytest.raises(ValueError, match=r"follows.tsv:2"):
     wtf.read_pairs(str(path), header=False)
+
+
+LASTFM = os.path.join(os.environ.get("TWHIN_DATA_DIR", ""), "social", "hetrec2011-lastfm-2k")
+
+
+@pytest.mark.skipif(not os.path.isdir(LASTFM),
+                    reason=f"TWHIN_DATA_DIR holds no Last.fm ({LASTFM} not found)")
+def test_tuning_scores_one_run_per_lr_and_stops_on_validation(tmp_path):
+  """TwHIN's epochs are evaluation points of one resumed run per lr: the score
+  at epoch 2 equals a fresh 2-epoch run's, and with patience the trials stop
+  at the first point that does not improve validation R@10."""
+  dataset = wtf.DATASETS["lastfm"]
+  config, pairs = wtf.load_follow_pairs(dataset)
+  split = wtf.Split(pairs, 0.1, 0.1, seed=0)
+  every_point = wtf.Grid(twhin_lr=(0.05,), twhin_epochs=(3, 1, 2), twhin_patience=0,
+                         twhin_dim=8, skipgram_window=(5,), skipgram_epochs=(1,), skipgram_dim=8)
+  tuned = wtf.tune(dataset, config, split, every_point, str(tmp_path / "all"), lambda m: None)
+  twhin = [t for t in tuned["trials"] if t["method"] == "twhin_follow"]
+  assert [t["epochs"] for t in twhin] == [1, 2, 3]  # ascending, one run
+  fresh = wtf.evaluate_twhin(split, "valid", dataset, config, str(tmp_path / "fresh"),
+                             epochs=2, dim=8, lr=0.05, seed=0, paths=("exact",))["exact"]
+  assert fresh["recall_at_10"] == twhin[1]["recall_at_10"] and fresh["mrr"] == twhin[1]["mrr"]
+  assert tuned["twhin_follow"] == max(twhin, key=lambda t: (round(t["recall_at_10"], 6),
+                                                            round(t["mrr"], 6), -t["epochs"]))
+  # Where patience 1 must stop: the first point not above the best before it.
+  best, stop = twhin[0], len(twhin)
+  for index, trial in enumerate(twhin[1:], 1):
+    if (round(trial["recall_at_10"], 6), round(trial["mrr"], 6)) > \
+        (round(best["recall_at_10"], 6), round(best["mrr"], 6)):
+      best = trial
+    else:
+      stop = index + 1
+      break
+  patient = wtf.tune(dataset, config, split, dataclasses.replace(every_point, twhin_patience=1),
+                     str(tmp_path / "patient"), lambda m: None)
+  stopped = [t for t in patient["trials"] if t["method"] == "twhin_follow"]
+  assert [(t["epochs"], t["recall_at_10"]) for t in stopped] == \
+      [(t["epochs"], t["recall_at_10"]) for t in twhin[:stop]]

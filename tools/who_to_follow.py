@@ -6,7 +6,9 @@ follow-sequence SkipGram (twhin_jax/who_to_follow.py has the method).
   python tools/who_to_follow.py --config configs/ciao.py --follow-relation trust --name ciao
 
 Learning rate and epochs (TwHIN) and window and epochs (SkipGram) are chosen
-on a validation share of the first seed's follows; every seed then trains on
+on a validation share of the first seed's follows (TwHIN's epochs by early
+stopping: one run per learning rate, scored at 10, 20, 40, 80 and 160 epochs
+until validation R@10 stops improving); every seed then trains on
 train + validation and is scored on its test share. ``--json`` prints one
 object per (dataset, method) with ``recall_at_10``, ``mrr`` (exact search,
 mean over seeds), ``*_std`` (sample standard deviation over seeds),
@@ -53,7 +55,12 @@ def main(argv=None) -> int:
   parser.add_argument("--test-fraction", type=float, default=0.1)
   parser.add_argument("--depth", type=int, default=100, help="ranks counted by MRR")
   parser.add_argument("--lr", default="0.01,0.025,0.05", help="TwHIN lrs tried on validation")
-  parser.add_argument("--epochs", default="10,20,40", help="TwHIN epochs tried on validation")
+  parser.add_argument("--epochs", default=",".join(map(str, wtf.Grid.twhin_epochs)),
+                      help="TwHIN's validation points: one run per lr, scored at each of "
+                      "these epochs until --patience points in a row do not improve R@10")
+  parser.add_argument("--patience", type=int, default=wtf.Grid.twhin_patience,
+                      help="TwHIN validation points without improvement before a run stops "
+                      "(0: score every point)")
   parser.add_argument("--dim", type=int, default=recipes.DIM,
                       help="TwHIN's and SkipGram's dimension (default: the recipes' one "
                            "dimension, recipes.DIM)")
@@ -82,7 +89,8 @@ def main(argv=None) -> int:
     if unknown:
       parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(wtf.DATASETS)}")
     datasets = [wtf.DATASETS[n] for n in names]
-  grid = wtf.Grid(twhin_lr=floats(args.lr), twhin_epochs=ints(args.epochs), twhin_dim=args.dim,
+  grid = wtf.Grid(twhin_lr=floats(args.lr), twhin_epochs=ints(args.epochs),
+                  twhin_patience=args.patience, twhin_dim=args.dim,
                   skipgram_window=ints(args.skipgram_window),
                   skipgram_epochs=ints(args.skipgram_epochs), skipgram_dim=args.dim)
   log = lambda message: print(message, file=sys.stderr, flush=True)

@@ -54,6 +54,7 @@ import numpy as np
 from twhin_jax import config as config_lib
 from twhin_jax import drift_experiment
 from twhin_jax import low_coverage
+from twhin_jax import recipes
 from twhin_jax import shipped_configs
 from twhin_jax import who_to_follow as wtf
 
@@ -91,9 +92,10 @@ BUDGETS = {
                                          "skipgram_epochs": (2,), "skipgram_dim": 16}},
               "low_coverage": {"datasets": ("lastfm",), "seeds": 1, "max_epochs": 2,
                                "eval_every": 1, "dim": 16}},
-    "full": {"dim": 128, "epochs": 50, "drift_epochs": 30, "factors": (2, 4, 8, 16, 32, 64),
+    # The recipes' one dimension (recipes.DIM), as every experiment tool uses.
+    "full": {"dim": recipes.DIM, "epochs": 50, "drift_epochs": 30, "factors": (2, 4, 8, 16, 32, 64),
              "pq_factor": 16, "recall_queries": 5000,
-             # The validation grid of tools/who_to_follow.py.
+             # The validation grid (and early stopping) of tools/who_to_follow.py.
              "who_to_follow": {"datasets": ("lastfm", "flickr"), "seeds": 5, "grid": {}},
              "low_coverage": {"datasets": ("lastfm", "flickr"), "seeds": 5,
                               "max_epochs": 40, "eval_every": 5}},

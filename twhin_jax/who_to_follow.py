@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from twhin_jax import config as config_lib
+from twhin_jax import recipes
 from twhin_jax import shipped_configs
 
 
@@ -481,13 +482,22 @@ def load_follow_pairs(dataset: Dataset, overrides=()):
 
 @dataclasses.dataclass
 class Grid:
-  """Hyper-parameters tried on the validation share (seed of the first split)."""
+  """Hyper-parameters tried on the validation share (seed of the first split).
+
+  TwHIN's epochs are not a grid of separate runs but the evaluation points of
+  one run per learning rate: the run trains to each point in turn (resuming
+  its checkpoint, which gives the numbers a fresh run to that epoch would:
+  the learning rates do not depend on the epoch count) and is scored on
+  validation there. It stops once ``twhin_patience`` points in a row have not
+  improved validation R@10 (0: every point is scored), so the epoch count is
+  early stopping's, not a number fixed for the datasets measured here."""
   twhin_lr: tuple[float, ...] = (0.01, 0.025, 0.05)
-  twhin_epochs: tuple[int, ...] = (10, 20, 40)
-  twhin_dim: int = 100
+  twhin_epochs: tuple[int, ...] = (10, 20, 40, 80, 160)
+  twhin_patience: int = 1
+  twhin_dim: int = recipes.DIM
   skipgram_window: tuple[int, ...] = (5, 20)
   skipgram_epochs: tuple[int, ...] = (10, 30)
-  skipgram_dim: int = 100
+  skipgram_dim: int = recipes.DIM
 
 
 def spread(values: Sequence[float]) -> dict:
@@ -498,23 +508,38 @@ def spread(values: Sequence[float]) -> dict:
           "min": float(values.min()), "max": float(values.max())}
 
 
+def _validation_key(trial: dict) -> tuple:
+  """What tuning maximises: validation R@10, then MRR, then fewer epochs
+  (ties go to the cheaper setting)."""
+  return round(trial["recall_at_10"], 6), round(trial["mrr"], 6), -trial["epochs"]
+
+
 def tune(dataset: Dataset, config, split: Split, grid: Grid, workdir: str,
          log: Callable[[str], None], depth: int = 100) -> dict:
-  """Validation R@10 (exact) of every grid point; returns the chosen settings
-  and the table. Ties go to the cheaper setting (fewer epochs)."""
+  """Validation R@10 (exact) of every TwHIN evaluation point reached (Grid)
+  and every SkipGram grid point; returns the chosen settings and the table."""
   trials = []
   for lr in grid.twhin_lr:
-    for epochs in grid.twhin_epochs:
-      started = time.perf_counter()
-      metrics = evaluate_twhin(split, "valid", dataset, config,
-                               os.path.join(workdir, f"tune_lr{lr}_e{epochs}"), epochs=epochs,
+    run_dir, best, bad_points = os.path.join(workdir, f"tune_lr{lr}"), None, 0
+    started = time.perf_counter()
+    for epochs in sorted(set(grid.twhin_epochs)):
+      metrics = evaluate_twhin(split, "valid", dataset, config, run_dir, epochs=epochs,
                                dim=grid.twhin_dim, lr=lr, seed=split.seed, depth=depth,
                                paths=("exact",))["exact"]
-      trials.append({"method": "twhin_follow", "lr": lr, "epochs": epochs, "dim": grid.twhin_dim,
-                     "recall_at_10": metrics["recall_at_10"], "mrr": metrics["mrr"],
-                     "seconds": round(time.perf_counter() - started, 1)})
+      trial = {"method": "twhin_follow", "lr": lr, "epochs": epochs, "dim": grid.twhin_dim,
+               "recall_at_10": metrics["recall_at_10"], "mrr": metrics["mrr"],
+               "seconds": round(time.perf_counter() - started, 1)}
+      trials.append(trial)
       log(f"{dataset.name} valid twhin_follow lr {lr} epochs {epochs}: "
           f"R@10 {metrics['recall_at_10']:.4f} MRR {metrics['mrr']:.4f}")
+      if best is None or _validation_key(trial)[:2] > _validation_key(best)[:2]:
+        best, bad_points = trial, 0
+      else:
+        bad_points += 1
+        if grid.twhin_patience and bad_points >= grid.twhin_patience:
+          log(f"{dataset.name} valid twhin_follow lr {lr}: stopped at epoch {epochs} "
+              f"(best {best['epochs']})")
+          break
   for window in grid.skipgram_window:
     for epochs in grid.skipgram_epochs:
       settings = SkipGramSettings(dim=grid.skipgram_dim, window=window, epochs=epochs)
@@ -527,12 +552,11 @@ def tune(dataset: Dataset, config, split: Split, grid: Grid, workdir: str,
       log(f"{dataset.name} valid skipgram window {window} epochs {epochs}: "
           f"R@10 {metrics['recall_at_10']:.4f} MRR {metrics['mrr']:.4f}")
 
-  def best(method):
-    rows = [t for t in trials if t["method"] == method]
-    return max(rows, key=lambda t: (round(t["recall_at_10"], 6), round(t["mrr"], 6),
-                                    -t["epochs"]))
+  def best_of(method):
+    return max((t for t in trials if t["method"] == method), key=_validation_key)
 
-  return {"twhin_follow": best("twhin_follow"), "skipgram": best("skipgram"), "trials": trials}
+  return {"twhin_follow": best_of("twhin_follow"), "skipgram": best_of("skipgram"),
+          "trials": trials}
 
 
 METHODS = ("twhin_follow", "cosine", "skipgram")
