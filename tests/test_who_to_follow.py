@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 
 import numpy as np
@@ -207,3 +208,18 @@ def test_tuning_scores_one_run_per_lr_and_stops_on_validation(tmp_path):
   stopped = [t for t in patient["trials"] if t["method"] == "twhin_follow"]
   assert [(t["epochs"], t["recall_at_10"]) for t in stopped] == \
       [(t["epochs"], t["recall_at_10"]) for t in twhin[:stop]]
+  # A rerun in the same workdir reads the scored points (no training past them).
+  again = wtf.tune(dataset, config, split, every_point, str(tmp_path / "all"), lambda m: None)
+  assert [(t["epochs"], t["recall_at_10"], t["mrr"]) for t in again["trials"]
+          if t["method"] == "twhin_follow"] == [(t["epochs"], t["recall_at_10"], t["mrr"])
+                                                for t in twhin]
+  # Other settings, or a point the run has trained past, are errors, not reuse.
+  with pytest.raises(ValueError, match="tuned with"):
+    wtf.tune(dataset, config, split, dataclasses.replace(every_point, twhin_dim=16),
+             str(tmp_path / "all"), lambda m: None)
+  points = tmp_path / "all" / "tune_lr0.05" / wtf.POINTS_FILE
+  stored = json.loads(points.read_text())
+  del stored["points"]["2"]
+  points.write_text(json.dumps(stored))
+  with pytest.raises(ValueError, match="trained to epoch 3, past the unscored point 2"):
+    wtf.tune(dataset, config, split, every_point, str(tmp_path / "all"), lambda m: None)

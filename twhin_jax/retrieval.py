@@ -325,13 +325,6 @@ def checkpoint_identity(workdir: str) -> dict:
           "meta_path": os.path.join(ckpt, "meta", "metadata")}
 
 
-def _write_json(path: str, document: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(document, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _has_vocabularies(export_dir: str, entity_types) -> bool:
   """Whether the export holds every type's on-disk vocabulary (one written by
   older code has only names.txt)."""
@@ -399,7 +392,7 @@ def prepare_run(workdir: str, *, progress: bool = True) -> dict:
       "relations": [{"name": r.name, "source": r.source, "target": r.target,
                      "operator": layout.operators[i]} for i, r in enumerate(graph.relations)],
   }
-  _write_json(run_path, run)
+  rundir.write_json_atomically(run_path, run)
   return run
 
 
@@ -625,7 +618,7 @@ class Retriever:
         "graph_manifest_hash": self.run["graph_manifest_hash"],
         "build_seconds": time.perf_counter() - started,
     }
-    _write_json(manifest_path, manifest)
+    rundir.write_json_atomically(manifest_path, manifest)
     return manifest
 
   def _exact_searcher(self, entity_type: str, comparator: str) -> ExactSearcher:

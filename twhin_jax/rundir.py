@@ -118,6 +118,15 @@ def read_versioned_json(path: str, version: int, what: str, missing: str) -> dic
   return document
 
 
+def write_json_atomically(path: str, document, **dump_options) -> None:
+  """Writes ``document`` as JSON to ``path`` through a temporary file and a
+  rename, so a crash leaves the old file or the new one, never half of one."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(document, f, indent=1, **dump_options)
+  os.replace(tmp, path)
+
+
 def read_meta(ckpt_dir: str) -> dict:
   """The meta JSON of one checkpoint directory, without building any model."""
   return read_versioned_json(os.path.join(ckpt_dir, "meta", "metadata"),

@@ -278,7 +278,7 @@ def run_sweep(spec: str, workdir: str, *, split: str = "valid", metric: str = "m
       trainer.close()
     metrics["sweep"] = {"name": name, "overrides": sweep.runs[i - 1],
                         "seconds": time.perf_counter() - started}
-    _write_json(eval_file(run_dir, split), metrics)
+    rundir.write_json_atomically(eval_file(run_dir, split), metrics, default=repr)
     _say(f"[{i}/{total}] {name}: {split} {metric} {metrics[metric]:.4f}")
   return collect(workdir, split=split, metric=metric)
 
@@ -411,13 +411,6 @@ def markdown_table(rows: list[dict], columns: list[str], split: str, metric: str
 def _check_metric(metric: str) -> None:
   if metric not in METRICS:
     raise ValueError(f"--metric {metric!r} not in {sorted(METRICS)}")
-
-
-def _write_json(path: str, value) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, default=repr)
-  os.replace(tmp, path)
 
 
 def _say(message: str) -> None:

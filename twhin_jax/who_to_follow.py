@@ -34,6 +34,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gzip
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -43,6 +45,7 @@ import numpy as np
 
 from twhin_jax import config as config_lib
 from twhin_jax import recipes
+from twhin_jax import rundir
 from twhin_jax import shipped_configs
 
 
@@ -514,6 +517,46 @@ def _validation_key(trial: dict) -> tuple:
   return round(trial["recall_at_10"], 6), round(trial["mrr"], 6), -trial["epochs"]
 
 
+#: A tuning run's scored validation points, beside its run (a rerun with the
+#: same --workdir reads them instead of training past them).
+POINTS_FILE = "validation_points.json"
+
+
+def _scored_points(run_dir: str, settings: dict) -> dict:
+  """{epochs: validation metrics} already scored in ``run_dir`` for these
+  settings; {} for a new run. A run tuned with other settings, or trained
+  past its last scored point, cannot give a point's numbers: that is an
+  error naming the directory, never a silent reuse."""
+  path = os.path.join(run_dir, POINTS_FILE)
+  if not os.path.exists(path):
+    if rundir.checkpoint_steps(os.path.join(run_dir, "run")):
+      raise ValueError(f"{run_dir}: holds a trained run but no {POINTS_FILE}; "
+                       "use a fresh --workdir")
+    return {}
+  with open(path, encoding="utf-8") as f:
+    stored = json.load(f)
+  if stored.get("settings") != settings:
+    raise ValueError(f"{path}: tuned with {stored.get('settings')}, not {settings}; "
+                     "use a fresh --workdir")
+  return {int(e): m for e, m in stored["points"].items()}
+
+
+def _trained_epochs(run_dir: str) -> int:
+  steps = rundir.checkpoint_steps(os.path.join(run_dir, "run"))
+  if not steps:
+    return 0
+  return int(rundir.read_meta(rundir.checkpoint_dir(os.path.join(run_dir, "run")))
+             ["cursor"]["epoch"])
+
+
+def _split_fingerprint(split: Split) -> str:
+  """sha256 of the training and validation follows: which split a run saw."""
+  digest = hashlib.sha256()
+  for share in (split.train, split.valid):
+    digest.update("\n".join(f"{u}\t{v}" for u, v in share).encode("utf-8") + b"\x00")
+  return digest.hexdigest()
+
+
 def tune(dataset: Dataset, config, split: Split, grid: Grid, workdir: str,
          log: Callable[[str], None], depth: int = 100) -> dict:
   """Validation R@10 (exact) of every TwHIN evaluation point reached (Grid)
@@ -521,11 +564,23 @@ def tune(dataset: Dataset, config, split: Split, grid: Grid, workdir: str,
   trials = []
   for lr in grid.twhin_lr:
     run_dir, best, bad_points = os.path.join(workdir, f"tune_lr{lr}"), None, 0
+    settings = {"lr": lr, "dim": grid.twhin_dim, "seed": split.seed, "depth": depth,
+                "split": _split_fingerprint(split)}
+    scored = _scored_points(run_dir, settings)
     started = time.perf_counter()
     for epochs in sorted(set(grid.twhin_epochs)):
-      metrics = evaluate_twhin(split, "valid", dataset, config, run_dir, epochs=epochs,
-                               dim=grid.twhin_dim, lr=lr, seed=split.seed, depth=depth,
-                               paths=("exact",))["exact"]
+      if epochs in scored:
+        metrics = scored[epochs]
+      else:
+        if _trained_epochs(run_dir) > epochs:
+          raise ValueError(f"{run_dir}: trained to epoch {_trained_epochs(run_dir)}, past "
+                           f"the unscored point {epochs}; use a fresh --workdir")
+        metrics = evaluate_twhin(split, "valid", dataset, config, run_dir, epochs=epochs,
+                                 dim=grid.twhin_dim, lr=lr, seed=split.seed, depth=depth,
+                                 paths=("exact",))["exact"]
+        scored[epochs] = {"recall_at_10": metrics["recall_at_10"], "mrr": metrics["mrr"]}
+        rundir.write_json_atomically(os.path.join(run_dir, POINTS_FILE),
+                                     {"settings": settings, "points": scored})
       trial = {"method": "twhin_follow", "lr": lr, "epochs": epochs, "dim": grid.twhin_dim,
                "recall_at_10": metrics["recall_at_10"], "mrr": metrics["mrr"],
                "seconds": round(time.perf_counter() - started, 1)}
