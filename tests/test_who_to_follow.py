@@ -223,3 +223,6 @@ def test_tuning_scores_one_run_per_lr_and_stops_on_validation(tmp_path):
   points.write_text(json.dumps(stored))
   with pytest.raises(ValueError, match="trained to epoch 3, past the unscored point 2"):
     wtf.tune(dataset, config, split, every_point, str(tmp_path / "all"), lambda m: None)
+  points.unlink()
+  with pytest.raises(ValueError, match=f"holds a trained run but no {wtf.POINTS_FILE}"):
+    wtf.tune(dataset, config, split, every_point, str(tmp_path / "all"), lambda m: None)

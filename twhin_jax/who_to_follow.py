@@ -530,7 +530,8 @@ def _scored_points(run_dir: str, settings: dict) -> dict:
   path = os.path.join(run_dir, POINTS_FILE)
   if not os.path.exists(path):
     if rundir.checkpoint_steps(os.path.join(run_dir, "run")):
-      raise ValueError(f"{run_dir}: holds a trained run but no {POINTS_FILE}; "
+      raise ValueError(f"{run_dir}: holds a trained run but no {POINTS_FILE} (stopped "
+                       "before its first point was scored, or tuned by older code); "
                        "use a fresh --workdir")
     return {}
   with open(path, encoding="utf-8") as f:
