@@ -167,3 +167,81 @@ def test_leak_check_reads_friend_names_from_the_vocabulary(tmp_path, monkeypatch
   tasks._check_no_leak(str(tmp_path / "run"), np.array([[10, 20], [20, 50]]))  # unseen
   with pytest.raises(ValueError, match="saw 2 of the 3 held-out"):
     tasks._check_no_leak(str(tmp_path / "run"), np.array([[10, 30], [40, 50], [10, 20]]))
+
+
+def test_entity_labels_majority_means_and_bad_lines(tmp_path):
+  path = tmp_path / "labels.tsv"
+  # b appears three times (label y twice, x once), a once; columns: name, label, score
+  path.write_text("b\ty\t1\na\tx\t4\nb\tx\t2\nb\ty\t6\n")
+  names, label, classes, dense = downstream.read_entity_labels(
+      str(path), name_column=0, label_column=1, feature_columns=(2,))
+  assert names == ["a", "b"] and classes == ["x", "y"]
+  assert label.tolist() == [0, 1]  # a: x; b: y (2 of 3 rows)
+  np.testing.assert_allclose(dense, [[math.log(2), 4.0], [math.log(4), 3.0]])
+  path.write_text("b\ty\t1\na\tx\n")
+  with pytest.raises(ValueError, match=r"labels.tsv:2: 2 field\(s\)"):
+    downstream.read_entity_labels(str(path), name_column=0, label_column=1, feature_columns=(2,))
+  path.write_text("b\ty\t1\na\tx\tmany\n")
+  with pytest.raises(ValueError, match=r"labels.tsv:2: a feature column is not a number"):
+    downstream.read_entity_labels(str(path), name_column=0, label_column=1, feature_columns=(2,))
+  with pytest.raises(FileNotFoundError, match="missing.tsv"):
+    downstream.read_entity_labels(str(tmp_path / "missing.tsv"), name_column=0, label_column=1)
+
+
+def test_entity_category_learns_labels_its_embeddings_encode(tmp_path):
+  # 300 entities in 3 classes; the embedding holds the class, the dense row
+  # count does not (every entity has one row).
+  rng = np.random.default_rng(0)
+  classes = rng.integers(0, 3, size=300)
+  names = [f"e{i}" for i in range(300)]
+  (tmp_path / "labels.tsv").write_text("".join(f"{n}\tc{c}\n" for n, c in zip(names, classes)))
+  vectors = np.eye(3, dtype=np.float32)[classes] + 0.1 * rng.normal(size=(300, 3)).astype(
+      np.float32)
+  source = {"item": (names, vectors)}
+  quick = downstream.TrainConfig(max_epochs=40, patience=5)
+  with_vectors, without = (downstream.entity_category(
+      source, entity_type="item", labels_path=str(tmp_path / "labels.tsv"), feature_set=fs,
+      train_config=quick, use_pq=False) for fs in ("E", "none"))
+  assert with_vectors["accuracy"] > 0.9 and without["accuracy"] < 0.6
+  assert with_vectors["classes"] == 3 and with_vectors["feature_set"] == "E"
+  with pytest.raises(ValueError, match="unknown feature set"):
+    downstream.entity_category(source, entity_type="item",
+                               labels_path=str(tmp_path / "labels.tsv"), feature_set="P")
+
+
+@needs_data
+def test_ciao_category_is_entity_category_over_the_ratings():
+  """The generic reader over rating.tsv.gz (product, category, stars,
+  helpfulness) gives every product a majority category and Ciao's dense
+  features."""
+  ratings = downstream.tasks.ciao_ratings(DATA)
+  names, label, classes, dense = downstream.read_entity_labels(
+      os.path.join(DATA, downstream.tasks.CIAO, "rating.tsv.gz"), name_column=1,
+      label_column=2, feature_columns=(3, 4))
+  products, inverse = np.unique(ratings[:, 1], return_inverse=True)
+  counts = np.bincount(inverse)
+  by_name = {n: i for i, n in enumerate(names)}
+  order = np.array([by_name[str(p)] for p in products])
+  np.testing.assert_allclose(dense[order, 0], np.log1p(counts))
+  np.testing.assert_allclose(dense[order, 1], np.bincount(inverse, weights=ratings[:, 3]) / counts)
+  # Each product's label is a most frequent category among its ratings (as
+  # ciao_category's; a tie may break the other way: "10" sorts before "2").
+  cats, cat_of_rating = np.unique(ratings[:, 2], return_inverse=True)
+  votes = np.bincount(inverse * len(cats) + cat_of_rating,
+                      minlength=len(products) * len(cats)).reshape(len(products), len(cats))
+  chosen = np.searchsorted(cats, np.array([int(classes[c]) for c in label[order]]))
+  assert (votes[np.arange(len(products)), chosen] == votes.max(axis=1)).all()
+  assert (votes.argmax(axis=1) == chosen).mean() > 0.99  # ties are rare
+
+
+def test_config_without_relations_drops_their_files_and_unused_types(monkeypatch, tmp_path):
+  monkeypatch.setenv("TWHIN_DATA_DIR", str(tmp_path))
+  ciao = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "ciao.py")
+  config = downstream.config_without_relations(ciao, ["in_category"])
+  assert "in_category" not in [r["name"] for r in config.relations]
+  assert "category" not in config.entities and "product" in config.entities
+  assert all(f["relation_name"] != "in_category" for f in config.data.files)
+  legacy = downstream.ciao_config_without_category(ciao)
+  assert legacy.relations == config.relations and legacy.name == "ciao-nocat"
+  with pytest.raises(ValueError, match=r"no relation\(s\) \['follows'\]"):
+    downstream.config_without_relations(ciao, ["follows"])

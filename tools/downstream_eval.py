@@ -11,6 +11,13 @@ plus the same tasks on product-quantized embeddings (``--pq-factor``):
   TWHIN_DATA_DIR=../shared/data .venv/bin/python tools/downstream_eval.py --json
   ... --dim 64 --epochs 20 --pq-factor 16 --workdir runs/downstream
 
+Any labelled entity type of any graph (the label file's rows name an entity
+and its label; relations that encode the label are left out of training):
+
+  ... --tasks entity_category --config configs/ciao.py --drop-relations in_category \
+      --entity-type product --labels $TWHIN_DATA_DIR/social/ciao-tang2012/rating.tsv.gz \
+      --name-column 1 --label-column 2 --feature-columns 3,4
+
 Budget by default: the recipes' one dimension (recipes.DIM = 200), 20
 epochs each (Ciao ~356k train edges/epoch, Last.fm ~500k); with --dim 64
 about 1.5 + 2.5 minutes on 2 CPU cores.
@@ -19,6 +26,7 @@ about 1.5 + 2.5 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -42,7 +50,23 @@ def main(argv=None) -> int:
   parser.add_argument("--tasks", default="ciao_category,ciao_rating,lastfm_friends")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", action="store_true", help="only JSON lines on stdout")
+  labelled = parser.add_argument_group(
+      "entity_category: any labelled entity type of any config (add it to --tasks)")
+  labelled.add_argument("--config", help="the graph's config file")
+  labelled.add_argument("--drop-relations", default="",
+                        help="relations left out of the embedding run because they encode "
+                        "the label (comma-separated)")
+  labelled.add_argument("--entity-type", help="the labelled entity type")
+  labelled.add_argument("--labels", help="label file: rows naming an entity and its label")
+  labelled.add_argument("--name-column", type=int, default=0)
+  labelled.add_argument("--label-column", type=int, default=1)
+  labelled.add_argument("--feature-columns", default="",
+                        help="numeric columns averaged per entity as dense features")
+  labelled.add_argument("--header", action="store_true", help="the label file has a header")
   args = parser.parse_args(argv)
+  tasks = args.tasks.split(",")
+  if "entity_category" in tasks and not (args.config and args.entity_type and args.labels):
+    parser.error("the entity_category task needs --config, --entity-type and --labels")
   os.environ.setdefault("TWHIN_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared", "data"))
 
   from twhin_jax import compress
@@ -50,7 +74,6 @@ def main(argv=None) -> int:
   from twhin_jax import train as train_lib
 
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-  tasks = args.tasks.split(",")
   overrides = [f"--config.model.dim={args.dim}", f"--config.train.epochs={args.epochs}",
                "--config.train.eval_every_epochs=0", "--config.train.checkpoint_every_buckets=0",
                f"--config.train.seed={args.seed}"]
@@ -72,11 +95,17 @@ def main(argv=None) -> int:
     train("lastfm_heldout", downstream.lastfm_config_with_held_out_friends(
         friends, os.path.join(REPO, "configs", "lastfm.py"), overrides))
 
+  if "entity_category" in tasks:
+    drop = [r for r in args.drop_relations.split(",") if r]
+    train("entity", downstream.config_without_relations(args.config, drop, overrides))
+  quantized_types = {"ciao_nocat": ["user", "product"], "lastfm_heldout": ["user"],
+                     "entity": [args.entity_type]}
+
   sources = {"full": {name: path for name, path in runs.items()}}
   if args.pq_factor:
     sources[f"pq{compress._factor_name(args.pq_factor)}x"] = {
         name: compress.quantize(path, args.pq_factor, seed=args.seed,
-                                types=["user", "product"] if name == "ciao_nocat" else ["user"])
+                                types=quantized_types[name])
         for name, path in runs.items()}
 
   budget = {"dim": args.dim, "epochs": args.epochs}
@@ -92,6 +121,14 @@ def main(argv=None) -> int:
     if "lastfm_friends" in tasks:
       plan += [(downstream.lastfm_friends, "lastfm_heldout", fs)
                for fs in (downstream.FRIEND_FEATURE_SETS if full else ("U",))]
+    if "entity_category" in tasks:
+      labelled_task = functools.partial(
+          downstream.entity_category, entity_type=args.entity_type, labels_path=args.labels,
+          name_column=args.name_column, label_column=args.label_column,
+          feature_columns=[int(c) for c in args.feature_columns.split(",") if c],
+          header=args.header)
+      plan += [(labelled_task, "entity", fs)
+               for fs in (downstream.ENTITY_FEATURE_SETS if full else ("E",))]
     for task, run, feature_set in plan:
       result = task(source[run], feature_set=feature_set, run_dir=runs[run], seed=args.seed)
       result.update(embeddings=embeddings_name, run=runs[run], budget=budget)

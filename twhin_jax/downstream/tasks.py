@@ -16,6 +16,13 @@ baseline features (paper Table 2 style; "none" is the baseline alone).
                   these pairs). Feature sets: none (log rating counts and mean
                   stars of user and product over the run's train edges), U, P,
                   U+P. Metrics: ROC-AUC, PR-AUC, RCE (Eq. 4), MAP per user.
+  entity_category any entity type -> a label read from a file (one row per
+                  entity or many: the majority label), with log row count and
+                  the means of chosen numeric columns as dense features.
+                  Feature sets: none, E (the entity's embedding). Ciao's
+                  category task is this over rating.tsv.gz (product, category,
+                  stars, helpfulness), kept as its own function for its
+                  numeric-id order.
   lastfm_friends  held-out Last.fm friendships against random non-friend
                   pairs (``negatives`` per positive, same first user).
                   Feature sets: none (log degrees of both users and log common
@@ -33,6 +40,7 @@ the train mean and deviation; the model and loop are in ``model.py``.
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 import time
 
@@ -119,15 +127,31 @@ def ciao_ratings(data_dir: str | None = None) -> np.ndarray:
   return np.loadtxt(path, dtype=np.int64, delimiter="\t").reshape(-1, 5)
 
 
+def config_without_relations(spec: str, relations, overrides=(), suffix: str = "-without"):
+  """A config file's config without the named relations (their files too),
+  and without the entity types no remaining relation uses: for a label that
+  a relation encodes (Ciao's in_category), which must not be an input of the
+  embeddings that predict it."""
+  config = config_lib.load_config(spec, list(overrides))
+  dropped = set(relations)
+  unknown = dropped - {r["name"] for r in config.relations}
+  if unknown:
+    raise ValueError(f"{spec}: no relation(s) {sorted(unknown)} to drop")
+  config.relations = [r for r in config.relations if r["name"] not in dropped]
+  config.data.files = [f for f in config.data.files if f["relation_name"] not in dropped]
+  used = {t for r in config.relations for t in (r["source"], r["target"])}
+  for name in [t for t in config.entities.keys() if t not in used]:
+    del config.entities[name]
+  config.name = config.name + suffix
+  config_lib.validate(config)
+  return config
+
+
 def ciao_config_without_category(spec: str = "configs/ciao.py", overrides=()):
   """configs/ciao.py without in_category (and the category type): the product
   category must not be an input of the embeddings that predict it."""
-  config = config_lib.load_config(spec, list(overrides))
-  config.relations = [r for r in config.relations if r["name"] != "in_category"]
-  config.data.files = [f for f in config.data.files if f["relation_name"] != "in_category"]
-  del config.entities["category"]
+  config = config_without_relations(spec, ["in_category"], overrides, suffix="")
   config.name = config.name.replace("ciao", "ciao-nocat")
-  config_lib.validate(config)
   return config
 
 
@@ -162,26 +186,112 @@ def ciao_category(source, *, feature_set: str = "P", data_dir: str | None = None
   pair = inverse * len(classes) + class_of_rating
   pair_counts = np.bincount(pair, minlength=len(products) * len(classes))
   label = pair_counts.reshape(len(products), len(classes)).argmax(axis=1)
-  rows = embeddings.rows("product", [str(p) for p in products])
-  keep = np.flatnonzero(rows >= 0)  # products the embedding run knows
+  return _classify_entities("ciao_category", embeddings, "product", [str(p) for p in products],
+                            label, len(classes), np.stack([np.log1p(counts), stars, helpful],
+                                                          axis=1),
+                            feature_set=feature_set, seed=seed,
+                            train_config=train_config, use_pq=use_pq, progress=progress)
+
+
+def _classify_entities(task: str, embeddings, entity_type: str, names: list[str],
+                       label: np.ndarray, num_classes: int, dense: np.ndarray, *,
+                       feature_set: str, seed: int, train_config: TrainConfig,
+                       use_pq: bool, progress: bool) -> dict:
+  """One label per entity from its dense features, plus its embedding unless
+  ``feature_set`` is "none": the entities with a vector, split 60/20/20, an MLP with
+  softmax over ``num_classes``; accuracy and macro ROC-AUC on test."""
+  rows = embeddings.rows(entity_type, names)
+  keep = np.flatnonzero(rows >= 0)  # entities the embedding run knows
   if len(keep) == 0:
-    raise ValueError(f"{embeddings.origin}: no Ciao product has a vector")
-  dense = np.stack([np.log1p(counts), stars, helpful], axis=1)[keep]
-  label, rows = label[keep], rows[keep].astype(np.int32)
+    raise ValueError(f"{embeddings.origin}: no {entity_type} of the labels has a vector")
+  dense, label, rows = dense[keep], label[keep], rows[keep].astype(np.int32)
   train_rows, valid_rows, test_rows = _split(len(keep), seed)
   started = time.perf_counter()
-  id_features = [IdFeature("product", "product")] if feature_set == "P" else []
-  examples = Examples(_standardise(dense, train_rows), {"product": rows}, label)
-  model = build_model(embeddings, dense.shape[1], id_features, (), num_outputs=len(classes),
+  id_features = [IdFeature(entity_type, entity_type)] if feature_set != "none" else []
+  examples = Examples(_standardise(dense, train_rows), {entity_type: rows}, label)
+  model = build_model(embeddings, dense.shape[1], id_features, (), num_outputs=num_classes,
                       use_pq=use_pq, seed=seed)
   info = train_model(model, examples.take(train_rows), examples.take(valid_rows), train_config,
                      progress=progress)
   probabilities = predict(model, examples.take(test_rows))
-  return {"task": "ciao_category", "feature_set": feature_set,
+  return {"task": task, "feature_set": feature_set,
           **metrics_lib.multiclass_metrics(label[test_rows], probabilities),
           "train_examples": int(len(train_rows)), "best_epoch": info["best_epoch"],
           "seconds": time.perf_counter() - started,
-          "pq": ["product"] if use_pq and "product" in embeddings.pq and id_features else []}
+          "pq": [entity_type] if use_pq and entity_type in embeddings.pq and id_features else []}
+
+
+# --------------------------------------------------------------------------
+# Any labelled entity type (``--task entity_category`` of tools/downstream_eval.py).
+
+#: Feature sets of entity_category: the dense features alone, or with the
+#: labelled entity's own embedding ("E").
+ENTITY_FEATURE_SETS = ("none", "E")
+
+
+def read_entity_labels(path: str, *, name_column: int, label_column: int,
+                       feature_columns=(), delimiter: str = "\t", header: bool = False):
+  """A table of rows that each name an entity and its label (plain or .gz),
+  one entity per row or many (Ciao's ratings name a product's category on
+  every rating). Returns (names [E] sorted, label index [E], classes [C],
+  dense [E, 1 + F]): an entity's label is the most frequent among its rows
+  (ties: the smallest class), its dense features log(1 + row count) and the
+  mean of each numeric ``feature_columns``. Errors name the file and line."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: label file not found")
+  columns = (name_column, label_column, *feature_columns)
+  names, labels, values = [], [], []
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if (header and number == 1) or not line.strip():
+        continue
+      fields = line.rstrip("\r\n").split(delimiter)
+      if len(fields) <= max(columns):
+        raise ValueError(f"{path}:{number}: {len(fields)} field(s), column {max(columns)} "
+                         "needed (0-based)")
+      try:
+        values.append([float(fields[c]) for c in feature_columns])
+      except ValueError:
+        raise ValueError(f"{path}:{number}: a feature column is not a number: "
+                         f"{[fields[c] for c in feature_columns]}") from None
+      names.append(fields[name_column])
+      labels.append(fields[label_column])
+  if not names:
+    raise ValueError(f"{path}: no labelled rows")
+  unique_names, entity_of_row = np.unique(np.asarray(names), return_inverse=True)
+  classes, class_of_row = np.unique(np.asarray(labels), return_inverse=True)
+  counts = np.bincount(entity_of_row).astype(np.float64)
+  pair_counts = np.bincount(entity_of_row * len(classes) + class_of_row,
+                            minlength=len(unique_names) * len(classes))
+  label = pair_counts.reshape(len(unique_names), len(classes)).argmax(axis=1)
+  values = np.asarray(values, np.float64).reshape(len(names), len(feature_columns))
+  means = [np.bincount(entity_of_row, weights=values[:, j]) / counts
+           for j in range(len(feature_columns))]
+  dense = np.stack([np.log1p(counts), *means], axis=1)
+  return [str(n) for n in unique_names], label, [str(c) for c in classes], dense
+
+
+def entity_category(source, *, entity_type: str, labels_path: str, name_column: int = 0,
+                    label_column: int = 1, feature_columns=(), delimiter: str = "\t",
+                    header: bool = False, feature_set: str = "E", seed: int = 0,
+                    train_config: TrainConfig = TrainConfig(), use_pq: bool = True,
+                    progress: bool = False, run_dir: str | None = None) -> dict:
+  """Classification of any entity type from a label file (read_entity_labels):
+  the dense features alone ("none") or with the entity's embedding ("E").
+  The embedding run must not have been trained on a relation that encodes
+  the label (``config_without_relations``)."""
+  del run_dir  # the tools pass it to every task; the labels live in their own file
+  _check_feature_set(feature_set, ENTITY_FEATURE_SETS, "entity_category")
+  embeddings = load_embeddings(source, [entity_type])
+  names, label, classes, dense = read_entity_labels(
+      labels_path, name_column=name_column, label_column=label_column,
+      feature_columns=feature_columns, delimiter=delimiter, header=header)
+  result = _classify_entities("entity_category", embeddings, entity_type, names, label,
+                              len(classes), dense, feature_set=feature_set, seed=seed,
+                              train_config=train_config, use_pq=use_pq, progress=progress)
+  return dict(result, entity_type=entity_type, labels=os.path.basename(labels_path),
+              classes=len(classes))
 
 
 def _rated_edges(graph: Graph, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
