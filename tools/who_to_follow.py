@@ -26,7 +26,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twhin_jax import recipes  # noqa: E402
 from twhin_jax import who_to_follow as wtf  # noqa: E402
 
 
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
   parser.add_argument("--patience", type=int, default=wtf.Grid.twhin_patience,
                       help="TwHIN validation points without improvement before a run stops "
                       "(0: score every point)")
-  parser.add_argument("--dim", type=int, default=recipes.DIM,
+  parser.add_argument("--dim", type=int, default=wtf.Grid.twhin_dim,
                       help="TwHIN's and SkipGram's dimension (default: the recipes' one "
                            "dimension, recipes.DIM)")
   parser.add_argument("--skipgram-window", default="5,20")

@@ -543,11 +543,11 @@ def _scored_points(run_dir: str, settings: dict) -> dict:
 
 
 def _trained_epochs(run_dir: str) -> int:
-  steps = rundir.checkpoint_steps(os.path.join(run_dir, "run"))
-  if not steps:
+  """Epochs the tuning run in ``run_dir`` has finished (0 before its first)."""
+  run = os.path.join(run_dir, "run")
+  if not rundir.checkpoint_steps(run):
     return 0
-  return int(rundir.read_meta(rundir.checkpoint_dir(os.path.join(run_dir, "run")))
-             ["cursor"]["epoch"])
+  return int(rundir.read_meta(rundir.checkpoint_dir(run))["cursor"]["epoch"])
 
 
 def _split_fingerprint(split: Split) -> str:
@@ -562,20 +562,21 @@ def tune(dataset: Dataset, config, split: Split, grid: Grid, workdir: str,
          log: Callable[[str], None], depth: int = 100) -> dict:
   """Validation R@10 (exact) of every TwHIN evaluation point reached (Grid)
   and every SkipGram grid point; returns the chosen settings and the table."""
-  trials = []
+  trials, fingerprint = [], _split_fingerprint(split)
   for lr in grid.twhin_lr:
     run_dir, best, bad_points = os.path.join(workdir, f"tune_lr{lr}"), None, 0
     settings = {"lr": lr, "dim": grid.twhin_dim, "seed": split.seed, "depth": depth,
-                "split": _split_fingerprint(split)}
+                "split": fingerprint}
     scored = _scored_points(run_dir, settings)
     started = time.perf_counter()
     for epochs in sorted(set(grid.twhin_epochs)):
       if epochs in scored:
         metrics = scored[epochs]
       else:
-        if _trained_epochs(run_dir) > epochs:
-          raise ValueError(f"{run_dir}: trained to epoch {_trained_epochs(run_dir)}, past "
-                           f"the unscored point {epochs}; use a fresh --workdir")
+        trained = _trained_epochs(run_dir)
+        if trained > epochs:
+          raise ValueError(f"{run_dir}: trained to epoch {trained}, past the unscored point "
+                           f"{epochs}; use a fresh --workdir")
         metrics = evaluate_twhin(split, "valid", dataset, config, run_dir, epochs=epochs,
                                  dim=grid.twhin_dim, lr=lr, seed=split.seed, depth=depth,
                                  paths=("exact",))["exact"]
