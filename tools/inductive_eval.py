@@ -1,6 +1,6 @@
 """Inductive (paper Eq. 5) vs transductive embeddings of held-out users.
 
-    .venv/bin/python tools/inductive_eval.py [--json] [--dataset demo|lastfm] [--workdir DIR]
+    .venv/bin/python tools/inductive_eval.py [--json] [--dataset demo|lastfm | --config FILE[:variant] [--user-type T]] [--workdir DIR]
                                              [--fold-in-steps 50]
 
 Holds out 10% of the users (with >= 10 outgoing edges), trains once with half
@@ -26,6 +26,7 @@ import json
 import sys
 import tempfile
 
+from twhin_jax import config as config_lib
 from twhin_jax import demo_config
 from twhin_jax import inductive
 from twhin_jax import shipped_configs
@@ -53,6 +54,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--dataset", default="demo", choices=("demo", "lastfm"))
+  parser.add_argument("--config", help="any config file (path[:variant]) instead of --dataset; "
+                      "its own dimension, and --epochs (default 5)")
+  parser.add_argument("--user-type", default="user",
+                      help="with --config: the entity type whose members are held out")
   parser.add_argument("--workdir", default=None, help="default: a temporary directory")
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--dim", type=int, default=None,
@@ -63,13 +68,20 @@ def main(argv=None) -> int:
                       help="Adagrad steps of the fold-in (fold_in.py)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
-  if args.dataset == "demo":
+  if args.config:
+    config = config_lib.load_config(args.config)
+    if args.dim:
+      config.model.dim = args.dim
+    config.train.epochs = args.epochs or 5
+    args.dataset = config.name
+  elif args.dataset == "demo":
     config = demo(args.epochs or 6, args.dim)
   else:
     config = lastfm(args.epochs or 5, args.dim)
   with tempfile.TemporaryDirectory() as scratch:
     workdir = args.workdir or scratch
-    result = inductive.evaluate_inductive(config, workdir, holdout_fraction=args.holdout_fraction,
+    result = inductive.evaluate_inductive(config, workdir, user_type=args.user_type,
+                                          holdout_fraction=args.holdout_fraction,
                                           seed=args.seed, fold_in_steps=args.fold_in_steps,
                                           progress=False)
   result["dataset"] = args.dataset
