@@ -25,15 +25,13 @@ and the device's peak memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import functools
-
 import optax
 
 from twhin_jax import model
@@ -126,6 +124,9 @@ def compare_data_parallel(args, state, batches, key, devices: int) -> dict:
   if len(jax.devices()) < devices:
     raise SystemExit(f"--data-parallel {devices} needs {devices} devices; on CPU set "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
+  if (args.batch // args.chunk) % devices:
+    raise SystemExit(f"--data-parallel {devices}: the {args.batch // args.chunk} chunks of a step "
+                     "must split evenly over the devices")
   settings = step_lib.StepSettings("translation", "dot", "logistic", 0.1, 0.1, 0.1, args.uniform,
                                    True, 0.0, 0.0, False, "l2",
                                    model.resolve_matmul_precision(args.precision), False, False,
