@@ -177,20 +177,30 @@ def ciao_category(source, *, feature_set: str = "P", data_dir: str | None = None
                         os.path.isdir(os.path.join(source, rundir.GRAPH_DIR)) else None)
   _no_category_relation(embeddings, run_dir)
   ratings = ciao_ratings(data_dir)
-  products, inverse = np.unique(ratings[:, 1], return_inverse=True)
-  counts = np.bincount(inverse).astype(np.float64)
-  stars = np.bincount(inverse, weights=ratings[:, 3]) / counts
-  helpful = np.bincount(inverse, weights=ratings[:, 4]) / counts
-  classes, class_of_rating = np.unique(ratings[:, 2], return_inverse=True)
-  # A product's category: the most frequent among its rating rows (they agree in Ciao).
-  pair = inverse * len(classes) + class_of_rating
-  pair_counts = np.bincount(pair, minlength=len(products) * len(classes))
-  label = pair_counts.reshape(len(products), len(classes)).argmax(axis=1)
+  # A product's category: the most frequent among its rating rows (they agree
+  # in Ciao); dense features: log rating count, mean stars and helpfulness.
+  products, label, classes, dense = _labels_per_entity(ratings[:, 1], ratings[:, 2],
+                                                       ratings[:, 3:5])
   return _classify_entities("ciao_category", embeddings, "product", [str(p) for p in products],
-                            label, len(classes), np.stack([np.log1p(counts), stars, helpful],
-                                                          axis=1),
-                            feature_set=feature_set, seed=seed,
+                            label, len(classes), dense, feature_set=feature_set, seed=seed,
                             train_config=train_config, use_pq=use_pq, progress=progress)
+
+
+def _labels_per_entity(entity_of_row: np.ndarray, label_of_row: np.ndarray,
+                       values: np.ndarray):
+  """Rows (entity, label, numeric values [N, F]) -> (entities [E] sorted,
+  label index [E], classes [C], dense [E, 1 + F]): each entity's most
+  frequent label (ties: the smallest class), log(1 + its row count) and the
+  mean of each value column over its rows."""
+  entities, entity_index = np.unique(entity_of_row, return_inverse=True)
+  classes, class_index = np.unique(label_of_row, return_inverse=True)
+  counts = np.bincount(entity_index).astype(np.float64)
+  pair_counts = np.bincount(entity_index * len(classes) + class_index,
+                            minlength=len(entities) * len(classes))
+  label = pair_counts.reshape(len(entities), len(classes)).argmax(axis=1)
+  means = [np.bincount(entity_index, weights=values[:, j]) / counts
+           for j in range(values.shape[1])]
+  return entities, label, classes, np.stack([np.log1p(counts), *means], axis=1)
 
 
 def _classify_entities(task: str, embeddings, entity_type: str, names: list[str],
@@ -259,16 +269,9 @@ def read_entity_labels(path: str, *, name_column: int, label_column: int,
       labels.append(fields[label_column])
   if not names:
     raise ValueError(f"{path}: no labelled rows")
-  unique_names, entity_of_row = np.unique(np.asarray(names), return_inverse=True)
-  classes, class_of_row = np.unique(np.asarray(labels), return_inverse=True)
-  counts = np.bincount(entity_of_row).astype(np.float64)
-  pair_counts = np.bincount(entity_of_row * len(classes) + class_of_row,
-                            minlength=len(unique_names) * len(classes))
-  label = pair_counts.reshape(len(unique_names), len(classes)).argmax(axis=1)
-  values = np.asarray(values, np.float64).reshape(len(names), len(feature_columns))
-  means = [np.bincount(entity_of_row, weights=values[:, j]) / counts
-           for j in range(len(feature_columns))]
-  dense = np.stack([np.log1p(counts), *means], axis=1)
+  unique_names, label, classes, dense = _labels_per_entity(
+      np.asarray(names), np.asarray(labels),
+      np.asarray(values, np.float64).reshape(len(names), len(feature_columns)))
   return [str(n) for n in unique_names], label, [str(c) for c in classes], dense
 
 
