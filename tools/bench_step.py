@@ -127,12 +127,16 @@ def compare_data_parallel(args, state, batches, key, devices: int) -> dict:
   if (args.batch // args.chunk) % devices:
     raise SystemExit(f"--data-parallel {devices}: the {args.batch // args.chunk} chunks of a step "
                      "must split evenly over the devices")
-  settings = step_lib.StepSettings("translation", "dot", "logistic", 0.1, 0.1, 0.1, args.uniform,
-                                   True, 0.0, 0.0, False, "l2",
-                                   model.resolve_matmul_precision(args.precision), False, False,
-                                   0, skip_padding=True)
+  # The settings make_train_steps gives the one-device step (no mesh).
+  settings = step_lib.StepSettings(
+      operator="translation", comparator="dot", loss="logistic", margin=0.1, lr=0.1,
+      relation_lr=0.1, num_uniform=args.uniform, reciprocal=True, regularization=0.0,
+      l2_to_previous=0.0, sharded=False,
+      matmul_precision=model.resolve_matmul_precision(args.precision), skip_padding=True)
+  one_device = step_lib.make_train_steps("translation", "dot", "logistic", 0.1, 0.1, 0.1,
+                                         args.uniform, True, 0.0, mesh=None,
+                                         matmul_precision=args.precision)
   mesh = sharding_lib.make_mesh(devices)
-  one_device = jax.jit(functools.partial(step_lib.local_steps, settings), donate_argnums=(0,))
   parallel = data_parallel_steps(settings, mesh)
   variants = {
       "one device": (one_device, jax.devices()[0], jax.random.wrap_key_data(np.asarray(key)),
